@@ -1,0 +1,97 @@
+"""The Poincaré ball of curvature −c: exponential map at the origin, projection
+into the ball, and the Riemannian gradient scaling of the authors' code.
+
+Every clamp is named; ``docs/math.md`` derives the backward passes.
+"""
+from .backend import get_array_module
+
+MIN_NORM = 1e-5          # ‖u‖ is clamped below at this before dividing by it
+TANH_ARG_MAX = 15.0      # tanh's argument is clamped to [−15, 15]
+BALL_EPS = 1e-3          # the projection keeps points within radius (1 − 1e-3)/√c
+
+
+def _row_norm(x):
+    xp = get_array_module(x)
+    return xp.sqrt((x * x).sum(axis=1, keepdims=True))
+
+
+def expmap0_forward(u, c):
+    """``expmap0(u) = tanh(√c‖u‖) · u / (√c‖u‖)`` row by row.
+
+    Guards: ``n = max(‖u‖, MIN_NORM)``; ``tanh(clip(√c·n, −15, 15))``.
+    Written ``y = s(n) u`` with ``s(n) = tanh(√c n)/(√c n)``.
+    """
+    xp = get_array_module(u)
+    sqrt_c = c ** 0.5
+    norm = _row_norm(u)
+    n = xp.maximum(norm, MIN_NORM)
+    a = sqrt_c * n
+    t = xp.tanh(xp.clip(a, -TANH_ARG_MAX, TANH_ARG_MAX))
+    s = t / a
+    cache = (u, n, a, t, s, norm > MIN_NORM, a < TANH_ARG_MAX, sqrt_c)
+    return s * u, cache
+
+
+def expmap0_backward(dy, cache):
+    """``du = s·dy + s'(n)·⟨u, dy⟩·u/n`` where ‖u‖ > MIN_NORM (else ``s·dy``),
+    ``s'(n) = √c(1 − t²)[√c n < 15]/(√c n) − t/(√c n²)``."""
+    u, n, a, t, s, norm_active, tanh_active, sqrt_c = cache
+    ds_dn = sqrt_c * (1.0 - t * t) * tanh_active / a - t / (a * n)
+    radial = (u * dy).sum(axis=1, keepdims=True) * ds_dn / n * norm_active
+    return s * dy + radial * u
+
+
+def ball_radius(c):
+    """``r = (1 − BALL_EPS)/√c``, the largest norm the projection lets through."""
+    return (1.0 - BALL_EPS) / c ** 0.5
+
+
+def project_forward(x, c):
+    """``P(x) = x`` if ‖x‖ ≤ r, else ``x · r/‖x‖`` (‖x‖ clamped below at MIN_NORM)."""
+    xp = get_array_module(x)
+    r = ball_radius(c)
+    n = xp.maximum(_row_norm(x), MIN_NORM)
+    outside = n > r
+    y = xp.where(outside, x * (r / n), x)
+    return y, (x, n, outside, r)
+
+
+def project_backward(dy, cache):
+    """Inside: ``dx = dy``. Outside: ``dx = (r/‖x‖)(dy − x̂⟨x̂, dy⟩)``, x̂ = x/‖x‖."""
+    x, n, outside, r = cache
+    xp = get_array_module(x)
+    xhat = x / n
+    dx_out = (r / n) * (dy - xhat * (xhat * dy).sum(axis=1, keepdims=True))
+    return xp.where(outside, dx_out, dy)
+
+
+def riemannian_scale_forward(p, c):
+    """Identity on ``p``; the cache holds the conformal factor for the backward."""
+    sq = (p * p).sum(axis=1, keepdims=True)
+    return p, (1.0 - c * sq) ** 2 / 4.0
+
+
+def riemannian_scale_backward(dp, scale):
+    """``dp · (1 − c‖p‖²)²/4``: the Euclidean gradient turned Riemannian
+    (the inverse of the Poincaré metric's conformal factor λ² = 4/(1 − c‖p‖²)²).
+    Not the derivative of the forward pass."""
+    return dp * scale
+
+
+def to_ball_forward(e, c, riemannian_grad):
+    """``p = P(expmap0(e))``, optionally with the Riemannian gradient scaling."""
+    q, cache_exp = expmap0_forward(e, c)
+    p, cache_proj = project_forward(q, c)
+    scale = None
+    if riemannian_grad:
+        p, scale = riemannian_scale_forward(p, c)
+    return p, (cache_exp, cache_proj, scale)
+
+
+def to_ball_backward(dp, cache):
+    """The mirror of ``to_ball_forward``."""
+    cache_exp, cache_proj, scale = cache
+    if scale is not None:
+        dp = riemannian_scale_backward(dp, scale)
+    dq = project_backward(dp, cache_proj)
+    return expmap0_backward(dq, cache_exp)

@@ -1,0 +1,200 @@
+"""The building blocks, each a forward/backward pair.
+
+``x_forward(...) -> (out, cache)`` returns what the backward needs;
+``x_backward(dout, cache) -> gradients`` returns the gradient of every input
+and parameter. Rows are samples (B × features). All functions work on NumPy
+and CuPy arrays alike. Derivations: ``docs/math.md``.
+"""
+from .backend import INV_SQRT_2PI, SQRT_HALF, erf, get_array_module
+
+NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
+BATCHNORM_EPS = 1e-5
+BATCHNORM_MOMENTUM = 0.1
+
+
+# --- linear -----------------------------------------------------------------
+
+def linear_forward(x, W, b):
+    """``y = x Wᵀ + b`` with W: out × in (PyTorch layout)."""
+    return x @ W.T + b, (x, W)
+
+
+def linear_backward(dy, cache):
+    """``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``."""
+    x, W = cache
+    return dy @ W, dy.T @ x, dy.sum(axis=0)
+
+
+# --- BatchNorm1d -------------------------------------------------------------
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, train,
+                      eps=BATCHNORM_EPS, momentum=BATCHNORM_MOMENTUM):
+    """BatchNorm1d: ``y = γ (x − μ)/√(σ² + eps) + β``.
+
+    Train: μ, σ² are the batch mean and *biased* variance; returns the new
+    running statistics ``(1−m)·running + m·batch`` (unbiased variance, as
+    PyTorch). Eval: μ, σ² are the running statistics, returned unchanged.
+    Returns ``(y, (new_mean, new_var), cache)``.
+    """
+    if train:
+        n = x.shape[0]
+        mean = x.mean(axis=0)
+        xc = x - mean
+        var = (xc * xc).mean(axis=0)
+        new_mean = (1 - momentum) * running_mean + momentum * mean
+        new_var = (1 - momentum) * running_var + momentum * var * (n / (n - 1))
+    else:
+        xc = x - running_mean
+        var = running_var
+        new_mean, new_var = running_mean, running_var
+    inv_std = 1.0 / get_array_module(x).sqrt(var + eps)
+    xhat = xc * inv_std
+    return gamma * xhat + beta, (new_mean, new_var), (xhat, inv_std, gamma, train)
+
+
+def batchnorm_backward(dy, cache):
+    """Returns ``dx, dγ, dβ``.
+
+    Train (μ, σ² depend on x): ``dx = inv_std · (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))``
+    with ``dx̂ = γ ⊙ dy``. Eval: ``dx = γ ⊙ inv_std ⊙ dy``.
+    """
+    xhat, inv_std, gamma, train = cache
+    dgamma = (dy * xhat).sum(axis=0)
+    dbeta = dy.sum(axis=0)
+    dxhat = dy * gamma
+    if train:
+        dx = inv_std * (dxhat - dxhat.mean(axis=0) - xhat * (dxhat * xhat).mean(axis=0))
+    else:
+        dx = dxhat * inv_std
+    return dx, dgamma, dbeta
+
+
+# --- ReLU, dropout -------------------------------------------------------------
+
+def relu_forward(x):
+    """``max(x, 0)``."""
+    mask = x > 0
+    return x * mask, mask
+
+
+def relu_backward(dy, mask):
+    """``dx = dy ⊙ [x > 0]``."""
+    return dy * mask
+
+
+def dropout_forward(x, p, rng=None):
+    """Inverted dropout: ``y = x ⊙ mask`` with ``mask = [u ≥ p]/(1−p)``, u ~ U[0,1).
+
+    ``rng`` is a NumPy or CuPy ``Generator``; with ``p == 0`` it may be None and
+    the layer is the identity (cache None).
+    """
+    if p == 0:
+        return x, None
+    if rng is None:
+        raise ValueError("dropout > 0 in train mode needs an rng")
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    mask = keep.astype(x.dtype) / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dy, mask):
+    """``dx = dy ⊙ mask``."""
+    return dy if mask is None else dy * mask
+
+
+# --- row L2-normalisation ----------------------------------------------------
+
+def l2_normalize_forward(x, eps=NORMALIZE_EPS):
+    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``)."""
+    xp = get_array_module(x)
+    norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
+    active = norm > eps                 # where the clamp is off
+    denom = xp.maximum(norm, eps)
+    e = x / denom
+    return e, (e, denom, active)
+
+
+def l2_normalize_backward(de, cache):
+    """``dx = (de − e·⟨e, de⟩)/‖x‖`` where ‖x‖ > eps; ``de/eps`` where clamped."""
+    e, denom, active = cache
+    radial = (e * de).sum(axis=1, keepdims=True) * active
+    return (de - e * radial) / denom
+
+
+# --- exact GELU ------------------------------------------------------------------
+
+def gelu_forward(x):
+    """``GELU(x) = x Φ(x) = ½ x (1 + erf(x/√2))``."""
+    cdf = 0.5 * (1.0 + erf(x * SQRT_HALF))
+    return x * cdf, (x, cdf)
+
+
+def gelu_backward(dy, cache):
+    """``GELU'(x) = Φ(x) + x φ(x)`` with ``φ(x) = e^{−x²/2}/√(2π)``."""
+    x, cdf = cache
+    xp = get_array_module(x)
+    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return dy * (cdf + x * pdf)
+
+
+# --- sigmoid, tanh ---------------------------------------------------------------
+
+def sigmoid_forward(x):
+    """``σ(x) = 1/(1 + e^{−x})``, evaluated as ``½(1 + tanh(x/2))`` (no overflow)."""
+    xp = get_array_module(x)
+    s = 0.5 * (1.0 + xp.tanh(0.5 * x))
+    return s, s
+
+
+def sigmoid_backward(dy, s):
+    """``σ' = σ(1 − σ)``."""
+    return dy * s * (1.0 - s)
+
+
+def tanh_forward(x):
+    t = get_array_module(x).tanh(x)
+    return t, t
+
+
+def tanh_backward(dy, t):
+    """``tanh' = 1 − tanh²``."""
+    return dy * (1.0 - t * t)
+
+
+# --- 1-D convolution along the feature axis ------------------------------------
+
+def conv1d_forward(x, w, b):
+    """One-output-channel cross-correlation along the feature axis, same padding.
+
+    ``x``: B × C × D, ``w``: 1 × C × k (k odd), ``b``: (1,).
+    ``y[n, d] = b + Σ_c Σ_j w[0, c, j] · x[n, c, d + j − (k−1)/2]`` with zeros
+    outside 0..D−1. Returns ``y``: B × D.
+    """
+    xp = get_array_module(x)
+    C, k = w.shape[1], w.shape[2]
+    pad = (k - 1) // 2
+    D = x.shape[2]
+    xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad))) if pad else x
+    y = xp.zeros((x.shape[0], D), dtype=x.dtype) + b[0]
+    for c in range(C):
+        for j in range(k):
+            y += w[0, c, j] * xpad[:, c, j:j + D]
+    return y, (xpad, w, D)
+
+
+def conv1d_backward(dy, cache):
+    """``dw[0,c,j] = Σ_{n,d} dy[n,d] x_pad[n,c,d+j]``, ``db = Σ dy``,
+    ``dx[n,c,i] = Σ_j w[0,c,j] dy[n, i − j + (k−1)/2]`` (a full correlation
+    with the flipped kernel, cropped back to D)."""
+    xpad, w, D = cache
+    xp = get_array_module(dy)
+    C, k = w.shape[1], w.shape[2]
+    pad = (k - 1) // 2
+    dw = xp.empty_like(w)
+    dxpad = xp.zeros_like(xpad)
+    for c in range(C):
+        for j in range(k):
+            dw[0, c, j] = (dy * xpad[:, c, j:j + D]).sum()
+            dxpad[:, c, j:j + D] += w[0, c, j] * dy
+    dx = dxpad[:, :, pad:pad + D] if pad else dxpad
+    return dx, dw, dy.sum().reshape(1)

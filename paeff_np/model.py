@@ -1,0 +1,298 @@
+"""The PAEFF network: configuration, initialisation, forward, backward.
+
+``forward`` runs the layers in the order of the paper's Figure 1 and keeps a
+cache per layer; ``backward`` walks the same layers in exactly the reverse
+order, so the two read side by side. Parameters and buffers are plain dicts
+keyed by the official PyTorch ``state_dict`` names (SPEC §2).
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .backend import get_array_module
+from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward,
+                     gated_fusion_backward, gated_fusion_forward)
+from .hyperbolic import to_ball_backward, to_ball_forward
+from .layers import (batchnorm_backward, batchnorm_forward, dropout_backward,
+                     dropout_forward, l2_normalize_backward, l2_normalize_forward,
+                     linear_backward, linear_forward, relu_backward, relu_forward,
+                     tanh_backward, tanh_forward)
+from .losses import (orthogonal_projection_backward, orthogonal_projection_forward,
+                     softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+                     symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
+
+FUSIONS = ("egff", "gated")
+ALIGNMENTS = ("hyperbolic", "euclidean", "none")
+GATED_HIDDEN = 128          # width of FOP's attention block
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every choice of SPEC §2–§3; the defaults are PAEFF as in the paper."""
+    face_dim: int = 4096
+    voice_dim: int = 512
+    embed_dim: int = 256
+    n_classes: int = 901
+    fusion: str = "egff"            # "egff" (PAEFF) | "gated" (FOP baseline)
+    egff_kernel: int = 1            # odd; 1 = the design card, 5 = the authors' code
+    egff_gate: str = "product"      # "product" | "sum" | "concat"
+    egff_mix: str = "activated"     # "activated" (paper eq. 2) | "raw" (authors' code)
+    alignment: str = "hyperbolic"   # "hyperbolic" | "euclidean" | "none"
+    curvature: float = 0.05
+    riemannian_grad: bool = True
+    temperature: float = 0.07
+    dropout: float = 0.4
+    opl_gamma: float = 0.7
+    loss_weights: tuple = (0.3, 0.35, 0.35)   # (align, opl, ce)
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        checks = [
+            (all(int(getattr(self, k)) == getattr(self, k) and getattr(self, k) >= 1
+                 for k in ("face_dim", "voice_dim", "embed_dim", "n_classes")),
+             "face_dim, voice_dim, embed_dim and n_classes must be positive integers"),
+            (self.fusion in FUSIONS, f"fusion must be one of {FUSIONS}"),
+            (self.egff_gate in EGFF_GATES, f"egff_gate must be one of {EGFF_GATES}"),
+            (self.egff_mix in EGFF_MIXES, f"egff_mix must be one of {EGFF_MIXES}"),
+            (self.alignment in ALIGNMENTS, f"alignment must be one of {ALIGNMENTS}"),
+            (self.egff_kernel >= 1 and self.egff_kernel % 2 == 1,
+             "egff_kernel must be a positive odd integer"),
+            (self.curvature > 0, "curvature must be > 0"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (len(self.loss_weights) == 3, "loss_weights must have three values (align, opl, ce)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Config: {message}")
+
+    def to_dict(self):
+        d = asdict(self)
+        d["loss_weights"] = list(self.loss_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+BRANCHES = ("face_branch.fc1.", "voice_branch.fc1.")
+GATED = "fusion_layer.attention."
+
+
+def _bn_buffer_keys(prefix):
+    return prefix + "running_mean", prefix + "running_var", prefix + "num_batches_tracked"
+
+
+def batchnorm_prefixes(cfg):
+    """Key prefixes of every BatchNorm1d in the model."""
+    out = [branch + "1." for branch in BRANCHES]
+    if cfg.fusion == "gated":
+        out.append(GATED + "0.block.1.")
+    return out
+
+
+def init_params(cfg, seed=0, dtype=np.float32):
+    """Fresh parameters and buffers (SPEC §4), as NumPy arrays of ``dtype``.
+
+    Linear: Xavier-uniform weights U(±√(6/(fan_in + fan_out))), biases 0.01.
+    BatchNorm: weight 1, bias 0, running mean 0, running var 1, counter 0.
+    Conv: U(±1/√(C_in·k)) for weight and bias.
+    """
+    rng = np.random.default_rng(seed)
+    D = cfg.embed_dim
+    params = {}
+
+    def linear(prefix, fan_out, fan_in):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        params[prefix + "weight"] = rng.uniform(-bound, bound, (fan_out, fan_in))
+        params[prefix + "bias"] = np.full(fan_out, 0.01)
+
+    def batchnorm(prefix, width):
+        params[prefix + "weight"] = np.ones(width)
+        params[prefix + "bias"] = np.zeros(width)
+
+    for branch, in_dim in zip(BRANCHES, (cfg.face_dim, cfg.voice_dim)):
+        linear(branch + "0.", D, in_dim)
+        batchnorm(branch + "1.", D)
+        linear(branch + "4.", D, D)
+    if cfg.fusion == "egff":
+        c_in = 2 if cfg.egff_gate == "concat" else 1
+        bound = 1.0 / math.sqrt(c_in * cfg.egff_kernel)
+        params["fusion_layer.conv.weight"] = rng.uniform(-bound, bound, (1, c_in, cfg.egff_kernel))
+        params["fusion_layer.conv.bias"] = rng.uniform(-bound, bound, (1,))
+    else:
+        linear(GATED + "0.block.0.", GATED_HIDDEN, 2 * D)
+        batchnorm(GATED + "0.block.1.", GATED_HIDDEN)
+        linear(GATED + "1.", D, GATED_HIDDEN)
+    linear("res_mix.", D, D)
+    linear("logits_layer.", cfg.n_classes, D)
+    params = {k: v.astype(dtype) for k, v in params.items()}
+
+    buffers = {}
+    for prefix in batchnorm_prefixes(cfg):
+        width = params[prefix + "weight"].shape[0]
+        mean_key, var_key, count_key = _bn_buffer_keys(prefix)
+        buffers[mean_key] = np.zeros(width, dtype)
+        buffers[var_key] = np.ones(width, dtype)
+        buffers[count_key] = np.array(0, dtype=np.int64)
+    return params, buffers
+
+
+# --- the branch: Linear → BatchNorm → ReLU → Dropout → Linear → L2-normalise ----
+
+def branch_forward(params, buffers, prefix, x, train, dropout, rng):
+    """``e = normalize(W₄ · drop(ReLU(BN(W₀ x + b₀))) + b₄)``; returns ``e``,
+    the branch's new buffers, and the cache."""
+    P = lambda name: params[prefix + name]
+    mean_key, var_key, count_key = _bn_buffer_keys(prefix + "1.")
+    h0, cache_lin0 = linear_forward(x, P("0.weight"), P("0.bias"))
+    h1, (new_mean, new_var), cache_bn = batchnorm_forward(
+        h0, P("1.weight"), P("1.bias"), buffers[mean_key], buffers[var_key], train)
+    h2, cache_relu = relu_forward(h1)
+    h3, cache_drop = dropout_forward(h2, dropout if train else 0.0, rng)
+    h4, cache_lin4 = linear_forward(h3, P("4.weight"), P("4.bias"))
+    e, cache_norm = l2_normalize_forward(h4)
+    new_buffers = {mean_key: new_mean, var_key: new_var,
+                   count_key: buffers[count_key] + (1 if train else 0)}
+    return e, new_buffers, (cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm)
+
+
+def branch_backward(de, cache, prefix):
+    """The mirror of ``branch_forward``: returns ``dx`` and the branch's grads."""
+    cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm = cache
+    dh4 = l2_normalize_backward(de, cache_norm)
+    dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
+    dh2 = dropout_backward(dh3, cache_drop)
+    dh1 = relu_backward(dh2, cache_relu)
+    dh0, dgamma, dbeta = batchnorm_backward(dh1, cache_bn)
+    dx, dW0, db0 = linear_backward(dh0, cache_lin0)
+    grads = {"0.weight": dW0, "0.bias": db0, "1.weight": dgamma, "1.bias": dbeta,
+             "4.weight": dW4, "4.bias": db4}
+    return dx, {prefix + k: v for k, v in grads.items()}
+
+
+# --- fusion: EGFF or FOP's gated fusion --------------------------------------
+
+_GATED_KEYS = dict(W1="0.block.0.weight", b1="0.block.0.bias", bn_weight="0.block.1.weight",
+                   bn_bias="0.block.1.bias", W2="1.weight", b2="1.bias")
+
+
+def _gated_params(params):
+    return {name: params[GATED + key] for name, key in _GATED_KEYS.items()}
+
+
+def fusion_forward(params, buffers, e_f, e_v, cfg, train):
+    """Returns ``m``, the evaluation embeddings, the fusion's new buffers, the cache."""
+    if cfg.fusion == "egff":
+        m, emb_f, emb_v, cache = egff_forward(
+            e_f, e_v, params["fusion_layer.conv.weight"], params["fusion_layer.conv.bias"],
+            cfg.egff_gate, cfg.egff_mix)
+        return m, emb_f, emb_v, {}, cache
+    mean_key, var_key, count_key = _bn_buffer_keys(GATED + "0.block.1.")
+    m, emb_f, emb_v, (new_mean, new_var), cache = gated_fusion_forward(
+        e_f, e_v, _gated_params(params), (buffers[mean_key], buffers[var_key]), train)
+    new_buffers = {mean_key: new_mean, var_key: new_var,
+                   count_key: buffers[count_key] + (1 if train else 0)}
+    return m, emb_f, emb_v, new_buffers, cache
+
+
+def fusion_backward(dm, cache, cfg):
+    """The mirror of ``fusion_forward``: returns ``de_f, de_v`` and the fusion's grads."""
+    if cfg.fusion == "egff":
+        de_f, de_v, dw, db = egff_backward(dm, cache)
+        return de_f, de_v, {"fusion_layer.conv.weight": dw, "fusion_layer.conv.bias": db}
+    de_f, de_v, g = gated_fusion_backward(dm, cache)
+    return de_f, de_v, {GATED + _GATED_KEYS[k]: v for k, v in g.items()}
+
+
+# --- the whole network and its loss ------------------------------------------
+
+def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
+    """Loss of one batch. Returns ``(loss, terms, new_buffers, cache)``.
+
+    branches → alignment (hyperbolic: p = P(expmap0(e))) → fusion → head
+    ``z = tanh(W_r m + b_r)``, ``s = W_l z + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
+    """
+    xp = get_array_module(face)
+    e_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
+                                            train, cfg.dropout, rng)
+    e_v, buf_v, cache_voice = branch_forward(params, buffers, BRANCHES[1], voice,
+                                             train, cfg.dropout, rng)
+    # alignment of the two modalities (symmetric cross-entropy)
+    cache_ball_f = cache_ball_v = cache_align = None
+    if cfg.alignment == "hyperbolic":
+        p_f, cache_ball_f = to_ball_forward(e_f, cfg.curvature, cfg.riemannian_grad)
+        p_v, cache_ball_v = to_ball_forward(e_v, cfg.curvature, cfg.riemannian_grad)
+    else:
+        p_f, p_v = e_f, e_v
+    if cfg.alignment == "none":
+        loss_align = xp.zeros((), dtype=face.dtype)
+    else:
+        loss_align, cache_align = symmetric_cross_entropy_forward(p_f, p_v, cfg.temperature)
+    # fusion and head
+    m, _, _, buf_fusion, cache_fusion = fusion_forward(params, buffers, e_f, e_v, cfg, train)
+    r, cache_res = linear_forward(m, params["res_mix.weight"], params["res_mix.bias"])
+    z, cache_tanh = tanh_forward(r)
+    s, cache_logits = linear_forward(z, params["logits_layer.weight"], params["logits_layer.bias"])
+    # losses
+    loss_opl, cache_opl = orthogonal_projection_forward(z, labels, cfg.opl_gamma)
+    loss_ce, cache_ce = softmax_cross_entropy_forward(s, labels)
+    a1, a2, a3 = cfg.loss_weights
+    loss = a1 * loss_align + a2 * loss_opl + a3 * loss_ce
+    terms = {"align": loss_align, "opl": loss_opl, "ce": loss_ce}
+    new_buffers = {**buffers, **buf_f, **buf_v, **buf_fusion}
+    cache = (cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+             cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce)
+    return loss, terms, new_buffers, cache
+
+
+def backward(cache, cfg):
+    """Gradients of the total loss: ``forward`` read from the bottom up."""
+    (cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+     cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
+    a1, a2, a3 = cfg.loss_weights
+    grads = {}
+    # losses
+    ds = a3 * softmax_cross_entropy_backward(cache_ce)
+    dz = a2 * orthogonal_projection_backward(cache_opl)
+    # head
+    dz_logits, grads["logits_layer.weight"], grads["logits_layer.bias"] = linear_backward(ds, cache_logits)
+    dr = tanh_backward(dz + dz_logits, cache_tanh)
+    dm, grads["res_mix.weight"], grads["res_mix.bias"] = linear_backward(dr, cache_res)
+    # fusion
+    de_f, de_v, grads_fusion = fusion_backward(dm, cache_fusion, cfg)
+    grads.update(grads_fusion)
+    # alignment
+    if cfg.alignment != "none":
+        dp_f, dp_v = symmetric_cross_entropy_backward(cache_align)
+        if cfg.alignment == "hyperbolic":
+            dp_f = to_ball_backward(dp_f, cache_ball_f)
+            dp_v = to_ball_backward(dp_v, cache_ball_v)
+        de_f, de_v = de_f + a1 * dp_f, de_v + a1 * dp_v
+    # branches
+    _, grads_voice = branch_backward(de_v, cache_voice, BRANCHES[1])
+    _, grads_face = branch_backward(de_f, cache_face, BRANCHES[0])
+    grads.update(grads_voice)
+    grads.update(grads_face)
+    return grads
+
+
+def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
+    """One training step's maths: ``(loss, terms, grads, new_buffers)`` in train mode."""
+    loss, terms, new_buffers, cache = forward(params, buffers, face, voice, labels, cfg,
+                                              train=True, rng=rng)
+    return loss, terms, backward(cache, cfg), new_buffers
+
+
+def embed(params, buffers, face, voice, cfg):
+    """Evaluation embeddings (eval mode, SPEC §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated."""
+    e_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
+    e_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
+    _, emb_f, emb_v, _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)
+    return emb_f, emb_v
