@@ -3,7 +3,7 @@
 Every other module asks ``get_array_module(x)`` for the array module of its
 inputs (``numpy`` or ``cupy``) and writes ``xp.exp``, ``xp.tanh`` ... once for
 both. What differs between the two lives here: the error function used by the
-exact GELU, scatter-add, random numbers, and moving arrays between host and
+exact GELU (erfc), scatter-add, random numbers, and moving arrays between host and
 device. CuPy is imported lazily, only when a CuPy array or ``device="cuda"`` is
 asked for, so the library runs on a machine without it.
 """
@@ -64,13 +64,13 @@ def to_device(x, device="cpu"):
     raise ValueError(f"unknown device {device!r}: use cpu or cuda")
 
 
-def erf(x):
-    """Elementwise error function on NumPy (scipy.special) or CuPy (cupyx)."""
+def erfc(x):
+    """Elementwise complementary error function, NumPy (scipy) or CuPy (cupyx)."""
     if is_cupy(x):
         import cupyx.scipy.special
-        return cupyx.scipy.special.erf(x)
+        return cupyx.scipy.special.erfc(x)
     import scipy.special
-    return scipy.special.erf(x)
+    return scipy.special.erfc(x)
 
 
 def add_at(target, index, values):

@@ -5,7 +5,7 @@
 and parameter. Rows are samples (B × features). All functions work on NumPy
 and CuPy arrays alike. Derivations: ``docs/math.md``.
 """
-from .backend import INV_SQRT_2PI, SQRT_HALF, erf, get_array_module
+from .backend import INV_SQRT_2PI, SQRT_HALF, erfc, get_array_module
 
 NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
 BATCHNORM_EPS = 1e-5
@@ -124,8 +124,12 @@ def l2_normalize_backward(de, cache):
 # --- exact GELU ------------------------------------------------------------------
 
 def gelu_forward(x):
-    """``GELU(x) = x Φ(x) = ½ x (1 + erf(x/√2))``."""
-    cdf = 0.5 * (1.0 + erf(x * SQRT_HALF))
+    """``GELU(x) = x Φ(x)``, ``Φ(x) = ½(1 + erf(x/√2)) = ½ erfc(−x/√2)``.
+
+    Φ is evaluated through erfc: ``1 + erf(·)`` cancels for x ≪ 0 and would
+    lose relative precision in the tail.
+    """
+    cdf = 0.5 * erfc(-x * SQRT_HALF)
     return x * cdf, (x, cdf)
 
 
@@ -140,9 +144,12 @@ def gelu_backward(dy, cache):
 # --- sigmoid, tanh ---------------------------------------------------------------
 
 def sigmoid_forward(x):
-    """``σ(x) = 1/(1 + e^{−x})``, evaluated as ``½(1 + tanh(x/2))`` (no overflow)."""
+    """``σ(x) = 1/(1 + e^{−x})``, evaluated with ``t = e^{−|x|} ≤ 1`` as
+    ``1/(1 + t)`` for x ≥ 0 and ``t/(1 + t)`` for x < 0: no overflow, and full
+    relative precision in both tails."""
     xp = get_array_module(x)
-    s = 0.5 * (1.0 + xp.tanh(0.5 * x))
+    t = xp.exp(-xp.abs(x))
+    s = xp.where(x >= 0, 1.0, t) / (1.0 + t)
     return s, s
 
 

@@ -57,8 +57,9 @@ class AdamW:
         self.t = int(meta["t"])
         self.lr, self.betas = meta["lr"], tuple(meta["betas"])
         self.eps, self.weight_decay = meta["eps"], meta["weight_decay"]
-        self.m = {k[2:]: to_device(v, device) for k, v in arrays.items() if k.startswith("m/")}
-        self.v = {k[2:]: to_device(v, device) for k, v in arrays.items() if k.startswith("v/")}
+        own = lambda a: to_device(a, device).copy()     # never share memory with the source
+        self.m = {k[2:]: own(a) for k, a in arrays.items() if k.startswith("m/")}
+        self.v = {k[2:]: own(a) for k, a in arrays.items() if k.startswith("v/")}
 
 
 def cosine_lr(epoch, base_lr, total_epochs, eta_min=1e-8):

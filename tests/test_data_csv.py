@@ -1,0 +1,324 @@
+"""Tests of the FOP CSV reader: parsing, error messages, the .npy cache and load_dir."""
+
+import os
+
+import numpy as np
+import pytest
+
+from paeff_np.data import KINDS, SPLITS, DataError, load_dir, read_test_list, read_train
+from paeff_np.data.csv import CACHE_DIR_NAME, read_matrix
+from paeff_np.data.dataset import test_file_names, train_file_names
+
+
+def write_csv(path, rows):
+    path.write_text("".join(",".join(str(cell) for cell in row) + "\n" for row in rows))
+    return path
+
+
+def features(n_rows, n_columns, offset=0.0):
+    """Values exactly representable in float32, different in every cell."""
+    return (np.arange(n_rows * n_columns, dtype=np.float32).reshape(n_rows, n_columns) * 0.25 + offset)
+
+
+def write_train(directory, face, voice, face_labels, voice_labels=None):
+    voice_labels = face_labels if voice_labels is None else voice_labels
+    face_name, voice_name = train_file_names()
+    face_path = write_csv(directory / face_name, [[*row, label] for row, label in zip(face.tolist(), face_labels)])
+    voice_path = write_csv(directory / voice_name, [[*row, label] for row, label in zip(voice.tolist(), voice_labels)])
+    return face_path, voice_path
+
+
+def write_test_pair(directory, split, kind, face, voice):
+    face_name, voice_name = test_file_names(split, kind)
+    return write_csv(directory / face_name, face.tolist()), write_csv(directory / voice_name, voice.tolist())
+
+
+def data_error(call, *args, **kwargs):
+    """Run call, expect a DataError, and return its one-line message."""
+    with pytest.raises(DataError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# --- round trips --------------------------------------------------------------
+
+
+def test_train_round_trip_with_string_labels(tmp_path):
+    face, voice = features(4, 7), features(4, 3, offset=100.0)
+    labels = ["id2", "id1", "id2", "id3"]
+    train = read_train(*write_train(tmp_path, face, voice, labels), cache=False)
+
+    np.testing.assert_array_equal(train.face, face)
+    np.testing.assert_array_equal(train.voice, voice)
+    assert train.face.dtype == np.float32 and train.voice.dtype == np.float32
+    assert (train.face_dim, train.voice_dim, len(train), train.n_classes) == (7, 3, 4, 3)
+    assert train.labels.dtype == np.int64
+    assert train.label_values.dtype.kind == "U"
+    assert train.label_values.tolist() == ["id1", "id2", "id3"]
+    assert train.labels.tolist() == [1, 0, 1, 2]
+
+
+def test_train_integer_labels_written_as_int_or_float_agree(tmp_path):
+    face, voice = features(3, 2), features(3, 2)
+    paths = write_train(tmp_path, face, voice, ["7.0", "10.0", "7.0"], ["7", "10", "7"])
+    train = read_train(*paths, cache=False)
+
+    assert train.label_values.tolist() == ["10", "7"]
+    assert train.label_values[train.labels].tolist() == ["7", "10", "7"]
+
+
+def test_test_list_keeps_file_widths_and_ignores_extra_columns(tmp_path):
+    face, voice = features(4, 7), features(4, 3)
+    extra = np.full((4, 2), 9.0, dtype=np.float32)
+    face_path = write_csv(tmp_path / "face.csv", np.hstack([face, extra]).tolist())
+    voice_path = write_csv(tmp_path / "voice.csv", np.hstack([voice, extra]).tolist())
+
+    whole = read_test_list(face_path, voice_path, cache=False)
+    assert whole.face.shape == (4, 9) and whole.voice.shape == (4, 5)
+
+    cut = read_test_list(face_path, voice_path, face_dim=7, voice_dim=3, cache=False)
+    np.testing.assert_array_equal(cut.face, face)
+    np.testing.assert_array_equal(cut.voice, voice)
+    assert cut.same.tolist() == [True, False, True, False]
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    message = data_error(read_matrix, tmp_path / "absent.csv")
+    assert "absent.csv" in message and "not found" in message
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    message = data_error(read_matrix, tmp_path / "empty.csv", cache=False)
+    assert "empty.csv" in message and "empty" in message
+
+
+def test_unequal_rows_in_test_list(tmp_path):
+    (tmp_path / "m.csv").write_text("1,2,3\n4,5,6\n7,8\n")
+    message = data_error(read_matrix, tmp_path / "m.csv", cache=False)
+    assert message.endswith("m.csv: row 3 has 2 columns, expected 3")
+
+
+@pytest.mark.parametrize("bad_row", ["4,5,6,id1", "4,id1"])
+def test_unequal_rows_in_train_file(tmp_path, bad_row):
+    face_path = tmp_path / "faceTrain.csv"
+    face_path.write_text(f"1,2,id1\n{bad_row}\n7,8,id2\n")
+    voice_path = write_csv(tmp_path / "voiceTrain.csv", [[1, "id1"], [2, "id1"], [3, "id2"]])
+    message = data_error(read_train, face_path, voice_path, cache=False)
+    assert "faceTrain.csv: row 2 has" in message and "expected 3" in message
+
+
+def test_non_numeric_cell(tmp_path):
+    (tmp_path / "m.csv").write_text("1,2,3\n4,5,6\n7,x,9\n")
+    message = data_error(read_matrix, tmp_path / "m.csv", cache=False)
+    assert message.endswith("m.csv: row 3, column 2: 'x' is not a number")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_value(tmp_path, value):
+    (tmp_path / "m.csv").write_text(f"1,2,3\n4,5,{value}\n")
+    message = data_error(read_matrix, tmp_path / "m.csv", cache=False)
+    assert "m.csv: row 2, column 3" in message and value in message
+
+
+def test_train_needs_a_label_column(tmp_path):
+    face_path = write_csv(tmp_path / "faceTrain.csv", [[1], [2]])
+    voice_path = write_csv(tmp_path / "voiceTrain.csv", [[1, 0], [2, 0]])
+    message = data_error(read_train, face_path, voice_path, cache=False)
+    assert "faceTrain.csv" in message and "1 column" in message
+
+
+def test_train_row_count_mismatch(tmp_path):
+    face_path, voice_path = write_train(tmp_path, features(3, 2), features(3, 2), ["a", "b", "a"])
+    write_csv(voice_path, [[1, "a"], [2, "b"]])
+    message = data_error(read_train, face_path, voice_path, cache=False)
+    assert "faceTrain.csv has 3 rows" in message and "voiceTrain.csv has 2" in message
+
+
+def test_train_label_mismatch_names_the_row(tmp_path):
+    paths = write_train(tmp_path, features(4, 2), features(4, 2), ["a", "b", "c", "d"], ["a", "b", "x", "d"])
+    message = data_error(read_train, *paths, cache=False)
+    assert "faceTrain.csv: row 3 has label 'c'" in message and "voiceTrain.csv row 3 has label 'x'" in message
+
+
+def test_test_list_row_count_mismatch(tmp_path):
+    face_path = write_csv(tmp_path / "face.csv", features(4, 3).tolist())
+    voice_path = write_csv(tmp_path / "voice.csv", features(2, 3).tolist())
+    message = data_error(read_test_list, face_path, voice_path, cache=False)
+    assert "face.csv has 4 rows" in message and "voice.csv has 2" in message
+
+
+def test_odd_test_list(tmp_path):
+    face_path = write_csv(tmp_path / "face.csv", features(3, 3).tolist())
+    voice_path = write_csv(tmp_path / "voice.csv", features(3, 3).tolist())
+    message = data_error(read_test_list, face_path, voice_path, cache=False)
+    assert "face.csv" in message and "3 rows" in message and "even" in message
+
+
+def test_test_list_narrower_than_required(tmp_path):
+    face_path = write_csv(tmp_path / "face.csv", features(2, 5).tolist())
+    voice_path = write_csv(tmp_path / "voice.csv", features(2, 3).tolist())
+    message = data_error(read_test_list, face_path, voice_path, face_dim=5, voice_dim=4, cache=False)
+    assert message == f"{voice_path}: has 3 columns, expected at least 4 voice features"
+
+
+def test_only_one_half_of_a_test_pair(tmp_path):
+    face_path, voice_path = write_test_pair(tmp_path, "seenheard", "G", features(2, 3), features(2, 2))
+    voice_path.unlink()
+    message = data_error(load_dir, tmp_path, need_train=False, cache=False)
+    assert voice_path.name in message and "not found" in message
+
+
+def test_load_dir_names_missing_train_file(tmp_path):
+    face_path, voice_path = write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
+    voice_path.unlink()
+    message = data_error(load_dir, tmp_path, cache=False)
+    assert "voiceTrain.csv" in message and "not found" in message
+
+
+# --- cache --------------------------------------------------------------------
+
+
+def forbid_parsing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("np.loadtxt called: the cache was not used")
+
+    monkeypatch.setattr(np, "loadtxt", fail)
+
+
+def test_second_read_comes_from_the_cache(tmp_path, monkeypatch):
+    face, voice = features(4, 7), features(4, 3)
+    paths = write_train(tmp_path, face, voice, ["b", "a", "b", "c"])
+    first = read_train(*paths)
+
+    cache_dir = tmp_path / CACHE_DIR_NAME
+    for name in train_file_names():
+        for suffix in (".npy", ".labels.npy", ".json"):
+            assert (cache_dir / f"{name}{suffix}").is_file()
+    assert not list(cache_dir.glob("*.tmp"))
+
+    forbid_parsing(monkeypatch)
+    second = read_train(*paths)
+    assert isinstance(second.face, np.memmap) and isinstance(second.voice, np.memmap)
+    np.testing.assert_array_equal(second.face, face)
+    np.testing.assert_array_equal(second.voice, voice)
+    np.testing.assert_array_equal(second.labels, first.labels)
+    np.testing.assert_array_equal(second.label_values, first.label_values)
+
+
+def test_cached_test_list_still_checks_widths(tmp_path, monkeypatch):
+    face_path = write_csv(tmp_path / "face.csv", features(2, 3).tolist())
+    voice_path = write_csv(tmp_path / "voice.csv", features(2, 3).tolist())
+    read_test_list(face_path, voice_path)
+
+    forbid_parsing(monkeypatch)
+    message = data_error(read_test_list, face_path, voice_path, face_dim=4)
+    assert "face.csv: has 3 columns" in message
+
+
+def test_cache_false_writes_no_cache(tmp_path):
+    write_csv(tmp_path / "m.csv", features(2, 2).tolist())
+    read_matrix(tmp_path / "m.csv", cache=False)
+    assert not (tmp_path / CACHE_DIR_NAME).exists()
+
+
+def test_changed_source_with_new_mtime_invalidates_the_cache(tmp_path, monkeypatch):
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n")
+    read_matrix(path)
+    old_mtime = path.stat().st_mtime_ns
+
+    path.write_text("3.5,4.5\n")  # same size
+    os.utime(path, ns=(old_mtime + 10**9, old_mtime + 10**9))
+    np.testing.assert_array_equal(read_matrix(path), [[3.5, 4.5]])
+
+    forbid_parsing(monkeypatch)  # and the new content is cached in turn
+    np.testing.assert_array_equal(read_matrix(path), [[3.5, 4.5]])
+
+
+def test_changed_source_with_same_mtime_but_new_size_invalidates_the_cache(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n")
+    read_matrix(path)
+    old_mtime = path.stat().st_mtime_ns
+
+    path.write_text("13.5,4.5\n")
+    os.utime(path, ns=(old_mtime, old_mtime))
+    np.testing.assert_array_equal(read_matrix(path), [[13.5, 4.5]])
+
+
+def test_damaged_cache_is_ignored(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [[1, 2]])
+    read_matrix(path)
+    (tmp_path / CACHE_DIR_NAME / "m.csv.npy").write_bytes(b"not an npy file")
+    np.testing.assert_array_equal(read_matrix(path), [[1, 2]])
+
+
+def test_unwritable_cache_location_still_reads(tmp_path):
+    (tmp_path / CACHE_DIR_NAME).write_text("a file where the cache directory would go")
+    path = write_csv(tmp_path / "m.csv", [[1, 2]])
+    np.testing.assert_array_equal(read_matrix(path), [[1, 2]])
+
+
+def test_failed_cache_write_still_reads_and_leaves_no_files(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    path = write_csv(tmp_path / "m.csv", [[1, 2]])
+    np.testing.assert_array_equal(read_matrix(path), [[1, 2]])
+    assert list((tmp_path / CACHE_DIR_NAME).iterdir()) == []
+
+
+def test_read_only_directory_still_reads(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [[1, 2]])
+    tmp_path.chmod(0o555)
+    try:
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("chmod does not stop this user from writing (root)")
+        np.testing.assert_array_equal(read_matrix(path), [[1, 2]])
+        assert not (tmp_path / CACHE_DIR_NAME).exists()
+    finally:
+        tmp_path.chmod(0o755)
+
+
+# --- load_dir -----------------------------------------------------------------
+
+
+def test_load_dir_finds_test_lists_and_uses_train_widths(tmp_path):
+    write_train(tmp_path, features(4, 7), features(4, 3), ["a", "b", "a", "b"])
+    wide_face, wide_voice = features(2, 9), features(2, 5)
+    write_test_pair(tmp_path, "unseenunheard", "random", wide_face, wide_voice)
+    write_test_pair(tmp_path, "seenheard", "GNA", wide_face, wide_voice)
+
+    dataset = load_dir(tmp_path, cache=False)
+
+    assert dataset.source == str(tmp_path)
+    assert dataset.train is not None and len(dataset.train) == 4
+    assert sorted(dataset.tests) == ["seenheard/GNA", "unseenunheard/random"]
+    for test_list in dataset.tests.values():
+        np.testing.assert_array_equal(test_list.face, wide_face[:, :7])
+        np.testing.assert_array_equal(test_list.voice, wide_voice[:, :3])
+
+
+def test_load_dir_keys_every_split_and_kind(tmp_path):
+    for split in SPLITS:
+        for kind in KINDS:
+            write_test_pair(tmp_path, split, kind, features(2, 3), features(2, 2))
+
+    dataset = load_dir(tmp_path, face_dim=2, need_train=False, cache=False)
+
+    assert dataset.train is None
+    assert set(dataset.tests) == {f"{split}/{kind}" for split in SPLITS for kind in KINDS}
+    assert all(t.face.shape == (2, 2) and t.voice.shape == (2, 2) for t in dataset.tests.values())
+
+
+def test_load_dir_without_test_lists_is_fine_for_training(tmp_path):
+    write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
+    dataset = load_dir(tmp_path, cache=False)
+    assert dataset.tests == {} and dataset.train.n_classes == 2

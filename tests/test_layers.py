@@ -1,0 +1,172 @@
+"""Gradient checks of every layer in paeff_np.layers, plus their guards."""
+import numpy as np
+import pytest
+
+from paeff_np import check_op
+from paeff_np.backend import to_host
+from paeff_np.layers import (batchnorm_backward, batchnorm_forward, conv1d_backward,
+                             conv1d_forward, dropout_backward, dropout_forward,
+                             gelu_backward, gelu_forward, l2_normalize_backward,
+                             l2_normalize_forward, linear_backward, linear_forward,
+                             relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
+                             tanh_backward, tanh_forward)
+
+TOL = 1e-7   # worst relative error accepted by every float64 gradient check
+
+
+def assert_gradcheck(report):
+    assert report, "nothing was checked"
+    worst = max(report.values())
+    assert worst < TOL, report
+
+
+def test_linear(rand):
+    x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
+    cache = {}
+
+    def fwd(x, W, b):
+        y, cache["c"] = linear_forward(x, W, b)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: linear_backward(dy, cache["c"]), [x, W, b]))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm(rand, xp, train):
+    x, g, b = rand(6, 4, seed=1, scale=3.0) + 1.0, rand(4, seed=2), rand(4, seed=3)
+    mean, var = rand(4, seed=4), xp.abs(rand(4, seed=5)) + 0.5
+    cache = {}
+
+    def fwd(x, g, b):
+        y, _, cache["c"] = batchnorm_forward(x, g, b, mean, var, train)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: batchnorm_backward(dy, cache["c"]), [x, g, b]))
+
+
+def test_batchnorm_running_statistics_over_steps(xp):
+    """Several train steps, then eval, against a plain transcription of SPEC §2."""
+    rng = np.random.default_rng(0)
+    D = 5
+    gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
+    run_mean, run_var = xp.zeros(D), xp.ones(D)
+    ref_mean, ref_var = np.zeros(D), np.ones(D)
+    for step in range(7):
+        x = rng.standard_normal((8 + step, D)) * (step + 1) + step
+        y, (run_mean, run_var), _ = batchnorm_forward(
+            xp.asarray(x), xp.asarray(gamma), xp.asarray(beta), run_mean, run_var, train=True)
+        expected = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) + beta
+        np.testing.assert_allclose(to_host(y), expected, rtol=1e-12, atol=1e-12)
+        ref_mean = 0.9 * ref_mean + 0.1 * x.mean(0)
+        ref_var = 0.9 * ref_var + 0.1 * x.var(0, ddof=1)
+    np.testing.assert_allclose(to_host(run_mean), ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(to_host(run_var), ref_var, rtol=1e-13)
+    x = rng.standard_normal((3, D))
+    y, stats, _ = batchnorm_forward(xp.asarray(x), xp.asarray(gamma), xp.asarray(beta),
+                                    run_mean, run_var, train=False)
+    np.testing.assert_allclose(to_host(y), gamma * (x - ref_mean) / np.sqrt(ref_var + 1e-5) + beta,
+                               rtol=1e-12)
+    assert stats[0] is run_mean and stats[1] is run_var     # eval leaves the statistics alone
+
+
+def test_relu(rand):
+    cache = {}
+
+    def fwd(x):
+        y, cache["c"] = relu_forward(x)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: (relu_backward(dy, cache["c"]),), [rand(6, 5)]))
+
+
+def test_dropout(rand, xp):
+    x = rand(50, 40)
+    cache = {}
+
+    def fwd(x):   # the same seed every call: the same mask, so the check is deterministic
+        y, cache["c"] = dropout_forward(x, 0.4, xp.random.default_rng(7))
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: (dropout_backward(dy, cache["c"]),), [x[:4, :5]]))
+    y, mask = dropout_forward(x, 0.4, xp.random.default_rng(7))
+    kept = to_host(mask) > 0
+    assert 0.5 < kept.mean() < 0.7                                       # about 1 − p kept
+    np.testing.assert_allclose(to_host(y)[kept], to_host(x)[kept] / 0.6)  # inverted scaling
+    assert (to_host(y)[~kept] == 0).all()
+    assert dropout_forward(x, 0.0, None)[0] is x
+    with pytest.raises(ValueError):
+        dropout_forward(x, 0.4, None)
+
+
+def test_l2_normalize(rand, xp):
+    cache = {}
+
+    def fwd(x):
+        y, cache["c"] = l2_normalize_forward(x)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: (l2_normalize_backward(dy, cache["c"]),), [rand(5, 4)]))
+    e = fwd(rand(5, 4))
+    np.testing.assert_allclose(to_host((e * e).sum(1)), 1.0, rtol=1e-14)
+
+
+def test_l2_normalize_zero_row_is_guarded(rand, xp):
+    x = rand(3, 4)
+    x[1] = 0.0
+    e, cache = l2_normalize_forward(x)
+    dx = l2_normalize_backward(xp.ones_like(x), cache)
+    assert bool(xp.isfinite(e).all()) and bool(xp.isfinite(dx).all())
+    assert float(xp.abs(e[1]).max()) == 0.0
+    # with the clamp active the map is x/1e-12, a constant scaling
+    np.testing.assert_allclose(to_host(dx[1]), 1e12)
+
+
+def test_gelu(rand, xp):
+    cache = {}
+
+    def fwd(x):
+        y, cache["c"] = gelu_forward(x)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: (gelu_backward(dy, cache["c"]),), [rand(6, 5, scale=2.0)]))
+    from scipy.stats import norm
+    x = np.linspace(-6, 6, 25)
+    np.testing.assert_allclose(to_host(gelu_forward(xp.asarray(x))[0]), x * norm.cdf(x), rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("pair", [(sigmoid_forward, sigmoid_backward), (tanh_forward, tanh_backward)])
+def test_sigmoid_tanh(rand, pair):
+    forward_fn, backward_fn = pair
+    cache = {}
+
+    def fwd(x):
+        y, cache["c"] = forward_fn(x)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: (backward_fn(dy, cache["c"]),), [rand(6, 5, scale=2.0)]))
+
+
+def test_sigmoid_is_finite_at_extremes(xp):
+    s, _ = sigmoid_forward(xp.asarray([-1e4, -40.0, 0.0, 40.0, 1e4]))
+    np.testing.assert_allclose(to_host(s), [0.0, 1 / (1 + np.exp(40.0)), 0.5, 1 / (1 + np.exp(-40.0)), 1.0],
+                               rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("channels,k", [(1, 1), (1, 3), (1, 5), (2, 1), (2, 3), (2, 5)])
+def test_conv1d(rand, channels, k):
+    x, w, b = rand(4, channels, 7, seed=1), rand(1, channels, k, seed=2), rand(1, seed=3)
+    cache = {}
+
+    def fwd(x, w, b):
+        y, cache["c"] = conv1d_forward(x, w, b)
+        return y
+    assert_gradcheck(check_op(fwd, lambda dy: conv1d_backward(dy, cache["c"]), [x, w, b]))
+
+
+def test_conv1d_matches_direct_sum(xp):
+    """The cross-correlation of SPEC §2, written out with explicit zero padding."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((3, 2, 6)), rng.standard_normal((1, 2, 5)), rng.standard_normal(1)
+    y, _ = conv1d_forward(xp.asarray(x), xp.asarray(w), xp.asarray(b))
+    expected = np.full((3, 6), b[0])
+    for n in range(3):
+        for d in range(6):
+            for c in range(2):
+                for j in range(5):
+                    i = d + j - 2
+                    if 0 <= i < 6:
+                        expected[n, d] += w[0, c, j] * x[n, c, i]
+    np.testing.assert_allclose(to_host(y), expected, rtol=1e-13)

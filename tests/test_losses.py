@@ -1,0 +1,81 @@
+"""The three losses: gradients, guards, extreme logits."""
+import numpy as np
+import pytest
+
+from paeff_np.backend import to_host
+from paeff_np.gradcheck import gradcheck
+from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
+                             softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+                             symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
+from test_layers import assert_gradcheck
+
+
+def test_softmax_cross_entropy_gradient(rand, xp):
+    s, y = rand(6, 4), xp.asarray([0, 3, 1, 1, 2, 0])
+    _, cache = softmax_cross_entropy_forward(s, y)
+    report = gradcheck(lambda: softmax_cross_entropy_forward(s, y)[0], {"s": s},
+                       {"s": softmax_cross_entropy_backward(cache)})
+    assert_gradcheck(report)
+
+
+def test_softmax_cross_entropy_value(xp):
+    s = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
+    y = np.array([2, 1])
+    expected = -np.mean([s[i, y[i]] - np.log(np.exp(s[i]).sum()) for i in range(2)])
+    loss, _ = softmax_cross_entropy_forward(xp.asarray(s), xp.asarray(y))
+    assert abs(float(loss) - expected) < 1e-14
+
+
+def test_softmax_cross_entropy_extreme_logits(xp):
+    s = xp.asarray(np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]]))
+    loss, cache = softmax_cross_entropy_forward(s, xp.asarray([1, 1]))
+    ds = to_host(softmax_cross_entropy_backward(cache))
+    assert float(loss) == pytest.approx(1e4)              # row 0: 2e4 wrong, row 1: 0
+    np.testing.assert_allclose(ds, [[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]], atol=1e-300)
+
+
+def test_symmetric_cross_entropy_gradient(rand):
+    a, b = rand(5, 3, seed=1), rand(5, 3, seed=2)
+    _, cache = symmetric_cross_entropy_forward(a, b, 0.07)
+    da, db = symmetric_cross_entropy_backward(cache)
+    report = gradcheck(lambda: symmetric_cross_entropy_forward(a, b, 0.07)[0],
+                       {"a": a, "b": b}, {"a": da, "b": db})
+    assert_gradcheck(report)
+
+
+def test_symmetric_cross_entropy_value(xp):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    S = a @ b.T / 0.5
+    ce = lambda M: -np.mean(np.diag(M) - np.log(np.exp(M).sum(1)))
+    loss, _ = symmetric_cross_entropy_forward(xp.asarray(a), xp.asarray(b), 0.5)
+    assert abs(float(loss) - 0.5 * (ce(S) + ce(S.T))) < 1e-14
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 0], [0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1]])
+def test_orthogonal_projection_gradient(rand, xp, labels):
+    """Mixed labels; no positive pair (all distinct); no negative pair (all equal)."""
+    z, y = rand(6, 4), xp.asarray(labels)
+    _, cache = orthogonal_projection_forward(z, y, 0.7)
+    report = gradcheck(lambda: orthogonal_projection_forward(z, y, 0.7)[0], {"z": z},
+                       {"z": orthogonal_projection_backward(cache)})
+    assert_gradcheck(report)
+
+
+def test_orthogonal_projection_value_and_guards(xp):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((5, 3))
+    y = np.array([0, 0, 1, 2, 1])
+    zh = z / np.linalg.norm(z, axis=1, keepdims=True)
+    G = zh @ zh.T
+    same = y[:, None] == y[None, :]
+    pos_mask, neg_mask = same & ~np.eye(5, dtype=bool), ~same
+    pos = (G * pos_mask).sum() / (pos_mask.sum() + 1e-6)
+    neg = np.abs(G * neg_mask).sum() / (neg_mask.sum() + 1e-6)
+    loss, _ = orthogonal_projection_forward(xp.asarray(z), xp.asarray(y), 0.7)
+    assert abs(float(loss) - (1 - pos + 0.7 * neg)) < 1e-14
+    # no positive pair: pos = 0 exactly (0/1e-6), the loss stays finite
+    loss, cache = orthogonal_projection_forward(xp.asarray(z), xp.arange(5), 0.7)
+    negs = np.abs(G * ~np.eye(5, dtype=bool)).sum() / (20 + 1e-6)
+    assert abs(float(loss) - (1 + 0.7 * negs)) < 1e-14
+    assert bool(xp.isfinite(orthogonal_projection_backward(cache)).all())

@@ -1,0 +1,200 @@
+"""The whole network: gradient checks of the total loss for every Config
+variant, the PyTorch reference fixtures, and the public contract."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import paeff_np as pn
+from paeff_np.backend import to_host
+from paeff_np.gradcheck import relative_error
+from paeff_np.model import batchnorm_prefixes
+from test_layers import TOL
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # a copy of shared/fixtures
+FIXTURES = os.environ.get("PAEFF_FIXTURES", FIXTURES)
+
+SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
+VARIANTS = [
+    dict(),                                                     # PAEFF defaults
+    dict(egff_kernel=5, egff_mix="raw"),                        # the authors' code
+    dict(egff_kernel=3, egff_gate="sum"),
+    dict(egff_kernel=3, egff_gate="concat"),
+    dict(egff_gate="concat", egff_mix="raw"),
+    dict(alignment="euclidean"),
+    dict(alignment="none", egff_kernel=5),
+    dict(fusion="gated", alignment="none"),
+    dict(fusion="gated", alignment="hyperbolic"),
+]
+
+
+def pre_batchnorm_biases(cfg):
+    """Biases feeding a train-mode BatchNorm: their gradient is exactly zero."""
+    return {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}
+
+
+def small_batch(xp, B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    face = xp.asarray(np.abs(rng.standard_normal((B, SMALL["face_dim"]))))
+    voice = xp.asarray(rng.standard_normal((B, SMALL["voice_dim"])))
+    labels = xp.asarray(np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B])
+    return face, voice, labels
+
+
+def to_xp(d, xp):
+    return {k: xp.asarray(v) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_whole_loss_gradient(xp, variant, dropout):
+    """Every parameter of every variant; Riemannian scaling off (it is not a
+    derivative); dropout with the same mask at every evaluation."""
+    cfg = pn.Config(**SMALL, **variant, dropout=dropout, riemannian_grad=False)
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    params, buffers = to_xp(params, xp), to_xp(buffers, xp)
+    face, voice, labels = small_batch(xp)
+    rng = lambda: xp.random.default_rng(3) if dropout else None
+
+    def loss():
+        return pn.loss_and_grads(params, buffers, face, voice, labels, cfg, rng=rng())[0]
+    _, _, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg, rng=rng())
+    assert set(grads) == set(params)
+    zero = pre_batchnorm_biases(cfg)
+    report = pn.gradcheck(loss, params, {k: g for k, g in grads.items() if k not in zero})
+    worst = max(report, key=report.get)
+    assert report[worst] < TOL, (worst, report[worst])
+    for k in zero:
+        assert float(xp.abs(grads[k]).max()) < 1e-13
+
+
+def test_riemannian_scaling_only_changes_what_feeds_the_alignment():
+    """With the scaling on, the parameters whose gradient does not pass through
+    the alignment (the head, the fusion) are unchanged."""
+    face, voice, labels = small_batch(np)
+    out = {}
+    for on in (False, True):
+        cfg = pn.Config(**SMALL, dropout=0.0, riemannian_grad=on)
+        params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+        out[on] = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    assert float(out[False][0]) == float(out[True][0])                    # same forward
+    for k in ("logits_layer.weight", "res_mix.weight", "fusion_layer.conv.weight"):
+        np.testing.assert_array_equal(out[False][2][k], out[True][2][k])
+    assert relative_error(out[True][2]["face_branch.fc1.0.weight"],
+                          out[False][2]["face_branch.fc1.0.weight"]) > 1e-6
+
+
+def _fixture_cases():
+    path = os.path.join(FIXTURES, "index.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("case", _fixture_cases(), ids=lambda c: c["file"])
+def test_matches_pytorch_reference(xp, case):
+    """Loss, terms, every gradient, BatchNorm buffers and embeddings against
+    PyTorch autograd in float64 (SPEC fixtures)."""
+    data = np.load(os.path.join(FIXTURES, case["file"]), allow_pickle=False)
+    cfg = pn.Config(**case["config"])
+    group = lambda prefix: {k[len(prefix):]: xp.asarray(data[k]) for k in data.files if k.startswith(prefix)}
+    params, buffers = group("params/"), group("buffers/")
+    loss, terms, grads, new_buffers = pn.loss_and_grads(
+        params, buffers, xp.asarray(data["face"]), xp.asarray(data["voice"]),
+        xp.asarray(data["labels"]), cfg)
+    errors = {"loss": relative_error(loss, data["loss"])}
+    errors.update({f"terms/{k}": relative_error(v, data[f"terms/{k}"]) for k, v in terms.items()})
+    zero = pre_batchnorm_biases(cfg)
+    assert set(grads) == set(params)
+    for k, g in grads.items():
+        if k in zero:   # both sides are rounding noise around an exact zero
+            assert float(xp.abs(g).max()) < 1e-13 and np.abs(data[f"grads/{k}"]).max() < 1e-13
+        else:
+            errors[f"grads/{k}"] = relative_error(g, data[f"grads/{k}"])
+    assert set(new_buffers) == {k[len("new_buffers/"):] for k in data.files if k.startswith("new_buffers/")}
+    for k, v in new_buffers.items():
+        errors[f"new_buffers/{k}"] = relative_error(v, data[f"new_buffers/{k}"])
+    emb_f, emb_v = pn.embed(params, new_buffers, xp.asarray(data["face"]), xp.asarray(data["voice"]), cfg)
+    errors["embed/face"] = relative_error(emb_f, data["embed/face"])
+    errors["embed/voice"] = relative_error(emb_v, data["embed/voice"])
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-12, (worst, errors[worst])
+
+
+def test_fixtures_are_present():
+    """The reference cases are part of the suite: their absence is a failure, not a skip."""
+    assert len(_fixture_cases()) == 8, f"PyTorch reference fixtures not found under {FIXTURES}"
+
+
+def test_contract_as_documented():
+    """The README example, at full size, in float32."""
+    cfg = pn.Config(face_dim=4096, voice_dim=512, embed_dim=256, n_classes=901,
+                    fusion="egff", egff_kernel=1, egff_gate="product", egff_mix="activated",
+                    alignment="hyperbolic", curvature=0.05, riemannian_grad=True,
+                    temperature=0.07, dropout=0.4, opl_gamma=0.7, loss_weights=(0.3, 0.35, 0.35))
+    assert cfg == pn.Config()
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float32)
+    assert params["face_branch.fc1.0.weight"].shape == (256, 4096)
+    assert params["fusion_layer.conv.weight"].shape == (1, 1, 1)
+    assert params["logits_layer.weight"].shape == (901, 256)
+    assert buffers["face_branch.fc1.1.num_batches_tracked"].dtype == np.int64
+    rng = np.random.default_rng(0)
+    face = np.abs(rng.standard_normal((64, 4096))).astype(np.float32)
+    voice = rng.standard_normal((64, 512)).astype(np.float32)
+    labels = rng.integers(0, 901, 64)
+    loss, terms, grads, buffers = pn.loss_and_grads(params, buffers, face, voice, labels, cfg, rng=rng)
+    assert set(terms) == {"align", "opl", "ce"} and set(grads) == set(params)
+    a1, a2, a3 = cfg.loss_weights
+    assert float(loss) == pytest.approx(a1 * float(terms["align"]) + a2 * float(terms["opl"])
+                                        + a3 * float(terms["ce"]), rel=1e-6)
+    assert all(g.dtype == np.float32 and g.shape == params[k].shape for k, g in grads.items())
+    assert int(buffers["face_branch.fc1.1.num_batches_tracked"]) == 1
+    face_emb, voice_emb = pn.embed(params, buffers, face, voice, cfg)
+    assert face_emb.shape == (64, 256) and face_emb.dtype == np.float32
+    opt = pn.AdamW(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    before = params["res_mix.weight"].copy()
+    opt.step(params, grads, lr=None)
+    assert not np.array_equal(before, params["res_mix.weight"])
+    assert pn.cosine_lr(0, 2e-5, 50, eta_min=1e-8) == pytest.approx(2e-5)
+
+
+def test_loss_and_grads_leaves_inputs_alone():
+    cfg = pn.Config(**SMALL, dropout=0.0)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    snapshot = {k: v.copy() for k, v in {**params, **buffers}.items()}
+    face, voice, labels = small_batch(np)
+    _, _, _, new = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    for k, v in {**params, **buffers}.items():
+        np.testing.assert_array_equal(v, snapshot[k])
+    assert int(new["voice_branch.fc1.1.num_batches_tracked"]) == 1
+
+
+def test_buffers_after_steps_and_eval_mode():
+    """Three train steps move the running statistics exactly as BatchNorm1d does;
+    eval mode uses them and leaves them alone."""
+    cfg = pn.Config(**SMALL, dropout=0.0, fusion="gated")
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    W, b = params["face_branch.fc1.0.weight"], params["face_branch.fc1.0.bias"]
+    mean, var = np.zeros(6), np.ones(6)
+    for step in range(3):
+        face, voice, labels = small_batch(np, seed=step)
+        _, _, _, buffers = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+        h = face @ W.T + b
+        mean, var = 0.9 * mean + 0.1 * h.mean(0), 0.9 * var + 0.1 * h.var(0, ddof=1)
+    np.testing.assert_allclose(buffers["face_branch.fc1.1.running_mean"], mean, rtol=1e-13)
+    np.testing.assert_allclose(buffers["face_branch.fc1.1.running_var"], var, rtol=1e-13)
+    assert int(buffers["fusion_layer.attention.0.block.1.num_batches_tracked"]) == 3
+    face, voice, _ = small_batch(np, seed=9)
+    e1 = pn.embed(params, buffers, face, voice, cfg)
+    e2 = pn.embed(params, buffers, face[:3], voice[:3], cfg)   # eval mode: rows independent
+    np.testing.assert_allclose(e1[0][:3], e2[0], rtol=1e-13)
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(fusion="x"), dict(egff_kernel=2), dict(egff_gate="max"), dict(egff_mix="y"),
+                dict(alignment="z"), dict(dropout=1.0), dict(loss_weights=(1, 2)), dict(curvature=0)):
+        with pytest.raises(ValueError, match="Config"):
+            pn.Config(**bad)
+    assert pn.Config.from_dict(pn.Config(fusion="gated").to_dict()) == pn.Config(fusion="gated")
