@@ -19,10 +19,15 @@ def linear_forward(x, W, b):
     return x @ W.T + b, (x, W)
 
 
-def linear_backward(dy, cache):
-    """``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``."""
+def linear_backward(dy, cache, need_dx=True):
+    """``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``.
+
+    ``need_dx=False`` skips ``dx`` (returned as None) for a layer that reads the
+    data: for the 4096-wide face input it is a third of the layer's work.
+    """
     x, W = cache
-    return dy @ W, dy.T @ x, dy.sum(axis=0)
+    dx = dy @ W if need_dx else None
+    return dx, dy.T @ x, dy.sum(axis=0)
 
 
 # --- BatchNorm1d -------------------------------------------------------------

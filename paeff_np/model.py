@@ -164,17 +164,18 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
 
 
 def branch_backward(de, cache, prefix):
-    """The mirror of ``branch_forward``: returns ``dx`` and the branch's grads."""
+    """The mirror of ``branch_forward``: returns the branch's grads (the data
+    needs no gradient, so ``dx`` is not computed)."""
     cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm = cache
     dh4 = l2_normalize_backward(de, cache_norm)
     dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
     dh2 = dropout_backward(dh3, cache_drop)
     dh1 = relu_backward(dh2, cache_relu)
     dh0, dgamma, dbeta = batchnorm_backward(dh1, cache_bn)
-    dx, dW0, db0 = linear_backward(dh0, cache_lin0)
+    _, dW0, db0 = linear_backward(dh0, cache_lin0, need_dx=False)
     grads = {"0.weight": dW0, "0.bias": db0, "1.weight": dgamma, "1.bias": dbeta,
              "4.weight": dW4, "4.bias": db4}
-    return dx, {prefix + k: v for k, v in grads.items()}
+    return {prefix + k: v for k, v in grads.items()}
 
 
 # --- fusion: EGFF or FOP's gated fusion --------------------------------------
@@ -276,10 +277,8 @@ def backward(cache, cfg):
             dp_v = to_ball_backward(dp_v, cache_ball_v)
         de_f, de_v = de_f + a1 * dp_f, de_v + a1 * dp_v
     # branches
-    _, grads_voice = branch_backward(de_v, cache_voice, BRANCHES[1])
-    _, grads_face = branch_backward(de_f, cache_face, BRANCHES[0])
-    grads.update(grads_voice)
-    grads.update(grads_face)
+    grads.update(branch_backward(de_v, cache_voice, BRANCHES[1]))
+    grads.update(branch_backward(de_f, cache_face, BRANCHES[0]))
     return grads
 
 

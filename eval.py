@@ -1,0 +1,118 @@
+"""Evaluate a trained checkpoint: verification (EER/AUC, exact and official
+protocol) and cross-modal matching (n_c = 2…10, both directions).
+
+    python eval.py --checkpoint runs/20261125-101500
+    python eval.py --checkpoint runs/x/checkpoint.npz --data-dir feats/ --json
+    python eval.py --checkpoint runs/x --plot plots/
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from paeff_np import checkpoint as ckpt
+from paeff_np.backend import to_device
+from paeff_np.cli import UsageError, device_flag, load_data, run
+from paeff_np.evaluation import evaluate, format_results
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Evaluate a PAEFF checkpoint on face–voice test lists.")
+    p.add_argument("--checkpoint", required=True, help="run folder or its checkpoint.npz")
+    p.add_argument("--data-dir", help="folder with face_/voice_veriflist_test_*.csv; default: the "
+                   "synthetic world the checkpoint was trained on (or the default one)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write ROC curves and the matching curve as PNGs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the matching galleries")
+    device_flag(p)
+    return p.parse_args(argv)
+
+
+def load_tests(args, checkpoint):
+    cfg, data = checkpoint.cfg, checkpoint.config.get("data", {})
+    if args.data_dir:
+        dataset, _ = load_data(args.data_dir, face_dim=cfg.face_dim, voice_dim=cfg.voice_dim,
+                               need_train=False)
+    else:
+        if data.get("source") == "dir":
+            print(f"note: the checkpoint was trained on {data.get('data_dir')}; without --data-dir "
+                  f"it is evaluated on the synthetic lists", file=sys.stderr)
+        dataset, _ = load_data(None, data.get("synthetic"))
+        widths = (dataset.train.face_dim, dataset.train.voice_dim)
+        if widths != (cfg.face_dim, cfg.voice_dim):
+            raise UsageError(f"the synthetic lists are {widths[0]}/{widths[1]} wide, the checkpoint "
+                             f"expects {cfg.face_dim}/{cfg.voice_dim}: give --data-dir")
+    if not dataset.tests:
+        raise UsageError(f"{args.data_dir}: no test lists (face_/voice_veriflist_test_<kind>_<split>.csv)")
+    return dataset.tests
+
+
+def plot(results, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval.py: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for split in ("seenheard", "unseenunheard"):
+        keys = [k for k in results if k.startswith(split + "/")]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for k in keys:
+            c = results[k]["curves"]
+            ax.plot(c["fpr"], c["tpr"], label=f"{k.split('/')[1]} (EER {100 * results[k]['eer']:.1f}%)")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {split}")
+        ax.legend(loc="lower right")
+        written.append(_save(fig, os.path.join(out_dir, f"roc_{split}.png")))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, r in results.items():
+        if k.endswith("/random") and "matching" in r:
+            for direction, style in (("voice_to_face", "-o"), ("face_to_voice", "--s")):
+                n = sorted(r["matching"][direction])
+                ax.plot(n, [100 * r["matching"][direction][i] for i in n], style,
+                        label=f"{k.split('/')[0]} {direction.replace('_to_', '→').replace('voice', 'V').replace('face', 'F')}")
+    n = np.arange(2, 11)
+    ax.plot(n, 100 / n, "k:", label="chance")
+    ax.set(xlabel="gallery size $n_c$", ylabel="matching accuracy (%)", title="1-of-$n_c$ matching")
+    ax.legend()
+    written.append(_save(fig, os.path.join(out_dir, "matching.png")))
+    return written
+
+
+def _save(fig, path):
+    ckpt.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    checkpoint = ckpt.load(args.checkpoint)
+    device = args.device or "cpu"
+    params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
+    buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
+    tests = load_tests(args, checkpoint)
+    results = evaluate(params, buffers, checkpoint.cfg, tests, seed=args.seed, curves=bool(args.plot))
+    written = plot(results, args.plot) if args.plot else []
+    for r in results.values():
+        r.pop("curves", None)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(f"checkpoint {args.checkpoint} (epoch {checkpoint.epoch}, {checkpoint.cfg.fusion}, "
+              f"alignment {checkpoint.cfg.alignment})\n")
+        print(format_results(results, n_cs_shown=range(2, 11)))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, "eval.py"))

@@ -1,0 +1,92 @@
+"""What ``train.py`` and ``eval.py`` share: the Config flags, loading the data,
+and turning user errors into one line on stderr with exit code 2."""
+import argparse
+import os
+import sys
+
+from .backend import GPUUnavailable
+from .checkpoint import CheckpointError
+from .training import TrainingDiverged, UsageError
+from .data import DataError, load_dir
+from .data.synth import make_synthetic
+from .model import ALIGNMENTS, FUSIONS, Config
+from .fusion import EGFF_GATES, EGFF_MIXES
+
+USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingDiverged, OSError)
+
+# The synthetic world that `python train.py` uses when no --data-dir is given.
+SYNTHETIC_DEFAULT = dict(n_identities=300, seed=0)
+
+
+def run(main, prog):
+    """Call ``main()``; a user error becomes ``prog: error: ...`` and exit 2."""
+    try:
+        return main() or 0
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def add_config_flags(parser):
+    """One flag per Config field; defaults None so that only given flags override."""
+    g = parser.add_argument_group("model (Config) — defaults are PAEFF's")
+    g.add_argument("--embed-dim", type=int, help="embedding size D")
+    g.add_argument("--fusion", choices=FUSIONS, help="egff (PAEFF) or gated (FOP baseline)")
+    g.add_argument("--egff-kernel", type=int, help="odd conv kernel of EGFF (1; authors' code: 5)")
+    g.add_argument("--egff-gate", choices=EGFF_GATES, help="gate input of EGFF")
+    g.add_argument("--egff-mix", choices=EGFF_MIXES, help="activated (paper eq. 2) or raw (authors' code)")
+    g.add_argument("--alignment", choices=ALIGNMENTS)
+    g.add_argument("--curvature", type=float, help="curvature c of the Poincaré ball (0.05)")
+    g.add_argument("--no-riemannian-grad", dest="riemannian_grad", action="store_const", const=False,
+                   help="turn off the Riemannian gradient scaling of the authors' code")
+    g.add_argument("--temperature", type=float, help="τ of the alignment loss (0.07)")
+    g.add_argument("--dropout", type=float, help="dropout in the branches (0.4)")
+    g.add_argument("--opl-gamma", type=float, help="γ of the orthogonal projection loss (0.7)")
+    g.add_argument("--loss-weights", type=float, nargs=3, metavar=("ALIGN", "OPL", "CE"),
+                   help="α₁ α₂ α₃ (0.3 0.35 0.35)")
+
+
+CONFIG_FLAGS = ("embed_dim", "fusion", "egff_kernel", "egff_gate", "egff_mix", "alignment",
+                "curvature", "riemannian_grad", "temperature", "dropout", "opl_gamma", "loss_weights")
+
+
+def config_overrides(args):
+    """The Config fields the user set on the command line."""
+    return {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+
+
+def make_config(train_set, overrides, base=None):
+    """A Config whose widths and classes come from the data."""
+    fields = dict(base or {})
+    fields.update(overrides)
+    fields.update(face_dim=train_set.face_dim, voice_dim=train_set.voice_dim,
+                  n_classes=train_set.n_classes)
+    try:
+        return Config(**fields)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def load_data(data_dir=None, synthetic=None, face_dim=None, voice_dim=None, need_train=True):
+    """``(dataset, data_meta)``: the FOP CSV folder, or the synthetic world."""
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{data_dir}: no such folder")
+        dataset = load_dir(data_dir, face_dim=face_dim, voice_dim=voice_dim, need_train=need_train)
+        return dataset, {"source": "dir", "data_dir": os.path.abspath(data_dir)}
+    synthetic = dict(SYNTHETIC_DEFAULT, **(synthetic or {}))
+    return make_synthetic(**synthetic), {"source": "synthetic", "synthetic": synthetic}
+
+
+def device_flag(parser):
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="cpu (NumPy) or cuda (CuPy)")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -1,0 +1,83 @@
+"""Evaluate a model on test lists: verification and matching (SPEC §5).
+
+Shared by ``train.py`` (the results table at the end of a run) and
+``eval.py``. Embeddings are computed on the model's device in chunks; the
+metrics run on the host.
+"""
+import numpy as np
+
+from .backend import get_array_module, to_host
+from .metrics import matching_table, pair_distances, verification, verification_curves
+from .model import embed
+
+EMBED_CHUNK = 4096
+
+
+def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
+    """Eval-mode embeddings of paired rows, ``chunk`` rows at a time; host arrays."""
+    xp = get_array_module(*params.values())
+    dtype = params["res_mix.weight"].dtype
+    out_f, out_v = [], []
+    for start in range(0, len(face), chunk):
+        f = xp.asarray(face[start:start + chunk], dtype=dtype)
+        v = xp.asarray(voice[start:start + chunk], dtype=dtype)
+        emb_f, emb_v = embed(params, buffers, f, v, cfg)
+        out_f.append(to_host(emb_f))
+        out_v.append(to_host(emb_v))
+    return np.concatenate(out_f), np.concatenate(out_v)
+
+
+def matching_pairs(test_list, emb_f, emb_v):
+    """The positive pairs of a list (even rows) and their identities for matching."""
+    ids = None if test_list.ids is None else np.asarray(test_list.ids)[0::2, 0]
+    return emb_f[0::2], emb_v[0::2], ids
+
+
+def evaluate_list(params, buffers, cfg, test_list, n_cs=range(2, 11), seed=0, curves=False):
+    """Verification figures (exact and official) and matching accuracies of one list."""
+    emb_f, emb_v = embed_rows(params, buffers, test_list.face, test_list.voice, cfg)
+    dist = pair_distances(emb_f, emb_v)
+    result = verification(dist, test_list.same)
+    if n_cs:
+        result["matching"] = matching_table(*matching_pairs(test_list, emb_f, emb_v),
+                                            n_cs=n_cs, seed=seed)
+    if curves:
+        result["curves"] = {k: v.tolist() for k, v in verification_curves(dist, test_list.same).items()}
+    return result
+
+
+def evaluate(params, buffers, cfg, tests, n_cs=range(2, 11), seed=0, curves=False):
+    """``{"<split>/<kind>": evaluate_list(...)}`` for every list in ``tests``.
+
+    Matching runs on the random lists only: it uses a list's positive pairs,
+    and the demographic constraint of G/N/A/GNA lives in their negatives.
+    """
+    return {key: evaluate_list(params, buffers, cfg, tests[key],
+                               n_cs if key.endswith("/random") else None, seed, curves)
+            for key in sorted(tests, key=_list_order)}
+
+
+def _list_order(key):
+    split, kind = key.split("/")
+    kinds = ("random", "G", "N", "A", "GNA")
+    return (split != "seenheard", kinds.index(kind) if kind in kinds else len(kinds), kind)
+
+
+def format_results(results, n_cs_shown=(2, 10)):
+    """The results table: EER/AUC (exact and official, %) per list, then matching."""
+    lines = [f"{'test list':<22} {'EER':>6} {'AUC':>6} {'EER*':>6} {'AUC*':>6}"]
+    for key, r in results.items():
+        lines.append(f"{key:<22} {100 * r['eer']:6.1f} {100 * r['auc']:6.1f} "
+                     f"{100 * r['eer_official']:6.1f} {100 * r['auc_official']:6.1f}")
+    lines.append("(%; EER/AUC exact from the ROC, * = official 10-fold protocol)")
+    matching = [(k, r["matching"]) for k, r in results.items() if "matching" in r]
+    if matching:
+        columns = [(k, d) for k, _ in matching for d in ("voice_to_face", "face_to_voice")]
+        short = {"seenheard": "SH", "unseenunheard": "UU"}
+        name = lambda k, d: f"{short.get(k.split('/')[0], k)} {'V→F' if d == 'voice_to_face' else 'F→V'}"
+        lines += ["", "matching accuracy (positive pairs of the random lists)",
+                  f"{'n_c':>4} " + " ".join(f"{name(k, d):>8}" for k, d in columns)]
+        for n in n_cs_shown:
+            lines.append(f"{n:>4} " + " ".join(f"{100 * dict(matching)[k][d][n]:8.1f}" for k, d in columns))
+        lines.append("(%; SH seen-heard, UU unseen-unheard, V→F voice probe vs faces; chance = 100/n_c)")
+    return "\n".join(lines)

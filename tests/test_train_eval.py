@@ -1,0 +1,202 @@
+"""train.py and eval.py end to end, on a small synthetic world written as FOP CSV files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from paeff_np import checkpoint as ckpt
+from paeff_np.data.synth import make_synthetic, save_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_RUN = ["--epochs", "4", "--batch-size", "64", "--embed-dim", "64", "--dropout", "0.2", "--lr", "3e-3"]
+
+
+def run(script, *args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_user_error(rc, err, *words):
+    """One line on stderr, exit code 2, no traceback, and the words that say what is wrong."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small world: 100 identities at reduced widths, lists of 400 rows."""
+    d = tmp_path_factory.mktemp("synth")
+    save_dir(make_synthetic(n_identities=100, seed=3, face_dim=512, voice_dim=128, test_rows=400), d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    rc, stdout, err = run("train.py", "--data-dir", data_dir, *SMALL_RUN, "--out", out)
+    assert rc == 0, err
+    return out, stdout
+
+
+def test_train_writes_its_folder_and_learns(trained):
+    out, stdout = trained
+    for name in ("checkpoint.npz", "config.json", "metrics.jsonl", "metrics.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert not [f for f in os.listdir(out) if f.startswith(".")]          # no temp files left
+    log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert {"loss", "align", "opl", "ce", "lr", "samples_per_s"} <= set(log[0])
+    results = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(results) == {f"{s}/{k}" for s in ("seenheard", "unseenunheard")
+                            for k in ("random", "G", "N", "A", "GNA")}
+    for r in results.values():
+        assert {"eer", "auc", "eer_official", "auc_official"} <= set(r)
+    assert results["unseenunheard/random"]["eer"] < 0.42           # chance is 0.5
+    assert results["seenheard/random"]["eer"] < results["unseenunheard/random"]["eer"]
+    assert "unseenunheard/random" in stdout and "epoch   4/4" in stdout
+
+
+def test_eval_reproduces_train_results(trained, data_dir):
+    out, _ = trained
+    rc, stdout, err = run("eval.py", "--checkpoint", out, "--data-dir", data_dir, "--json")
+    assert rc == 0, err
+    got = json.loads(stdout)
+    want = json.load(open(os.path.join(out, "metrics.json")))
+    for key in want:
+        for metric in ("eer", "auc", "eer_official", "auc_official"):
+            assert got[key][metric] == pytest.approx(want[key][metric], abs=1e-12)
+    assert got["unseenunheard/random"]["matching"]["voice_to_face"]["10"] == \
+        want["unseenunheard/random"]["matching"]["voice_to_face"]["10"]
+    rc, stdout, err = run("eval.py", "--checkpoint", os.path.join(out, "checkpoint.npz"),
+                          "--data-dir", data_dir)
+    assert rc == 0 and "matching accuracy" in stdout and "unseenunheard/GNA" in stdout
+
+
+def test_resume_equals_straight_run_bit_for_bit(trained, data_dir, tmp_path):
+    straight, _ = trained
+    resumed = str(tmp_path / "resumed")
+    rc, stdout, err = run("train.py", "--data-dir", data_dir, *SMALL_RUN, "--out", resumed,
+                          "--stop-after", "2")
+    assert rc == 0, err
+    assert "--resume" in stdout and ckpt.load(resumed).epoch == 2
+    rc, stdout, err = run("train.py", "--resume", resumed)
+    assert rc == 0, err
+    a, b = ckpt.load(straight), ckpt.load(resumed)
+    assert a.epoch == b.epoch == 4
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    for k in a.buffers:
+        np.testing.assert_array_equal(a.buffers[k], b.buffers[k])
+    log_a = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+    log_b = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+def test_same_seed_same_run(trained, data_dir, tmp_path):
+    straight, _ = trained
+    again = str(tmp_path / "again")
+    assert run("train.py", "--data-dir", data_dir, *SMALL_RUN, "--out", again)[0] == 0
+    a, b = ckpt.load(straight), ckpt.load(again)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+
+
+def test_diverging_loss_stops_cleanly(data_dir, tmp_path):
+    out = str(tmp_path / "nan")
+    rc, _, err = run("train.py", "--data-dir", data_dir, *SMALL_RUN[:-1], "1e30", "--out", out)
+    assert_user_error(rc, err, "loss became", "checkpoint")
+    assert ckpt.load(out).epoch == 0                      # the last good checkpoint is intact
+
+
+def test_train_refuses_to_overwrite_a_run(trained, data_dir):
+    out, _ = trained
+    before = open(os.path.join(out, "checkpoint.npz"), "rb").read()
+    rc, _, err = run("train.py", "--data-dir", data_dir, *SMALL_RUN, "--out", out)
+    assert_user_error(rc, err, out, "--resume")
+    assert open(os.path.join(out, "checkpoint.npz"), "rb").read() == before
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--data-dir", "/nonexistent/dir"], ["/nonexistent/dir"]),
+    (["--egff-kernel", "4"], ["egff_kernel"]),
+    (["--batch-size", "100000"], ["batch"]),
+])
+def test_train_user_errors(data_dir, tmp_path, args, words):
+    if "--data-dir" not in args:
+        args = ["--data-dir", data_dir, *args]
+    rc, _, err = run("train.py", *args, "--out", str(tmp_path / "x"))
+    assert_user_error(rc, err, *words)
+
+
+def test_train_bad_csv_is_one_line(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("faceTrain.csv", "voiceTrain.csv"):
+        (bad / name).write_text(open(os.path.join(data_dir, name)).read())
+    lines = (bad / "voiceTrain.csv").read_text().splitlines()
+    lines[4] = lines[4].replace(",", ",x", 1)
+    (bad / "voiceTrain.csv").write_text("\n".join(lines) + "\n")
+    rc, _, err = run("train.py", "--data-dir", str(bad), "--out", str(tmp_path / "y"))
+    assert_user_error(rc, err, "voiceTrain.csv", "5")
+
+
+def test_gpu_without_cupy_is_one_line(data_dir, tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    rc, _, err = run("train.py", "--data-dir", data_dir, "--device", "cuda", "--out", str(tmp_path / "g"))
+    assert_user_error(rc, err, "CuPy")
+
+
+def test_eval_user_errors(trained, tmp_path):
+    out, _ = trained
+    rc, _, err = run("eval.py", "--checkpoint", str(tmp_path / "missing"))
+    assert_user_error(rc, err, "missing", "no such file")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.npz").write_bytes(b"not a zip file")
+    (corrupt / "config.json").write_text(open(os.path.join(out, "config.json")).read())
+    rc, _, err = run("eval.py", "--checkpoint", str(corrupt))
+    assert_user_error(rc, err, "checkpoint.npz", "corrupt")
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    (narrow / "face_veriflist_test_random_unseenunheard.csv").write_text("1,2\n3,4\n")
+    (narrow / "voice_veriflist_test_random_unseenunheard.csv").write_text("1,2\n3,4\n")
+    rc, _, err = run("eval.py", "--checkpoint", out, "--data-dir", str(narrow))
+    assert_user_error(rc, err, "face_veriflist_test_random_unseenunheard.csv", "512")
+
+
+def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.json"
+    ckpt.write_json(str(target), {"a": 1})
+
+    def failing(f):
+        f.write("{partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        ckpt.write_atomically(str(target), failing, mode="w")
+    assert json.load(open(target)) == {"a": 1}
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_checkpoint_files_from_different_saves_are_refused(trained, tmp_path):
+    out, _ = trained
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "checkpoint.npz").write_bytes(open(os.path.join(out, "checkpoint.npz"), "rb").read())
+    config = json.load(open(os.path.join(out, "config.json")))
+    config["epoch"] = 1
+    (mixed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="different saves"):
+        ckpt.load(str(mixed))
