@@ -1,0 +1,61 @@
+"""Command line of the data package.
+
+    python -m paeff_np.data synth --out DIR [--seed S] [--identities N] [--test-rows N]
+
+writes the synthetic world (`paeff_np.data.synth`) as FOP CSV files in DIR, one line
+per file written. Errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .synth import make_world, save_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m paeff_np.data", description="Face-voice data tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    synth = commands.add_parser(
+        "synth",
+        help="write the synthetic face-voice world as FOP CSV files",
+        description="Write the synthetic face-voice world (paeff_np.data.synth) as FOP CSV files: "
+        "faceTrain.csv, voiceTrain.csv and the face_/voice_veriflist_test_{kind}_{split}.csv lists.",
+    )
+    synth.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--identities", type=int, default=300, metavar="N",
+                       help="identities in all, a third of them unseen (default 300)")
+    synth.add_argument("--test-rows", type=int, default=1000, metavar="N",
+                       help="rows of every test list, an even number (default 1000)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        world = make_world(args.identities, seed=args.seed, test_rows=args.test_rows)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    dataset = world.dataset
+
+    def report(path):
+        print(f"wrote {path}", flush=True)
+
+    try:
+        paths = save_dir(dataset, args.out, report=report)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        where = error.filename if error.filename is not None else args.out
+        print(f"error: cannot write {where}: {reason}", file=sys.stderr)
+        return 2
+    train = dataset.train
+    print(f"{len(paths)} files in {args.out}: {len(train)} training pairs of {train.n_classes} identities, "
+          f"{len(dataset.tests)} test lists of {len(next(iter(dataset.tests.values())))} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
