@@ -85,10 +85,14 @@ def add_at(target, index, values):
 
 
 def default_rng(seed, xp=np):
-    """A random Generator of the array module ``xp`` (NumPy's or CuPy's)."""
+    """A random Generator of the array module ``xp`` (NumPy's or CuPy's).
+
+    ``seed`` may be a list of ints (e.g. ``[seed, epoch]``); CuPy's generator
+    takes one int, derived here through NumPy's SeedSequence.
+    """
     if xp is np:
         return np.random.default_rng(seed)
-    return xp.random.default_rng(seed)
+    return xp.random.default_rng(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
 
 SQRT_HALF = 1.0 / math.sqrt(2.0)

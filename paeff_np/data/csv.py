@@ -94,8 +94,8 @@ def read_test_list(face_path, voice_path, face_dim=None, voice_dim=None, *, cach
 def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *, cache: bool = True) -> Dataset:
     """Read a FOP data directory: the training files and every test list present.
 
-    The training files are read when need_train is True (a missing one is an error) or
-    when both are present. Test lists are keyed "<split>/<kind>"; a list with neither
+    The training files are read only when need_train is True (a missing one is an
+    error): evaluation never parses a large training file it does not use. Test lists are keyed "<split>/<kind>"; a list with neither
     half present is skipped. When face_dim / voice_dim are None and the training set
     was read, test lists are cut to the training widths.
     """
@@ -105,7 +105,7 @@ def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *
 
     face_train, voice_train = (data_dir / name for name in train_file_names())
     train = None
-    if need_train or (face_train.exists() and voice_train.exists()):
+    if need_train:
         train = read_train(face_train, voice_train, cache=cache)
         face_dim = train.face_dim if face_dim is None else face_dim
         voice_dim = train.voice_dim if voice_dim is None else voice_dim
