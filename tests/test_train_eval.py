@@ -200,3 +200,20 @@ def test_checkpoint_files_from_different_saves_are_refused(trained, tmp_path):
     (mixed / "config.json").write_text(json.dumps(config))
     with pytest.raises(ckpt.CheckpointError, match="different saves"):
         ckpt.load(str(mixed))
+
+
+def test_eval_plots(trained, data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = trained
+    rc, _, err = run("eval.py", "--checkpoint", out, "--data-dir", data_dir, "--plot", str(tmp_path / "p"))
+    assert rc == 0, err
+    for name in ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, ROOT)
+    import eval as eval_cli
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    assert eval_cli.plot({}, str(tmp_path / "p")) == []
+    assert "pip install matplotlib" in capsys.readouterr().err
