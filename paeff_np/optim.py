@@ -1,7 +1,56 @@
 """AdamW with PyTorch's semantics and the cosine learning-rate schedule (SPEC §4)."""
 import math
 
+import numpy as np
+
 from .backend import get_array_module, to_device, to_host
+from .flat import FlatViews, gather_into
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
+    """One AdamW step on ``p``, ``m``, ``v`` in place (arrays of one shape)::
+
+        p ← p·(1 − lr·wd)
+        m ← β₁m + (1 − β₁)g
+        v ← β₂v + (1 − β₂)g²
+        p ← p − (lr/bias1)·m / (√v/sqrt_bias2 + ε)
+
+    with ``bias1 = 1 − β₁ᵗ``, ``sqrt_bias2 = √(1 − β₂ᵗ)``. The one implementation
+    of the formula, used per key and on a whole flat buffer alike. On CuPy it
+    is one fused elementwise kernel (``_cuda_kernel``), the same formula.
+    """
+    xp = get_array_module(p)
+    if xp is not np:
+        _cuda_kernel()(g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+                       lr / bias1, sqrt_bias2, eps, p, m, v)
+        return
+    p *= 1.0 - lr * weight_decay
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * g * g
+    p -= (lr / bias1) * m / (np.sqrt(v) / sqrt_bias2 + eps)
+
+
+_KERNEL = None
+
+
+def _cuda_kernel():
+    """The CuPy elementwise kernel of ``adamw_update`` (compiled once, on first use)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import cupy
+        _KERNEL = cupy.ElementwiseKernel(
+            "T g, T decay, T beta1, T c1, T beta2, T c2, T step_size, T sqrt_bias2, T eps",
+            "T p, T m, T v",
+            """
+            p = p * decay;
+            m = m * beta1 + c1 * g;
+            v = v * beta2 + c2 * g * g;
+            p = p - (step_size * m) / (sqrt(v) / sqrt_bias2 + eps);
+            """,
+            "paeff_adamw")
+    return _KERNEL
 
 
 class AdamW:
@@ -13,6 +62,17 @@ class AdamW:
         m ← β₁m + (1 − β₁)g
         v ← β₂v + (1 − β₂)g²
         p ← p − lr · (m/(1 − β₁ᵗ)) / (√v/√(1 − β₂ᵗ) + ε)
+
+    ``step(params, grads)`` updates ``params`` in place. When ``params`` is a
+    :class:`~paeff_np.flat.FlatViews` (from ``paeff_np.flat.flatten``), ``m``
+    and ``v`` live in flat buffers of the same layout (``self.m``/``self.v`` are
+    ``FlatViews`` into them) and, when ``grads`` is a ``FlatViews`` of that
+    layout too (``paeff_np.flat.gather_into``), the step is one update of the
+    whole buffers: a single fused kernel on CuPy. Plain ``grads`` are first
+    gathered into an internal flat buffer (one copy). Every path gives the
+    same bits as the per-key step; checkpoints keep per-key ``m/``, ``v/``
+    arrays, and a loaded state is copied into flat buffers on the next flat
+    step.
     """
 
     def __init__(self, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
@@ -23,27 +83,47 @@ class AdamW:
         self.t = 0
         self.m = {}
         self.v = {}
+        self._flat_grad = None      # FlatViews the flat path gathers plain grads into
 
     def step(self, params, grads, lr=None):
         """Update ``params`` in place from ``grads`` (dicts with the same keys)."""
         lr = self.lr if lr is None else lr
         beta1, beta2 = self.betas
         self.t += 1
-        bias1 = 1.0 - beta1 ** self.t
-        sqrt_bias2 = math.sqrt(1.0 - beta2 ** self.t)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=self.eps,
+                     weight_decay=self.weight_decay, bias1=1.0 - beta1 ** self.t,
+                     sqrt_bias2=math.sqrt(1.0 - beta2 ** self.t))
+        if isinstance(params, FlatViews) and params.is_intact():
+            self._step_flat(params, grads, hyper)
+            return
         for key, p in params.items():
-            g = grads[key]
             if key not in self.m:
                 xp = get_array_module(p)
                 self.m[key] = xp.zeros_like(p)
                 self.v[key] = xp.zeros_like(p)
-            m, v = self.m[key], self.v[key]
-            p *= 1.0 - lr * self.weight_decay
-            m *= beta1
-            m += (1.0 - beta1) * g
-            v *= beta2
-            v += (1.0 - beta2) * g * g
-            p -= (lr / bias1) * m / (get_array_module(v).sqrt(v) / sqrt_bias2 + self.eps)
+            adamw_update(p, grads[key], self.m[key], self.v[key], **hyper)
+
+    def _step_flat(self, params, grads, hyper):
+        layout = params.layout
+        self.m, self.v = (self._flat_state(s, params) for s in (self.m, self.v))
+        if not _flat_of(grads, layout):
+            if not _flat_of(self._flat_grad, layout):
+                self._flat_grad = layout.views(get_array_module(params.flat).zeros_like(params.flat))
+            gather_into(self._flat_grad.flat, grads, layout)
+            grads = self._flat_grad
+        adamw_update(params.flat, grads.flat, self.m.flat, self.v.flat, **hyper)
+
+    @staticmethod
+    def _flat_state(state, params):
+        """``state`` (m or v) as a FlatViews laid out like ``params``: kept when it
+        already is one, else copied into a new zeroed buffer (keys it lacks start at 0)."""
+        if _flat_of(state, params.layout):
+            return state
+        views = params.layout.views(get_array_module(params.flat).zeros_like(params.flat))
+        for key, a in state.items():
+            if key in views:
+                views[key][...] = a
+        return views
 
     def state_dict(self):
         """Host arrays and numbers, ready for a checkpoint (no pickle needed)."""
@@ -60,6 +140,11 @@ class AdamW:
         own = lambda a: to_device(a, device).copy()     # never share memory with the source
         self.m = {k[2:]: own(a) for k, a in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: own(a) for k, a in arrays.items() if k.startswith("v/")}
+
+
+def _flat_of(d, layout):
+    """True when ``d`` is an intact FlatViews with exactly ``layout``."""
+    return isinstance(d, FlatViews) and (d.layout is layout or d.layout == layout) and d.is_intact()
 
 
 def cosine_lr(epoch, base_lr, total_epochs, eta_min=1e-8):

@@ -17,6 +17,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .backend import cupy_module, default_rng, to_device
 from .evaluation import embed_rows
+from .flat import flatten
 from .metrics import pair_distances, verification
 from .model import init_params, loss_and_grads
 from .optim import AdamW, cosine_lr
@@ -77,7 +78,8 @@ class Trainer:
         self.voice = self.xp.asarray(train.voice, dtype=dtype)
         self.labels = self.xp.asarray(train.labels)
         params, buffers = init_params(cfg, seed=settings.seed, dtype=dtype)
-        self.params = {k: to_device(v, settings.device) for k, v in params.items()}
+        # parameters are views into one flat buffer: AdamW updates it in one pass
+        _, self.params = flatten({k: to_device(v, settings.device) for k, v in params.items()})
         self.buffers = {k: to_device(v, settings.device) for k, v in buffers.items()}
         self.opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch = 0           # epochs completed
@@ -86,7 +88,7 @@ class Trainer:
         """Continue from a loaded checkpoint (its params, buffers, optimizer, epoch)."""
         dev = self.settings.device
         dtype = np.dtype(self.settings.dtype)
-        self.params = {k: to_device(v.astype(dtype), dev) for k, v in checkpoint.params.items()}
+        _, self.params = flatten({k: to_device(v.astype(dtype), dev) for k, v in checkpoint.params.items()})
         self.buffers = {k: to_device(v, dev) for k, v in checkpoint.buffers.items()}
         if checkpoint.optimizer is not None:
             self.opt.load_state_dict(*checkpoint.optimizer, device=dev)
