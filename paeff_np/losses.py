@@ -10,11 +10,11 @@ from .layers import l2_normalize_backward, l2_normalize_forward
 OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs gives 0, not 0/0
 
 
-def log_softmax(s):
-    """``s − max − log Σ exp(s − max)`` row by row (stable for |s| ~ 1e4)."""
+def log_softmax(s, axis=1):
+    """``s − max − log Σ exp(s − max)`` along ``axis`` (stable for |s| ~ 1e4)."""
     xp = get_array_module(s)
-    shifted = s - s.max(axis=1, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    shifted = s - s.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 def softmax_cross_entropy_forward(s, y):
@@ -35,20 +35,30 @@ def softmax_cross_entropy_backward(cache):
 
 
 def symmetric_cross_entropy_forward(a, b, temperature):
-    """CLIP loss: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``."""
+    """CLIP loss: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``.
+
+    CE(Sᵀ, diag) is the cross-entropy of S's *columns*: with the log-softmax
+    over rows (axis 1) and over columns (axis 0),
+    ``L = −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
+    """
     xp = get_array_module(a)
     S = (a @ b.T) / temperature
-    diag = xp.arange(S.shape[0])
-    loss_ab, cache_ab = softmax_cross_entropy_forward(S, diag)
-    loss_ba, cache_ba = softmax_cross_entropy_forward(S.T, diag)
-    return 0.5 * (loss_ab + loss_ba), (a, b, temperature, cache_ab, cache_ba)
+    logp_rows = log_softmax(S, axis=1)
+    logp_cols = log_softmax(S, axis=0)
+    loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
+    return loss, (a, b, temperature, logp_rows, logp_cols)
 
 
 def symmetric_cross_entropy_backward(cache):
-    """``dS = ½[dCE(S) + dCE(Sᵀ)ᵀ]``, ``da = dS b/τ``, ``db = dSᵀ a/τ``."""
-    a, b, temperature, cache_ab, cache_ba = cache
-    dS = 0.5 * (softmax_cross_entropy_backward(cache_ab)
-                + softmax_cross_entropy_backward(cache_ba).T)
+    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)``,
+    ``da = dS b/τ``, ``db = dSᵀ a/τ``."""
+    a, b, temperature, logp_rows, logp_cols = cache
+    xp = get_array_module(a)
+    dS = xp.exp(logp_rows)
+    dS += xp.exp(logp_cols)
+    diag = xp.arange(dS.shape[0])
+    dS[diag, diag] -= 2.0
+    dS /= 2.0 * dS.shape[0]
     return dS @ b / temperature, dS.T @ a / temperature
 
 
@@ -71,10 +81,12 @@ def orthogonal_projection_forward(z, y, gamma):
 
 
 def orthogonal_projection_backward(cache):
-    """``dG = −M⁺/(ΣM⁺+ε) + γ M⁻⊙sign(G)/(ΣM⁻+ε)``, ``dẑ = (dG + dGᵀ) ẑ``,
-    then back through the normalisation."""
+    """``dG = −M⁺/(ΣM⁺+ε) + γ M⁻⊙sign(G)/(ΣM⁻+ε)``, ``dẑ = (dG + dGᵀ) ẑ = 2 dG ẑ``
+    (G and both masks are symmetric, so dG is), then back through the
+    normalisation."""
     zhat, G, m_pos, m_neg, w_pos, w_neg, gamma, cache_norm = cache
     xp = get_array_module(zhat)
-    dG = -m_pos * w_pos + gamma * w_neg * m_neg * xp.sign(G)
-    dzhat = (dG + dG.T) @ zhat
+    dG = (gamma * w_neg) * m_neg * xp.sign(G)
+    dG -= w_pos * m_pos
+    dzhat = 2.0 * (dG @ zhat)
     return l2_normalize_backward(dzhat, cache_norm)
