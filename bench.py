@@ -304,8 +304,8 @@ def print_environment(env, log):
     if busy is not None:
         log(f"CPU busy over 1 s before the run (other processes): {100 * busy:.0f}%")
         if busy > 0.1:
-            log(f"WARNING: other processes use the CPUs: the figures below will be low and noisy "
-                f"(a busy core slows OpenBLAS's threads most)")
+            log("WARNING: other processes use the CPUs: the figures below will be low and noisy "
+                "(a busy core slows OpenBLAS's threads most)")
 
 
 def flop_table(rows, log):

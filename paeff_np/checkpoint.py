@@ -7,11 +7,11 @@ The npz is read with ``allow_pickle=False``; the two files carry the same
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from .atomic import write_atomically, write_json  # noqa: F401  (re-exported)
 from .backend import to_host
 from .model import Config
 
@@ -22,31 +22,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(Exception):
     """A missing, corrupt or mismatched checkpoint: one line naming the file."""
-
-
-def write_atomically(path, write, mode="wb"):
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it
-    over ``path``: readers see the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"), mode="w")
 
 
 def save(out_dir, params, buffers, cfg, *, epoch, optimizer=None, label_values=None, meta=None):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
-from paeff_np.backend import to_host
 from paeff_np.gradcheck import relative_error
 from paeff_np.model import batchnorm_prefixes
 from test_layers import TOL

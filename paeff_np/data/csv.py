@@ -14,13 +14,12 @@ cache are read-only memory maps.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 CACHE_DIR_NAME = ".paeff_cache"
@@ -286,22 +285,11 @@ def _save_cache(cache_dir: Path, name: str, kind: str, stamp: dict, arrays: dict
         stamp_path = cache_dir / f"{name}.json"
         stamp_path.unlink(missing_ok=True)  # the old stamp must not vouch for half-written arrays
         for key, suffix in _CACHED_ARRAYS[kind].items():
-            _write_atomically(
+            write_atomically(
                 cache_dir / f"{name}{suffix}", lambda stream, array=arrays[key]: np.save(stream, array)
             )
-        _write_atomically(stamp_path, lambda stream: stream.write(json.dumps(stamp).encode()))
+        write_atomically(stamp_path, lambda stream: stream.write(json.dumps(stamp).encode()))
     except OSError:
         pass
 
 
-def _write_atomically(target: Path, write) -> None:
-    """Write through write(binary stream) to a temporary file, then rename it onto target."""
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            write(stream)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; others may read the cache like the CSVs
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise

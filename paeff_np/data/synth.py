@@ -61,13 +61,12 @@ builds).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 ATTRIBUTES = ("gender", "nationality", "age_group")
@@ -334,7 +333,7 @@ def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
 
     def put(name, matrix, labels=None):
         path = out_dir / name
-        _write_atomically(path, matrix, labels)
+        _write_csv(path, matrix, labels)
         written.append(path)
         if report is not None:
             report(path)
@@ -353,31 +352,19 @@ def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
     return written
 
 
-def _write_atomically(path: Path, matrix: np.ndarray, labels=None) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            matrix = np.asarray(matrix, dtype=np.float32)
-            row_format = ",".join(["%.9g"] * matrix.shape[1])
-            if labels is None:
-                np.savetxt(stream, matrix, fmt=row_format, delimiter=",")
-            else:
-                for start in range(0, len(matrix), 1024):
-                    block = matrix[start : start + 1024]
-                    text = [row_format % tuple(row) + "," + str(label) for row, label in
-                            zip(block.tolist(), labels[start : start + 1024])]
-                    stream.write("\n".join(text) + "\n")
-        os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
+def _write_csv(path: Path, matrix: np.ndarray, labels=None) -> None:
+    """Write ``matrix`` (then a label column, if given) as a FOP CSV file, atomically."""
+    features = np.asarray(matrix, dtype=np.float32)
+    row_format = ",".join(["%.9g"] * features.shape[1])
 
+    def write(stream):
+        if labels is None:
+            np.savetxt(stream, features, fmt=row_format, delimiter=",")
+            return
+        for start in range(0, len(features), 1024):
+            block = features[start : start + 1024]
+            text = [row_format % tuple(row) + "," + str(label)
+                    for row, label in zip(block.tolist(), labels[start : start + 1024])]
+            stream.write("\n".join(text) + "\n")
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_atomically(path, write, mode="w")
