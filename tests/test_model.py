@@ -100,6 +100,10 @@ def test_matches_pytorch_reference(xp, case):
     cfg = pn.Config(**case["config"])
     group = lambda prefix: {k[len(prefix):]: xp.asarray(data[k]) for k in data.files if k.startswith(prefix)}
     params, buffers = group("params/"), group("buffers/")
+    # init_params names and shapes every array exactly as the PyTorch state_dict
+    fresh_params, fresh_buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    assert {k: v.shape for k, v in fresh_params.items()} == {k: v.shape for k, v in params.items()}
+    assert {k: v.shape for k, v in fresh_buffers.items()} == {k: v.shape for k, v in buffers.items()}
     loss, terms, grads, new_buffers = pn.loss_and_grads(
         params, buffers, xp.asarray(data["face"]), xp.asarray(data["voice"]),
         xp.asarray(data["labels"]), cfg)
