@@ -201,3 +201,27 @@ def test_config_rejects_bad_values():
         with pytest.raises(ValueError, match="Config"):
             pn.Config(**bad)
     assert pn.Config.from_dict(pn.Config(fusion="gated").to_dict()) == pn.Config(fusion="gated")
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(egff_gate="concat", egff_kernel=5), dict(fusion="gated")])
+def test_init_params_follows_spec(variant):
+    """Xavier-uniform Linear weights, biases 0.01; BatchNorm 1/0 and 0/1 buffers;
+    conv U(±1/√(C_in·k)) (SPEC §4)."""
+    cfg = pn.Config(**SMALL, **variant)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    for key, w in params.items():
+        if key.endswith(".weight") and w.ndim == 2:                      # Linear
+            bound = np.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+            assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound, key
+            np.testing.assert_array_equal(params[key[:-6] + "bias"], 0.01)
+        elif key.startswith("fusion_layer.conv."):
+            c_in, k = params["fusion_layer.conv.weight"].shape[1:]
+            assert np.abs(w).max() <= 1.0 / np.sqrt(c_in * k)
+        elif key.endswith(".weight"):                                    # BatchNorm
+            np.testing.assert_array_equal(w, 1.0)
+            np.testing.assert_array_equal(params[key[:-6] + "bias"], 0.0)
+    for key, b in buffers.items():
+        expected = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}[key.rsplit(".", 1)[1]]
+        np.testing.assert_array_equal(b, expected)
+    again, _ = pn.init_params(cfg, seed=0, dtype=np.float64)
+    assert all(np.array_equal(params[k], again[k]) for k in params)        # a seed fixes the draw
