@@ -136,7 +136,12 @@ def train_one(args):
     print(describe(trainer), flush=True)
     if trainer.epoch == 0:
         trainer.save()           # epoch 0: a run that stops early can still be resumed
-    trainer.train(stop_after=args.stop_after)
+    try:
+        trainer.train(stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        print(f"\nthe checkpoint of epoch {trainer.epoch} is intact; continue with "
+              f"python train.py --resume {trainer.out_dir}", file=sys.stderr)
+        raise
     if trainer.epoch < trainer.settings.epochs:
         print(f"stopped after epoch {trainer.epoch}/{trainer.settings.epochs}; continue with "
               f"python train.py --resume {trainer.out_dir}")

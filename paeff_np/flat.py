@@ -48,9 +48,6 @@ class FlatLayout:
                 and self.shapes == other.shapes and self.offsets == other.offsets
                 and self.dtype == other.dtype)
 
-    def __hash__(self):
-        return hash((self.keys, self.size))
-
     def view(self, flat, key):
         """The view of ``key`` into ``flat`` (writes through)."""
         shape, start = self.shapes[key], self.offsets[key]

@@ -92,3 +92,22 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5):
         raise ValueError(f"backward returned {len(grads)} gradients for {len(inputs)} inputs")
     named = {i: x for i, x in enumerate(inputs)}
     return gradcheck(scalar, named, {i: g for i, g in enumerate(grads) if g is not None}, h)
+
+
+def check_layer(forward, backward, inputs, seed=0, h=1e-5, **kwargs):
+    """``check_op`` for a pair in this library's convention:
+    ``forward(*inputs, **kwargs) -> (out, cache)`` and
+    ``backward(dout, cache) -> gradient`` (or a tuple, one per input).
+
+    Example: ``check_layer(gelu_forward, gelu_backward, [x])``.
+    """
+    cache = {}
+
+    def forward_out(*xs):
+        out, cache["layer"] = forward(*xs, **kwargs)
+        return out
+
+    def backward_grads(dout):
+        grads = backward(dout, cache["layer"])
+        return grads if isinstance(grads, tuple) else (grads,)
+    return check_op(forward_out, backward_grads, inputs, seed, h)

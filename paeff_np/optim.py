@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module, to_device, to_host
-from .flat import FlatViews, gather_into
+from .flat import FlatViews, flat_like, gather_into
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
@@ -108,7 +108,7 @@ class AdamW:
         self.m, self.v = (self._flat_state(s, params) for s in (self.m, self.v))
         if not _flat_of(grads, layout):
             if not _flat_of(self._flat_grad, layout):
-                self._flat_grad = layout.views(get_array_module(params.flat).zeros_like(params.flat))
+                self._flat_grad = layout.views(flat_like(params.flat))
             gather_into(self._flat_grad.flat, grads, layout)
             grads = self._flat_grad
         adamw_update(params.flat, grads.flat, self.m.flat, self.v.flat, **hyper)
@@ -119,7 +119,7 @@ class AdamW:
         already is one, else copied into a new zeroed buffer (keys it lacks start at 0)."""
         if _flat_of(state, params.layout):
             return state
-        views = params.layout.views(get_array_module(params.flat).zeros_like(params.flat))
+        views = params.layout.views(flat_like(params.flat))
         for key, a in state.items():
             if key in views:
                 views[key][...] = a

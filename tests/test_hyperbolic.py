@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from paeff_np import check_op
+from paeff_np import check_layer
 from paeff_np.backend import to_host
 from paeff_np.hyperbolic import (MIN_NORM, TANH_ARG_MAX, ball_radius, expmap0_backward,
                                  expmap0_forward, project_backward, project_forward,
@@ -14,12 +14,7 @@ C = 0.05
 
 
 def _check_expmap0(u):
-    cache = {}
-
-    def fwd(u):
-        y, cache["c"] = expmap0_forward(u, C)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (expmap0_backward(dy, cache["c"]),), [u]))
+    assert_gradcheck(check_layer(expmap0_forward, expmap0_backward, [u], c=C))
 
 
 def test_expmap0_gradient(rand):
@@ -62,12 +57,7 @@ def test_project_gradient(rand, xp, scale):
     x = rand(5, 4)
     x = x / xp.sqrt((x * x).sum(1, keepdims=True)) * scale * ball_radius(C) * xp.asarray(
         np.linspace(0.5, 1.0, 5))[:, None]
-    cache = {}
-
-    def fwd(x):
-        y, cache["c"] = project_forward(x, C)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (project_backward(dy, cache["c"]),), [x]))
+    assert_gradcheck(check_layer(project_forward, project_backward, [x], c=C))
 
 
 def test_project_keeps_inside_and_clips_outside(xp):
@@ -93,14 +83,9 @@ def test_riemannian_scale_is_identity_forward_and_scales_backward(rand, xp):
 
 def test_to_ball_gradient_without_scaling(rand):
     """P(expmap0(e)) composed, on unit rows (as the branch outputs are) and large rows."""
-    cache = {}
-
-    def fwd(e):
-        p, cache["c"] = to_ball_forward(e, C, riemannian_grad=False)
-        return p
     for scale in (1.0, 40.0):
-        assert_gradcheck(check_op(fwd, lambda dp: (to_ball_backward(dp, cache["c"]),),
-                                  [rand(6, 4) * scale]))
+        assert_gradcheck(check_layer(to_ball_forward, to_ball_backward, [rand(6, 4) * scale],
+                                     c=C, riemannian_grad=False))
 
 
 def test_to_ball_with_scaling_is_scaled_derivative(rand, xp):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from paeff_np import check_op
+from paeff_np import check_layer, check_op
 from paeff_np.backend import to_host
 from paeff_np.layers import (batchnorm_backward, batchnorm_forward, conv1d_backward,
                              conv1d_forward, dropout_backward, dropout_forward,
@@ -22,12 +22,7 @@ def assert_gradcheck(report):
 
 def test_linear(rand):
     x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
-    cache = {}
-
-    def fwd(x, W, b):
-        y, cache["c"] = linear_forward(x, W, b)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: linear_backward(dy, cache["c"]), [x, W, b]))
+    assert_gradcheck(check_layer(linear_forward, linear_backward, [x, W, b]))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -68,22 +63,14 @@ def test_batchnorm_running_statistics_over_steps(xp):
 
 
 def test_relu(rand):
-    cache = {}
-
-    def fwd(x):
-        y, cache["c"] = relu_forward(x)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (relu_backward(dy, cache["c"]),), [rand(6, 5)]))
+    assert_gradcheck(check_layer(relu_forward, relu_backward, [rand(6, 5)]))
 
 
 def test_dropout(rand, xp):
     x = rand(50, 40)
-    cache = {}
-
-    def fwd(x):   # the same seed every call: the same mask, so the check is deterministic
-        y, cache["c"] = dropout_forward(x, 0.4, xp.random.default_rng(7))
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (dropout_backward(dy, cache["c"]),), [x[:4, :5]]))
+    # the same seed at every call: the same mask, so the check is deterministic
+    fwd = lambda x: dropout_forward(x, 0.4, xp.random.default_rng(7))
+    assert_gradcheck(check_layer(fwd, dropout_backward, [x[:4, :5]]))
     y, mask = dropout_forward(x, 0.4, xp.random.default_rng(7))
     kept = to_host(mask) > 0
     assert 0.5 < kept.mean() < 0.7                                       # about 1 − p kept
@@ -95,13 +82,8 @@ def test_dropout(rand, xp):
 
 
 def test_l2_normalize(rand, xp):
-    cache = {}
-
-    def fwd(x):
-        y, cache["c"] = l2_normalize_forward(x)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (l2_normalize_backward(dy, cache["c"]),), [rand(5, 4)]))
-    e = fwd(rand(5, 4))
+    assert_gradcheck(check_layer(l2_normalize_forward, l2_normalize_backward, [rand(5, 4)]))
+    e, _ = l2_normalize_forward(rand(5, 4))
     np.testing.assert_allclose(to_host((e * e).sum(1)), 1.0, rtol=1e-14)
 
 
@@ -117,12 +99,7 @@ def test_l2_normalize_zero_row_is_guarded(rand, xp):
 
 
 def test_gelu(rand, xp):
-    cache = {}
-
-    def fwd(x):
-        y, cache["c"] = gelu_forward(x)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (gelu_backward(dy, cache["c"]),), [rand(6, 5, scale=2.0)]))
+    assert_gradcheck(check_layer(gelu_forward, gelu_backward, [rand(6, 5, scale=2.0)]))
     from scipy.stats import norm
     x = np.linspace(-6, 6, 25)
     np.testing.assert_allclose(to_host(gelu_forward(xp.asarray(x))[0]), x * norm.cdf(x), rtol=1e-13, atol=1e-300)
@@ -130,13 +107,7 @@ def test_gelu(rand, xp):
 
 @pytest.mark.parametrize("pair", [(sigmoid_forward, sigmoid_backward), (tanh_forward, tanh_backward)])
 def test_sigmoid_tanh(rand, pair):
-    forward_fn, backward_fn = pair
-    cache = {}
-
-    def fwd(x):
-        y, cache["c"] = forward_fn(x)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: (backward_fn(dy, cache["c"]),), [rand(6, 5, scale=2.0)]))
+    assert_gradcheck(check_layer(*pair, [rand(6, 5, scale=2.0)]))
 
 
 def test_sigmoid_is_finite_at_extremes(xp):
@@ -148,12 +119,7 @@ def test_sigmoid_is_finite_at_extremes(xp):
 @pytest.mark.parametrize("channels,k", [(1, 1), (1, 3), (1, 5), (2, 1), (2, 3), (2, 5)])
 def test_conv1d(rand, channels, k):
     x, w, b = rand(4, channels, 7, seed=1), rand(1, channels, k, seed=2), rand(1, seed=3)
-    cache = {}
-
-    def fwd(x, w, b):
-        y, cache["c"] = conv1d_forward(x, w, b)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: conv1d_backward(dy, cache["c"]), [x, w, b]))
+    assert_gradcheck(check_layer(conv1d_forward, conv1d_backward, [x, w, b]))
 
 
 def test_conv1d_matches_direct_sum(xp):
