@@ -21,12 +21,12 @@ from paeff_np.training import METRICS_LOG, Trainer, TrainSettings, truncate_json
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
     "quick": dict(epochs=15, lr=1e-3, batch_size=256, embed_dim=128),
-    # SPEC §4, the paper's recipe
+    # docs/spec.md §4, the paper's recipe
     "paper": dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256),
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
 
-# Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; SPEC §7)
+# Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7)
 ABLATION = [
     ("gated baseline", "gated", dict(fusion="gated", alignment="none"), (27.6, 79.2)),
     ("+ EGFF", "egff", dict(fusion="egff", alignment="none"), (26.0, 80.7)),
@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", help="folder of FOP CSV files (faceTrain.csv, voiceTrain.csv, "
                    "face_/voice_veriflist_test_*.csv); default: the built-in synthetic world")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick (default, for the synthetic world) or paper (SPEC §4: 50 epochs, "
+                   help="quick (default, for the synthetic world) or paper (docs/spec.md §4: 50 epochs, "
                    "lr 2e-5, batch 1024, D 256); explicit flags override it")
     p.add_argument("--epochs", type=positive_int, help="total epochs of the cosine schedule")
     p.add_argument("--lr", type=float, help="base learning rate")

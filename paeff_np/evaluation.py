@@ -1,4 +1,4 @@
-"""Evaluate a model on test lists: verification and matching (SPEC §5).
+"""Evaluate a model on test lists: verification and matching (docs/spec.md §5).
 
 Shared by ``train.py`` (the results table at the end of a run) and
 ``eval.py``. Embeddings are computed on the model's device in chunks; the

@@ -3,7 +3,7 @@
 ``forward`` runs the layers in the order of the paper's Figure 1 and keeps a
 cache per layer; ``backward`` walks the same layers in exactly the reverse
 order, so the two read side by side. Parameters and buffers are plain dicts
-keyed by the official PyTorch ``state_dict`` names (SPEC §2).
+keyed by the official PyTorch ``state_dict`` names (docs/spec.md §2).
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -29,7 +29,7 @@ GATED_HIDDEN = 128          # width of FOP's attention block
 
 @dataclass(frozen=True)
 class Config:
-    """Every choice of SPEC §2–§3; the defaults are PAEFF as in the paper."""
+    """Every choice of docs/spec.md §2–§3; the defaults are PAEFF as in the paper."""
     face_dim: int = 4096
     voice_dim: int = 512
     embed_dim: int = 256
@@ -98,7 +98,7 @@ def batchnorm_prefixes(cfg):
 
 
 def init_params(cfg, seed=0, dtype=np.float32):
-    """Fresh parameters and buffers (SPEC §4), as NumPy arrays of ``dtype``.
+    """Fresh parameters and buffers (docs/spec.md §4), as NumPy arrays of ``dtype``.
 
     Linear: Xavier-uniform weights U(±√(6/(fan_in + fan_out))), biases 0.01.
     BatchNorm: weight 1, bias 0, running mean 0, running var 1, counter 0.
@@ -290,7 +290,7 @@ def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
 
 
 def embed(params, buffers, face, voice, cfg):
-    """Evaluation embeddings (eval mode, SPEC §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated."""
+    """Evaluation embeddings (eval mode, docs/spec.md §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated."""
     e_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
     e_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
     _, emb_f, emb_v, _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)

@@ -1,4 +1,4 @@
-"""AdamW with PyTorch's semantics and the cosine learning-rate schedule (SPEC §4)."""
+"""AdamW with PyTorch's semantics and the cosine learning-rate schedule (docs/spec.md §4)."""
 import math
 
 import numpy as np

@@ -25,7 +25,7 @@ def test_egff_gradient(rand, gate, mix, k):
 
 
 def test_egff_formula_paper_and_code_mix(xp):
-    """k = 1, product gate: g = σ(w·f̂v̂ + b); the two mixes of SPEC §2."""
+    """k = 1, product gate: g = σ(w·f̂v̂ + b); the two mixes of docs/spec.md §2."""
     from scipy.special import expit
     from scipy.stats import norm
     rng = np.random.default_rng(0)

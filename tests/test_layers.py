@@ -38,7 +38,7 @@ def test_batchnorm(rand, xp, train):
 
 
 def test_batchnorm_running_statistics_over_steps(xp):
-    """Several train steps, then eval, against a plain transcription of SPEC §2."""
+    """Several train steps, then eval, against a plain transcription of docs/spec.md §2."""
     rng = np.random.default_rng(0)
     D = 5
     gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
@@ -123,7 +123,7 @@ def test_conv1d(rand, channels, k):
 
 
 def test_conv1d_matches_direct_sum(xp):
-    """The cross-correlation of SPEC §2, written out with explicit zero padding."""
+    """The cross-correlation of docs/spec.md §2, written out with explicit zero padding."""
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((3, 2, 6)), rng.standard_normal((1, 2, 5)), rng.standard_normal(1)
     y, _ = conv1d_forward(xp.asarray(x), xp.asarray(w), xp.asarray(b))

@@ -95,7 +95,7 @@ def _fixture_cases():
 @pytest.mark.parametrize("case", _fixture_cases(), ids=lambda c: c["file"])
 def test_matches_pytorch_reference(xp, case):
     """Loss, terms, every gradient, BatchNorm buffers and embeddings against
-    PyTorch autograd in float64 (SPEC fixtures)."""
+    PyTorch autograd in float64 (PyTorch reference fixtures)."""
     data = np.load(os.path.join(FIXTURES, case["file"]), allow_pickle=False)
     cfg = pn.Config(**case["config"])
     group = lambda prefix: {k[len(prefix):]: xp.asarray(data[k]) for k in data.files if k.startswith(prefix)}
@@ -206,7 +206,7 @@ def test_config_rejects_bad_values():
 @pytest.mark.parametrize("variant", [dict(), dict(egff_gate="concat", egff_kernel=5), dict(fusion="gated")])
 def test_init_params_follows_spec(variant):
     """Xavier-uniform Linear weights, biases 0.01; BatchNorm 1/0 and 0/1 buffers;
-    conv U(±1/√(C_in·k)) (SPEC §4)."""
+    conv U(±1/√(C_in·k)) (docs/spec.md §4)."""
     cfg = pn.Config(**SMALL, **variant)
     params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
     for key, w in params.items():

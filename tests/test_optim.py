@@ -1,4 +1,4 @@
-"""AdamW against a plain transcription of SPEC §4, and the cosine schedule."""
+"""AdamW against a plain transcription of docs/spec.md §4, and the cosine schedule."""
 import math
 
 import numpy as np
