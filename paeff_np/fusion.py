@@ -1,16 +1,25 @@
 """The two fusion modules: EGFF (PAEFF, every ablation variant) and the gated
 fusion of FOP (the baseline). Each takes the normalised branch outputs
-``e_f``, ``e_v`` (B × D) and returns the fused ``m`` and the two evaluation
-embeddings. Derivations: ``docs/math.md``.
+``e_f``, ``e_v`` (B × D) and returns a ``FusionOutput``: the fused ``m``, the
+one output the backward takes a gradient for, and the two evaluation
+embeddings (protocol: ``layers.py``). Derivations: ``docs/math.md``.
 """
+from typing import Any, NamedTuple
+
 from .backend import get_array_module
-from .layers import (batchnorm_backward, batchnorm_forward, conv1d_backward,
-                     conv1d_forward, gelu_backward, gelu_forward, linear_backward,
-                     linear_forward, relu_backward, relu_forward, sigmoid_backward,
-                     sigmoid_forward, tanh_backward, tanh_forward)
+from .layers import (BatchNormCache, Conv1dCache, GeluCache, LinearCache, batchnorm_backward,
+                     batchnorm_forward, conv1d_backward, conv1d_forward, gelu_backward,
+                     gelu_forward, linear_backward, linear_forward, relu_backward, relu_forward,
+                     sigmoid_backward, sigmoid_forward, tanh_backward, tanh_forward)
 
 EGFF_GATES = ("product", "sum", "concat")
 EGFF_MIXES = ("activated", "raw")
+
+
+class FusionOutput(NamedTuple):
+    m: Any              # B × D, the fused representation (the differentiable output)
+    emb_f: Any          # B × D, the face embedding used at evaluation
+    emb_v: Any          # B × D, the voice embedding used at evaluation
 
 
 def _mix_forward(g, a, b):
@@ -23,15 +32,33 @@ def _mix_backward(dm, g, a, b):
     return dm * (a - b), dm * g, dm * (1.0 - g)
 
 
+# --- EGFF ---
+
+class EGFFCache(NamedTuple):
+    gate: str
+    mix: str
+    f_hat: Any          # B × D, GELU(e_f)
+    v_hat: Any          # B × D, GELU(e_v)
+    g: Any              # B × D, the gate σ(conv(a))
+    mix_f: Any          # B × D, what g weighs: f̂ (mix "activated") or e_f (mix "raw")
+    mix_v: Any          # B × D, what 1 − g weighs: v̂ or e_v
+    gelu_f: GeluCache
+    gelu_v: GeluCache
+    conv: Conv1dCache
+    sigmoid: Any        # B × D, the sigmoid's output
+
+
 def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
     """Enhanced gated feature fusion.
 
+    ``e_f``, ``e_v``: B × D; ``conv_w``: 1 × C × k (C = 2 for the concat gate,
+    else 1), ``conv_b``: (1,).
     ``f̂ = GELU(e_f)``, ``v̂ = GELU(e_v)``;
     gate input ``a`` = ``f̂ ⊙ v̂`` (product), ``f̂ + v̂`` (sum) or [f̂; v̂] (concat, 2 channels);
     ``g = σ(conv(a))``;
     ``m = g ⊙ f̂ + (1 − g) ⊙ v̂`` (mix "activated", paper eq. 2) or
     ``m = g ⊙ e_f + (1 − g) ⊙ e_v`` (mix "raw", the authors' code).
-    Returns ``(m, f̂, v̂, cache)``; ``f̂, v̂`` are the evaluation embeddings.
+    Returns ``(FusionOutput(m, f̂, v̂), cache)``; ``f̂, v̂`` are the evaluation embeddings.
     """
     xp = get_array_module(e_f)
     f_hat, cache_gelu_f = gelu_forward(e_f)
@@ -46,18 +73,19 @@ def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
         raise ValueError(f"egff gate must be one of {EGFF_GATES}, got {gate!r}")
     u, cache_conv = conv1d_forward(a, conv_w, conv_b)
     g, cache_sigmoid = sigmoid_forward(u)
-    mixed = (f_hat, v_hat) if mix == "activated" else (e_f, e_v)
-    m = _mix_forward(g, *mixed)
-    cache = (gate, mix, f_hat, v_hat, g, mixed,
-             cache_gelu_f, cache_gelu_v, cache_conv, cache_sigmoid)
-    return m, f_hat, v_hat, cache
+    mix_f, mix_v = (f_hat, v_hat) if mix == "activated" else (e_f, e_v)
+    m = _mix_forward(g, mix_f, mix_v)
+    cache = EGFFCache(gate, mix, f_hat, v_hat, g, mix_f, mix_v,
+                      cache_gelu_f, cache_gelu_v, cache_conv, cache_sigmoid)
+    return FusionOutput(m, f_hat, v_hat), cache
 
 
 def egff_backward(dm, cache):
-    """The mirror of ``egff_forward``: returns ``de_f, de_v, dconv_w, dconv_b``."""
-    (gate, mix, f_hat, v_hat, g, mixed,
+    """The mirror of ``egff_forward``; ``dm``: B × D.
+    Returns ``de_f, de_v, dconv_w, dconv_b``."""
+    (gate, mix, f_hat, v_hat, g, mix_f, mix_v,
      cache_gelu_f, cache_gelu_v, cache_conv, cache_sigmoid) = cache
-    dg, dmix_f, dmix_v = _mix_backward(dm, g, *mixed)
+    dg, dmix_f, dmix_v = _mix_backward(dm, g, mix_f, mix_v)
     du = sigmoid_backward(dg, cache_sigmoid)
     da, dconv_w, dconv_b = conv1d_backward(du, cache_conv)
     if gate == "product":
@@ -75,36 +103,51 @@ def egff_backward(dm, cache):
     return de_f, de_v, dconv_w, dconv_b
 
 
-def gated_fusion_forward(e_f, e_v, p, running, train):
+# --- FOP's gated fusion ---
+
+class GatedFusionCache(NamedTuple):
+    att: Any            # B × D, the attention σ(h₄)
+    f_tilde: Any        # B × D, tanh(e_f)
+    v_tilde: Any        # B × D, tanh(e_v)
+    lin1: LinearCache
+    bn: BatchNormCache
+    relu: Any           # B × H, the ReLU's mask
+    lin2: LinearCache
+    sigmoid: Any        # B × D, the sigmoid's output
+    tanh_f: Any         # B × D, f̃
+    tanh_v: Any         # B × D, ṽ
+
+
+def gated_fusion_forward(e_f, e_v, W1, b1, bn_weight, bn_bias, W2, b2, state, train):
     """FOP's gated fusion:
-    ``att = σ(W₂ ReLU(BN(W₁ [e_f, e_v] + b₁)) + b₂)``, ``f̃ = tanh(e_f)``,
+    ``att = σ(ReLU(BN([e_f, e_v] W₁ᵀ + b₁)) W₂ᵀ + b₂)``, ``f̃ = tanh(e_f)``,
     ``ṽ = tanh(e_v)``, ``m = att ⊙ f̃ + (1 − att) ⊙ ṽ``.
 
-    ``p``: dict with ``W1, b1, bn_weight, bn_bias, W2, b2``; ``running``:
-    ``(running_mean, running_var)`` of the BatchNorm. Returns
-    ``(m, f̃, ṽ, new_running, cache)``.
+    ``e_f``, ``e_v``: B × D; ``W1``: H × 2D, ``b1``, ``bn_weight``,
+    ``bn_bias``: (H,); ``W2``: D × H, ``b2``: (D,); ``state``: the
+    BatchNorm's ``BatchNormState``. Returns
+    ``(FusionOutput(m, f̃, ṽ), new_state, cache)``.
     """
     xp = get_array_module(e_f)
     x = xp.concatenate([e_f, e_v], axis=1)
-    h1, cache_lin1 = linear_forward(x, p["W1"], p["b1"])
-    h2, new_running, cache_bn = batchnorm_forward(h1, p["bn_weight"], p["bn_bias"],
-                                                  *running, train=train)
+    h1, cache_lin1 = linear_forward(x, W1, b1)
+    h2, new_state, cache_bn = batchnorm_forward(h1, bn_weight, bn_bias, state, train)
     h3, cache_relu = relu_forward(h2)
-    h4, cache_lin2 = linear_forward(h3, p["W2"], p["b2"])
+    h4, cache_lin2 = linear_forward(h3, W2, b2)
     att, cache_sigmoid = sigmoid_forward(h4)
     f_tilde, cache_tanh_f = tanh_forward(e_f)
     v_tilde, cache_tanh_v = tanh_forward(e_v)
     m = _mix_forward(att, f_tilde, v_tilde)
-    cache = (att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu, cache_lin2,
-             cache_sigmoid, cache_tanh_f, cache_tanh_v)
-    return m, f_tilde, v_tilde, new_running, cache
+    cache = GatedFusionCache(att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu,
+                             cache_lin2, cache_sigmoid, cache_tanh_f, cache_tanh_v)
+    return FusionOutput(m, f_tilde, v_tilde), new_state, cache
 
 
 def gated_fusion_backward(dm, cache):
-    """The mirror of ``gated_fusion_forward``: returns ``de_f, de_v, grads``
-    with ``grads`` keyed like the parameter dict ``p``."""
-    (att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu, cache_lin2,
-     cache_sigmoid, cache_tanh_f, cache_tanh_v) = cache
+    """The mirror of ``gated_fusion_forward``; ``dm``: B × D. Returns
+    ``de_f, de_v, dW1, db1, dbn_weight, dbn_bias, dW2, db2``."""
+    (att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu,
+     cache_lin2, cache_sigmoid, cache_tanh_f, cache_tanh_v) = cache
     datt, df_tilde, dv_tilde = _mix_backward(dm, att, f_tilde, v_tilde)
     de_f = tanh_backward(df_tilde, cache_tanh_f)
     de_v = tanh_backward(dv_tilde, cache_tanh_v)
@@ -114,5 +157,4 @@ def gated_fusion_backward(dm, cache):
     dh1, dbn_weight, dbn_bias = batchnorm_backward(dh2, cache_bn)
     dx, dW1, db1 = linear_backward(dh1, cache_lin1)
     D = de_f.shape[1]
-    grads = dict(W1=dW1, b1=db1, bn_weight=dbn_weight, bn_bias=dbn_bias, W2=dW2, b2=db2)
-    return de_f + dx[:, :D], de_v + dx[:, D:], grads
+    return de_f + dx[:, :D], de_v + dx[:, D:], dW1, db1, dbn_weight, dbn_bias, dW2, db2

@@ -2,7 +2,11 @@
 into the ball, and the Riemannian gradient scaling of the authors' code.
 
 Every clamp is named; ``docs/math.md`` derives the backward passes.
+Rows are points: ``u``, ``x``, ``p`` are B × D. Each op follows the protocol
+of ``layers.py``.
 """
+from typing import Any, NamedTuple
+
 from .backend import get_array_module
 
 MIN_NORM = 1e-5          # ‖u‖ is clamped below at this before dividing by it
@@ -15,11 +19,22 @@ def _row_norm(x):
     return xp.sqrt((x * x).sum(axis=1, keepdims=True))
 
 
+class Expmap0Cache(NamedTuple):
+    u: Any              # B × D, the input
+    n: Any              # B × 1, max(‖u‖, MIN_NORM)
+    a: Any              # B × 1, √c·n
+    t: Any              # B × 1, tanh(clip(a, −15, 15))
+    s: Any              # B × 1, t/a
+    norm_active: Any    # B × 1, ‖u‖ > MIN_NORM: the norm clamp is off
+    tanh_active: Any    # B × 1, √c·n < 15: the tanh clamp is off
+    sqrt_c: float
+
+
 def expmap0_forward(u, c):
-    """``expmap0(u) = tanh(√c‖u‖) · u / (√c‖u‖)`` row by row.
+    """``expmap0(u) = tanh(√c‖u‖) · u / (√c‖u‖)`` row by row; ``u``: B × D, ``c`` > 0.
 
     Guards: ``n = max(‖u‖, MIN_NORM)``; ``tanh(clip(√c·n, −15, 15))``.
-    Written ``y = s(n) u`` with ``s(n) = tanh(√c n)/(√c n)``.
+    Written ``y = s(n) u`` with ``s(n) = tanh(√c n)/(√c n)``. Returns ``y``: B × D.
     """
     xp = get_array_module(u)
     sqrt_c = c ** 0.5
@@ -28,13 +43,13 @@ def expmap0_forward(u, c):
     a = sqrt_c * n
     t = xp.tanh(xp.clip(a, -TANH_ARG_MAX, TANH_ARG_MAX))
     s = t / a
-    cache = (u, n, a, t, s, norm > MIN_NORM, a < TANH_ARG_MAX, sqrt_c)
+    cache = Expmap0Cache(u, n, a, t, s, norm > MIN_NORM, a < TANH_ARG_MAX, sqrt_c)
     return s * u, cache
 
 
 def expmap0_backward(dy, cache):
     """``du = s·dy + s'(n)·⟨u, dy⟩·u/n`` where ‖u‖ > MIN_NORM (else ``s·dy``),
-    ``s'(n) = √c(1 − t²)[√c n < 15]/(√c n) − t/(√c n²)``."""
+    ``s'(n) = √c(1 − t²)[√c n < 15]/(√c n) − t/(√c n²)``; ``dy``: B × D."""
     u, n, a, t, s, norm_active, tanh_active, sqrt_c = cache
     ds_dn = sqrt_c * (1.0 - t * t) * tanh_active / a - t / (a * n)
     radial = (u * dy).sum(axis=1, keepdims=True) * ds_dn / n * norm_active
@@ -46,18 +61,27 @@ def ball_radius(c):
     return (1.0 - BALL_EPS) / c ** 0.5
 
 
+class ProjectCache(NamedTuple):
+    x: Any              # B × D, the input
+    n: Any              # B × 1, max(‖x‖, MIN_NORM)
+    outside: Any        # B × 1, n > r: the row is pulled back to the sphere of radius r
+    r: float
+
+
 def project_forward(x, c):
-    """``P(x) = x`` if ‖x‖ ≤ r, else ``x · r/‖x‖`` (‖x‖ clamped below at MIN_NORM)."""
+    """``P(x) = x`` if ‖x‖ ≤ r, else ``x · r/‖x‖`` (‖x‖ clamped below at MIN_NORM),
+    row by row; ``x``: B × D, ``r = ball_radius(c)``. Returns ``y``: B × D."""
     xp = get_array_module(x)
     r = ball_radius(c)
     n = xp.maximum(_row_norm(x), MIN_NORM)
     outside = n > r
     y = xp.where(outside, x * (r / n), x)
-    return y, (x, n, outside, r)
+    return y, ProjectCache(x, n, outside, r)
 
 
 def project_backward(dy, cache):
-    """Inside: ``dx = dy``. Outside: ``dx = (r/‖x‖)(dy − x̂⟨x̂, dy⟩)``, x̂ = x/‖x‖."""
+    """Inside: ``dx = dy``. Outside: ``dx = (r/‖x‖)(dy − x̂⟨x̂, dy⟩)``, x̂ = x/‖x‖;
+    ``dy``: B × D."""
     x, n, outside, r = cache
     xp = get_array_module(x)
     xhat = x / n
@@ -66,7 +90,8 @@ def project_backward(dy, cache):
 
 
 def riemannian_scale_forward(p, c):
-    """Identity on ``p``; the cache holds the conformal factor for the backward."""
+    """Identity on ``p``: B × D. The cache is the factor ``(1 − c‖p‖²)²/4``
+    (B × 1) the backward multiplies by."""
     sq = (p * p).sum(axis=1, keepdims=True)
     return p, (1.0 - c * sq) ** 2 / 4.0
 
@@ -78,20 +103,26 @@ def riemannian_scale_backward(dp, scale):
     return dp * scale
 
 
+class ToBallCache(NamedTuple):
+    expmap0: Expmap0Cache
+    project: ProjectCache
+    scale: Any          # B × 1, or None without the Riemannian scaling
+
+
 def to_ball_forward(e, c, riemannian_grad):
-    """``p = P(expmap0(e))``, optionally with the Riemannian gradient scaling."""
+    """``p = P(expmap0(e))``, optionally with the Riemannian gradient scaling;
+    ``e``, ``p``: B × D."""
     q, cache_exp = expmap0_forward(e, c)
     p, cache_proj = project_forward(q, c)
     scale = None
     if riemannian_grad:
         p, scale = riemannian_scale_forward(p, c)
-    return p, (cache_exp, cache_proj, scale)
+    return p, ToBallCache(cache_exp, cache_proj, scale)
 
 
 def to_ball_backward(dp, cache):
-    """The mirror of ``to_ball_forward``."""
-    cache_exp, cache_proj, scale = cache
-    if scale is not None:
-        dp = riemannian_scale_backward(dp, scale)
-    dq = project_backward(dp, cache_proj)
-    return expmap0_backward(dq, cache_exp)
+    """The mirror of ``to_ball_forward``; ``dp``: B × D."""
+    if cache.scale is not None:
+        dp = riemannian_scale_backward(dp, cache.scale)
+    dq = project_backward(dp, cache.project)
+    return expmap0_backward(dq, cache.expmap0)

@@ -1,10 +1,29 @@
-"""The building blocks, each a forward/backward pair.
+"""The building blocks, each a forward/backward pair, and the protocol every
+op of the library follows (layers, hyperbolic, fusion, losses, model)::
 
-``x_forward(...) -> (out, cache)`` returns what the backward needs;
-``x_backward(dout, cache) -> gradients`` returns the gradient of every input
-and parameter. Rows are samples (B × features). All functions work on NumPy
-and CuPy arrays alike. Derivations: ``docs/math.md``.
+    out, cache            = x_forward(*inputs, *settings)
+    out, new_state, cache = x_forward(*inputs, state, *settings)   # an op with state
+    grads                 = x_backward(dout, cache)
+
+- **Cache last.** The cache holds exactly what the backward needs: one array,
+  or a ``NamedTuple`` named after the op (``LinearCache``), read by field name.
+- **One differentiable output.** ``out`` is an array (a 0-d array for a loss).
+  An op that also hands out values no loss reads (the fusion's evaluation
+  embeddings, the model's loss terms) returns a ``NamedTuple`` whose first
+  field is the differentiable output; ``dout`` is the gradient of that field.
+- **State explicit.** An op with state (BatchNorm's running statistics) takes
+  it as an argument and returns the new state between ``out`` and ``cache``;
+  nothing is updated in place.
+- **Gradients in input order.** ``x_backward`` returns the gradient of every
+  differentiable input, in the order of the forward's arguments: one array,
+  or a tuple. A loss's ``dout`` is the scalar weight of the loss.
+
+Rows are samples: ``x`` is B × features; formulas use row vectors, so a
+linear map reads ``x Wᵀ``. Every function works on NumPy and CuPy arrays
+alike. Derivations: ``docs/math.md``.
 """
+from typing import Any, NamedTuple
+
 from .backend import INV_SQRT_2PI, SQRT_HALF, erfc, get_array_module
 
 NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
@@ -12,72 +31,94 @@ BATCHNORM_EPS = 1e-5
 BATCHNORM_MOMENTUM = 0.1
 
 
-# --- linear -----------------------------------------------------------------
+# --- linear ---
+
+class LinearCache(NamedTuple):
+    x: Any          # B × in
+    W: Any          # out × in
+
 
 def linear_forward(x, W, b):
-    """``y = x Wᵀ + b`` with W: out × in (PyTorch layout)."""
-    return x @ W.T + b, (x, W)
+    """``y = x Wᵀ + b``.
+
+    ``x``: B × in, ``W``: out × in (PyTorch layout), ``b``: (out,).
+    Returns ``y``: B × out.
+    """
+    return x @ W.T + b, LinearCache(x, W)
 
 
 def linear_backward(dy, cache, need_dx=True):
-    """``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``.
+    """``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``; ``dy``: B × out.
 
     ``need_dx=False`` skips ``dx`` (returned as None) for a layer that reads the
     data: for the 4096-wide face input it is a third of the layer's work.
     """
-    x, W = cache
-    dx = dy @ W if need_dx else None
-    return dx, dy.T @ x, dy.sum(axis=0)
+    dx = dy @ cache.W if need_dx else None
+    return dx, dy.T @ cache.x, dy.sum(axis=0)
 
 
-# --- BatchNorm1d -------------------------------------------------------------
+# --- BatchNorm1d ---
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, train,
+class BatchNormState(NamedTuple):
+    running_mean: Any   # (D,)
+    running_var: Any    # (D,), unbiased
+
+
+class BatchNormCache(NamedTuple):
+    xhat: Any           # B × D, the normalised input
+    inv_std: Any        # (D,), 1/√(σ² + eps)
+    gamma: Any          # (D,)
+    train: bool
+
+
+def batchnorm_forward(x, gamma, beta, state, train,
                       eps=BATCHNORM_EPS, momentum=BATCHNORM_MOMENTUM):
     """BatchNorm1d: ``y = γ (x − μ)/√(σ² + eps) + β``.
 
-    Train: μ, σ² are the batch mean and *biased* variance; returns the new
-    running statistics ``(1−m)·running + m·batch`` (unbiased variance, as
-    PyTorch). Eval: μ, σ² are the running statistics, returned unchanged.
-    Returns ``(y, (new_mean, new_var), cache)``.
+    ``x``: B × D; ``gamma``, ``beta``: (D,); ``state``: a ``BatchNormState``
+    of two (D,) arrays. Train: μ, σ² are the batch mean and *biased* variance;
+    the new state is ``(1−m)·running + m·batch`` (unbiased variance, as
+    PyTorch). Eval: μ, σ² are the running statistics, and the state is
+    returned unchanged. Returns ``(y, new_state, cache)``, ``y``: B × D.
     """
+    running_mean, running_var = state
     if train:
         n = x.shape[0]
         mean = x.mean(axis=0)
         xc = x - mean
         var = (xc * xc).mean(axis=0)
-        new_mean = (1 - momentum) * running_mean + momentum * mean
-        new_var = (1 - momentum) * running_var + momentum * var * (n / (n - 1))
+        new_state = BatchNormState((1 - momentum) * running_mean + momentum * mean,
+                                   (1 - momentum) * running_var + momentum * var * (n / (n - 1)))
     else:
         xc = x - running_mean
         var = running_var
-        new_mean, new_var = running_mean, running_var
+        new_state = BatchNormState(running_mean, running_var)
     inv_std = 1.0 / get_array_module(x).sqrt(var + eps)
     xhat = xc * inv_std
-    return gamma * xhat + beta, (new_mean, new_var), (xhat, inv_std, gamma, train)
+    return gamma * xhat + beta, new_state, BatchNormCache(xhat, inv_std, gamma, train)
 
 
 def batchnorm_backward(dy, cache):
-    """Returns ``dx, dγ, dβ``.
+    """Returns ``dx, dγ, dβ``; ``dy``: B × D.
 
     Train (μ, σ² depend on x): ``dx = inv_std · (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))``
     with ``dx̂ = γ ⊙ dy``. Eval: ``dx = γ ⊙ inv_std ⊙ dy``.
     """
-    xhat, inv_std, gamma, train = cache
+    xhat, inv_std = cache.xhat, cache.inv_std
     dgamma = (dy * xhat).sum(axis=0)
     dbeta = dy.sum(axis=0)
-    dxhat = dy * gamma
-    if train:
+    dxhat = dy * cache.gamma
+    if cache.train:
         dx = inv_std * (dxhat - dxhat.mean(axis=0) - xhat * (dxhat * xhat).mean(axis=0))
     else:
         dx = dxhat * inv_std
     return dx, dgamma, dbeta
 
 
-# --- ReLU, dropout -------------------------------------------------------------
+# --- ReLU, dropout ---
 
 def relu_forward(x):
-    """``max(x, 0)``."""
+    """``max(x, 0)``; ``x``: any shape. The cache is the mask ``x > 0``."""
     mask = x > 0
     return x * mask, mask
 
@@ -90,8 +131,9 @@ def relu_backward(dy, mask):
 def dropout_forward(x, p, rng=None):
     """Inverted dropout: ``y = x ⊙ mask`` with ``mask = [u ≥ p]/(1−p)``, u ~ U[0,1).
 
-    ``rng`` is a NumPy or CuPy ``Generator``; with ``p == 0`` it may be None and
-    the layer is the identity (cache None).
+    ``x``: any shape; ``rng``: a NumPy or CuPy ``Generator``. With ``p == 0``
+    it may be None and the layer is the identity (cache None). The cache is
+    the mask.
     """
     if p == 0:
         return x, None
@@ -107,51 +149,65 @@ def dropout_backward(dy, mask):
     return dy if mask is None else dy * mask
 
 
-# --- row L2-normalisation ----------------------------------------------------
+# --- row L2-normalisation ---
+
+class L2NormalizeCache(NamedTuple):
+    e: Any          # B × D, the output
+    denom: Any      # B × 1, max(‖x‖, eps)
+    active: Any     # B × 1, ‖x‖ > eps: the clamp is off
+
 
 def l2_normalize_forward(x, eps=NORMALIZE_EPS):
-    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``)."""
+    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D."""
     xp = get_array_module(x)
     norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
-    active = norm > eps                 # where the clamp is off
+    active = norm > eps
     denom = xp.maximum(norm, eps)
     e = x / denom
-    return e, (e, denom, active)
+    return e, L2NormalizeCache(e, denom, active)
 
 
 def l2_normalize_backward(de, cache):
     """``dx = (de − e·⟨e, de⟩)/‖x‖`` where ‖x‖ > eps; ``de/eps`` where clamped."""
-    e, denom, active = cache
-    radial = (e * de).sum(axis=1, keepdims=True) * active
-    return (de - e * radial) / denom
+    e = cache.e
+    radial = (e * de).sum(axis=1, keepdims=True) * cache.active
+    return (de - e * radial) / cache.denom
 
 
-# --- exact GELU ------------------------------------------------------------------
+# --- exact GELU ---
+
+class GeluCache(NamedTuple):
+    x: Any          # the input
+    cdf: Any        # Φ(x), same shape
+
 
 def gelu_forward(x):
-    """``GELU(x) = x Φ(x)``, ``Φ(x) = ½(1 + erf(x/√2)) = ½ erfc(−x/√2)``.
+    """``GELU(x) = x Φ(x)``, ``Φ(x) = ½(1 + erf(x/√2)) = ½ erfc(−x/√2)``; ``x``: any shape.
 
     Φ is evaluated through erfc: ``1 + erf(·)`` cancels for x ≪ 0 and would
     lose relative precision in the tail.
     """
     cdf = 0.5 * erfc(-x * SQRT_HALF)
-    return x * cdf, (x, cdf)
+    return x * cdf, GeluCache(x, cdf)
 
 
 def gelu_backward(dy, cache):
     """``GELU'(x) = Φ(x) + x φ(x)`` with ``φ(x) = e^{−x²/2}/√(2π)``."""
-    x, cdf = cache
+    x = cache.x
     xp = get_array_module(x)
     pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-    return dy * (cdf + x * pdf)
+    return dy * (cache.cdf + x * pdf)
 
 
-# --- sigmoid, tanh ---------------------------------------------------------------
+# --- sigmoid, tanh ---
 
 def sigmoid_forward(x):
-    """``σ(x) = 1/(1 + e^{−x})``, evaluated with ``t = e^{−|x|} ≤ 1`` as
-    ``1/(1 + t)`` for x ≥ 0 and ``t/(1 + t)`` for x < 0: no overflow, and full
-    relative precision in both tails."""
+    """``σ(x) = 1/(1 + e^{−x})``; ``x``: any shape. The cache is the output σ.
+
+    Evaluated with ``t = e^{−|x|} ≤ 1`` as ``1/(1 + t)`` for x ≥ 0 and
+    ``t/(1 + t)`` for x < 0: no overflow, and full relative precision in both
+    tails.
+    """
     xp = get_array_module(x)
     t = xp.exp(-xp.abs(x))
     s = xp.where(x >= 0, 1.0, t) / (1.0 + t)
@@ -164,6 +220,7 @@ def sigmoid_backward(dy, s):
 
 
 def tanh_forward(x):
+    """``tanh(x)``; ``x``: any shape. The cache is the output."""
     t = get_array_module(x).tanh(x)
     return t, t
 
@@ -173,7 +230,13 @@ def tanh_backward(dy, t):
     return dy * (1.0 - t * t)
 
 
-# --- 1-D convolution along the feature axis ------------------------------------
+# --- 1-D convolution along the feature axis ---
+
+class Conv1dCache(NamedTuple):
+    xpad: Any       # B × C × (D + k − 1), the zero-padded input
+    w: Any          # 1 × C × k
+    D: int
+
 
 def conv1d_forward(x, w, b):
     """One-output-channel cross-correlation along the feature axis, same padding.
@@ -191,13 +254,14 @@ def conv1d_forward(x, w, b):
     for c in range(C):
         for j in range(k):
             y += w[0, c, j] * xpad[:, c, j:j + D]
-    return y, (xpad, w, D)
+    return y, Conv1dCache(xpad, w, D)
 
 
 def conv1d_backward(dy, cache):
     """``dw[0,c,j] = Σ_{n,d} dy[n,d] x_pad[n,c,d+j]``, ``db = Σ dy``,
     ``dx[n,c,i] = Σ_j w[0,c,j] dy[n, i − j + (k−1)/2]`` (a full correlation
-    with the flipped kernel, cropped back to D)."""
+    with the flipped kernel, cropped back to D); ``dy``: B × D.
+    Returns ``dx, dw, db``."""
     xpad, w, D = cache
     xp = get_array_module(dy)
     C, k = w.shape[1], w.shape[2]

@@ -4,23 +4,32 @@
 cache per layer; ``backward`` walks the same layers in exactly the reverse
 order, so the two read side by side. Parameters and buffers are plain dicts
 keyed by the official PyTorch ``state_dict`` names (docs/spec.md §2).
+
+The network's pieces follow the op protocol of ``layers.py`` with dicts in
+place of arrays: ``branch_forward`` and ``fusion_forward`` return
+``(out, new_buffers, cache)``, ``forward`` returns
+``(LossOutput(loss, terms), new_buffers, cache)``, and each ``x_backward(dout,
+cache)`` returns a dict of gradients keyed like the parameters.
 """
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .backend import get_array_module
-from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward,
-                     gated_fusion_backward, gated_fusion_forward)
-from .hyperbolic import to_ball_backward, to_ball_forward
-from .layers import (batchnorm_backward, batchnorm_forward, dropout_backward,
-                     dropout_forward, l2_normalize_backward, l2_normalize_forward,
-                     linear_backward, linear_forward, relu_backward, relu_forward,
-                     tanh_backward, tanh_forward)
-from .losses import (orthogonal_projection_backward, orthogonal_projection_forward,
-                     softmax_cross_entropy_backward, softmax_cross_entropy_forward,
-                     symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
+from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
+                     gated_fusion_forward)
+from .hyperbolic import ToBallCache, to_ball_backward, to_ball_forward
+from .layers import (BatchNormCache, BatchNormState, L2NormalizeCache, LinearCache,
+                     batchnorm_backward, batchnorm_forward, dropout_backward, dropout_forward,
+                     l2_normalize_backward, l2_normalize_forward, linear_backward,
+                     linear_forward, relu_backward, relu_forward, tanh_backward, tanh_forward)
+from .losses import (OrthogonalProjectionCache, SoftmaxCrossEntropyCache,
+                     SymmetricCrossEntropyCache, orthogonal_projection_backward,
+                     orthogonal_projection_forward, softmax_cross_entropy_backward,
+                     softmax_cross_entropy_forward, symmetric_cross_entropy_backward,
+                     symmetric_cross_entropy_forward)
 
 FUSIONS = ("egff", "gated")
 ALIGNMENTS = ("hyperbolic", "euclidean", "none")
@@ -144,29 +153,42 @@ def init_params(cfg, seed=0, dtype=np.float32):
     return params, buffers
 
 
-# --- the branch: Linear → BatchNorm → ReLU → Dropout → Linear → L2-normalise ----
+# --- the branch: Linear → BatchNorm → ReLU → Dropout → Linear → L2-normalise ---
+
+class BranchCache(NamedTuple):
+    prefix: str                 # "face_branch.fc1." or "voice_branch.fc1."
+    lin0: LinearCache
+    bn: BatchNormCache
+    relu: Any                   # B × D, the ReLU's mask
+    drop: Any                   # B × D, the dropout mask (None when off)
+    lin4: LinearCache
+    norm: L2NormalizeCache
+
 
 def branch_forward(params, buffers, prefix, x, train, dropout, rng):
-    """``e = normalize(W₄ · drop(ReLU(BN(W₀ x + b₀))) + b₄)``; returns ``e``,
-    the branch's new buffers, and the cache."""
+    """``e = normalize(drop(ReLU(BN(x W₀ᵀ + b₀))) W₄ᵀ + b₄)``; ``x``: B × in, ``e``: B × D.
+
+    Returns ``e``, the branch's new buffers, and the cache.
+    """
     P = lambda name: params[prefix + name]
     mean_key, var_key, count_key = _bn_buffer_keys(prefix + "1.")
     h0, cache_lin0 = linear_forward(x, P("0.weight"), P("0.bias"))
     h1, (new_mean, new_var), cache_bn = batchnorm_forward(
-        h0, P("1.weight"), P("1.bias"), buffers[mean_key], buffers[var_key], train)
+        h0, P("1.weight"), P("1.bias"), BatchNormState(buffers[mean_key], buffers[var_key]), train)
     h2, cache_relu = relu_forward(h1)
     h3, cache_drop = dropout_forward(h2, dropout if train else 0.0, rng)
     h4, cache_lin4 = linear_forward(h3, P("4.weight"), P("4.bias"))
     e, cache_norm = l2_normalize_forward(h4)
     new_buffers = {mean_key: new_mean, var_key: new_var,
                    count_key: buffers[count_key] + (1 if train else 0)}
-    return e, new_buffers, (cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm)
+    cache = BranchCache(prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm)
+    return e, new_buffers, cache
 
 
-def branch_backward(de, cache, prefix):
-    """The mirror of ``branch_forward``: returns the branch's grads (the data
-    needs no gradient, so ``dx`` is not computed)."""
-    cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm = cache
+def branch_backward(de, cache):
+    """The mirror of ``branch_forward``; ``de``: B × D. Returns the branch's
+    grads (the data needs no gradient, so ``dx`` is not computed)."""
+    prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm = cache
     dh4 = l2_normalize_backward(de, cache_norm)
     dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
     dh2 = dropout_backward(dh3, cache_drop)
@@ -178,47 +200,73 @@ def branch_backward(de, cache, prefix):
     return {prefix + k: v for k, v in grads.items()}
 
 
-# --- fusion: EGFF or FOP's gated fusion --------------------------------------
+# --- fusion: EGFF or FOP's gated fusion ---
 
-_GATED_KEYS = dict(W1="0.block.0.weight", b1="0.block.0.bias", bn_weight="0.block.1.weight",
-                   bn_bias="0.block.1.bias", W2="1.weight", b2="1.bias")
+GATED_KEYS = ("0.block.0.weight", "0.block.0.bias", "0.block.1.weight", "0.block.1.bias",
+              "1.weight", "1.bias")     # W1, b1, bn_weight, bn_bias, W2, b2 under GATED
 
 
-def _gated_params(params):
-    return {name: params[GATED + key] for name, key in _GATED_KEYS.items()}
+class FusionCache(NamedTuple):
+    fusion: str                 # cfg.fusion: which backward to run
+    op: Any                     # the EGFFCache or GatedFusionCache
 
 
 def fusion_forward(params, buffers, e_f, e_v, cfg, train):
-    """Returns ``m``, the evaluation embeddings, the fusion's new buffers, the cache."""
+    """``e_f``, ``e_v``: B × D. Returns ``FusionOutput(m, emb_f, emb_v)``, the
+    fusion's new buffers, and the cache."""
     if cfg.fusion == "egff":
-        m, emb_f, emb_v, cache = egff_forward(
+        out, cache = egff_forward(
             e_f, e_v, params["fusion_layer.conv.weight"], params["fusion_layer.conv.bias"],
             cfg.egff_gate, cfg.egff_mix)
-        return m, emb_f, emb_v, {}, cache
+        return out, {}, FusionCache(cfg.fusion, cache)
     mean_key, var_key, count_key = _bn_buffer_keys(GATED + "0.block.1.")
-    m, emb_f, emb_v, (new_mean, new_var), cache = gated_fusion_forward(
-        e_f, e_v, _gated_params(params), (buffers[mean_key], buffers[var_key]), train)
+    out, (new_mean, new_var), cache = gated_fusion_forward(
+        e_f, e_v, *(params[GATED + key] for key in GATED_KEYS),
+        BatchNormState(buffers[mean_key], buffers[var_key]), train)
     new_buffers = {mean_key: new_mean, var_key: new_var,
                    count_key: buffers[count_key] + (1 if train else 0)}
-    return m, emb_f, emb_v, new_buffers, cache
+    return out, new_buffers, FusionCache(cfg.fusion, cache)
 
 
-def fusion_backward(dm, cache, cfg):
-    """The mirror of ``fusion_forward``: returns ``de_f, de_v`` and the fusion's grads."""
-    if cfg.fusion == "egff":
-        de_f, de_v, dw, db = egff_backward(dm, cache)
+def fusion_backward(dm, cache):
+    """The mirror of ``fusion_forward``; ``dm``: B × D. Returns ``de_f, de_v``
+    and the fusion's grads."""
+    if cache.fusion == "egff":
+        de_f, de_v, dw, db = egff_backward(dm, cache.op)
         return de_f, de_v, {"fusion_layer.conv.weight": dw, "fusion_layer.conv.bias": db}
-    de_f, de_v, g = gated_fusion_backward(dm, cache)
-    return de_f, de_v, {GATED + _GATED_KEYS[k]: v for k, v in g.items()}
+    de_f, de_v, *dparams = gated_fusion_backward(dm, cache.op)
+    return de_f, de_v, {GATED + key: g for key, g in zip(GATED_KEYS, dparams)}
 
 
-# --- the whole network and its loss ------------------------------------------
+# --- the whole network and its loss ---
+
+class LossOutput(NamedTuple):
+    loss: Any                   # 0-d, the total loss (the differentiable output)
+    terms: dict                 # {"align", "opl", "ce"}: the three 0-d loss terms
+
+
+class ModelCache(NamedTuple):
+    cfg: Config
+    face: BranchCache
+    voice: BranchCache
+    ball_f: ToBallCache         # None unless the alignment is hyperbolic
+    ball_v: ToBallCache
+    align: SymmetricCrossEntropyCache   # None without alignment
+    fusion: FusionCache
+    res: LinearCache
+    tanh: Any                   # B × D, z
+    logits: LinearCache
+    opl: OrthogonalProjectionCache
+    ce: SoftmaxCrossEntropyCache
+
 
 def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
-    """Loss of one batch. Returns ``(loss, terms, new_buffers, cache)``.
+    """Loss of one batch; ``face``: B × face_dim, ``voice``: B × voice_dim,
+    ``labels``: (B,) in 0..n_classes−1. Returns
+    ``(LossOutput(loss, terms), new_buffers, cache)``.
 
     branches → alignment (hyperbolic: p = P(expmap0(e))) → fusion → head
-    ``z = tanh(W_r m + b_r)``, ``s = W_l z + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
+    ``z = tanh(m W_rᵀ + b_r)``, ``s = z W_lᵀ + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
     """
     xp = get_array_module(face)
     e_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
@@ -237,8 +285,8 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     else:
         loss_align, cache_align = symmetric_cross_entropy_forward(p_f, p_v, cfg.temperature)
     # fusion and head
-    m, _, _, buf_fusion, cache_fusion = fusion_forward(params, buffers, e_f, e_v, cfg, train)
-    r, cache_res = linear_forward(m, params["res_mix.weight"], params["res_mix.bias"])
+    fused, buf_fusion, cache_fusion = fusion_forward(params, buffers, e_f, e_v, cfg, train)
+    r, cache_res = linear_forward(fused.m, params["res_mix.weight"], params["res_mix.bias"])
     z, cache_tanh = tanh_forward(r)
     s, cache_logits = linear_forward(z, params["logits_layer.weight"], params["logits_layer.bias"])
     # losses
@@ -248,50 +296,91 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     loss = a1 * loss_align + a2 * loss_opl + a3 * loss_ce
     terms = {"align": loss_align, "opl": loss_opl, "ce": loss_ce}
     new_buffers = {**buffers, **buf_f, **buf_v, **buf_fusion}
-    cache = (cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
-             cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce)
-    return loss, terms, new_buffers, cache
+    cache = ModelCache(cfg, cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+                       cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce)
+    return LossOutput(loss, terms), new_buffers, cache
 
 
-def backward(cache, cfg):
-    """Gradients of the total loss: ``forward`` read from the bottom up."""
-    (cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+def backward(dloss, cache):
+    """Gradients of ``dloss ·`` the total loss: ``forward`` read from the bottom up."""
+    (cfg, cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
      cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
     a1, a2, a3 = cfg.loss_weights
     grads = {}
     # losses
-    ds = a3 * softmax_cross_entropy_backward(cache_ce)
-    dz = a2 * orthogonal_projection_backward(cache_opl)
+    ds = softmax_cross_entropy_backward(dloss * a3, cache_ce)
+    dz = orthogonal_projection_backward(dloss * a2, cache_opl)
     # head
     dz_logits, grads["logits_layer.weight"], grads["logits_layer.bias"] = linear_backward(ds, cache_logits)
     dr = tanh_backward(dz + dz_logits, cache_tanh)
     dm, grads["res_mix.weight"], grads["res_mix.bias"] = linear_backward(dr, cache_res)
     # fusion
-    de_f, de_v, grads_fusion = fusion_backward(dm, cache_fusion, cfg)
+    de_f, de_v, grads_fusion = fusion_backward(dm, cache_fusion)
     grads.update(grads_fusion)
-    # alignment
+    # alignment (its weight dloss·α₁ is applied after the ball maps)
     if cfg.alignment != "none":
-        dp_f, dp_v = symmetric_cross_entropy_backward(cache_align)
+        dp_f, dp_v = symmetric_cross_entropy_backward(1.0, cache_align)
         if cfg.alignment == "hyperbolic":
             dp_f = to_ball_backward(dp_f, cache_ball_f)
             dp_v = to_ball_backward(dp_v, cache_ball_v)
-        de_f, de_v = de_f + a1 * dp_f, de_v + a1 * dp_v
+        de_f, de_v = de_f + dloss * a1 * dp_f, de_v + dloss * a1 * dp_v
     # branches
-    grads.update(branch_backward(de_v, cache_voice, BRANCHES[1]))
-    grads.update(branch_backward(de_f, cache_face, BRANCHES[0]))
+    grads.update(branch_backward(de_v, cache_voice))
+    grads.update(branch_backward(de_f, cache_face))
     return grads
 
 
+# --- the entry points: one shape check, then forward and backward ---
+
+def check_inputs(params, face, voice, labels, cfg):
+    """Chainer's ``check_type_forward``, once, where arrays enter the model.
+
+    ``face``: B × cfg.face_dim and ``voice``: B × cfg.voice_dim, both of the
+    parameters' float dtype; ``labels`` (None for ``embed``): (B,) integers;
+    the parameters' widths match ``cfg``. Raises ``ValueError`` naming the
+    array, its shape and the expected one. Reads shapes and dtypes only: no
+    device synchronisation.
+    """
+    D = cfg.embed_dim
+    widths = [(BRANCHES[0] + "0.weight", (D, cfg.face_dim), "(embed_dim, face_dim)"),
+              (BRANCHES[1] + "0.weight", (D, cfg.voice_dim), "(embed_dim, voice_dim)"),
+              ("res_mix.weight", (D, D), "(embed_dim, embed_dim)"),
+              ("logits_layer.weight", (cfg.n_classes, D), "(n_classes, embed_dim)")]
+    for key, shape, meaning in widths:
+        if key not in params:
+            raise ValueError(f"params: no {key!r} (a {cfg.fusion} model needs it)")
+        if tuple(params[key].shape) != shape:
+            raise ValueError(f"params[{key!r}] has shape {tuple(params[key].shape)}; "
+                             f"expected {shape} = {meaning} of the Config")
+    dtype = params["res_mix.weight"].dtype
+    B = face.shape[0] if face.ndim >= 1 else None
+    for name, x, width, meaning in [("face", face, cfg.face_dim, "(batch, face_dim)"),
+                                    ("voice", voice, cfg.voice_dim, "(batch, voice_dim)")]:
+        if x.ndim != 2 or tuple(x.shape) != (B, width):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {(B, width)} = {meaning}")
+        if x.dtype != dtype:
+            raise ValueError(f"{name} has dtype {x.dtype}; expected {dtype}, the parameters' dtype")
+    if labels is not None:
+        if tuple(labels.shape) != (B,):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {(B,)} = (batch,)")
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"labels has dtype {labels.dtype}; expected integers")
+
+
 def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
-    """One training step's maths: ``(loss, terms, grads, new_buffers)`` in train mode."""
-    loss, terms, new_buffers, cache = forward(params, buffers, face, voice, labels, cfg,
-                                              train=True, rng=rng)
-    return loss, terms, backward(cache, cfg), new_buffers
+    """One training step's maths: ``(loss, terms, grads, new_buffers)`` in train mode;
+    ``face``: B × face_dim, ``voice``: B × voice_dim, ``labels``: (B,)."""
+    check_inputs(params, face, voice, labels, cfg)
+    (loss, terms), new_buffers, cache = forward(params, buffers, face, voice, labels, cfg,
+                                                train=True, rng=rng)
+    return loss, terms, backward(1.0, cache), new_buffers
 
 
 def embed(params, buffers, face, voice, cfg):
-    """Evaluation embeddings (eval mode, docs/spec.md §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated."""
+    """Evaluation embeddings (eval mode, docs/spec.md §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated;
+    ``face``: B × face_dim, ``voice``: B × voice_dim; each embedding B × embed_dim."""
+    check_inputs(params, face, voice, None, cfg)
     e_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
     e_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
-    _, emb_f, emb_v, _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)
+    (_, emb_f, emb_v), _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)
     return emb_f, emb_v

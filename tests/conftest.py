@@ -32,3 +32,15 @@ def rand(xp):
     def make(*shape, seed=0, scale=1.0):
         return xp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale)
     return make
+
+
+# --- helpers shared by the test files ---
+
+TOL = 1e-7   # worst relative error accepted by every float64 gradient check
+
+
+def assert_gradcheck(report):
+    """Every entry of a ``gradcheck``/``check_op`` report is below ``TOL``."""
+    assert report, "nothing was checked"
+    worst = max(report, key=report.get)
+    assert report[worst] < TOL, (worst, report)

@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from paeff_np import check_op
+from conftest import assert_gradcheck
+from paeff_np import check_layer
 from paeff_np.backend import to_host
 from paeff_np.fusion import (egff_backward, egff_forward, gated_fusion_backward,
                              gated_fusion_forward)
-from test_layers import assert_gradcheck
+from paeff_np.layers import BatchNormState
 
 
 @pytest.mark.parametrize("gate", ["product", "sum", "concat"])
@@ -16,12 +17,7 @@ def test_egff_gradient(rand, gate, mix, k):
     c_in = 2 if gate == "concat" else 1
     e_f, e_v = rand(4, 6, seed=1), rand(4, 6, seed=2)
     w, b = rand(1, c_in, k, seed=3), rand(1, seed=4)
-    cache = {}
-
-    def fwd(e_f, e_v, w, b):
-        m, _, _, cache["c"] = egff_forward(e_f, e_v, w, b, gate, mix)
-        return m
-    assert_gradcheck(check_op(fwd, lambda dm: egff_backward(dm, cache["c"]), [e_f, e_v, w, b]))
+    assert_gradcheck(check_layer(egff_forward, egff_backward, [e_f, e_v, w, b], gate=gate, mix=mix))
 
 
 def test_egff_formula_paper_and_code_mix(xp):
@@ -34,13 +30,14 @@ def test_egff_formula_paper_and_code_mix(xp):
     f_hat, v_hat = e_f * norm.cdf(e_f), e_v * norm.cdf(e_v)
     g = expit(0.7 * f_hat * v_hat - 0.2)
     for mix, (a, c) in {"activated": (f_hat, v_hat), "raw": (e_f, e_v)}.items():
-        m, ef_out, ev_out, _ = egff_forward(*(xp.asarray(t) for t in (e_f, e_v, w, b)), "product", mix)
+        (m, ef_out, ev_out), _ = egff_forward(*(xp.asarray(t) for t in (e_f, e_v, w, b)), "product", mix)
         np.testing.assert_allclose(to_host(m), g * a + (1 - g) * c, rtol=1e-13)
         np.testing.assert_allclose(to_host(ef_out), f_hat, rtol=1e-13)
         np.testing.assert_allclose(to_host(ev_out), v_hat, rtol=1e-13)
 
 
 def _gated_params(rand, D, H=7):
+    """``W1, b1, bn_weight, bn_bias, W2, b2``, in the order gated_fusion_forward takes them."""
     return dict(W1=rand(H, 2 * D, seed=11), b1=rand(H, seed=12), bn_weight=rand(H, seed=13),
                 bn_bias=rand(H, seed=14), W2=rand(D, H, seed=15), b2=rand(D, seed=16))
 
@@ -49,23 +46,16 @@ def _gated_params(rand, D, H=7):
 def test_gated_fusion_gradient(rand, xp, train):
     D = 5
     p = _gated_params(rand, D)
-    running = (rand(7, seed=17) * 0.1, xp.abs(rand(7, seed=18)) + 0.5)
-    names = list(p)
-    cache = {}
-
-    def fwd(e_f, e_v, *values):
-        m, _, _, _, cache["c"] = gated_fusion_forward(e_f, e_v, dict(zip(names, values)), running, train)
-        return m
-
-    def bwd(dm):
-        de_f, de_v, grads = gated_fusion_backward(dm, cache["c"])
-        return (de_f, de_v, *(grads[n] for n in names))
-    report = check_op(fwd, bwd, [rand(6, D, seed=1), rand(6, D, seed=2), *p.values()])
-    if train:   # b1 feeds a train-mode BatchNorm: its gradient is exactly zero
-        del report[2 + names.index("b1")]
-        _, _, grads = gated_fusion_backward(xp.ones((6, D)), cache["c"])
-        assert float(xp.abs(grads["b1"]).max()) < 1e-14
-    assert_gradcheck(report)
+    state = BatchNormState(rand(7, seed=17) * 0.1, xp.abs(rand(7, seed=18)) + 0.5)
+    inputs = [rand(6, D, seed=1), rand(6, D, seed=2), *p.values()]
+    b1 = 2 + list(p).index("b1")
+    # in train mode b1 feeds a BatchNorm that removes it: its gradient is exactly zero
+    assert_gradcheck(check_layer(gated_fusion_forward, gated_fusion_backward, inputs,
+                                 no_grads=(b1,) if train else (), state=state, train=train))
+    if train:
+        _, _, cache = gated_fusion_forward(*inputs, state, train)
+        grads = gated_fusion_backward(xp.ones((6, D)), cache)
+        assert float(xp.abs(grads[b1]).max()) < 1e-14
 
 
 def test_gated_fusion_formula(rand, xp):
@@ -73,8 +63,8 @@ def test_gated_fusion_formula(rand, xp):
     D = 4
     p = _gated_params(rand, D)
     e_f, e_v = rand(5, D, seed=1), rand(5, D, seed=2)
-    mean, var = xp.zeros(7), xp.ones(7)
-    m, f_t, v_t, _, _ = gated_fusion_forward(e_f, e_v, p, (mean, var), train=False)
+    state = BatchNormState(xp.zeros(7), xp.ones(7))
+    (m, f_t, v_t), _, _ = gated_fusion_forward(e_f, e_v, *p.values(), state, train=False)
     h = {k: to_host(v) for k, v in p.items()}
     x = np.concatenate([to_host(e_f), to_host(e_v)], 1)
     bn = (x @ h["W1"].T + h["b1"]) / np.sqrt(1 + 1e-5) * h["bn_weight"] + h["bn_bias"]

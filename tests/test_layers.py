@@ -2,23 +2,15 @@
 import numpy as np
 import pytest
 
-from paeff_np import check_layer, check_op
+from conftest import TOL, assert_gradcheck
+from paeff_np import check_layer
 from paeff_np.backend import to_host
-from paeff_np.layers import (batchnorm_backward, batchnorm_forward, conv1d_backward,
+from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, conv1d_backward,
                              conv1d_forward, dropout_backward, dropout_forward,
                              gelu_backward, gelu_forward, l2_normalize_backward,
                              l2_normalize_forward, linear_backward, linear_forward,
                              relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
                              tanh_backward, tanh_forward)
-
-TOL = 1e-7   # worst relative error accepted by every float64 gradient check
-
-
-def assert_gradcheck(report):
-    assert report, "nothing was checked"
-    worst = max(report.values())
-    assert worst < TOL, report
-
 
 def test_linear(rand):
     x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
@@ -28,13 +20,9 @@ def test_linear(rand):
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm(rand, xp, train):
     x, g, b = rand(6, 4, seed=1, scale=3.0) + 1.0, rand(4, seed=2), rand(4, seed=3)
-    mean, var = rand(4, seed=4), xp.abs(rand(4, seed=5)) + 0.5
-    cache = {}
-
-    def fwd(x, g, b):
-        y, _, cache["c"] = batchnorm_forward(x, g, b, mean, var, train)
-        return y
-    assert_gradcheck(check_op(fwd, lambda dy: batchnorm_backward(dy, cache["c"]), [x, g, b]))
+    state = BatchNormState(rand(4, seed=4), xp.abs(rand(4, seed=5)) + 0.5)
+    assert_gradcheck(check_layer(batchnorm_forward, batchnorm_backward, [x, g, b],
+                                 state=state, train=train))
 
 
 def test_batchnorm_running_statistics_over_steps(xp):
@@ -42,24 +30,25 @@ def test_batchnorm_running_statistics_over_steps(xp):
     rng = np.random.default_rng(0)
     D = 5
     gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
-    run_mean, run_var = xp.zeros(D), xp.ones(D)
+    state = BatchNormState(xp.zeros(D), xp.ones(D))
     ref_mean, ref_var = np.zeros(D), np.ones(D)
     for step in range(7):
         x = rng.standard_normal((8 + step, D)) * (step + 1) + step
-        y, (run_mean, run_var), _ = batchnorm_forward(
-            xp.asarray(x), xp.asarray(gamma), xp.asarray(beta), run_mean, run_var, train=True)
+        y, state, _ = batchnorm_forward(
+            xp.asarray(x), xp.asarray(gamma), xp.asarray(beta), state, train=True)
         expected = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) + beta
         np.testing.assert_allclose(to_host(y), expected, rtol=1e-12, atol=1e-12)
         ref_mean = 0.9 * ref_mean + 0.1 * x.mean(0)
         ref_var = 0.9 * ref_var + 0.1 * x.var(0, ddof=1)
-    np.testing.assert_allclose(to_host(run_mean), ref_mean, rtol=1e-13)
-    np.testing.assert_allclose(to_host(run_var), ref_var, rtol=1e-13)
+    np.testing.assert_allclose(to_host(state.running_mean), ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(to_host(state.running_var), ref_var, rtol=1e-13)
     x = rng.standard_normal((3, D))
-    y, stats, _ = batchnorm_forward(xp.asarray(x), xp.asarray(gamma), xp.asarray(beta),
-                                    run_mean, run_var, train=False)
+    y, new_state, _ = batchnorm_forward(xp.asarray(x), xp.asarray(gamma), xp.asarray(beta),
+                                        state, train=False)
     np.testing.assert_allclose(to_host(y), gamma * (x - ref_mean) / np.sqrt(ref_var + 1e-5) + beta,
                                rtol=1e-12)
-    assert stats[0] is run_mean and stats[1] is run_var     # eval leaves the statistics alone
+    # eval leaves the statistics alone
+    assert new_state.running_mean is state.running_mean and new_state.running_var is state.running_var
 
 
 def test_relu(rand):
@@ -103,6 +92,34 @@ def test_gelu(rand, xp):
     from scipy.stats import norm
     x = np.linspace(-6, 6, 25)
     np.testing.assert_allclose(to_host(gelu_forward(xp.asarray(x))[0]), x * norm.cdf(x), rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("wrong", ["scaled by 1.001", "without x φ(x)"])
+def test_gradient_checker_catches_a_wrong_gelu_backward(rand, xp, wrong):
+    """Chainer's check_backward tested on itself: a backward that is slightly
+    off, or misses a term of GELU' = Φ + x φ, is reported far above TOL."""
+    def wrong_backward(dy, cache):
+        if wrong == "scaled by 1.001":
+            return 1.001 * gelu_backward(dy, cache)
+        return dy * cache.cdf
+    x = rand(6, 5, scale=2.0)
+    report = check_layer(gelu_forward, wrong_backward, [x])
+    assert report[0] > 1e-4, report
+    with pytest.raises(AssertionError):
+        assert_gradcheck(report)
+
+
+def test_check_layer_no_grads_skips_only_those_inputs(rand):
+    def backward_with_zero_db(dy, cache):
+        dx, dW, db = linear_backward(dy, cache)
+        return dx, dW, 0.0 * db
+
+    x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
+    report = check_layer(linear_forward, backward_with_zero_db, [x, W, b])
+    assert report[2] == 1.0 and max(report[0], report[1]) < TOL     # the zero db is caught
+    report = check_layer(linear_forward, backward_with_zero_db, [x, W, b], no_grads=(2,))
+    assert set(report) == {0, 1}
+    assert_gradcheck(report)
 
 
 @pytest.mark.parametrize("pair", [(sigmoid_forward, sigmoid_backward), (tanh_forward, tanh_backward)])

@@ -2,20 +2,18 @@
 import numpy as np
 import pytest
 
+from conftest import assert_gradcheck
+from paeff_np import check_layer
 from paeff_np.backend import to_host
-from paeff_np.gradcheck import gradcheck
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
                              softmax_cross_entropy_backward, softmax_cross_entropy_forward,
                              symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
-from test_layers import assert_gradcheck
 
 
 def test_softmax_cross_entropy_gradient(rand, xp):
     s, y = rand(6, 4), xp.asarray([0, 3, 1, 1, 2, 0])
-    _, cache = softmax_cross_entropy_forward(s, y)
-    report = gradcheck(lambda: softmax_cross_entropy_forward(s, y)[0], {"s": s},
-                       {"s": softmax_cross_entropy_backward(cache)})
-    assert_gradcheck(report)
+    assert_gradcheck(check_layer(softmax_cross_entropy_forward, softmax_cross_entropy_backward,
+                                 [s], y=y))
 
 
 def test_softmax_cross_entropy_value(xp):
@@ -29,18 +27,15 @@ def test_softmax_cross_entropy_value(xp):
 def test_softmax_cross_entropy_extreme_logits(xp):
     s = xp.asarray(np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]]))
     loss, cache = softmax_cross_entropy_forward(s, xp.asarray([1, 1]))
-    ds = to_host(softmax_cross_entropy_backward(cache))
+    ds = to_host(softmax_cross_entropy_backward(1.0, cache))
     assert float(loss) == pytest.approx(1e4)              # row 0: 2e4 wrong, row 1: 0
     np.testing.assert_allclose(ds, [[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]], atol=1e-300)
 
 
 def test_symmetric_cross_entropy_gradient(rand):
     a, b = rand(5, 3, seed=1), rand(5, 3, seed=2)
-    _, cache = symmetric_cross_entropy_forward(a, b, 0.07)
-    da, db = symmetric_cross_entropy_backward(cache)
-    report = gradcheck(lambda: symmetric_cross_entropy_forward(a, b, 0.07)[0],
-                       {"a": a, "b": b}, {"a": da, "b": db})
-    assert_gradcheck(report)
+    assert_gradcheck(check_layer(symmetric_cross_entropy_forward, symmetric_cross_entropy_backward,
+                                 [a, b], temperature=0.07))
 
 
 def test_symmetric_cross_entropy_value(xp):
@@ -56,10 +51,8 @@ def test_symmetric_cross_entropy_value(xp):
 def test_orthogonal_projection_gradient(rand, xp, labels):
     """Mixed labels; no positive pair (all distinct); no negative pair (all equal)."""
     z, y = rand(6, 4), xp.asarray(labels)
-    _, cache = orthogonal_projection_forward(z, y, 0.7)
-    report = gradcheck(lambda: orthogonal_projection_forward(z, y, 0.7)[0], {"z": z},
-                       {"z": orthogonal_projection_backward(cache)})
-    assert_gradcheck(report)
+    assert_gradcheck(check_layer(orthogonal_projection_forward, orthogonal_projection_backward,
+                                 [z], y=y, gamma=0.7))
 
 
 def test_orthogonal_projection_value_and_guards(xp):
@@ -78,4 +71,4 @@ def test_orthogonal_projection_value_and_guards(xp):
     loss, cache = orthogonal_projection_forward(xp.asarray(z), xp.arange(5), 0.7)
     negs = np.abs(G * ~np.eye(5, dtype=bool)).sum() / (20 + 1e-6)
     assert abs(float(loss) - (1 + 0.7 * negs)) < 1e-14
-    assert bool(xp.isfinite(orthogonal_projection_backward(cache)).all())
+    assert bool(xp.isfinite(orthogonal_projection_backward(1.0, cache)).all())

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
+from conftest import TOL
 from paeff_np.gradcheck import relative_error
 from paeff_np.model import batchnorm_prefixes
-from test_layers import TOL
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # a copy of shared/fixtures
 FIXTURES = os.environ.get("PAEFF_FIXTURES", FIXTURES)
@@ -193,6 +193,45 @@ def test_buffers_after_steps_and_eval_mode():
     e1 = pn.embed(params, buffers, face, voice, cfg)
     e2 = pn.embed(params, buffers, face[:3], voice[:3], cfg)   # eval mode: rows independent
     np.testing.assert_allclose(e1[0][:3], e2[0], rtol=1e-13)
+
+
+def test_entry_check_names_the_array_and_both_shapes():
+    """One shape/dtype check where arrays enter the model (loss_and_grads and embed)."""
+    cfg = pn.Config(**SMALL, dropout=0.0)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    face, voice, labels = small_batch(np)
+    bad = {
+        r"face has shape \(8, 5\); expected \(8, 7\) = \(batch, face_dim\)": dict(face=face[:, :5]),
+        r"voice has shape \(6, 5\); expected \(8, 5\)": dict(voice=voice[:6]),
+        r"labels has shape \(7,\); expected \(8,\)": dict(labels=labels[:7]),
+        r"labels has dtype float64; expected integers": dict(labels=labels.astype(float)),
+        r"face has dtype float32; expected float64": dict(face=face.astype(np.float32)),
+        r"params\['voice_branch.fc1.0.weight'\] has shape \(6, 4\); expected \(6, 5\)":
+            dict(params={**params, "voice_branch.fc1.0.weight": params["voice_branch.fc1.0.weight"][:, :4]}),
+    }
+    for message, change in bad.items():
+        args = {**dict(params=params, face=face, voice=voice, labels=labels), **change}
+        with pytest.raises(ValueError, match=message):
+            pn.loss_and_grads(args["params"], buffers, args["face"], args["voice"], args["labels"], cfg)
+        if "labels" not in change:
+            with pytest.raises(ValueError, match=message):
+                pn.embed(args["params"], buffers, args["face"], args["voice"], cfg)
+
+
+def test_named_caches():
+    """The model's cache is read by name down to each layer (llm.c's named activations)."""
+    from paeff_np.model import forward
+    cfg = pn.Config(**SMALL, dropout=0.0)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    face, voice, labels = small_batch(np)
+    (loss, terms), _, cache = forward(params, buffers, face, voice, labels, cfg)
+    assert cache.cfg is cfg and cache.face.prefix == "face_branch.fc1."
+    np.testing.assert_array_equal(cache.face.lin0.x, face)
+    assert cache.fusion.fusion == "egff" and cache.fusion.op.gate == "product"
+    assert bool(cache.ball_f.expmap0.norm_active.all())
+    assert cache.tanh.shape == (8, SMALL["embed_dim"])               # z, the head's output
+    assert float(loss) == pytest.approx(sum(w * float(terms[k]) for w, k in
+                                            zip(cfg.loss_weights, ("align", "opl", "ce"))))
 
 
 def test_config_rejects_bad_values():
