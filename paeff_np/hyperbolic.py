@@ -19,6 +19,8 @@ def _row_norm(x):
     return xp.sqrt((x * x).sum(axis=1, keepdims=True))
 
 
+# --- exponential map at the origin ---
+
 class Expmap0Cache(NamedTuple):
     u: Any              # B × D, the input
     n: Any              # B × 1, max(‖u‖, MIN_NORM)
@@ -56,6 +58,8 @@ def expmap0_backward(dy, cache):
     return s * dy + radial * u
 
 
+# --- projection into the ball ---
+
 def ball_radius(c):
     """``r = (1 − BALL_EPS)/√c``, the largest norm the projection lets through."""
     return (1.0 - BALL_EPS) / c ** 0.5
@@ -89,6 +93,8 @@ def project_backward(dy, cache):
     return xp.where(outside, dx_out, dy)
 
 
+# --- Riemannian gradient scaling ---
+
 def riemannian_scale_forward(p, c):
     """Identity on ``p``: B × D. The cache is the factor ``(1 − c‖p‖²)²/4``
     (B × 1) the backward multiplies by."""
@@ -102,6 +108,8 @@ def riemannian_scale_backward(dp, scale):
     Not the derivative of the forward pass."""
     return dp * scale
 
+
+# --- the map into the ball: P(expmap0(e)) ---
 
 class ToBallCache(NamedTuple):
     expmap0: Expmap0Cache

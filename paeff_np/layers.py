@@ -8,9 +8,10 @@ op of the library follows (layers, hyperbolic, fusion, losses, model)::
 - **Cache last.** The cache holds exactly what the backward needs: one array,
   or a ``NamedTuple`` named after the op (``LinearCache``), read by field name.
 - **One differentiable output.** ``out`` is an array (a 0-d array for a loss).
-  An op that also hands out values no loss reads (the fusion's evaluation
-  embeddings, the model's loss terms) returns a ``NamedTuple`` whose first
-  field is the differentiable output; ``dout`` is the gradient of that field.
+  An op that also hands out values that take no gradient (the fusion's
+  evaluation embeddings, the model's loss terms, reported only) returns a
+  ``NamedTuple`` whose first field is the differentiable output; ``dout`` is
+  the gradient of that field.
 - **State explicit.** An op with state (BatchNorm's running statistics) takes
   it as an argument and returns the new state between ``out`` and ``cache``;
   nothing is updated in place.
@@ -20,7 +21,9 @@ op of the library follows (layers, hyperbolic, fusion, losses, model)::
 
 Rows are samples: ``x`` is B × features; formulas use row vectors, so a
 linear map reads ``x Wᵀ``. Every function works on NumPy and CuPy arrays
-alike. Derivations: ``docs/math.md``.
+alike. Docstrings give each argument's shape; type annotations appear only
+where Python's syntax needs them (NamedTuple and dataclass fields, where
+``Any`` is a NumPy or CuPy array). Derivations: ``docs/math.md``.
 """
 from typing import Any, NamedTuple
 

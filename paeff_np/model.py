@@ -36,6 +36,8 @@ ALIGNMENTS = ("hyperbolic", "euclidean", "none")
 GATED_HIDDEN = 128          # width of FOP's attention block
 
 
+# --- configuration ---
+
 @dataclass(frozen=True)
 class Config:
     """Every choice of docs/spec.md §2–§3; the defaults are PAEFF as in the paper."""
@@ -89,6 +91,8 @@ class Config:
             raise ValueError(f"Config: unknown fields {sorted(unknown)}")
         return cls(**d)
 
+
+# --- parameters and buffers ---
 
 BRANCHES = ("face_branch.fc1.", "voice_branch.fc1.")
 GATED = "fusion_layer.attention."
@@ -302,7 +306,8 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
 
 
 def backward(dloss, cache):
-    """Gradients of ``dloss ·`` the total loss: ``forward`` read from the bottom up."""
+    """Gradients of ``dloss ·`` the total loss (``dloss`` a scalar; 1.0 for the
+    loss itself), keyed like the parameters: ``forward`` read from the bottom up."""
     (cfg, cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
      cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
     a1, a2, a3 = cfg.loss_weights
