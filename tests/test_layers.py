@@ -94,7 +94,7 @@ def test_gelu(rand, xp):
     np.testing.assert_allclose(to_host(gelu_forward(xp.asarray(x))[0]), x * norm.cdf(x), rtol=1e-13, atol=1e-300)
 
 
-@pytest.mark.parametrize("wrong", ["scaled by 1.001", "without x φ(x)"])
+@pytest.mark.parametrize("wrong", ["scaled by 1.001", "without the x pdf(x) term"])
 def test_gradient_checker_catches_a_wrong_gelu_backward(rand, xp, wrong):
     """Chainer's check_backward tested on itself: a backward that is slightly
     off, or misses a term of GELU' = Φ + x φ, is reported far above TOL."""
