@@ -1,0 +1,207 @@
+"""Alignment by geodesic distance in the Poincaré ball (HypViT, Ermolov et al. 2022).
+
+Each op is a forward/backward pair in the library's convention
+(``x_forward(...) -> (out, cache)``, ``x_backward(dout, cache) -> gradients``),
+for NumPy and CuPy alike. In the model the chain reads, row by row,
+
+    h (before the L2-normalisation) → feature_clip → expmap0 → project
+      → distance_matrix → logits S = −D/τ → symmetric cross-entropy
+
+with ``expmap0``, the projection and the Riemannian scaling from ``hyperbolic.py``.
+The B × B distance matrix is computed in closed form from the Gram matrix and
+the squared norms: no B × B × D array is ever built. ``docs/poincare.md``
+derives every formula and every backward pass.
+"""
+from typing import NamedTuple
+
+from .backend import get_array_module
+from .losses import log_softmax
+
+CLIP_EPS = 1e-5        # h̃ = h · min(1, r/(‖h‖ + 1e-5)): no division by zero at h = 0
+MOBIUS_EPS = 1e-5      # hyptorch's mobius_add divides by (denominator + 1e-5)
+ARTANH_EPS = 1e-5      # artanh's argument is clamped to [−1 + 1e-5, 1 − 1e-5]
+MIN_NUM_SQ = 1e-20     # ‖num‖² is clamped below at 1e-20 (‖num‖ ≥ 1e-10) before the √
+
+
+def _row_sq_norm(x):
+    return (x * x).sum(axis=1)
+
+
+# --- feature clipping ----------------------------------------------------------
+
+class FeatureClipCache(NamedTuple):
+    h: object          # B × D, the input
+    norm: object       # B × 1, ‖h‖
+    factor: object     # B × 1, min(1, r/(‖h‖ + CLIP_EPS))
+    active: object     # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
+
+
+def feature_clip_forward(h, radius):
+    """Feature clipping (Guo et al. 2022; hyptorch's ``ToPoincare(clip_r)``), row by row:
+
+        h̃ = h · min(1, r / (‖h‖ + CLIP_EPS))
+
+    ``h``: B × D, ``radius`` r > 0; returns h̃: B × D. A row with ‖h‖ + 1e-5 ≤ r
+    passes unchanged; a longer one is shrunk to norm r·‖h‖/(‖h‖ + 1e-5) < r.
+    """
+    xp = get_array_module(h)
+    norm = xp.sqrt(_row_sq_norm(h))[:, None]
+    ratio = radius / (norm + CLIP_EPS)
+    active = ratio < 1.0
+    factor = xp.where(active, ratio, 1.0)
+    return h * factor, FeatureClipCache(h, norm, factor, active)
+
+
+def feature_clip_backward(dout, cache):
+    """Inactive rows: ``dh = dout``. Active rows, where h̃ = r·h/(‖h‖ + ε):
+
+        dh = f · (dout − h ⟨h, dout⟩ / (‖h‖ (‖h‖ + ε))),    f = r/(‖h‖ + ε)
+
+    (at h = 0 the radial term is 0: ``‖h‖`` is replaced by 1 where it is 0).
+    """
+    h, norm, factor, active = cache
+    xp = get_array_module(h)
+    safe_norm = xp.where(norm > 0, norm, 1.0)
+    radial = (h * dout).sum(axis=1, keepdims=True) / (safe_norm * (norm + CLIP_EPS))
+    return xp.where(active, factor * (dout - radial * h), dout)
+
+
+# --- the geodesic distance matrix ---------------------------------------------
+
+class DistanceMatrixCache(NamedTuple):
+    x: object              # B × D, points in the ball (faces)
+    y: object              # B × D, points in the ball (voices)
+    sq_x: object           # B × 1, ‖x_i‖²
+    sq_y: object           # 1 × B, ‖y_j‖²
+    gram: object           # B × B, G_ij = ⟨x_i, y_j⟩
+    coef_a: object         # B × B, A = 1 − 2cG + c‖y_j‖²
+    coef_b: object         # B × 1, B' = 1 − c‖x_i‖²
+    num_norm: object       # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
+    num_active: object     # B × B bool, ‖num‖² > MIN_NUM_SQ
+    den: object            # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
+    artanh_arg: object     # B × B, the clamped √c‖(−x_i) ⊕_c y_j‖
+    artanh_active: object  # B × B bool, the clamp did not act
+    c: float
+
+
+def distance_matrix_forward(x, y, c):
+    """Geodesic distances between the rows of ``x`` and of ``y`` (hyptorch's
+    ``dist_matrix``):
+
+        D_ij = d_c(x_i, y_j) = (2/√c) · artanh(clip(√c ‖(−x_i) ⊕_c y_j‖, −1 + ε, 1 − ε))
+
+    with the Möbius sum u ⊕_c y = [(1 + 2c⟨u,y⟩ + c‖y‖²) u + (1 − c‖u‖²) y]
+    / (1 + 2c⟨u,y⟩ + c²‖u‖²‖y‖² + MOBIUS_EPS) and ε = ARTANH_EPS.
+
+    Computed from G = x yᵀ and the squared norms, never the B × B × D sums:
+    with A = 1 − 2cG_ij + c‖y_j‖², B' = 1 − c‖x_i‖²,
+
+        ‖num‖² = A²‖x_i‖² − 2AB'G_ij + B'²‖y_j‖²     (clamped below at MIN_NUM_SQ)
+        ‖(−x_i) ⊕_c y_j‖ = ‖num‖ / (1 − 2cG_ij + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS)
+
+    ``x``: B × D, ``y``: B′ × D (B′ = B in the model); returns D: B × B′.
+    """
+    xp = get_array_module(x, y)
+    sqrt_c = c ** 0.5
+    sq_x = _row_sq_norm(x)[:, None]
+    sq_y = _row_sq_norm(y)[None, :]
+    gram = x @ y.T
+    coef_a = 1.0 - 2.0 * c * gram + c * sq_y
+    coef_b = 1.0 - c * sq_x
+    num_sq = coef_a * coef_a * sq_x - 2.0 * coef_a * coef_b * gram + coef_b * coef_b * sq_y
+    num_active = num_sq > MIN_NUM_SQ
+    num_norm = xp.sqrt(xp.where(num_active, num_sq, MIN_NUM_SQ))
+    den = 1.0 - 2.0 * c * gram + (c * c) * sq_x * sq_y + MOBIUS_EPS
+    scaled = sqrt_c * num_norm / den
+    artanh_arg = xp.clip(scaled, -1.0 + ARTANH_EPS, 1.0 - ARTANH_EPS)
+    artanh_active = artanh_arg == scaled
+    dist = (2.0 / sqrt_c) * xp.arctanh(artanh_arg)
+    return dist, DistanceMatrixCache(x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm,
+                                     num_active, den, artanh_arg, artanh_active, c)
+
+
+def distance_matrix_backward(dD, cache):
+    """Returns ``dx, dy``. With a = clip(√c‖num‖/den), per entry (ij):
+
+        dz     = dD · (2/√c) / (1 − a²) · [the clamp did not act]
+        dn     = √c dz / den · [‖num‖² > MIN_NUM_SQ],  dden = −√c dz ‖num‖/den²
+        ds     = dn / (2‖num‖)                          (s = ‖num‖²)
+        dA     = ds (2A‖x_i‖² − 2B'G),    dB' = ds (2B'‖y_j‖² − 2AG)
+        dG     = −2AB' ds − 2c dA − 2c dden
+        d‖x_i‖² = Σ_j [A² ds − c dB' + c²‖y_j‖² dden]
+        d‖y_j‖² = Σ_i [B'² ds + c dA + c²‖x_i‖² dden]
+
+    then ``dx = dG y + 2 d‖x‖² ⊙ x``, ``dy = dGᵀ x + 2 d‖y‖² ⊙ y``: two B × D
+    products, the rest elementwise on B × B.
+    """
+    (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
+     artanh_arg, artanh_active, c) = cache
+    sqrt_c = c ** 0.5
+    dz = dD * (2.0 / sqrt_c) / (1.0 - artanh_arg * artanh_arg) * artanh_active
+    dmob = sqrt_c * dz                           # d‖(−x) ⊕ y‖
+    dden = -dmob * num_norm / (den * den)
+    ds = dmob / den * num_active / (2.0 * num_norm)
+    da = ds * (2.0 * coef_a * sq_x - 2.0 * coef_b * gram)
+    db = ds * (2.0 * coef_b * sq_y - 2.0 * coef_a * gram)
+    dgram = -2.0 * coef_a * coef_b * ds - 2.0 * c * da - 2.0 * c * dden
+    dsq_x = (coef_a * coef_a * ds - c * db + (c * c) * sq_y * dden).sum(axis=1, keepdims=True)
+    dsq_y = (coef_b * coef_b * ds + c * da + (c * c) * sq_x * dden).sum(axis=0)[:, None]
+    dx = dgram @ y + 2.0 * dsq_x * x
+    dy = dgram.T @ x + 2.0 * dsq_y * y
+    return dx, dy
+
+
+# --- logits and the symmetric cross-entropy on them ----------------------------
+
+def distance_logits_forward(x, y, c, temperature):
+    """``S_ij = −d_c(x_i, y_j)/τ``: B × B logits, the closest pair scores highest."""
+    dist, cache = distance_matrix_forward(x, y, c)
+    return -dist / temperature, (cache, temperature)
+
+
+def distance_logits_backward(dS, cache):
+    """``dD = −dS/τ``, then ``distance_matrix_backward``; returns ``dx, dy``."""
+    cache_dist, temperature = cache
+    return distance_matrix_backward(-dS / temperature, cache_dist)
+
+
+def symmetric_cross_entropy_from_logits_forward(S):
+    """CLIP loss on given B × B logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``
+    ``= −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
+
+    ``losses.symmetric_cross_entropy_forward(a, b, τ)`` is this with S = a bᵀ/τ.
+    """
+    xp = get_array_module(S)
+    logp_rows = log_softmax(S, axis=1)
+    logp_cols = log_softmax(S, axis=0)
+    loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
+    return loss, (logp_rows, logp_cols)
+
+
+def symmetric_cross_entropy_from_logits_backward(cache):
+    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)`` (dL = 1)."""
+    logp_rows, logp_cols = cache
+    xp = get_array_module(logp_rows)
+    dS = xp.exp(logp_rows)
+    dS += xp.exp(logp_cols)
+    diag = xp.arange(dS.shape[0])
+    dS[diag, diag] -= 2.0
+    dS /= 2.0 * dS.shape[0]
+    return dS
+
+
+def poincare_alignment_forward(p_f, p_v, c, temperature):
+    """The alignment loss ``L_A = ½[CE(S, diag) + CE(Sᵀ, diag)]``, S_ij = −d_c(p_f,i, p_v,j)/τ.
+
+    ``p_f``, ``p_v``: B × D points in the ball; returns a 0-d loss and the cache.
+    """
+    S, cache_logits = distance_logits_forward(p_f, p_v, c, temperature)
+    loss, cache_ce = symmetric_cross_entropy_from_logits_forward(S)
+    return loss, (cache_logits, cache_ce)
+
+
+def poincare_alignment_backward(cache):
+    """``dp_f, dp_v`` of the loss (dL = 1), as ``losses.symmetric_cross_entropy_backward``."""
+    cache_logits, cache_ce = cache
+    return distance_logits_backward(symmetric_cross_entropy_from_logits_backward(cache_ce),
+                                    cache_logits)
