@@ -246,7 +246,7 @@ def test_symmetric_cross_entropy_from_logits_matches_losses(rand):
     """With S = a bᵀ/τ it is ``losses.symmetric_cross_entropy``, loss and gradient."""
     a, b, tau = rand(6, 4, seed=20), rand(6, 4, seed=21), 0.3
     loss_ref, cache_ref = symmetric_cross_entropy_forward(a, b, tau)
-    da_ref, db_ref = symmetric_cross_entropy_backward(cache_ref)
+    da_ref, db_ref = symmetric_cross_entropy_backward(1.0, cache_ref)
     loss, cache = symmetric_cross_entropy_from_logits_forward(a @ b.T / tau)
     dS = symmetric_cross_entropy_from_logits_backward(cache)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-15)
