@@ -11,7 +11,7 @@ from conftest import TOL
 from paeff_np.gradcheck import relative_error
 from paeff_np.model import batchnorm_prefixes
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # a copy of shared/fixtures
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # made by fixtures/make_fixtures.py
 FIXTURES = os.environ.get("PAEFF_FIXTURES", FIXTURES)
 
 SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
