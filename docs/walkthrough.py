@@ -232,9 +232,9 @@ def plot_bn_bias(plt, data, out):
 def hyperbolic_equals_euclidean():
     s = ball_scale(C)
     k = riemannian_factor(C, s)
-    say("the hyperbolic alignment is the Euclidean one with τ/s² and α₁·k")
-    print(f"  c = {C}: s = tanh(√c)/√c = {s:.5f};  τ/s² = {TAU / s ** 2:.5f};"
-          f"  k = (1 − c s²)²/4 = {k:.5f}")
+    say("the hyperbolic alignment is the Euclidean one with τ/ρ² and α₁·κ")
+    print(f"  c = {C}: ρ = tanh(√c)/√c = {s:.5f};  τ/ρ² = {TAU / s ** 2:.5f};"
+          f"  κ = (1 − cρ²)²/4 = {k:.5f}")
     cfg_h = pn.Config(**SMALL, dropout=0.4)
     a1, a2, a3 = cfg_h.loss_weights
     cfg_e = pn.Config(**SMALL, dropout=0.4, alignment="euclidean", temperature=TAU / s ** 2,
@@ -247,7 +247,7 @@ def hyperbolic_equals_euclidean():
                                        rng=np.random.default_rng(3))
     scale = max(np.abs(g).max() for g in g_h.values())
     diffs = {n: float(np.abs(g_h[n] - g_e[n]).max() / scale) for n in g_h}
-    print(f"  L_A hyperbolic {float(t_h['align']):.15f}  Euclidean(τ/s²) {float(t_e['align']):.15f}")
+    print(f"  L_A hyperbolic {float(t_h['align']):.15f}  Euclidean(τ/ρ²) {float(t_e['align']):.15f}")
     print(f"  worst gradient difference over all {len(diffs)} parameters: {max(diffs.values()):.1e}"
           " (relative to the largest gradient)")
     # the same comparison with the plain temperature τ, to show that the rescaling matters
@@ -255,7 +255,7 @@ def hyperbolic_equals_euclidean():
     _, _, g_p, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_plain,
                                      rng=np.random.default_rng(3))
     plain = {n: float(np.abs(g_h[n] - g_p[n]).max() / scale) for n in g_h}
-    print(f"  with τ instead of τ/s²: worst difference {max(plain.values()):.1e}")
+    print(f"  with τ instead of τ/ρ²: worst difference {max(plain.values()):.1e}")
     return diffs, plain
 
 
@@ -264,8 +264,8 @@ def plot_equivalence(plt, data, out):
     names = list(diffs)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     y = np.arange(len(names))
-    ax.barh(y - 0.2, [max(diffs[n], 1e-18) for n in names], 0.4, label="Euclidean with τ/s², α₁·k")
-    ax.barh(y + 0.2, [max(plain[n], 1e-18) for n in names], 0.4, label="Euclidean with τ, α₁·k")
+    ax.barh(y - 0.2, [max(diffs[n], 1e-18) for n in names], 0.4, label="Euclidean with τ/ρ², α₁·κ")
+    ax.barh(y + 0.2, [max(plain[n], 1e-18) for n in names], 0.4, label="Euclidean with τ, α₁·κ")
     ax.set_xscale("log")
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=7)
@@ -340,7 +340,7 @@ def poincare_operating_point():
     u_proj = math.atanh(1 - hyperbolic.BALL_EPS) / math.sqrt(C)
     u_tanh = hyperbolic.TANH_ARG_MAX / math.sqrt(C)
     print(f"  ball radius 1/√c = {radius:.4f}; projection radius (1 − 1e-3)/√c = {proj_r:.4f}")
-    print(f"  ‖e‖ = 1 → ‖p‖ = s = {s:.5f} ({s / radius:.1%} of the radius)")
+    print(f"  ‖e‖ = 1 → ‖p‖ = ρ = {s:.5f} ({s / radius:.1%} of the radius)")
     print(f"  ‖u‖ at which each guard acts: MIN_NORM {hyperbolic.MIN_NORM:.0e}; operating 1;"
           f" projection {u_proj:.2f}; tanh clamp {u_tanh:.2f}")
     d0 = 2 / math.sqrt(C) * math.atanh(math.sqrt(C) * s)
@@ -360,7 +360,7 @@ def plot_poincare(plt, info, out):
     ax.plot(info["proj_r"] * np.cos(th), info["proj_r"] * np.sin(th), "r--", lw=0.8,
             label=f"projection radius {info['proj_r']:.4f}")
     ax.plot(info["s"] * np.cos(th), info["s"] * np.sin(th), color="tab:green", lw=2,
-            label=f"every p = s·e: ‖p‖ = {info['s']:.4f}")
+            label=f"every p = ρ·e: ‖p‖ = {info['s']:.4f}")
     rng = np.random.default_rng(0)
     ang = rng.uniform(0, 2 * np.pi, 12)
     ax.plot(info["s"] * np.cos(ang), info["s"] * np.sin(ang), "o", color="tab:green", ms=4)

@@ -1,9 +1,9 @@
 """What the hyperbolic alignment really does (docs/math.md §16).
 
-Every row of e has norm 1, so p = expmap0(e) = s·e with s = tanh(√c)/√c and the
+Every row of e has norm 1, so p = expmap0(e) = ρ·e with ρ = tanh(√c)/√c and the
 projection never acts. Hence the hyperbolic alignment with temperature τ is the
-Euclidean one with temperature τ/s², and the Riemannian scaling multiplies the
-alignment gradient by the constant k = (1 − c s²)²/4. These tests prove it on
+Euclidean one with temperature τ/ρ², and the Riemannian scaling multiplies the
+alignment gradient by the constant κ = (1 − cρ²)²/4. These tests prove it on
 the whole model: the alignment loss and every gradient agree to rounding.
 """
 import math
@@ -20,12 +20,12 @@ VARIANTS = [dict(), dict(egff_kernel=5, egff_mix="raw"), dict(egff_gate="concat"
 
 
 def ball_scale(c):
-    """s = tanh(√c)/√c: the norm of expmap0(e) for a unit row e."""
+    """ρ = tanh(√c)/√c: the norm of expmap0(e) for a unit row e."""
     return math.tanh(math.sqrt(c)) / math.sqrt(c)
 
 
 def riemannian_factor(c):
-    """k = (1 − c s²)²/4 = sech⁴(√c)/4: the same for every row."""
+    """κ = (1 − cρ²)²/4 = sech⁴(√c)/4: the same for every row."""
     return (1.0 - c * ball_scale(c) ** 2) ** 2 / 4.0
 
 
@@ -85,7 +85,7 @@ def test_hyperbolic_alignment_is_rescaled_euclidean(variant, riemannian_grad, cu
 
 
 def test_a_different_temperature_is_not_equivalent():
-    """The test can fail: keep τ instead of τ/s² and the alignment gradients differ."""
+    """The test can fail: keep τ instead of τ/ρ² and the alignment gradients differ."""
     cfg_h = pn.Config(**SMALL, alignment="hyperbolic", riemannian_grad=False, dropout=0.0)
     cfg_e = pn.Config(**SMALL, alignment="euclidean", dropout=0.0)
     params, buffers = pn.init_params(cfg_h, seed=1, dtype=np.float64)

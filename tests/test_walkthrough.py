@@ -18,8 +18,8 @@ def test_walkthrough_writes_every_figure(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert FIGURES <= set(os.listdir(tmp_path / "fig"))
-    assert "s = tanh(√c)/√c = 0.98366" in run.stdout
-    assert "k = (1 − c s²)²/4 = 0.22640" in run.stdout
+    assert "ρ = tanh(√c)/√c = 0.98366" in run.stdout
+    assert "κ = (1 − cρ²)²/4 = 0.22640" in run.stdout
 
 
 def test_walkthrough_without_matplotlib(tmp_path):
