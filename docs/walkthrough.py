@@ -1,0 +1,543 @@
+"""A runnable walk-through of docs/math.md: it prints what it checks and draws the figures.
+
+    python docs/walkthrough.py --out DIR
+
+Every number it prints is computed here, from the library itself; every figure
+it writes is one that docs/math.md shows (the committed copies live in
+docs/figures/). It needs NumPy and SciPy (both dependencies of paeff_np) and,
+for the figures, matplotlib. It runs in a few seconds on one CPU core.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+import paeff_np as pn  # noqa: E402
+from paeff_np import hyperbolic, layers, losses  # noqa: E402
+from paeff_np.fusion import egff_backward, egff_forward  # noqa: E402
+
+C = 0.05            # the paper's curvature
+TAU = 0.07          # the paper's temperature
+SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
+
+
+def say(title):
+    print(f"\n== {title} ==")
+
+
+def ball_scale(c):
+    """s = tanh(√c)/√c: ‖expmap0(e)‖ for a unit row e."""
+    return math.tanh(math.sqrt(c)) / math.sqrt(c)
+
+
+def riemannian_factor(c, p_norm):
+    """(1 − c‖p‖²)²/4, the per-row factor of the Riemannian scaling."""
+    return (1.0 - c * p_norm ** 2) ** 2 / 4.0
+
+
+def small_batch(B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    face = np.abs(rng.standard_normal((B, SMALL["face_dim"])))
+    voice = rng.standard_normal((B, SMALL["voice_dim"]))
+    return face, voice, np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B]
+
+
+# --- 1. check_layer on every op ------------------------------------------------
+
+def check_every_op():
+    say("check_layer on every op (float64, 4th-order stencil, h = 1e-5)")
+    rng = np.random.default_rng(0)
+    r = lambda *shape: rng.standard_normal(shape)
+    B, D = 5, 6
+    y = np.array([0, 1, 2, 0, 1])
+    ops = {
+        "linear": (layers.linear_forward, layers.linear_backward, [r(B, 4), r(D, 4), r(D)], {}),
+        "batchnorm (train)": (
+            lambda x, g, b: (lambda out: (out[0], out[2]))(
+                layers.batchnorm_forward(x, g, b, np.zeros(D), np.ones(D), True)),
+            layers.batchnorm_backward, [r(B, D), r(D), r(D)], {}),
+        "relu": (layers.relu_forward, layers.relu_backward, [r(B, D)], {}),
+        "l2_normalize": (layers.l2_normalize_forward, layers.l2_normalize_backward, [r(B, D)], {}),
+        "gelu": (layers.gelu_forward, layers.gelu_backward, [r(B, D)], {}),
+        "sigmoid": (layers.sigmoid_forward, layers.sigmoid_backward, [r(B, D)], {}),
+        "tanh": (layers.tanh_forward, layers.tanh_backward, [r(B, D)], {}),
+        "conv1d (k=5, C=2)": (layers.conv1d_forward, layers.conv1d_backward,
+                              [r(B, 2, D), r(1, 2, 5), r(1)], {}),
+        "expmap0": (hyperbolic.expmap0_forward, hyperbolic.expmap0_backward, [r(B, D)], dict(c=C)),
+        "project (outside)": (hyperbolic.project_forward, hyperbolic.project_backward,
+                              [10 * r(B, D)], dict(c=C)),
+        "egff (k=3, product)": (
+            lambda ef, ev, w, b: (lambda o: (o[0], o[3]))(egff_forward(ef, ev, w, b)),
+            lambda dm, cache: egff_backward(dm, cache), [r(B, D), r(B, D), r(1, 1, 3), r(1)], {}),
+        "softmax CE": (lambda s: losses.softmax_cross_entropy_forward(s, y),
+                       lambda d, cache: losses.softmax_cross_entropy_backward(cache) * d, [r(B, 3)], {}),
+        "symmetric CE": (lambda a, b: losses.symmetric_cross_entropy_forward(a, b, TAU),
+                         lambda d, cache: tuple(g * d for g in losses.symmetric_cross_entropy_backward(cache)),
+                         [r(B, D), r(B, D)], {}),
+        "OPL": (lambda z: losses.orthogonal_projection_forward(z, y, 0.7),
+                lambda d, cache: losses.orthogonal_projection_backward(cache) * d, [r(B, D)], {}),
+    }
+    results = {}
+    for name, (fwd, bwd, inputs, kwargs) in ops.items():
+        report = pn.check_layer(fwd, bwd, inputs, **kwargs)
+        results[name] = max(report.values())
+        print(f"  {name:22s} worst relative error {results[name]:.1e}")
+    return results
+
+
+def plot_check_every_op(plt, results, out):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(results)
+    ax.barh(names, [max(v, 1e-18) for v in results.values()], color="tab:blue")
+    ax.axvline(1e-7, color="tab:red", ls="--", label="tolerance of the tests, 1e-7")
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("worst normwise relative error, analytic vs finite difference")
+    ax.set_title("check_layer on every op (float64)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "check_every_op.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 2. finite-difference error against h --------------------------------------
+
+def fd_error_against_h():
+    say("finite-difference error against h, one weight of the whole loss")
+    cfg = pn.Config(**SMALL, riemannian_grad=False, dropout=0.0)
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    face, voice, labels = small_batch()
+    key, idx = "res_mix.weight", (2, 3)
+    _, _, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    exact = float(grads[key][idx])
+    x0 = float(params[key][idx])
+
+    def f(x):
+        params[key][idx] = x
+        return float(pn.loss_and_grads(params, buffers, face, voice, labels, cfg)[0])
+
+    hs = np.logspace(-12, -0.5, 47)
+    err2, err4 = [], []
+    for h in hs:
+        g2 = (f(x0 + h) - f(x0 - h)) / (2 * h)
+        g4 = (-f(x0 + 2 * h) + 8 * f(x0 + h) - 8 * f(x0 - h) + f(x0 - 2 * h)) / (12 * h)
+        err2.append(abs(g2 - exact) / abs(exact))
+        err4.append(abs(g4 - exact) / abs(exact))
+    params[key][idx] = x0
+    err2, err4 = np.array(err2), np.array(err4)
+    print(f"  ∂L/∂{key}{list(idx)} = {exact:.6e}")
+    print(f"  2nd order: best {err2.min():.1e} at h = {hs[err2.argmin()]:.0e};"
+          f"  at h = 1e-6: {np.interp(-6, np.log10(hs), err2):.1e}")
+    print(f"  4th order: best {err4.min():.1e} at h = {hs[err4.argmin()]:.0e};"
+          f"  at h = 1e-5: {np.interp(-5, np.log10(hs), err4):.1e}")
+    return hs, err2, err4
+
+
+def plot_fd(plt, data, out):
+    hs, err2, err4 = data
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.loglog(hs, np.maximum(err2, 1e-17), "o-", ms=3, label="2nd order  (f(x+h) − f(x−h))/2h")
+    ax.loglog(hs, np.maximum(err4, 1e-17), "s-", ms=3, label="4th order  (−f₂ + 8f₁ − 8f₋₁ + f₋₂)/12h")
+    eps = np.finfo(np.float64).eps
+    ax.loglog(hs, eps / hs, ":", color="gray", label="rounding ∝ ε/h")
+    ax.axvline(1e-5, color="tab:orange", lw=0.8, ls="--")
+    ax.text(1.2e-5, 1e-15, "h = 1e-5\n(gradcheck)", fontsize=8, color="tab:orange")
+    ax.set_ylim(1e-16, 1)
+    ax.set_xlabel("step h")
+    ax.set_ylabel("relative error of the derivative")
+    ax.set_title("Finite-difference error against h: the V\n(one weight of the whole PAEFF loss, float64)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fd_error_vs_h.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 3. the bias before a train-mode BatchNorm --------------------------------
+
+def batchnorm_bias_gradient():
+    say("the Linear bias before a train-mode BatchNorm: float64 vs float32")
+    cfg = pn.Config(face_dim=512, voice_dim=192, embed_dim=128, n_classes=100, dropout=0.0)
+    rng = np.random.default_rng(0)
+    B = 256
+    face = np.maximum(rng.standard_normal((B, cfg.face_dim)), 0.0)
+    voice = rng.standard_normal((B, cfg.voice_dim))
+    voice /= np.linalg.norm(voice, axis=1, keepdims=True)
+    labels = rng.integers(0, cfg.n_classes, B)
+    sizes = {}
+    for dtype in (np.float64, np.float32):
+        params, buffers = pn.init_params(cfg, seed=0, dtype=dtype)
+        _, _, grads, _ = pn.loss_and_grads(params, buffers, face.astype(dtype), voice.astype(dtype),
+                                           labels, cfg)
+        sizes[np.dtype(dtype).name] = {k: float(np.abs(g).max()) for k, g in grads.items()}
+    b0 = "face_branch.fc1.0.bias"
+    for name, s in sizes.items():
+        print(f"  {name}: max|d {b0}| = {s[b0]:.1e}   max|d face_branch.fc1.0.weight| = "
+              f"{s['face_branch.fc1.0.weight']:.1e}")
+    # what AdamW does with float32 rounding noise of that size (paper lr and wd)
+    g32 = sizes["float32"][b0]
+    lr, wd, steps = 2e-5, 0.01, 2000
+    walk = {}
+    for label, sigma in (("float64", sizes["float64"][b0]), ("float32", g32)):
+        p = {"b": np.full(64, 0.01)}
+        opt = pn.AdamW(lr=lr, weight_decay=wd)
+        noise = np.random.default_rng(1)
+        path = []
+        for _ in range(steps):
+            opt.step(p, {"b": sigma * noise.standard_normal(64)})
+            path.append(np.abs(p["b"] - 0.01).mean())
+        walk[label] = np.array(path)
+    decay = 0.01 * (1 - (1 - lr * wd) ** np.arange(1, steps + 1))
+    first = {k: v[0] / lr for k, v in walk.items()}
+    print(f"  AdamW, lr = {lr}, wd = {wd}: first step of the bias (as a fraction of lr): "
+          f"float64 {first['float64']:.1e}, float32 {first['float32']:.1e}")
+    print(f"  after {steps} steps, mean |b − b₀|: weight decay alone {decay[-1]:.1e}, "
+          f"float64 noise {walk['float64'][-1]:.1e}, float32 noise {walk['float32'][-1]:.1e}")
+    return sizes, walk, decay
+
+
+def plot_bn_bias(plt, data, out):
+    sizes, walk, decay = data
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    keys = [k for k in sizes["float64"] if k.startswith("face_branch") or k.startswith("res_mix")]
+    x = np.arange(len(keys))
+    ax1.bar(x - 0.2, [max(sizes["float64"][k], 1e-20) for k in keys], 0.4, label="float64")
+    ax1.bar(x + 0.2, [max(sizes["float32"][k], 1e-20) for k in keys], 0.4, label="float32")
+    ax1.set_yscale("log")
+    ax1.set_xticks(x)
+    ax1.set_xticklabels([k.replace("face_branch.fc1.", "face ") for k in keys], rotation=40,
+                        ha="right", fontsize=8)
+    ax1.set_ylabel("max |gradient|")
+    ax1.set_title("Gradients at initialisation: the bias\nbefore BatchNorm ('face 0.bias') is rounding noise")
+    ax1.set_ylim(1e-19, 1e3)
+    ax1.legend(fontsize=8, ncol=2, loc="upper center")
+    steps = np.arange(1, len(decay) + 1)
+    ax2.loglog(steps, decay, label="weight decay alone")
+    ax2.loglog(steps, walk["float64"], "--", label="float64 rounding noise (on top of the decay)")
+    ax2.loglog(steps, walk["float32"], label="float32 rounding noise")
+    ax2.set_xlabel("AdamW step (lr 2e-5, wd 0.01)")
+    ax2.set_ylabel("mean |b − b₀|")
+    ax2.set_title("How far AdamW moves that bias")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "batchnorm_bias_float32.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 4. hyperbolic ≡ rescaled Euclidean ------------------------------------------
+
+def hyperbolic_equals_euclidean():
+    s = ball_scale(C)
+    k = riemannian_factor(C, s)
+    say("the hyperbolic alignment is the Euclidean one with τ/ρ² and α₁·κ")
+    print(f"  c = {C}: ρ = tanh(√c)/√c = {s:.5f};  τ/ρ² = {TAU / s ** 2:.5f};"
+          f"  κ = (1 − cρ²)²/4 = {k:.5f}")
+    cfg_h = pn.Config(**SMALL, dropout=0.4)
+    a1, a2, a3 = cfg_h.loss_weights
+    cfg_e = pn.Config(**SMALL, dropout=0.4, alignment="euclidean", temperature=TAU / s ** 2,
+                      loss_weights=(a1 * k, a2, a3))
+    params, buffers = pn.init_params(cfg_h, seed=1, dtype=np.float64)
+    face, voice, labels = small_batch()
+    _, t_h, g_h, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_h,
+                                       rng=np.random.default_rng(3))
+    _, t_e, g_e, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_e,
+                                       rng=np.random.default_rng(3))
+    scale = max(np.abs(g).max() for g in g_h.values())
+    diffs = {n: float(np.abs(g_h[n] - g_e[n]).max() / scale) for n in g_h}
+    print(f"  L_A hyperbolic {float(t_h['align']):.15f}  Euclidean(τ/ρ²) {float(t_e['align']):.15f}")
+    print(f"  worst gradient difference over all {len(diffs)} parameters: {max(diffs.values()):.1e}"
+          " (relative to the largest gradient)")
+    # the same comparison with the plain temperature τ, to show that the rescaling matters
+    cfg_plain = pn.Config(**SMALL, dropout=0.4, alignment="euclidean", loss_weights=(a1 * k, a2, a3))
+    _, _, g_p, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_plain,
+                                     rng=np.random.default_rng(3))
+    plain = {n: float(np.abs(g_h[n] - g_p[n]).max() / scale) for n in g_h}
+    print(f"  with τ instead of τ/ρ²: worst difference {max(plain.values()):.1e}")
+    return diffs, plain
+
+
+def plot_equivalence(plt, data, out):
+    diffs, plain = data
+    names = list(diffs)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, [max(diffs[n], 1e-18) for n in names], 0.4, label="Euclidean with τ/ρ², α₁·κ")
+    ax.barh(y + 0.2, [max(plain[n], 1e-18) for n in names], 0.4, label="Euclidean with τ, α₁·κ")
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("max |grad_hyperbolic − grad_Euclidean| / largest gradient  (0 drawn at 1e-18)")
+    ax.set_title("Hyperbolic alignment (c = 0.05, τ = 0.07, Riemannian scaling on)\n"
+                 "vs Euclidean alignment: every gradient, float64")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "hyperbolic_equals_euclidean.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 5. GELU and sigmoid in the tails -------------------------------------------
+
+def tails():
+    from scipy.special import expit, ndtr
+    say("GELU and sigmoid in the tails (float64; references from scipy.special)")
+    x_gelu = np.linspace(-38, 0, 400)
+    ref = x_gelu * ndtr(x_gelu)
+    ours = layers.gelu_forward(x_gelu)[0]
+    naive = x_gelu * 0.5 * (1.0 + np.vectorize(math.erf)(x_gelu / math.sqrt(2)))
+    rel = lambda a, b: np.abs(a - b) / np.maximum(np.abs(b), 1e-300)
+    gelu_err, naive_err = rel(ours, ref), rel(naive, ref)
+    print(f"  GELU(x) for x ∈ [−38, 0]: worst relative error, erfc form {gelu_err.max():.1e},"
+          f" 1 + erf form {naive_err.max():.1e}")
+    x_sig = np.linspace(0, 40, 401)
+    s = layers.sigmoid_forward(x_sig)[0]
+    dsig = layers.sigmoid_backward(np.ones_like(x_sig), layers.sigmoid_forward(x_sig)[1])
+    dref = expit(x_sig) * expit(-x_sig)
+    sig_err = rel(dsig, dref)
+    s_left = layers.sigmoid_forward(-x_sig)[0]
+    left_err = rel(s_left, expit(-x_sig))
+    print(f"  σ(−x) for x ∈ [0, 40]: worst relative error {left_err.max():.1e}; σ(−40) = {s_left[-1]:.3e}")
+    for x in (10, 20, 30, 36, 37, 38):
+        i = int(np.argmin(abs(x_sig - x)))
+        print(f"  σ′({x:2d}) = s(1 − s): relative error {sig_err[i]:.1e}   (ε·eˣ = {2.2e-16 * math.exp(x):.1e})")
+    del s
+    return x_gelu, gelu_err, naive_err, x_sig, sig_err, left_err
+
+
+def plot_tails(plt, data, out):
+    x_gelu, gelu_err, naive_err, x_sig, sig_err, left_err = data
+    floor = 1e-18
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.semilogy(x_gelu, np.maximum(naive_err, floor), label="x·½(1 + erf(x/√2))")
+    ax1.semilogy(x_gelu, np.maximum(gelu_err, floor), label="x·½ erfc(−x/√2)  (the code)")
+    ax1.set_ylim(floor / 2, 10)
+    ax1.set_xlabel("x")
+    ax1.set_ylabel("relative error (0 drawn at 1e-18)")
+    ax1.set_title("GELU, left tail")
+    ax1.legend(fontsize=8)
+    ax2.semilogy(x_sig, np.maximum(sig_err, floor), label="σ′(x) = s(1 − s)  (the code, as PyTorch)")
+    ax2.semilogy(x_sig, np.finfo(float).eps * np.exp(x_sig), ":", color="gray", label="ε·eˣ")
+    ax2.semilogy(x_sig, np.maximum(left_err, floor), label="σ(−x) = t/(1 + t)  (the code)")
+    ax2.set_ylim(floor / 2, 10)
+    ax2.set_xlabel("x")
+    ax2.set_title("Sigmoid: the derivative's error grows like ε·eˣ")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gelu_sigmoid_tails.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 6. the Poincaré ball: where PAEFF operates ------------------------------------
+
+def poincare_operating_point():
+    say("the Poincaré ball at c = 0.05: PAEFF's operating point and the clamps")
+    s = ball_scale(C)
+    radius = 1 / math.sqrt(C)
+    proj_r = hyperbolic.ball_radius(C)
+    u_proj = math.atanh(1 - hyperbolic.BALL_EPS) / math.sqrt(C)
+    u_tanh = hyperbolic.TANH_ARG_MAX / math.sqrt(C)
+    print(f"  ball radius 1/√c = {radius:.4f}; projection radius (1 − 1e-3)/√c = {proj_r:.4f}")
+    print(f"  ‖e‖ = 1 → ‖p‖ = ρ = {s:.5f} ({s / radius:.1%} of the radius)")
+    print(f"  ‖u‖ at which each guard acts: MIN_NORM {hyperbolic.MIN_NORM:.0e}; operating 1;"
+          f" projection {u_proj:.2f}; tanh clamp {u_tanh:.2f}")
+    d0 = 2 / math.sqrt(C) * math.atanh(math.sqrt(C) * s)
+    print(f"  hyperbolic distance d(0, p) = (2/√c)·artanh(√c‖p‖) = {d0:.5f} (= 2‖e‖: expmap0 doubles lengths, λ₀ = 2)")
+    k = riemannian_factor(C, s)
+    print(f"  Riemannian factor (1 − c‖p‖²)²/4 at PAEFF's point: {k:.5f}")
+    return dict(s=s, radius=radius, proj_r=proj_r, u_proj=u_proj, u_tanh=u_tanh, k=k)
+
+
+def plot_poincare(plt, info, out):
+    fig = plt.figure(figsize=(11, 4.6))
+    ax = fig.add_axes([0.03, 0.08, 0.38, 0.84])
+    R = info["radius"]
+    th = np.linspace(0, 2 * np.pi, 400)
+    ax.fill(R * np.cos(th), R * np.sin(th), color="#eef3fb")
+    ax.plot(R * np.cos(th), R * np.sin(th), "k", lw=1.2, label=f"boundary 1/√c = {R:.3f}")
+    ax.plot(info["proj_r"] * np.cos(th), info["proj_r"] * np.sin(th), "r--", lw=0.8,
+            label=f"projection radius {info['proj_r']:.4f}")
+    ax.plot(info["s"] * np.cos(th), info["s"] * np.sin(th), color="tab:green", lw=2,
+            label=f"every p = ρ·e: ‖p‖ = {info['s']:.4f}")
+    rng = np.random.default_rng(0)
+    ang = rng.uniform(0, 2 * np.pi, 12)
+    ax.plot(info["s"] * np.cos(ang), info["s"] * np.sin(ang), "o", color="tab:green", ms=4)
+    # geodesics through the origin are diameters; draw a few circles of equal hyperbolic radius
+    for d in (2, 4, 6, 8):
+        rr = math.tanh(math.sqrt(C) * d / 2) / math.sqrt(C)
+        ax.plot(rr * np.cos(th), rr * np.sin(th), color="gray", lw=0.5, ls=":")
+    ax.text(0, -R * 0.93, "dotted: d(0, x) = 2, 4, 6, 8", ha="center", fontsize=8, color="gray")
+    ax.set_aspect("equal")
+    ax.set_xlim(-R * 1.05, R * 1.05)
+    ax.set_ylim(-R * 1.05, R * 1.05)
+    ax.set_title("Poincaré ball, c = 0.05 (a 2-D slice)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax2 = fig.add_axes([0.47, 0.3, 0.5, 0.45])
+    marks = [(hyperbolic.MIN_NORM, "MIN_NORM\n1e-5", "tab:gray"),
+             (1.0, "PAEFF\n‖u‖ = ‖e‖ = 1", "tab:green"),
+             (info["u_proj"], f"projection acts\n‖u‖ > {info['u_proj']:.1f}", "tab:red"),
+             (info["u_tanh"], f"tanh clamp\n‖u‖ ≥ {info['u_tanh']:.1f}", "tab:purple")]
+    ax2.set_xscale("log")
+    ax2.set_xlim(1e-6, 1e3)
+    ax2.set_ylim(-1, 1)
+    ax2.axhline(0, color="k", lw=1)
+    for i, (x, label, color) in enumerate(marks):
+        ax2.plot([x], [0], "o", color=color, ms=9)
+        ax2.text(x, 0.25 if i % 2 == 0 else -0.75, label, ha="center", fontsize=9, color=color)
+    ax2.set_yticks([])
+    ax2.set_xlabel("‖u‖, the norm fed to expmap0 (log scale)")
+    ax2.set_title("Where each guard acts, on one number line")
+    for side in ("left", "right", "top"):
+        ax2.spines[side].set_visible(False)
+    fig.savefig(os.path.join(out, "poincare_operating_point.png"), dpi=110)
+    plt.close(fig)
+
+
+def plot_riemannian_factor(plt, info, out):
+    R = info["radius"]
+    p = np.linspace(0, R * 0.999, 400)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(p, riemannian_factor(C, p), label="(1 − c‖p‖²)²/4 = 1/λ_c(p)²")
+    ax.plot([info["s"]], [info["k"]], "o", color="tab:green", ms=8)
+    ax.annotate(f"PAEFF: ‖p‖ = {info['s']:.4f}, factor {info['k']:.4f}\n(every row, every step)",
+                (info["s"], info["k"]), (1.4, 0.21), fontsize=9, arrowprops=dict(arrowstyle="->"))
+    ax.axvline(R, color="k", lw=0.8, ls="--")
+    ax.text(R * 0.98, 0.2, "boundary\n1/√c", ha="right", fontsize=8)
+    ax.set_xlabel("‖p‖")
+    ax.set_ylabel("factor applied to dL/dp")
+    ax.set_title("The Riemannian scaling against ‖p‖ (c = 0.05)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "riemannian_factor.png"), dpi=110)
+    plt.close(fig)
+
+
+# --- 7. the computational graph -------------------------------------------------
+
+def plot_graph(plt, out):
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 6)
+    ax.axis("off")
+    nodes = {
+        "face": (0.6, 4.8, "face x_f\nB×4096"), "voice": (0.6, 1.2, "voice x_v\nB×512"),
+        "bf": (2.2, 4.8, "branch\nLin→BN→ReLU\n→Drop→Lin→L2"), "bv": (2.2, 1.2, "branch\nLin→BN→ReLU\n→Drop→Lin→L2"),
+        "ef": (3.8, 4.8, "e_f"), "ev": (3.8, 1.2, "e_v"),
+        "pf": (5.3, 5.5, "p_f = P(expmap0(e_f))"), "pv": (5.3, 0.5, "p_v = P(expmap0(e_v))"),
+        "la": (8.5, 2.6, "L_A\nsymmetric CE\nS = p_f p_vᵀ/τ"),
+        "fus": (5.3, 3.0, "fusion\nEGFF (or gated)"), "m": (6.4, 3.0, "m"),
+        "z": (7.4, 4.6, "z = tanh(m W_rᵀ + b_r)"),
+        "s": (9.6, 4.6, "s = z W_lᵀ + b_l"),
+        "lop": (7.4, 1.5, "L_OP  (OPL on z)"), "lce": (9.6, 3.4, "L_CE"),
+        "L": (10.3, 1.6, "L = α₁L_A\n+ α₂L_OP\n+ α₃L_CE"),
+    }
+    fan = {"ef", "ev", "z"}
+    for key, (x, y, text) in nodes.items():
+        color = "#ffe2b8" if key in fan else ("#dcefdc" if key in ("la", "lop", "lce", "L") else "#e6eefa")
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5,
+                bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="gray"), zorder=3)
+    edges = [("face", "bf"), ("voice", "bv"), ("bf", "ef"), ("bv", "ev"), ("ef", "pf"), ("ev", "pv"),
+             ("pf", "la"), ("pv", "la"), ("ef", "fus"), ("ev", "fus"), ("fus", "m"), ("m", "z"),
+             ("z", "s"), ("z", "lop"), ("s", "lce"), ("la", "L"), ("lop", "L"), ("lce", "L")]
+    for a, b in edges:
+        (x0, y0, _), (x1, y1, _) = nodes[a], nodes[b]
+        ax.annotate("", (x1, y1), (x0, y0),
+                    arrowprops=dict(arrowstyle="->", color="tab:orange" if a in fan else "gray",
+                                    lw=1.8 if a in fan else 1, shrinkA=14, shrinkB=14), zorder=1)
+    ax.text(0.1, 0.05, "orange: fan-outs. In the backward their gradients add:  "
+            "de_f = (from fusion) + α₁·(from L_A),  dz = α₂·(from L_OP) + (from the logits)",
+            fontsize=9, color="tab:orange")
+    ax.set_title("The PAEFF loss as a computational graph")
+    fig.savefig(os.path.join(out, "computational_graph.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --- 8. a worked example and the values at initialisation ------------------------
+
+def worked_example():
+    say("worked example: B = 3, D = 2, symmetric CE (τ = 1) and OPL (γ = 0.7)")
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    b = np.array([[0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+    loss, cache = losses.symmetric_cross_entropy_forward(a, b, 1.0)
+    da, db = losses.symmetric_cross_entropy_backward(cache)
+    np.set_printoptions(precision=4, suppress=True)
+    S = a @ b.T
+    rows = np.exp(S) / np.exp(S).sum(axis=1, keepdims=True)
+    cols = np.exp(S) / np.exp(S).sum(axis=0, keepdims=True)
+    print("  S = a bᵀ =\n", S)
+    print("  softmax over rows =\n", rows, "\n  softmax over columns =\n", cols)
+    print("  dS = (rows + cols − 2I)/2B =\n", (rows + cols - 2 * np.eye(3)) / 6)
+    print(f"  L_A = {float(loss):.4f};  da =\n", da, "\n  db =\n", db)
+    z = np.array([[3.0, 4.0], [4.0, -3.0], [-5.0, 0.0]])
+    y = np.array([0, 0, 1])
+    lop, cache = losses.orthogonal_projection_forward(z, y, 0.7)
+    print(f"  OPL: z = {z.tolist()}, y = {y.tolist()}: L_OP = {float(lop):.6f}")
+    print("  dz =\n", losses.orthogonal_projection_backward(cache))
+
+
+def values_at_initialisation():
+    say("values at initialisation (paper sizes, B = 256, synthetic features)")
+    cfg = pn.Config(dropout=0.0)
+    rng = np.random.default_rng(0)
+    B = 256
+    face = np.maximum(rng.standard_normal((B, cfg.face_dim)), 0.0)
+    voice = rng.standard_normal((B, cfg.voice_dim))
+    voice /= np.linalg.norm(voice, axis=1, keepdims=True)
+    labels = rng.integers(0, cfg.n_classes, B)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    loss, terms, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    print(f"  L_CE = {float(terms['ce']):.4f}   (ln K = ln {cfg.n_classes} = {math.log(cfg.n_classes):.4f})")
+    print(f"  L_A  = {float(terms['align']):.4f}   (ln B = {math.log(B):.4f})")
+    print(f"  L_OP = {float(terms['opl']):.4f};  L = {float(loss):.4f}")
+    f_hat, v_hat = pn.embed(params, buffers, face, voice, cfg)     # eval mode: BN at init ≈ identity
+    gate_in = f_hat * v_hat
+    w, b = float(params["fusion_layer.conv.weight"].ravel()[0]), float(params["fusion_layer.conv.bias"][0])
+    rms = lambda x: float(np.sqrt((x * x).mean()))
+    print(f"  e: unit rows, entries rms 1/√D = {1 / math.sqrt(cfg.embed_dim):.4f};  f̂ = GELU(e_f) rms {rms(f_hat):.4f}")
+    print(f"  EGFF gate input a = f̂ ⊙ v̂: rms {rms(gate_in):.1e};  u = w·a + b with w = {w:.3f}, b = {b:.3f}:"
+          f" |w·a| rms {abs(w) * rms(gate_in):.1e}, so g ≈ σ(b) = {1 / (1 + math.exp(-b)):.4f} everywhere")
+    for name in sorted(grads):
+        g = grads[name]
+        print(f"  |d {name:34s}| rms {np.sqrt((g * g).mean()):.1e}  max {np.abs(g).max():.1e}")
+
+
+# --- main -----------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the PNG figures")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("walkthrough: the figures need matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"walkthrough: cannot create {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    np.seterr(all="ignore")
+    plot_graph(plt, args.out)
+    plot_check_every_op(plt, check_every_op(), args.out)
+    plot_equivalence(plt, hyperbolic_equals_euclidean(), args.out)
+    plot_bn_bias(plt, batchnorm_bias_gradient(), args.out)
+    plot_fd(plt, fd_error_against_h(), args.out)
+    plot_tails(plt, tails(), args.out)
+    info = poincare_operating_point()
+    plot_poincare(plt, info, args.out)
+    plot_riemannian_factor(plt, info, args.out)
+    worked_example()
+    values_at_initialisation()
+    print(f"\nfigures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
