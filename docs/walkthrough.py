@@ -56,10 +56,9 @@ def check_every_op():
     y = np.array([0, 1, 2, 0, 1])
     ops = {
         "linear": (layers.linear_forward, layers.linear_backward, [r(B, 4), r(D, 4), r(D)], {}),
-        "batchnorm (train)": (
-            lambda x, g, b: (lambda out: (out[0], out[2]))(
-                layers.batchnorm_forward(x, g, b, np.zeros(D), np.ones(D), True)),
-            layers.batchnorm_backward, [r(B, D), r(D), r(D)], {}),
+        "batchnorm (train)": (layers.batchnorm_forward, layers.batchnorm_backward,
+                              [r(B, D), r(D), r(D)],
+                              dict(state=layers.BatchNormState(np.zeros(D), np.ones(D)), train=True)),
         "relu": (layers.relu_forward, layers.relu_backward, [r(B, D)], {}),
         "l2_normalize": (layers.l2_normalize_forward, layers.l2_normalize_backward, [r(B, D)], {}),
         "gelu": (layers.gelu_forward, layers.gelu_backward, [r(B, D)], {}),
@@ -70,16 +69,14 @@ def check_every_op():
         "expmap0": (hyperbolic.expmap0_forward, hyperbolic.expmap0_backward, [r(B, D)], dict(c=C)),
         "project (outside)": (hyperbolic.project_forward, hyperbolic.project_backward,
                               [10 * r(B, D)], dict(c=C)),
-        "egff (k=3, product)": (
-            lambda ef, ev, w, b: (lambda o: (o[0], o[3]))(egff_forward(ef, ev, w, b)),
-            lambda dm, cache: egff_backward(dm, cache), [r(B, D), r(B, D), r(1, 1, 3), r(1)], {}),
-        "softmax CE": (lambda s: losses.softmax_cross_entropy_forward(s, y),
-                       lambda d, cache: losses.softmax_cross_entropy_backward(cache) * d, [r(B, 3)], {}),
-        "symmetric CE": (lambda a, b: losses.symmetric_cross_entropy_forward(a, b, TAU),
-                         lambda d, cache: tuple(g * d for g in losses.symmetric_cross_entropy_backward(cache)),
-                         [r(B, D), r(B, D)], {}),
-        "OPL": (lambda z: losses.orthogonal_projection_forward(z, y, 0.7),
-                lambda d, cache: losses.orthogonal_projection_backward(cache) * d, [r(B, D)], {}),
+        "egff (k=3, product)": (egff_forward, egff_backward,
+                                [r(B, D), r(B, D), r(1, 1, 3), r(1)], {}),
+        "softmax CE": (losses.softmax_cross_entropy_forward, losses.softmax_cross_entropy_backward,
+                       [r(B, 3)], dict(y=y)),
+        "symmetric CE": (losses.symmetric_cross_entropy_forward, losses.symmetric_cross_entropy_backward,
+                         [r(B, D), r(B, D)], dict(temperature=TAU)),
+        "OPL": (losses.orthogonal_projection_forward, losses.orthogonal_projection_backward,
+                [r(B, D)], dict(y=y, gamma=0.7)),
     }
     results = {}
     for name, (fwd, bwd, inputs, kwargs) in ops.items():
@@ -463,7 +460,7 @@ def worked_example():
     a = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     b = np.array([[0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
     loss, cache = losses.symmetric_cross_entropy_forward(a, b, 1.0)
-    da, db = losses.symmetric_cross_entropy_backward(cache)
+    da, db = losses.symmetric_cross_entropy_backward(1.0, cache)
     np.set_printoptions(precision=4, suppress=True)
     S = a @ b.T
     rows = np.exp(S) / np.exp(S).sum(axis=1, keepdims=True)
@@ -476,7 +473,7 @@ def worked_example():
     y = np.array([0, 0, 1])
     lop, cache = losses.orthogonal_projection_forward(z, y, 0.7)
     print(f"  OPL: z = {z.tolist()}, y = {y.tolist()}: L_OP = {float(lop):.6f}")
-    print("  dz =\n", losses.orthogonal_projection_backward(cache))
+    print("  dz =\n", losses.orthogonal_projection_backward(1.0, cache))
 
 
 def values_at_initialisation():
