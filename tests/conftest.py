@@ -1,29 +1,37 @@
-"""Shared fixtures: every operation test runs on NumPy, and on CuPy when a GPU is present."""
+"""Shared fixtures: every operation test runs on NumPy, and on CuPy when a GPU is present.
+
+The CuPy half asks the library's one device probe (``backend.probe_gpu``).
+Without a usable GPU it is skipped, with the probe's reason (the real
+exception) in the skip message; with ``PAEFF_REQUIRE_GPU=1`` it fails instead,
+so a GPU CI job cannot pass while running no GPU test.
+"""
+import os
+
 import numpy as np
 import pytest
 
+from paeff_np import backend
 
-def _cupy_if_gpu():
-    try:
-        import cupy
-        cupy.cuda.runtime.getDeviceCount()
-        cupy.zeros(1).sum()
-        return cupy
-    except Exception:
-        return None
+REQUIRE_GPU = os.environ.get("PAEFF_REQUIRE_GPU") == "1"
 
 
-CUPY = _cupy_if_gpu()
+def require_gpu():
+    """The probed ``cupy`` module; else skip with the probe's reason, or fail
+    under ``PAEFF_REQUIRE_GPU=1``."""
+    cupy, reason = backend.probe_gpu()
+    if cupy is None:
+        if REQUIRE_GPU:
+            pytest.fail(f"PAEFF_REQUIRE_GPU=1 but no usable GPU: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return cupy
 
 
 @pytest.fixture(params=["numpy", "cupy"])
 def xp(request):
-    """The array module a test runs on; the CuPy half is skipped without a GPU."""
+    """The array module a test runs on; the CuPy half needs a GPU (``require_gpu``)."""
     if request.param == "numpy":
         return np
-    if CUPY is None:
-        pytest.skip("CuPy with a CUDA device is not available")
-    return CUPY
+    return require_gpu()
 
 
 @pytest.fixture
