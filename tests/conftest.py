@@ -34,9 +34,20 @@ def xp(request):
     return require_gpu()
 
 
+@pytest.fixture
+def cuda():
+    """The ``cupy`` module for a test that needs a real GPU (``require_gpu``)."""
+    return require_gpu()
+
+
 # A tiny synthetic world for end-to-end runs on any device (tests/test_gpu.py,
 # tests/test_strict_xp.py): 1,608 training pairs, 27 identities, lists of 200 rows.
 TINY_WORLD = dict(n_identities=40, seed=0, face_dim=256, voice_dim=64, test_rows=200)
+
+
+@pytest.fixture
+def tiny_world():
+    return dict(TINY_WORLD)
 
 
 @pytest.fixture
