@@ -47,7 +47,7 @@ def _run_probe():
     try:
         cupy = _import_cupy()
     except Exception as exc:                     # ImportError, or a CuPy that cannot find CUDA
-        return None, f"--device cuda needs CuPy, which does not import ({_first_line(exc)}): {CUPY_INSTALL_HINT}"
+        return None, f"the GPU needs CuPy, which does not import ({_first_line(exc)}): {CUPY_INSTALL_HINT}"
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CUDA reports no device")
@@ -115,9 +115,10 @@ def get_array_module(*arrays):
     is asked, never an import.
     """
     cupy = sys.modules.get("cupy")
-    if cupy is not None:
+    device_array = getattr(cupy, "ndarray", None)
+    if device_array is not None:
         for a in arrays:
-            if isinstance(a, cupy.ndarray):
+            if isinstance(a, device_array):
                 return cupy
     return np
 

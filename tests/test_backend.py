@@ -62,7 +62,7 @@ def _raises(exc):
 
 def test_cuda_without_cupy_is_one_clear_error(fresh_probe):
     fresh_probe.setattr(backend, "_import_cupy", _raises(ImportError("No module named 'cupy'")))
-    with pytest.raises(GPUUnavailable, match=r'needs CuPy.*No module named .cupy.*"cupy-cuda12x\[ctk\]"'):
+    with pytest.raises(GPUUnavailable, match=r'the GPU needs CuPy.*No module named .cupy.*"cupy-cuda12x\[ctk\]"'):
         to_device(np.ones(2), "cuda")
 
 
