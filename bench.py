@@ -43,7 +43,7 @@ from paeff_np.atomic import write_json                   # noqa: E402
 from paeff_np.backend import default_rng, probe_gpu      # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops                    # noqa: E402
-from paeff_np.training import PAPER_RECIPE as PAPER      # noqa: E402
+from paeff_np.training import PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
 SCALING_B = (256, 1024, 4096)
@@ -108,7 +108,7 @@ def make_step(dev, B, D, face_dim, voice_dim, K, seed=0):
     voice = xp.asarray(host.standard_normal((B, voice_dim), dtype=np.float32))
     labels = xp.asarray(host.integers(0, K, B))
     rng = default_rng(seed, xp)
-    opt = pn.AdamW(lr=PAPER["lr"])
+    opt = pn.AdamW(lr=PAPER_RECIPE["lr"])
     parts = []
 
     def step():
@@ -157,7 +157,7 @@ def adamw_compare(dev, repeats):
     _, flat = flatten(plain)
     out = {}
     for name, p in (("per_key", plain), ("flat", flat)):
-        opt = pn.AdamW(lr=PAPER["lr"])
+        opt = pn.AdamW(lr=PAPER_RECIPE["lr"])
         out[name] = 1e3 * statistics.median(timed(lambda: opt.step(p, grads), dev.sync, repeats, 3))
     out["n_params"] = int(sum(v.size for v in params.values()))
     return out
@@ -179,8 +179,8 @@ def end_to_end(dev_name, epochs_to_run, log):
     log(f"  synthetic VoxCeleb1-size set: {len(train):,} training pairs, {train.n_classes} identities, "
         f"{len(dataset.tests)} test lists; {size_gb:.1f} GB of features, generated in {gen_s:.1f} s")
     cfg = pn.Config(face_dim=train.face_dim, voice_dim=train.voice_dim,
-                    embed_dim=PAPER["embed_dim"], n_classes=train.n_classes)
-    settings = TrainSettings(epochs=PAPER["epochs"], lr=PAPER["lr"], batch_size=PAPER["batch_size"],
+                    embed_dim=PAPER_RECIPE["embed_dim"], n_classes=train.n_classes)
+    settings = TrainSettings(epochs=PAPER_RECIPE["epochs"], lr=PAPER_RECIPE["lr"], batch_size=PAPER_RECIPE["batch_size"],
                              device=dev_name)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(dataset, cfg, settings, out, log=lambda s: None)
@@ -192,9 +192,9 @@ def end_to_end(dev_name, epochs_to_run, log):
         eval_s = time.perf_counter() - t0
     loop_s = [r["seconds"] for r in records]
     per_epoch = train_s / len(records)                 # loop + monitor EER + checkpoint
-    total = per_epoch * PAPER["epochs"] + eval_s
+    total = per_epoch * PAPER_RECIPE["epochs"] + eval_s
     return dict(device=dev_name, pairs=len(train), identities=train.n_classes,
-                generate_s=gen_s, epochs_run=len(records), estimated=len(records) < PAPER["epochs"],
+                generate_s=gen_s, epochs_run=len(records), estimated=len(records) < PAPER_RECIPE["epochs"],
                 epoch_s=per_epoch, epoch_loop_s=statistics.median(loop_s),
                 samples_per_s=statistics.median(r["samples_per_s"] for r in records),
                 final_eval_s=eval_s, total_50_epochs_s=total)
@@ -294,11 +294,11 @@ def run_device(dev, args, log):
 
 
 def report_e2e(r, log):
-    tag = f"ESTIMATED (measured epochs x {PAPER['epochs']})" if r["estimated"] else "measured"
+    tag = f"ESTIMATED (measured epochs x {PAPER_RECIPE['epochs']})" if r["estimated"] else "measured"
     log(f"  epoch: {r['epoch_s']:.1f} s (training loop {r['epoch_loop_s']:.1f} s, "
         f"{r['samples_per_s']:,.0f} samples/s; the rest is the per-epoch EER monitor and checkpoint)")
     log(f"  final evaluation (all test lists): {r['final_eval_s']:.1f} s")
-    log(f"  {PAPER['epochs']} epochs + evaluation: {r['total_50_epochs_s']:.0f} s = "
+    log(f"  {PAPER_RECIPE['epochs']} epochs + evaluation: {r['total_50_epochs_s']:.0f} s = "
         f"{r['total_50_epochs_s'] / 3600:.2f} h, {tag}")
 
 
@@ -322,8 +322,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="a few repeats and only B=256 rows (a smoke test)")
     parser.add_argument("--e2e", action="store_true",
-                        help=f"end-to-end time of the paper recipe ({PAPER['epochs']} epochs, "
-                             f"B={PAPER['batch_size']}, D={PAPER['embed_dim']}, lr {PAPER['lr']:g}) "
+                        help=f"end-to-end time of the paper recipe ({PAPER_RECIPE['epochs']} epochs, "
+                             f"B={PAPER_RECIPE['batch_size']}, D={PAPER_RECIPE['embed_dim']}, lr {PAPER_RECIPE['lr']:g}) "
                              f"on a VoxCeleb1-size synthetic set, evaluation included")
     parser.add_argument("--e2e-epochs", type=int,
                         help="epochs actually run for --e2e (default: 1 on the CPU, where the total "
@@ -348,9 +348,9 @@ def main(argv=None):
             results["devices"].append(run_device(Device(name, cupy), args, log))
         if args.e2e:
             for name in names:
-                epochs = min(args.e2e_epochs or (1 if name == "cpu" else PAPER["epochs"]), PAPER["epochs"])
-                log(f"\n== end to end on {name}: paper recipe ({PAPER['epochs']} epochs, B={PAPER['batch_size']}, "
-                    f"D={PAPER['embed_dim']}, lr {PAPER['lr']:g}), {epochs} epoch(s) run ==")
+                epochs = min(args.e2e_epochs or (1 if name == "cpu" else PAPER_RECIPE["epochs"]), PAPER_RECIPE["epochs"])
+                log(f"\n== end to end on {name}: paper recipe ({PAPER_RECIPE['epochs']} epochs, B={PAPER_RECIPE['batch_size']}, "
+                    f"D={PAPER_RECIPE['embed_dim']}, lr {PAPER_RECIPE['lr']:g}), {epochs} epoch(s) run ==")
                 results["e2e"].append(end_to_end(name, epochs, log))
                 report_e2e(results["e2e"][-1], log)
     if args.json:

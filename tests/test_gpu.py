@@ -11,7 +11,6 @@ import sys
 import numpy as np
 
 import paeff_np as pn
-from paeff_np.backend import to_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
