@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from paeff_np import checkpoint as ckpt
-from paeff_np.backend import to_device
+from paeff_np.backend import array_module, to_device
 from paeff_np.cli import UsageError, device_flag, load_data, run
 from paeff_np.evaluation import evaluate, format_results
 
@@ -95,8 +95,9 @@ def _save(fig, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    checkpoint = ckpt.load(args.checkpoint)
     device = args.device or "cpu"
+    array_module(device)                   # the GPU probe, before the checkpoint and data are read
+    checkpoint = ckpt.load(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     tests = load_tests(args, checkpoint)

@@ -12,17 +12,17 @@ import sys
 import time
 
 from paeff_np import checkpoint as ckpt
+from paeff_np.backend import array_module
 from paeff_np.cli import (UsageError, add_config_flags, config_overrides, device_flag,
                           load_data, make_config, positive_int, run)
 from paeff_np.data import DataError
 from paeff_np.evaluation import evaluate, format_results
-from paeff_np.training import METRICS_LOG, Trainer, TrainSettings, truncate_jsonl
+from paeff_np.training import METRICS_LOG, PAPER_RECIPE, Trainer, TrainSettings, truncate_jsonl
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
     "quick": dict(epochs=15, lr=1e-3, batch_size=256, embed_dim=128),
-    # docs/spec.md §4, the paper's recipe
-    "paper": dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256),
+    "paper": PAPER_RECIPE,           # docs/spec.md §4
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
 
@@ -87,6 +87,7 @@ def start_run(args):
                              f"drop {', '.join('--' + c.replace('_', '-') for c in changed) or '--preset'}")
         saved = checkpoint.config
         settings = settings_from(args, saved["train"])
+        array_module(settings.device)          # a run saved on the GPU: probe it before the data
         data = saved.get("data", {})
         dataset, data_meta = load_data(args.data_dir or data.get("data_dir"), data.get("synthetic"))
         if (dataset.train.face_dim, dataset.train.voice_dim) != (checkpoint.cfg.face_dim, checkpoint.cfg.voice_dim):
@@ -193,6 +194,7 @@ def format_ablation(rows):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    array_module(args.device or "cpu")     # the GPU probe, before any data is parsed or folder made
     if args.ablation:
         train_ablation(args)
     else:

@@ -3,46 +3,123 @@
 Every other module asks ``get_array_module(x)`` for the array module of its
 inputs (``numpy`` or ``cupy``) and writes ``xp.exp``, ``xp.tanh`` ... once for
 both. What differs between the two lives here: the error function used by the
-exact GELU (erfc), scatter-add, random numbers, and moving arrays between host and
-device. CuPy is imported lazily, only when a CuPy array or ``device="cuda"`` is
-asked for, so the library runs on a machine without it.
+exact GELU (erfc), random numbers, moving arrays between host and device,
+compiling CuPy elementwise kernels (``elementwise_kernel``, memoised) and the
+one device probe (``probe_gpu``) that train.py, eval.py, bench.py and the tests
+all run before they touch a GPU. CuPy is imported lazily, only when a CuPy
+array or ``device="cuda"`` is asked for, so the library runs on a machine
+without it.
 """
 import math
+import sys
 
 import numpy as np
+
+CUPY_INSTALL_HINT = ('pip install "cupy-cuda12x[ctk]" (or "cupy-cuda13x[ctk]"; the [ctk] extra '
+                     'brings the CUDA compiler and libraries a driver-only machine lacks)')
 
 
 class GPUUnavailable(RuntimeError):
     """``device="cuda"`` was asked for on a machine without a usable CuPy."""
 
 
-def _cupy_or_none():
-    try:
-        import cupy
-    except Exception:  # ImportError, or a CuPy that cannot find CUDA
-        return None
+# --- the device probe ------------------------------------------------------------
+
+def _import_cupy():
+    import cupy
     return cupy
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _run_probe():
+    """``(cupy, None)`` when CuPy imports and a device computes correctly, else
+    ``(None, reason)``: one line that says what failed and how to fix it.
+
+    Counting devices is not enough: a CuPy wheel without the CUDA toolkit
+    imports and counts devices, then fails at the first kernel compile. So the
+    probe runs what training needs: an elementwise kernel (NVRTC), a reduction
+    and a 2×2 float32 matrix product (cuBLAS), and checks their values.
+    """
+    try:
+        cupy = _import_cupy()
+    except Exception as exc:                     # ImportError, or a CuPy that cannot find CUDA
+        return None, f"the GPU needs CuPy, which does not import ({_first_line(exc)}): {CUPY_INSTALL_HINT}"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CUDA reports no device")
+        square_plus_one = cupy.ElementwiseKernel("T x", "T y", "y = x * x + 1", "paeff_probe")
+        x = cupy.arange(4, dtype=cupy.float32)
+        total = float(square_plus_one(x).sum())          # 1 + 2 + 5 + 10
+        a = cupy.asarray([[1.0, 2.0], [3.0, 4.0]], dtype=cupy.float32)
+        product = (a @ a).get()
+        cupy.cuda.Device().synchronize()
+        if total != 18.0 or not np.array_equal(product, [[7.0, 10.0], [15.0, 22.0]]):
+            raise RuntimeError(f"wrong results ({total} instead of 18, {product.tolist()} "
+                               f"instead of [[7, 10], [15, 22]])")
+    except Exception as exc:
+        version = getattr(cupy, "__version__", "?")
+        return None, (f"CuPy {version} is installed but the GPU is not usable ({_first_line(exc)}); "
+                      f"on a machine without a CUDA toolkit: {CUPY_INSTALL_HINT}")
+    return cupy, None
+
+
+_probe_memo = []          # [(cupy or None, reason)] once probed
+
+
+def probe_gpu():
+    """``(cupy, None)`` or ``(None, reason)``; the probe runs once per process."""
+    if not _probe_memo:
+        _probe_memo.append(_run_probe())
+    return _probe_memo[0]
 
 
 def cupy_module():
-    """Return the ``cupy`` module, or raise GPUUnavailable with one clear line."""
-    cupy = _cupy_or_none()
+    """The ``cupy`` module after a successful probe, or GPUUnavailable with one line."""
+    cupy, reason = probe_gpu()
     if cupy is None:
-        raise GPUUnavailable("--device cuda needs CuPy: pip install cupy-cuda12x "
-                             "(or the wheel for your CUDA); see the README")
-    try:
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        raise GPUUnavailable(f"CuPy is installed but no CUDA device is usable ({exc})")
+        raise GPUUnavailable(reason)
     return cupy
 
 
+def array_module(device):
+    """``numpy`` for ``"cpu"``, ``cupy`` (probed) for ``"cuda"``."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        return cupy_module()
+    raise ValueError(f"unknown device {device!r}: use cpu or cuda")
+
+
+_kernel_memo = {}        # (in_params, out_params, body, name) → ElementwiseKernel
+
+
+def elementwise_kernel(in_params, out_params, body, name):
+    """``cupy.ElementwiseKernel(in_params, out_params, body, name)``, built once
+    per distinct source (CuPy compiles it on first call and caches the binary)."""
+    key = (in_params, out_params, body, name)
+    if key not in _kernel_memo:
+        _kernel_memo[key] = cupy_module().ElementwiseKernel(*key)
+    return _kernel_memo[key]
+
+
+# --- arrays on either device ----------------------------------------------------------
+
 def get_array_module(*arrays):
-    """``numpy`` or ``cupy``: the module of the first CuPy array among ``arrays``."""
-    for a in arrays:
-        if type(a).__module__.startswith("cupy"):
-            import cupy
-            return cupy
+    """``numpy`` or ``cupy``: the module of the first CuPy array among ``arrays``.
+
+    A CuPy array can only exist once ``cupy`` is imported, so ``sys.modules``
+    is asked, never an import.
+    """
+    cupy = sys.modules.get("cupy")
+    device_array = getattr(cupy, "ndarray", None)
+    if device_array is not None:
+        for a in arrays:
+            if isinstance(a, device_array):
+                return cupy
     return np
 
 
@@ -59,9 +136,7 @@ def to_device(x, device="cpu"):
     """Move ``x`` to ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy)."""
     if device == "cpu":
         return to_host(x)
-    if device == "cuda":
-        return cupy_module().asarray(x)
-    raise ValueError(f"unknown device {device!r}: use cpu or cuda")
+    return array_module(device).asarray(x)
 
 
 def erfc(x):
@@ -71,17 +146,6 @@ def erfc(x):
         return cupyx.scipy.special.erfc(x)
     import scipy.special
     return scipy.special.erfc(x)
-
-
-def add_at(target, index, values):
-    """``target[index] += values`` accumulating repeated indices (np.add.at)."""
-    xp = get_array_module(target)
-    if xp is np:
-        np.add.at(target, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(target, index, values)
-    return target
 
 
 def default_rng(seed, xp=np):

@@ -17,16 +17,11 @@ import numpy as np
 from sklearn.metrics import auc as trapezoid_area
 from sklearn.metrics import roc_curve
 
+from .backend import to_host
+
 # Threshold grid of the official protocol: 0, 0.01, ..., 3.99 (400 values).
 OFFICIAL_THRESHOLDS = np.arange(0, 4, 0.01)
 OFFICIAL_FOLDS = 10
-
-
-def _host(a):
-    """Return ``a`` as a host NumPy array (CuPy arrays are copied with ``.get()``)."""
-    if hasattr(a, "get") and not isinstance(a, np.ndarray):
-        return a.get()
-    return np.asarray(a)
 
 
 # ---------------------------------------------------------------------------
@@ -39,7 +34,7 @@ def pair_distances(face_emb, voice_emb):
 
     d_i = sum_k (f_ik - v_ik)^2
     """
-    face, voice = _host(face_emb), _host(voice_emb)
+    face, voice = to_host(face_emb), to_host(voice_emb)
     if face.shape != voice.shape or face.ndim != 2:
         raise ValueError(
             f"face_emb and voice_emb must be 2-D with the same shape, got "
@@ -51,7 +46,7 @@ def pair_distances(face_emb, voice_emb):
 
 def _check_pairs(dist, same):
     """Validate and return (dist as float array, same as bool array)."""
-    dist, same = _host(dist), _host(same)
+    dist, same = to_host(dist), to_host(same)
     if dist.ndim != 1 or same.ndim != 1:
         raise ValueError(
             f"dist and same must be 1-D, got shapes {dist.shape} and {same.shape}"
@@ -194,12 +189,6 @@ def _draw_distractors(probes, ids, n_distractors, rng):
     return chosen
 
 
-def _squared_distances(a, b):
-    """Row-wise squared Euclidean distance sum_k (a_ik - b_ik)^2."""
-    diff = a - b
-    return np.einsum("ij,ij->i", diff, diff)
-
-
 def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
     """Accuracy of 1-of-n_c cross-modal matching.
 
@@ -214,7 +203,7 @@ def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
     many trials with probes drawn uniformly (with replacement) by ``rng``.
     rng: a ``numpy.random.Generator``.
     """
-    probe, gallery = _host(probe_emb), _host(gallery_emb)
+    probe, gallery = to_host(probe_emb), to_host(gallery_emb)
     if probe.shape != gallery.shape or probe.ndim != 2:
         raise ValueError(
             f"probe_emb and gallery_emb must be 2-D with the same shape, got "
@@ -223,7 +212,7 @@ def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
     if n_c < 2:
         raise ValueError(f"n_c must be at least 2, got {n_c}")
     n = len(probe)
-    ids = np.arange(n) if ids is None else _host(ids)
+    ids = np.arange(n) if ids is None else to_host(ids)
     if ids.shape != (n,):
         raise ValueError(f"ids must have shape ({n},), got {ids.shape}")
 
@@ -237,9 +226,9 @@ def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
         )
 
     distractors = _draw_distractors(probes, ids, n_c - 1, rng)
-    true_dist = _squared_distances(probe[probes], gallery[probes])
+    true_dist = pair_distances(probe[probes], gallery[probes])
     nearest_distractor = np.min(
-        [_squared_distances(probe[probes], gallery[column]) for column in distractors.T],
+        [pair_distances(probe[probes], gallery[column]) for column in distractors.T],
         axis=0,
     )
     return float(np.mean(true_dist < nearest_distractor))
@@ -254,7 +243,7 @@ def matching_table(face_emb, voice_emb, ids=None, n_cs=range(2, 11), seed=0):
     with d = 0 for voice_to_face and 1 for face_to_voice, so results are
     reproducible and independent of which n_c values are requested.
     """
-    face, voice = _host(face_emb), _host(voice_emb)
+    face, voice = to_host(face_emb), to_host(voice_emb)
     directions = {"voice_to_face": (voice, face), "face_to_voice": (face, voice)}
     table = {}
     for d, (name, (probe, gallery)) in enumerate(directions.items()):

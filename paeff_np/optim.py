@@ -3,8 +3,21 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_host
+from .backend import elementwise_kernel, get_array_module, to_device, to_host
 from .flat import FlatViews, flat_like, gather_into
+
+
+ADAMW_KERNEL = dict(
+    in_params="T g, T decay, T beta1, T c1, T beta2, T c2, T step_size, T sqrt_bias2, T eps",
+    out_params="T p, T m, T v",
+    body="""
+    p = p * decay;
+    m = m * beta1 + c1 * g;
+    v = v * beta2 + c2 * g * g;
+    p = p - (step_size * m) / (sqrt(v) / sqrt_bias2 + eps);
+    """,
+    name="paeff_adamw")
+"""``adamw_update`` as one CuPy elementwise kernel: the same formula, in CUDA C."""
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
@@ -17,12 +30,14 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
 
     with ``bias1 = 1 − β₁ᵗ``, ``sqrt_bias2 = √(1 − β₂ᵗ)``. The one implementation
     of the formula, used per key and on a whole flat buffer alike. On CuPy it
-    is one fused elementwise kernel (``_cuda_kernel``), the same formula.
+    is one fused elementwise kernel (``ADAMW_KERNEL``, compiled once by
+    ``backend.elementwise_kernel``), the same formula.
     """
     xp = get_array_module(p)
     if xp is not np:
-        _cuda_kernel()(g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-                       lr / bias1, sqrt_bias2, eps, p, m, v)
+        elementwise_kernel(**ADAMW_KERNEL)(
+            g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+            lr / bias1, sqrt_bias2, eps, p, m, v)
         return
     p *= 1.0 - lr * weight_decay
     m *= beta1
@@ -30,27 +45,6 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
     v *= beta2
     v += (1.0 - beta2) * g * g
     p -= (lr / bias1) * m / (np.sqrt(v) / sqrt_bias2 + eps)
-
-
-_KERNEL = None
-
-
-def _cuda_kernel():
-    """The CuPy elementwise kernel of ``adamw_update`` (compiled once, on first use)."""
-    global _KERNEL
-    if _KERNEL is None:
-        import cupy
-        _KERNEL = cupy.ElementwiseKernel(
-            "T g, T decay, T beta1, T c1, T beta2, T c2, T step_size, T sqrt_bias2, T eps",
-            "T p, T m, T v",
-            """
-            p = p * decay;
-            m = m * beta1 + c1 * g;
-            v = v * beta2 + c2 * g * g;
-            p = p - (step_size * m) / (sqrt(v) / sqrt_bias2 + eps);
-            """,
-            "paeff_adamw")
-    return _KERNEL
 
 
 class AdamW:
@@ -106,8 +100,8 @@ class AdamW:
     def _step_flat(self, params, grads, hyper):
         layout = params.layout
         self.m, self.v = (self._flat_state(s, params) for s in (self.m, self.v))
-        if not _flat_of(grads, layout):
-            if not _flat_of(self._flat_grad, layout):
+        if not _is_flat_views_of(grads, layout):
+            if not _is_flat_views_of(self._flat_grad, layout):
                 self._flat_grad = layout.views(flat_like(params.flat))
             gather_into(self._flat_grad.flat, grads, layout)
             grads = self._flat_grad
@@ -117,7 +111,7 @@ class AdamW:
     def _flat_state(state, params):
         """``state`` (m or v) as a FlatViews laid out like ``params``: kept when it
         already is one, else copied into a new zeroed buffer (keys it lacks start at 0)."""
-        if _flat_of(state, params.layout):
+        if _is_flat_views_of(state, params.layout):
             return state
         views = params.layout.views(flat_like(params.flat))
         for key, a in state.items():
@@ -142,7 +136,7 @@ class AdamW:
         self.v = {k[2:]: own(a) for k, a in arrays.items() if k.startswith("v/")}
 
 
-def _flat_of(d, layout):
+def _is_flat_views_of(d, layout):
     """True when ``d`` is an intact FlatViews with exactly ``layout``."""
     return isinstance(d, FlatViews) and (d.layout is layout or d.layout == layout) and d.is_intact()
 

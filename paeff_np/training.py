@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import cupy_module, default_rng, to_device
+from .backend import array_module, default_rng, to_device
 from .evaluation import embed_rows
 from .flat import flatten
 from .metrics import pair_distances, verification
@@ -23,6 +23,9 @@ from .model import init_params, loss_and_grads
 from .optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
+
+# docs/spec.md §4, the paper's recipe: TrainSettings' defaults, train.py --preset paper, bench.py --e2e
+PAPER_RECIPE = dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256)
 
 
 class UsageError(Exception):
@@ -35,9 +38,9 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class TrainSettings:
-    epochs: int = 50
-    lr: float = 2e-5
-    batch_size: int = 1024
+    epochs: int = PAPER_RECIPE["epochs"]
+    lr: float = PAPER_RECIPE["lr"]
+    batch_size: int = PAPER_RECIPE["batch_size"]
     seed: int = 0
     weight_decay: float = 0.01
     eta_min: float = 1e-8
@@ -47,10 +50,6 @@ class TrainSettings:
 
     def to_dict(self):
         return asdict(self)
-
-
-def array_module(device):
-    return np if device == "cpu" else cupy_module()
 
 
 def _epoch_batches(n, batch_size, seed, epoch):

@@ -1,29 +1,85 @@
-"""Shared fixtures: every operation test runs on NumPy, and on CuPy when a GPU is present."""
+"""Shared fixtures: every operation test runs on NumPy, and on CuPy when a GPU is present.
+
+The CuPy half asks the library's one device probe (``backend.probe_gpu``).
+Without a usable GPU it is skipped, with the probe's reason (the real
+exception) in the skip message; with ``PAEFF_REQUIRE_GPU=1`` it fails instead,
+so a GPU CI job cannot pass while running no GPU test.
+"""
+import os
+
 import numpy as np
 import pytest
 
+from paeff_np import backend
 
-def _cupy_if_gpu():
-    try:
-        import cupy
-        cupy.cuda.runtime.getDeviceCount()
-        cupy.zeros(1).sum()
-        return cupy
-    except Exception:
-        return None
+REQUIRE_GPU = os.environ.get("PAEFF_REQUIRE_GPU") == "1"
 
 
-CUPY = _cupy_if_gpu()
+def require_gpu():
+    """The probed ``cupy`` module; else skip with the probe's reason, or fail
+    under ``PAEFF_REQUIRE_GPU=1``."""
+    cupy, reason = backend.probe_gpu()
+    if cupy is None:
+        if REQUIRE_GPU:
+            pytest.fail(f"PAEFF_REQUIRE_GPU=1 but no usable GPU: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return cupy
 
 
 @pytest.fixture(params=["numpy", "cupy"])
 def xp(request):
-    """The array module a test runs on; the CuPy half is skipped without a GPU."""
+    """The array module a test runs on; the CuPy half needs a GPU (``require_gpu``)."""
     if request.param == "numpy":
         return np
-    if CUPY is None:
-        pytest.skip("CuPy with a CUDA device is not available")
-    return CUPY
+    return require_gpu()
+
+
+@pytest.fixture
+def cuda():
+    """The ``cupy`` module for a test that needs a real GPU (``require_gpu``)."""
+    return require_gpu()
+
+
+# A tiny synthetic world for end-to-end runs on any device (tests/test_gpu.py,
+# tests/test_strict_xp.py): 1,608 training pairs, 27 identities, lists of 200 rows.
+TINY_WORLD = dict(n_identities=40, seed=0, face_dim=256, voice_dim=64, test_rows=200)
+
+
+@pytest.fixture
+def tiny_world():
+    return dict(TINY_WORLD)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """``tiny_run(device, dropout=0.0, name="run")``: on TINY_WORLD, epoch 1,
+    save, load the checkpoint into a new Trainer, epoch 2, evaluate. Returns
+    ``(records, host params, results, run folder)``."""
+    from paeff_np import checkpoint as ckpt
+    from paeff_np.data.synth import make_synthetic
+    from paeff_np.evaluation import evaluate
+    from paeff_np.model import Config
+    from paeff_np.training import Trainer, TrainSettings
+
+    def run(device, dropout=0.0, name="run"):
+        dataset = make_synthetic(**TINY_WORLD)
+        train = dataset.train
+        cfg = Config(face_dim=train.face_dim, voice_dim=train.voice_dim, embed_dim=32,
+                     n_classes=train.n_classes, dropout=dropout)
+        settings = TrainSettings(epochs=2, lr=1e-3, batch_size=64, device=device)
+        meta = {"source": "synthetic", "synthetic": TINY_WORLD}
+        out = str(tmp_path / name)
+        os.makedirs(out)
+        first = Trainer(dataset, cfg, settings, out, meta, log=lambda line: None)
+        records = first.train(stop_after=1)
+        checkpoint = ckpt.load(out)
+        resumed = Trainer(dataset, checkpoint.cfg, settings, out, meta, log=lambda line: None)
+        resumed.restore(checkpoint)
+        records += resumed.train()
+        results = evaluate(resumed.params, resumed.buffers, resumed.cfg, dataset.tests, seed=0)
+        params = {k: backend.to_host(v) for k, v in resumed.params.items()}
+        return records, params, results, out
+    return run
 
 
 @pytest.fixture

@@ -38,10 +38,12 @@ def test_expmap0_formula_and_zero_row(rand, xp):
     un = np.asarray(to_host(u))
     n = np.linalg.norm(un, axis=1, keepdims=True)
     expected = np.tanh(np.sqrt(C) * n) * un / (np.sqrt(C) * np.maximum(n, MIN_NORM))
+    # CuPy tolerance: tanh ≤ 2 ulp, + × ÷ √ IEEE over 3-term norms: ≤ 8 ulp ≈ 1.8e-15
     np.testing.assert_allclose(to_host(y), expected, rtol=1e-14)
     du = expmap0_backward(xp.ones_like(u), cache)
     assert bool(xp.isfinite(du).all())
     # at the origin expmap0 is (to first order) the identity: du = s·dy with s ≈ 1
+    # (s ≈ 1 − (√c·1e-5)²/3: 1e-9 bounds the approximation, not rounding)
     np.testing.assert_allclose(to_host(du[2]), 1.0, rtol=1e-9)
     assert float(xp.abs(y[2]).max()) == 0.0
 
@@ -66,6 +68,7 @@ def test_project_keeps_inside_and_clips_outside(xp):
     x = xp.asarray(np.array([[0.5 * r, 0.0], [0.0, 2.0 * r], [0.0, 0.0]]))
     y, _ = project_forward(x, C)
     y = to_host(y)
+    # CuPy tolerance: only IEEE-exact + × ÷ √ and sums with one non-zero term: ≤ 3 half-ulps ≈ 3.3e-16
     np.testing.assert_allclose(y[0], [0.5 * r, 0.0], rtol=1e-15)
     np.testing.assert_allclose(y[1], [0.0, r], rtol=1e-15)
     assert (y[2] == 0).all()
@@ -79,6 +82,7 @@ def test_riemannian_scale_is_identity_forward_and_scales_backward(rand, xp):
     got = to_host(riemannian_scale_backward(dp, scale))
     pn = to_host(p)
     expected = to_host(dp) * ((1 - C * (pn ** 2).sum(1, keepdims=True)) ** 2 / 4)
+    # CuPy tolerance: pow ≤ 2 ulp (the square), + × ÷ IEEE, 3-term sums: ≤ 6 ulp ≈ 1.3e-15
     np.testing.assert_allclose(got, expected, rtol=1e-14)
 
 
@@ -96,5 +100,6 @@ def test_to_ball_with_scaling_is_scaled_derivative(rand, xp):
     p, cache_on = to_ball_forward(e, C, riemannian_grad=True)
     _, cache_off = to_ball_forward(e, C, riemannian_grad=False)
     factor = (1 - C * (p * p).sum(1, keepdims=True)) ** 2 / 4
+    # CuPy tolerance: both sides on the device, the same ops up to the factor's pow (≤ 2 ulp): ≲ 10 ulp
     np.testing.assert_allclose(to_host(to_ball_backward(dp, cache_on)),
                                to_host(to_ball_backward(dp * factor, cache_off)), rtol=1e-14)

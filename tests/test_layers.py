@@ -12,6 +12,10 @@ from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forwa
                              relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
                              tanh_backward, tanh_forward)
 
+# CuPy tolerance: the numeric gradient's rounding noise is ~k·ε/h with h = 1e-5, k ≤ 5 ulp
+# (CUDA's erfc; exp/log 1, tanh/pow 2): ≈ 1e-10, a thousand times below TOL.
+
+
 def test_linear(rand):
     x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
     assert_gradcheck(check_layer(linear_forward, linear_backward, [x, W, b]))
@@ -37,9 +41,12 @@ def test_batchnorm_running_statistics_over_steps(xp):
         y, state, _ = batchnorm_forward(
             xp.asarray(x), xp.asarray(gamma), xp.asarray(beta), state, train=True)
         expected = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) + beta
+        # CuPy tolerance: + × ÷ √ are IEEE-exact on CUDA; the means/variances over ≤ 14 rows are summed
+        # in another order (≲ 14 ulp ≈ 3e-15, × the ratio |x|/σ ≈ 10): 1e-12 leaves ≥ 30×
         np.testing.assert_allclose(to_host(y), expected, rtol=1e-12, atol=1e-12)
         ref_mean = 0.9 * ref_mean + 0.1 * x.mean(0)
         ref_var = 0.9 * ref_var + 0.1 * x.var(0, ddof=1)
+    # CuPy tolerance: 7 moving averages of sums over ≤ 14 rows in another order: ≲ 100 ulp ≈ 2e-14
     np.testing.assert_allclose(to_host(state.running_mean), ref_mean, rtol=1e-13)
     np.testing.assert_allclose(to_host(state.running_var), ref_var, rtol=1e-13)
     x = rng.standard_normal((3, D))
@@ -73,6 +80,7 @@ def test_dropout(rand, xp):
 def test_l2_normalize(rand, xp):
     assert_gradcheck(check_layer(l2_normalize_forward, l2_normalize_backward, [rand(5, 4)]))
     e, _ = l2_normalize_forward(rand(5, 4))
+    # CuPy tolerance: IEEE-exact + × ÷ √ and 4-term sums: ≤ 8 ulp ≈ 1.8e-15
     np.testing.assert_allclose(to_host((e * e).sum(1)), 1.0, rtol=1e-14)
 
 
@@ -91,6 +99,8 @@ def test_gelu(rand, xp):
     assert_gradcheck(check_layer(gelu_forward, gelu_backward, [rand(6, 5, scale=2.0)]))
     from scipy.stats import norm
     x = np.linspace(-6, 6, 25)
+    # CuPy tolerance: CUDA's erfc ≤ 5 ulp over its full range, then × and ÷ (IEEE): ≤ 7 ulp ≈ 1.6e-15,
+    # plus the reference's own few ulp; rtol 1e-13 ≈ 450 ulp
     np.testing.assert_allclose(to_host(gelu_forward(xp.asarray(x))[0]), x * norm.cdf(x), rtol=1e-13, atol=1e-300)
 
 
@@ -129,6 +139,8 @@ def test_sigmoid_tanh(rand, pair):
 
 def test_sigmoid_is_finite_at_extremes(xp):
     s, _ = sigmoid_forward(xp.asarray([-1e4, -40.0, 0.0, 40.0, 1e4]))
+    # CuPy tolerance: exp ≤ 1 ulp, 1/(1 + e) IEEE: ≤ 3 ulp; 0, 0.5 and 1 come from exact special values
+    # (exp(0) = 1, exp(−1e4) = 0), hence atol 1e-300
     np.testing.assert_allclose(to_host(s), [0.0, 1 / (1 + np.exp(40.0)), 0.5, 1 / (1 + np.exp(-40.0)), 1.0],
                                rtol=1e-12, atol=1e-300)
 
@@ -152,4 +164,5 @@ def test_conv1d_matches_direct_sum(xp):
                     i = d + j - 2
                     if 0 <= i < 6:
                         expected[n, d] += w[0, c, j] * x[n, c, i]
+    # CuPy tolerance: ≤ 10 IEEE products summed in another order: ≤ 10 ulp × the sum's cancellation
     np.testing.assert_allclose(to_host(y), expected, rtol=1e-13)

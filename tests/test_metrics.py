@@ -265,19 +265,14 @@ def test_verification_rejects_bad_input(dist, same, message):
         verification(dist, same)
 
 
-def test_verification_accepts_device_like_arrays():
-    class FakeDeviceArray:
-        """Stands in for a CuPy array: data reaches the host through .get()."""
-
-        def __init__(self, data):
-            self.data = np.asarray(data)
-
-        def get(self):
-            return self.data
-
+def test_verification_accepts_device_arrays(monkeypatch):
+    """Device arrays reach the host through ``backend.to_host`` (``.get()``);
+    the strict CuPy test double refuses any implicit conversion."""
+    import strict_xp
+    cupy = strict_xp.install(monkeypatch)
     dist = np.tile([0.1, 0.2, 0.2, 0.3], 3)
     same = np.tile([T, T, F, F], 3)
-    result = verification(FakeDeviceArray(dist), FakeDeviceArray(same))
+    result = verification(cupy.asarray(dist), cupy.asarray(same))
     assert result["eer"] == pytest.approx(0.25, abs=1e-12)  # as in the tie case
 
 

@@ -1,0 +1,114 @@
+"""The library's CuPy paths, run on every CI run through ``strict_xp``, a strict
+CuPy TEST DOUBLE on NumPy: a host/device leak fails here without a GPU.
+
+This replaces no GPU run (tests/test_gpu.py is that): the double computes
+with NumPy on the CPU, so it proves the code keeps CuPy's rules, not that
+CUDA computes what NumPy does.
+"""
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import strict_xp
+from paeff_np import backend
+from paeff_np.optim import ADAMW_KERNEL, adamw_update
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    return strict_xp.install(monkeypatch)
+
+
+# --- the double enforces CuPy's rules ---------------------------------------------------
+
+def test_double_refuses_implicit_host_conversion(cupy):
+    a = cupy.asarray(np.arange(6.0).reshape(2, 3))
+    for leak in (lambda: np.asarray(a), lambda: np.array(a), lambda: np.concatenate([np.ones((1, 3)), a]),
+                 lambda: a + np.ones(3), lambda: np.ones(3) * a, lambda: cupy.where(a > 1, a, np.zeros(3))):
+        with pytest.raises(TypeError):
+            leak()
+    with pytest.raises(TypeError):
+        a[0] = np.zeros(3)
+    assert float(a.sum()) == 15.0 and int(a[1, 2]) == 5 and bool(a[0, 1])   # one number: allowed
+    host = a.get()
+    assert isinstance(host, np.ndarray) and host.tolist() == [[0, 1, 2], [3, 4, 5]]
+    host[0, 0] = 99.0
+    assert float(a[0, 0]) == 0.0                                  # .get() is a copy
+
+
+def test_double_treated_as_cupy_by_the_backend(cupy):
+    a = cupy.asarray(np.ones((4, 2)))
+    assert backend.get_array_module(np.ones(1), a) is cupy and backend.is_cupy(a)
+    assert backend.array_module("cuda") is cupy
+    assert isinstance(backend.to_device(np.ones(2), "cuda"), cupy.ndarray)
+    assert isinstance(backend.to_host(a), np.ndarray)
+    view = backend.to_device(np.zeros(10), "cuda")[2:8].reshape(2, 3)
+    assert isinstance(view.base, cupy.ndarray)                    # views know their base (flat.py)
+    np.testing.assert_allclose(backend.erfc(cupy.asarray([0.0, 1.0])).get(), [1.0, 0.157299207050285])
+    draws = backend.default_rng([1, 2], cupy).random(3)
+    assert isinstance(draws, cupy.ndarray)
+
+
+def test_adamw_kernel_source_is_the_formula(cupy):
+    """The double runs the kernel's CUDA C source: on the same float32 data it
+    gives the bits of the NumPy path of ``adamw_update``."""
+    rng = np.random.default_rng(0)
+    p, g, m, v = (rng.standard_normal(50).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                 bias1=1 - 0.9 ** 3, sqrt_bias2=(1 - 0.999 ** 3) ** 0.5)
+    host = [a.copy() for a in (p, g, m, v)]
+    device = [cupy.asarray(a) for a in (p, g, m, v)]
+    adamw_update(*host, **hyper)
+    adamw_update(*device, **hyper)
+    for h, d in zip(host, device):
+        np.testing.assert_array_equal(d.get(), h)
+    assert list(backend._kernel_memo) == [tuple(ADAMW_KERNEL.values())]
+
+
+# --- the trainer, checkpoints, eval through the double -----------------------------
+
+def test_trainer_resume_and_evaluate_through_the_double_match_the_cpu(cupy, tiny_run):
+    """Without dropout nothing random differs: the CuPy path (flat AdamW
+    kernel, device batches, one sync per epoch, save → load → resume) gives
+    the CPU run's bits."""
+    cpu_records, cpu_params, cpu_results, _ = tiny_run("cpu", name="cpu")
+    records, params, results, _ = tiny_run("cuda", name="double")
+    for r, c in zip(records, cpu_records):
+        assert {k: r[k] for k in ("epoch", "loss", "align", "opl", "ce")} == \
+               {k: c[k] for k in ("epoch", "loss", "align", "opl", "ce")}
+    for k in cpu_params:
+        np.testing.assert_array_equal(params[k], cpu_params[k], err_msg=k)
+    assert json.dumps(results, sort_keys=True) == json.dumps(cpu_results, sort_keys=True)
+
+
+def test_resume_with_dropout_through_the_double_is_exact(cupy, tiny_run, tmp_path, capsys):
+    """With dropout (CuPy's generator, seeded per epoch) a resumed run equals
+    an uninterrupted one, and eval.py evaluates its checkpoint on the device."""
+    from paeff_np import checkpoint as ckpt
+    from paeff_np.cli import run
+    from paeff_np.data.synth import make_synthetic
+    from paeff_np.training import Trainer, TrainSettings
+    records, params, results, out = tiny_run("cuda", dropout=0.4)
+    saved = ckpt.load(out)
+    dataset = make_synthetic(**saved.config["data"]["synthetic"])
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    straight = Trainer(dataset, saved.cfg, TrainSettings(**saved.config["train"]), str(straight_dir),
+                       log=lambda line: None)
+    assert [r["loss"] for r in straight.train()] == [r["loss"] for r in records]
+    for k, v in straight.params.items():
+        np.testing.assert_array_equal(v.get(), params[k], err_msg=k)
+
+    sys.path.insert(0, ROOT)
+    eval_cli = importlib.import_module("eval")
+    capsys.readouterr()
+    assert run(lambda: eval_cli.main(["--checkpoint", out, "--device", "cuda", "--json"]), "eval.py") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["unseenunheard/random"]["eer"] == results["unseenunheard/random"]["eer"]
