@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paeff_np as pn                                    # noqa: E402
 from paeff_np.backend import default_rng                 # noqa: E402
-from paeff_np.checkpoint import write_json              # noqa: E402
+from paeff_np.atomic import write_json                  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
