@@ -187,7 +187,7 @@ def train_one(args):
     try:
         trainer.train(stop_after=args.stop_after)
     except KeyboardInterrupt:
-        print(f"\nthe checkpoint of epoch {trainer.epoch} is intact; continue with "
+        print(f"\nthe checkpoint of epoch {trainer.saved_epoch} is intact; continue with "
               f"python train.py --resume {trainer.out_dir}", file=sys.stderr)
         raise
     if trainer.epoch < trainer.settings.epochs:

@@ -112,6 +112,7 @@ class Trainer:
         self.buffers = {k: to_device(v, settings.device) for k, v in buffers.items()}
         self.opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch = 0           # epochs completed
+        self.saved_epoch = None  # the epoch of the checkpoint on disk (None: none yet)
         self.history = []        # one log record per completed epoch
         self.epochs_changed = []  # --resume with another --epochs: {"at_epoch", "from", "to"}
 
@@ -123,7 +124,7 @@ class Trainer:
         self.buffers = {k: to_device(v, dev) for k, v in checkpoint.buffers.items()}
         if checkpoint.optimizer is not None:
             self.opt.load_state_dict(*checkpoint.optimizer, device=dev)
-        self.epoch = checkpoint.epoch
+        self.epoch = self.saved_epoch = checkpoint.epoch
         self.history = list(checkpoint.history if checkpoint.history is not None
                             else read_metrics_log(self.out_dir, checkpoint.epoch))
         self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
@@ -140,6 +141,7 @@ class Trainer:
             ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
                       optimizer=self.opt, label_values=self.dataset.train.label_values, meta=meta,
                       history=self.history)
+            self.saved_epoch = self.epoch
             write_metrics_log(self.out_dir, self.history)
         except OSError as exc:
             raise ckpt.CheckpointError(f"cannot write {exc.filename}: {exc.strerror or exc}; "
