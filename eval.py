@@ -14,15 +14,18 @@ import numpy as np
 
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
-from paeff_np.cli import UsageError, device_flag, load_data, run
-from paeff_np.evaluation import evaluate, format_results
+from paeff_np.atomic import write_atomically
+from paeff_np.cli import UsageError, check_widths, device_flag, load_data, run
+from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results
+
+PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a PAEFF checkpoint on face–voice test lists.")
     p.add_argument("--checkpoint", required=True, help="run folder or its checkpoint.npz")
     p.add_argument("--data-dir", help="folder with face_/voice_veriflist_test_*.csv; default: the "
-                   "synthetic world the checkpoint was trained on (or the default one)")
+                   "data folder or synthetic world the checkpoint was trained on")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write ROC curves and the matching curve as PNGs")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching galleries")
@@ -31,32 +34,39 @@ def parse_args(argv):
 
 
 def load_tests(args, checkpoint):
-    cfg, data = checkpoint.cfg, checkpoint.config.get("data", {})
-    if args.data_dir:
-        dataset, _ = load_data(args.data_dir, face_dim=cfg.face_dim, voice_dim=cfg.voice_dim,
+    """The test lists of --data-dir, else of the data the checkpoint was trained on."""
+    cfg, data = checkpoint.cfg, checkpoint.config["data"]
+    data_dir = args.data_dir
+    if data_dir is None and data.get("source") == "dir":
+        data_dir = data["data_dir"]
+        print(f"note: evaluating on the test lists of {data_dir}, the data folder recorded in "
+              f"the checkpoint (--data-dir chooses another)", file=sys.stderr)
+    if data_dir:
+        dataset, _ = load_data(data_dir, face_dim=cfg.face_dim, voice_dim=cfg.voice_dim,
                                need_train=False)
     else:
-        if data.get("source") == "dir":
-            print(f"note: the checkpoint was trained on {data.get('data_dir')}; without --data-dir "
-                  f"it is evaluated on the synthetic lists", file=sys.stderr)
         dataset, _ = load_data(None, data.get("synthetic"))
-        widths = (dataset.train.face_dim, dataset.train.voice_dim)
-        if widths != (cfg.face_dim, cfg.voice_dim):
-            raise UsageError(f"the synthetic lists are {widths[0]}/{widths[1]} wide, the checkpoint "
-                             f"expects {cfg.face_dim}/{cfg.voice_dim}: give --data-dir")
+        check_widths(dataset.train, cfg, "the synthetic world (give --data-dir)")
     if not dataset.tests:
-        raise UsageError(f"{args.data_dir}: no test lists (face_/voice_veriflist_test_<kind>_<split>.csv)")
+        raise UsageError(f"{data_dir}: no test lists (face_/voice_veriflist_test_<kind>_<split>.csv)")
     return dataset.tests
 
 
-def plot(results, out_dir):
+def check_plot_folder(out_dir):
+    """--plot is refused before evaluating: without matplotlib, or where a plot exists."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        print("eval.py: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
-        return []
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    for name in PLOT_FILES:
+        if os.path.exists(os.path.join(out_dir, name)):
+            raise UsageError(f"{os.path.join(out_dir, name)} already exists: choose another --plot folder")
+
+
+def plot(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for split in ("seenheard", "unseenunheard"):
@@ -77,7 +87,7 @@ def plot(results, out_dir):
             for direction, style in (("voice_to_face", "-o"), ("face_to_voice", "--s")):
                 n = sorted(r["matching"][direction])
                 ax.plot(n, [100 * r["matching"][direction][i] for i in n], style,
-                        label=f"{k.split('/')[0]} {direction.replace('_to_', '→').replace('voice', 'V').replace('face', 'F')}")
+                        label=f"{k.split('/')[0]} {DIRECTION_LABELS[direction]}")
     n = np.arange(2, 11)
     ax.plot(n, 100 / n, "k:", label="chance")
     ax.set(xlabel="gallery size $n_c$", ylabel="matching accuracy (%)", title="1-of-$n_c$ matching")
@@ -87,7 +97,7 @@ def plot(results, out_dir):
 
 
 def _save(fig, path):
-    ckpt.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path
@@ -97,6 +107,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = args.device or "cpu"
     array_module(device)                   # the GPU probe, before the checkpoint and data are read
+    if args.plot:
+        check_plot_folder(args.plot)
     checkpoint = ckpt.load(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}

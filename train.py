@@ -13,11 +13,13 @@ import time
 
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module
-from paeff_np.cli import (UsageError, add_config_flags, config_overrides, device_flag,
-                          load_data, make_config, positive_int, run)
+from paeff_np.atomic import write_atomically, write_json
+from paeff_np.cli import (UsageError, add_config_flags, check_widths, config_overrides, device_flag,
+                          load_data, make_config, positive_int, remove_leftovers, run)
 from paeff_np.data import DataError
 from paeff_np.evaluation import evaluate, format_results
-from paeff_np.training import METRICS_LOG, PAPER_RECIPE, Trainer, TrainSettings, truncate_jsonl
+from paeff_np.optim import cosine_lr
+from paeff_np.training import PAPER_RECIPE, Trainer, TrainSettings, write_metrics_log
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
@@ -26,15 +28,15 @@ PRESETS = {
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
 
-# Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7)
-ABLATION = [
-    ("gated baseline", "gated", dict(fusion="gated", alignment="none"), (27.6, 79.2)),
-    ("+ EGFF", "egff", dict(fusion="egff", alignment="none"), (26.0, 80.7)),
-    ("+ Euclidean alignment", "euclidean", dict(fusion="egff", alignment="euclidean"), (23.9, 83.6)),
-    ("PAEFF (hyperbolic)", "paeff", dict(fusion="egff", alignment="hyperbolic"), (22.9, 84.4)),
-    ("gate: sum", "gate-sum", dict(egff_gate="sum"), (24.4, None)),
-    ("gate: concat", "gate-concat", dict(egff_gate="concat"), (24.0, None)),
-    ("gate: product (PAEFF)", "gate-product", dict(egff_gate="product"), (22.9, 84.4)),
+# Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7), one list per table
+ABLATION_TABLES = [
+    [("gated baseline", "gated", dict(fusion="gated", alignment="none"), (27.6, 79.2)),
+     ("+ EGFF", "egff", dict(fusion="egff", alignment="none"), (26.0, 80.7)),
+     ("+ Euclidean alignment", "euclidean", dict(fusion="egff", alignment="euclidean"), (23.9, 83.6)),
+     ("PAEFF (hyperbolic)", "paeff", dict(fusion="egff", alignment="hyperbolic"), (22.9, 84.4))],
+    [("gate: sum", "gate-sum", dict(egff_gate="sum"), (24.4, None)),
+     ("gate: concat", "gate-concat", dict(egff_gate="concat"), (24.0, None)),
+     ("gate: product (PAEFF)", "gate-product", dict(egff_gate="product"), (22.9, 84.4))],
 ]
 
 
@@ -68,39 +70,85 @@ def settings_from(args, base):
 
 
 def fresh_out_dir(out):
+    """The folder of a new run: new, or empty. It is created by the first save, so a
+    start refused before it leaves nothing behind."""
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(os.path.join(out, ckpt.CHECKPOINT_NAME)):
         raise UsageError(f"{out} already holds a run: continue it with --resume {out}, "
                          f"or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"{out} is a file, not a folder: choose another --out")
+        remove_leftovers(out)
+        if os.listdir(out):
+            raise UsageError(f"{out} is not empty: a new run needs a new or empty folder; "
+                             f"choose another --out")
     return out
+
+
+def make_trainer(dataset, cfg, settings, out, data_meta):
+    try:
+        return Trainer(dataset, cfg, settings, out, data_meta)
+    except ValueError as exc:            # settings the data cannot take
+        raise UsageError(str(exc)) from None
+
+
+def resumed_settings(args, checkpoint):
+    """The run's own settings, with a new --epochs if given (refused below the epochs done)."""
+    try:
+        saved = TrainSettings.from_dict(checkpoint.config["train"])
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"{checkpoint.path}: {exc}") from None
+    settings = settings_from(args, saved.to_dict())
+    if settings.epochs < checkpoint.epoch:
+        raise UsageError(f"--epochs {settings.epochs} is fewer than the {checkpoint.epoch} epochs "
+                         f"already done in {checkpoint.path}")
+    return settings
+
+
+def change_epochs(trainer, old_epochs):
+    """Say what a new --epochs does to the cosine schedule and record it in the checkpoint;
+    the results of a finished run, now out of date, move to metrics.epoch<N>.json."""
+    settings, done = trainer.settings, trainer.epoch
+    lr_at = lambda total: cosine_lr(done, settings.lr, total, eta_min=settings.eta_min)
+    old_lr = f"{lr_at(old_epochs):.2e}" if done < old_epochs else "none: the run had finished"
+    print(f"note: --epochs {settings.epochs} (the run was set to {old_epochs}): the cosine schedule "
+          f"is recomputed for {settings.epochs} epochs; the learning rate of epoch {done + 1} is "
+          f"{lr_at(settings.epochs):.2e} (was {old_lr}). Recorded as epochs_changed in the checkpoint.")
+    trainer.epochs_changed.append({"at_epoch": done, "from": old_epochs, "to": settings.epochs})
+    results = os.path.join(trainer.out_dir, "metrics.json")
+    kept = os.path.join(trainer.out_dir, f"metrics.epoch{done}.json")
+    if os.path.exists(results) and not os.path.exists(kept):
+        os.replace(results, kept)
+        print(f"note: the results of the {old_epochs}-epoch run are kept in {kept}")
 
 
 def start_run(args):
     """A new Trainer from the flags, or one restored from --resume."""
     if args.resume:
+        remove_leftovers(os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0])))
         checkpoint = ckpt.load(args.resume)
         changed = [k for k in config_overrides(args)] + [
             k for k in ("lr", "batch_size", "seed") if getattr(args, k) is not None]
         if changed or args.preset != "quick":
             raise UsageError(f"--resume continues a run as it was configured; "
                              f"drop {', '.join('--' + c.replace('_', '-') for c in changed) or '--preset'}")
-        saved = checkpoint.config
-        settings = settings_from(args, saved["train"])
+        settings = resumed_settings(args, checkpoint)
         array_module(settings.device)          # a run saved on the GPU: probe it before the data
-        data = saved.get("data", {})
+        data = checkpoint.config["data"]
         dataset, data_meta = load_data(args.data_dir or data.get("data_dir"), data.get("synthetic"))
-        if (dataset.train.face_dim, dataset.train.voice_dim) != (checkpoint.cfg.face_dim, checkpoint.cfg.voice_dim):
-            raise DataError(f"{args.data_dir or data.get('data_dir')}: features are "
-                            f"{dataset.train.face_dim}/{dataset.train.voice_dim} wide, the checkpoint "
-                            f"expects {checkpoint.cfg.face_dim}/{checkpoint.cfg.voice_dim}")
-        if list(dataset.train.label_values) != list(checkpoint.label_values):
+        check_widths(dataset.train, checkpoint.cfg, args.data_dir or data.get("data_dir") or "the synthetic world")
+        if checkpoint.label_values is not None and \
+                list(dataset.train.label_values) != list(checkpoint.label_values):
             raise DataError("the training labels differ from those the checkpoint was trained on")
         out = args.out or os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0]))
-        trainer = Trainer(dataset, checkpoint.cfg, settings, out, data_meta)
+        trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta)
         trainer.restore(checkpoint)
-        truncate_jsonl(os.path.join(out, METRICS_LOG), checkpoint.epoch)
+        write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint
         print(f"resuming {out} at epoch {checkpoint.epoch}/{settings.epochs}")
+        old_epochs = checkpoint.config["train"]["epochs"]
+        if settings.epochs != old_epochs:
+            change_epochs(trainer, old_epochs)
         return trainer
     dataset, data_meta = load_data(args.data_dir)
     return new_trainer(args, dataset, data_meta, fresh_out_dir(args.out))
@@ -110,7 +158,7 @@ def new_trainer(args, dataset, data_meta, out):
     preset = PRESETS[args.preset]
     overrides = {"embed_dim": preset["embed_dim"], **config_overrides(args)}
     cfg = make_config(dataset.train, overrides)
-    return Trainer(dataset, cfg, settings_from(args, preset), out, data_meta)
+    return make_trainer(dataset, cfg, settings_from(args, preset), out, data_meta)
 
 
 def describe(trainer):
@@ -127,7 +175,7 @@ def finish(trainer):
     """Evaluate on every test list, write metrics.json, return the results."""
     results = evaluate(trainer.params, trainer.buffers, trainer.cfg, trainer.dataset.tests,
                        seed=trainer.settings.seed)
-    ckpt.write_json(os.path.join(trainer.out_dir, "metrics.json"), results)
+    write_json(os.path.join(trainer.out_dir, "metrics.json"), results)
     return results
 
 
@@ -136,11 +184,11 @@ def train_one(args):
     trainer = start_run(args)
     print(describe(trainer), flush=True)
     if trainer.epoch == 0:
-        trainer.save()           # epoch 0: a run that stops early can still be resumed
+        first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
         trainer.train(stop_after=args.stop_after)
     except KeyboardInterrupt:
-        print(f"\nthe checkpoint of epoch {trainer.epoch} is intact; continue with "
+        print(f"\nthe checkpoint of epoch {trainer.saved_epoch} is intact; continue with "
               f"python train.py --resume {trainer.out_dir}", file=sys.stderr)
         raise
     if trainer.epoch < trainer.settings.epochs:
@@ -154,40 +202,63 @@ def train_one(args):
           f"{os.path.join(trainer.out_dir, 'metrics.json')}")
 
 
+def first_save(trainer):
+    """Save epoch 0; if that fails, remove the run folder this start created (when empty)."""
+    created = not os.path.exists(trainer.out_dir)
+    try:
+        trainer.save()
+    except BaseException:
+        if created:
+            remove_leftovers(trainer.out_dir)
+            try:
+                os.rmdir(trainer.out_dir)
+            except OSError:       # not empty (a committed checkpoint): it stays
+                pass
+        raise
+
+
 def train_ablation(args):
     if args.resume:
         raise UsageError("--ablation starts fresh runs; it cannot --resume")
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()
     dataset, data_meta = load_data(args.data_dir)
-    rows, trained = [], {}
-    for name, slug, overrides, paper in ABLATION:
-        row_args = argparse.Namespace(**{**vars(args), **overrides})
-        trainer = new_trainer(row_args, dataset, data_meta, os.path.join(base_out, slug))
-        key = json.dumps(trainer.cfg.to_dict(), sort_keys=True)
-        if key not in trained:      # "gate: product" is the PAEFF row: trained once
-            print(f"\n== {name} ==\n{describe(trainer)}", flush=True)
-            trainer.save()
-            trainer.train()
-            trained[key] = finish(trainer)
-        rows.append((name, trained[key], paper))
-    table = format_ablation(rows)
+    row_args = {slug: argparse.Namespace(**{**vars(args), **overrides})
+                for table in ABLATION_TABLES for _, slug, overrides, _ in table}
+    for one in row_args.values():         # every row's flags checked before the first trains
+        make_config(dataset.train, {"embed_dim": PRESETS[one.preset]["embed_dim"], **config_overrides(one)})
+    tables, trained = [], {}
+    for table in ABLATION_TABLES:
+        rows = []
+        for name, slug, _, paper in table:
+            trainer = new_trainer(row_args[slug], dataset, data_meta, os.path.join(base_out, slug))
+            key = json.dumps(trainer.cfg.to_dict(), sort_keys=True)
+            if key not in trained:      # "gate: product" is the PAEFF row: trained once
+                print(f"\n== {name} ==\n{describe(trainer)}", flush=True)
+                first_save(trainer)
+                trainer.train()
+                trained[key] = finish(trainer)
+            rows.append((name, trained[key], paper))
+        tables.append(rows)
+    table = format_ablation(tables)
     print("\n" + table)
-    ckpt.write_atomically(os.path.join(base_out, "ablation.txt"), lambda f: f.write(table + "\n"), mode="w")
+    write_atomically(os.path.join(base_out, "ablation.txt"), lambda f: f.write(table + "\n"), mode="w")
     print(f"\ntotal time {time.perf_counter() - started:.1f}s; runs in {base_out}")
 
 
-def format_ablation(rows):
+def format_ablation(tables):
+    """The rows of each table (a list of ``(name, results, paper)``), a blank line between tables."""
     lines = [f"{'':<24} {'unseen-unheard':>15} {'seen-heard':>13} {'paper (VoxCeleb1)':>19}",
              f"{'row':<24} {'EER':>7} {'AUC':>7} {'EER':>6} {'AUC':>6} {'EER':>9} {'AUC':>9}"]
-    for i, (name, results, (paper_eer, paper_auc)) in enumerate(rows):
-        if i == 4:
+    for t, rows in enumerate(tables):
+        if t > 0:
             lines.append("")
-        uu = results.get("unseenunheard/random", {})
-        sh = results.get("seenheard/random", {})
-        pct = lambda r, k: f"{100 * r[k]:.1f}" if k in r else "–"
-        lines.append(f"{name:<24} {pct(uu, 'eer'):>7} {pct(uu, 'auc'):>7} {pct(sh, 'eer'):>6} "
-                     f"{pct(sh, 'auc'):>6} {paper_eer:>9} {paper_auc if paper_auc else '–':>9}")
+        for name, results, (paper_eer, paper_auc) in rows:
+            uu = results.get("unseenunheard/random", {})
+            sh = results.get("seenheard/random", {})
+            pct = lambda r, k: f"{100 * r[k]:.1f}" if k in r else "–"
+            lines.append(f"{name:<24} {pct(uu, 'eer'):>7} {pct(uu, 'auc'):>7} {pct(sh, 'eer'):>6} "
+                         f"{pct(sh, 'auc'):>6} {paper_eer:>9} {paper_auc if paper_auc else '–':>9}")
     lines.append("(%; random lists, exact EER/AUC; paper: unseen-unheard, Tables 3 and 4)")
     return "\n".join(lines)
 

@@ -1,33 +1,58 @@
-"""Checkpoints: ``checkpoint.npz`` (every array) + ``config.json`` (everything else).
+"""Checkpoints: one ``.npz`` that is the whole saved state, and the single commit point.
 
-Both files are written atomically (a temporary file in the same folder, then
-``os.replace``), so an interrupted save leaves the previous checkpoint whole.
-The npz is read with ``allow_pickle=False``; the two files carry the same
-``epoch`` so a pair from different saves is refused.
+A run must survive ``kill -9`` at any instant, so a save has exactly one
+moment at which it takes effect: the ``os.replace`` of the ``.npz``
+(``atomic.write_atomically``). The ``.npz`` therefore carries everything
+needed to evaluate or resume: parameters, buffers, optimizer state, label
+mapping, and, as JSON strings, the metadata (``config``: format, epoch,
+model Config, optimizer numbers, training settings, data source) and the
+per-epoch log records (``history``). Before the rename the previous save is
+whole; after it the new one is.
+
+``config.json`` beside it is a readable copy of the metadata, written after
+the ``.npz``; it is never read back, so a kill between the two renames costs
+nothing. ``metrics.jsonl`` is likewise a copy of ``history``, rewritten from
+the checkpoint on resume. The same ``save``/``load`` serve any second file of
+a run (e.g. a ``best.npz``): its readable copy is ``best.json``.
+
+Loading validates every field (``allow_pickle=False``; one line naming the
+file and the field on any problem). Format 1 (metadata only in
+``config.json``, epoch in both files) is still read.
 """
 import json
+import math
 import os
 import zipfile
 
 import numpy as np
 
-from .atomic import write_atomically, write_json  # noqa: F401  (re-exported)
+from .atomic import write_atomically, write_json
 from .backend import to_host
-from .model import Config
+from .model import BRANCHES, Config
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DATA_SOURCES = ("dir", "synthetic")
+OPTIMIZER_FIELDS = ("t", "lr", "betas", "eps", "weight_decay")
+FIRST_WEIGHT = BRANCHES[0] + "0.weight"    # (embed_dim, face_dim): checked before building a model
 
 
 class CheckpointError(Exception):
     """A missing, corrupt or mismatched checkpoint: one line naming the file."""
 
 
-def save(out_dir, params, buffers, cfg, *, epoch, optimizer=None, label_values=None, meta=None):
-    """Write ``checkpoint.npz`` and ``config.json`` into ``out_dir``.
+def readable_copy_name(npz_name):
+    """``config.json`` for ``checkpoint.npz``; ``<stem>.json`` for any other checkpoint."""
+    return CONFIG_NAME if npz_name == CHECKPOINT_NAME else os.path.splitext(npz_name)[0] + ".json"
 
-    ``meta``: JSON-ready extras (training settings, data source, ...).
+
+def save(out_dir, params, buffers, cfg, *, epoch, optimizer=None, label_values=None, meta=None,
+         history=(), name=CHECKPOINT_NAME):
+    """Write ``name`` (the commit point), then its readable JSON copy, into ``out_dir``.
+
+    ``meta``: JSON-ready extras (training settings, data source, ...);
+    ``history``: the per-epoch log records so far (one per epoch).
     """
     arrays = {f"params/{k}": to_host(v) for k, v in params.items()}
     arrays.update({f"buffers/{k}": to_host(v) for k, v in buffers.items()})
@@ -37,68 +62,243 @@ def save(out_dir, params, buffers, cfg, *, epoch, optimizer=None, label_values=N
         arrays.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
     if label_values is not None:
         arrays["label_values"] = np.asarray(label_values).astype(str)
-    arrays["epoch"] = np.array(epoch, dtype=np.int64)
     config = dict(format_version=FORMAT_VERSION, epoch=int(epoch), model=cfg.to_dict(),
                   optimizer=opt_meta, **(meta or {}))
-    write_atomically(os.path.join(out_dir, CHECKPOINT_NAME), lambda f: np.savez(f, **arrays))
-    write_json(os.path.join(out_dir, CONFIG_NAME), config)
+    arrays["config"] = np.array(json.dumps(config))
+    arrays["history"] = np.array(json.dumps(list(history)))
+    write_atomically(os.path.join(out_dir, name), lambda f: np.savez(f, **arrays))
+    write_json(os.path.join(out_dir, readable_copy_name(name)), config)
 
 
 class Checkpoint:
     """What ``load`` returns: ``cfg``, ``params``, ``buffers`` (NumPy),
-    ``optimizer`` (``(meta, arrays)`` or None), ``label_values``, ``epoch``, ``config``."""
+    ``optimizer`` (``(meta, arrays)`` or None), ``label_values``, ``epoch``,
+    ``config`` (the metadata), ``history`` (records, None for format 1), ``path``."""
 
-    def __init__(self, cfg, params, buffers, optimizer, label_values, epoch, config):
+    def __init__(self, cfg, params, buffers, optimizer, label_values, epoch, config, history, path):
         self.cfg, self.params, self.buffers = cfg, params, buffers
         self.optimizer, self.label_values = optimizer, label_values
-        self.epoch, self.config = epoch, config
+        self.epoch, self.config, self.history, self.path = epoch, config, history, path
 
 
 def resolve(path):
-    """``(npz path, json path)`` from a run folder or a ``checkpoint.npz`` path."""
-    if os.path.isdir(path):
-        npz = os.path.join(path, CHECKPOINT_NAME)
-    else:
-        npz = path
-    return npz, os.path.join(os.path.dirname(os.path.abspath(npz)), CONFIG_NAME)
+    """``(npz path, readable copy path)`` from a run folder or a checkpoint's path."""
+    npz = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    return npz, os.path.join(os.path.dirname(os.path.abspath(npz)),
+                             readable_copy_name(os.path.basename(npz)))
 
 
 def load(path):
     """Read a checkpoint written by ``save``; raise CheckpointError on any problem."""
     npz_path, json_path = resolve(path)
-    for p in (npz_path, json_path):
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{p}: no such file")
-    try:
-        with open(json_path) as f:
-            config = json.load(f)
-        cfg = Config.from_dict(config["model"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{json_path}: not a paeff_np config ({exc})") from None
+    if not os.path.isfile(npz_path):
+        raise CheckpointError(f"{npz_path}: no such file")
     try:
         with np.load(npz_path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({exc})") from None
+    if "config" in arrays:
+        where = npz_path
+        config = _json_entry(arrays, "config", npz_path)
+        history = _json_entry(arrays, "history", npz_path)
+    else:
+        where, config, history = json_path, _read_format1_config(arrays, npz_path, json_path), None
+    cfg = _check_config(config, where)
     group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     params, buffers = group("params/"), group("buffers/")
-    epoch = int(arrays.get("epoch", -1))
-    if epoch != config.get("epoch"):
+    _check_arrays(params, buffers, cfg, npz_path)
+    optimizer = None
+    if config["optimizer"] is not None:
+        optimizer = (config["optimizer"], group("optimizer/"))
+        _check_optimizer_arrays(optimizer[1], params, config["optimizer"]["t"], npz_path)
+    label_values = arrays.get("label_values")
+    if label_values is not None and (label_values.ndim != 1 or label_values.dtype.kind != "U"
+                                     or len(label_values) != cfg.n_classes):
+        raise CheckpointError(f"{npz_path}: label_values must be {cfg.n_classes} strings "
+                              f"(model.n_classes), got {label_values.dtype} {label_values.shape}")
+    if history is not None:
+        _check_history(history, config["epoch"], npz_path)
+    return Checkpoint(cfg, params, buffers, optimizer, label_values, config["epoch"], config,
+                      history, npz_path)
+
+
+def _json_entry(arrays, key, npz_path):
+    entry = arrays.get(key)
+    try:
+        if entry is None or entry.ndim != 0 or entry.dtype.kind != "U":
+            raise ValueError("not a JSON string")
+        return json.loads(str(entry))
+    except ValueError as exc:
+        raise CheckpointError(f"{npz_path}: entry {key!r} is damaged ({exc})") from None
+
+
+def _read_format1_config(arrays, npz_path, json_path):
+    """Format 1 kept the metadata in config.json; both files carried the epoch."""
+    if not os.path.isfile(json_path):
+        raise CheckpointError(f"{json_path}: no such file")
+    try:
+        with open(json_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{json_path}: not a paeff_np config ({exc})") from None
+    epoch = int(arrays["epoch"]) if "epoch" in arrays and arrays["epoch"].shape == () else -1
+    if not isinstance(config, dict) or epoch != config.get("epoch"):
         raise CheckpointError(f"{npz_path}: epoch {epoch} does not match {json_path} "
-                              f"(epoch {config.get('epoch')}); the two files are from different saves")
+                              f"(epoch {config.get('epoch') if isinstance(config, dict) else None}); "
+                              f"the two files are from different saves")
+    return config
+
+
+# --- field-by-field validation of the metadata ----------------------------------------
+
+def _fail(where, field, problem):
+    raise CheckpointError(f"{where}: {field}: {problem}")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _section(config, key, where, allow_none=False):
+    if key not in config:
+        _fail(where, key, "missing section")
+    value = config[key]
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, dict):
+        _fail(where, key, f"expected an object, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _check_config(config, where):
+    """Check the metadata field by field; return its model Config."""
+    if not isinstance(config, dict):
+        _fail(where, "metadata", "expected a JSON object")
+    version = config.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        _fail(where, "format_version", f"expected 1 or {FORMAT_VERSION}, got {json.dumps(version)[:40]}")
+    if not _is_int(config.get("epoch")) or config["epoch"] < 0:
+        _fail(where, "epoch", f"expected an integer >= 0, got {json.dumps(config.get('epoch'))[:40]}")
+    cfg = _check_model(_section(config, "model", where), where)
+    optimizer = _section(config, "optimizer", where, allow_none=True)
+    if optimizer is not None:
+        _check_optimizer(optimizer, where)
+    _section(config, "train", where)              # its fields: training.TrainSettings.from_dict
+    _check_data(_section(config, "data", where), where)
+    return cfg
+
+
+def _check_model(model, where):
+    known = {f.name: f.default for f in Config.__dataclass_fields__.values()}
+    for key in model:
+        if key not in known:
+            _fail(where, f"model.{key}", "unknown field")
+    for key, default in known.items():
+        if key not in model:
+            _fail(where, f"model.{key}", "missing")
+        value = model[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = _is_int(value), "an integer"
+        elif isinstance(default, float):
+            ok, want = _is_number(value), "a finite number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:                                     # loss_weights
+            ok = isinstance(value, list) and len(value) == len(default) and all(map(_is_number, value))
+            want = f"a list of {len(default)} finite numbers"
+        if not ok:
+            _fail(where, f"model.{key}", f"expected {want}, got {json.dumps(value)[:40]}")
+    try:
+        return Config.from_dict(model)
+    except ValueError as exc:
+        _fail(where, "model", str(exc))
+
+
+def _check_optimizer(optimizer, where):
+    for key in optimizer:
+        if key not in OPTIMIZER_FIELDS:
+            _fail(where, f"optimizer.{key}", f"unknown field (AdamW keeps {', '.join(OPTIMIZER_FIELDS)})")
+    rules = {
+        "t": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "betas": (lambda v: isinstance(v, list) and len(v) == 2
+                  and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        "eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    }
+    for key, (ok, want) in rules.items():
+        if key not in optimizer:
+            _fail(where, f"optimizer.{key}", "missing")
+        if not ok(optimizer[key]):
+            _fail(where, f"optimizer.{key}", f"expected {want}, got {json.dumps(optimizer[key])[:40]}")
+
+
+def _check_data(data, where):
+    source = data.get("source")
+    if data and source not in DATA_SOURCES:       # {}: a library run that named no data
+        _fail(where, "data.source", f"expected one of {DATA_SOURCES}, got {json.dumps(source)[:40]}")
+    if source == "dir" and not isinstance(data.get("data_dir"), str):
+        _fail(where, "data.data_dir", f"expected a folder name, got {json.dumps(data.get('data_dir'))[:40]}")
+    if source == "synthetic":
+        knobs = data.get("synthetic")
+        if not isinstance(knobs, dict):
+            _fail(where, "data.synthetic", "expected an object")
+        for key, value in knobs.items():
+            if not _is_number(value):
+                _fail(where, f"data.synthetic.{key}", f"expected a number, got {json.dumps(value)[:40]}")
+
+
+def _check_history(history, epoch, where):
+    if not isinstance(history, list) or len(history) != epoch:
+        _fail(where, "history", f"expected {epoch} per-epoch records (one per epoch done)")
+    for i, record in enumerate(history):
+        if not isinstance(record, dict) or record.get("epoch") != i + 1:
+            _fail(where, f"history[{i}]", f"expected the record of epoch {i + 1}")
+
+
+def _check_arrays(params, buffers, cfg, where):
+    """Names, shapes, dtypes and finiteness of the parameters and buffers against ``cfg``."""
+    first = params.get(FIRST_WEIGHT)
+    if first is None or first.shape != (cfg.embed_dim, cfg.face_dim):   # before allocating a model
+        _fail(where, FIRST_WEIGHT, f"shape {None if first is None else first.shape}, "
+              f"the config needs {(cfg.embed_dim, cfg.face_dim)}")
     from .model import init_params
     expected_params, expected_buffers = init_params(cfg, seed=0, dtype=np.float32)
-    for name, got, want in (("parameter", params, expected_params), ("buffer", buffers, expected_buffers)):
+    for kind, got, want in (("parameter", params, expected_params), ("buffer", buffers, expected_buffers)):
         missing = sorted(set(want) - set(got))
         if missing:
-            raise CheckpointError(f"{npz_path}: {name} {missing[0]} is missing")
+            _fail(where, missing[0], f"{kind} is missing")
+        unknown = sorted(set(got) - set(want))
+        if unknown:
+            _fail(where, unknown[0], f"unknown {kind} for this config")
         for k, v in want.items():
             if got[k].shape != v.shape:
-                raise CheckpointError(f"{npz_path}: {k} has shape {got[k].shape}, the config "
-                                      f"in {CONFIG_NAME} needs {v.shape}")
-            if got[k].dtype.kind == "f" and not np.isfinite(got[k]).all():
-                raise CheckpointError(f"{npz_path}: {k} holds NaN or Inf")
-    optimizer = None
-    if config.get("optimizer") is not None:
-        optimizer = (config["optimizer"], group("optimizer/"))
-    return Checkpoint(cfg, params, buffers, optimizer, arrays.get("label_values"), epoch, config)
+                _fail(where, k, f"shape {got[k].shape}, the config needs {v.shape}")
+            integer = k.endswith("num_batches_tracked")
+            if integer and got[k].dtype.kind not in "iu":
+                _fail(where, k, f"dtype {got[k].dtype}, expected an integer")
+            if not integer and got[k].dtype not in (np.float32, np.float64):
+                _fail(where, k, f"dtype {got[k].dtype}, expected float32 or float64")
+            if not integer and not np.isfinite(got[k]).all():
+                _fail(where, k, "holds NaN or Inf")
+            if k.endswith("running_var") and (got[k] < 0).any():
+                _fail(where, k, "holds a negative variance")
+
+
+def _check_optimizer_arrays(arrays, params, steps, where):
+    for key, a in arrays.items():
+        moment, _, name = key.partition("/")
+        if moment not in ("m", "v") or name not in params:
+            _fail(where, f"optimizer/{key}", "unknown optimizer array")
+        if a.shape != params[name].shape or a.dtype.kind != "f" or not np.isfinite(a).all():
+            _fail(where, f"optimizer/{key}", f"expected finite floats of shape {params[name].shape}")
+    if steps > 0 and len(arrays) != 2 * len(params):
+        _fail(where, "optimizer", f"the AdamW moments of {2 * len(params) - len(arrays)} "
+              f"arrays are missing")

@@ -4,13 +4,19 @@ import argparse
 import os
 import sys
 
+from .atomic import remove_stale_temporaries
 from .backend import GPUUnavailable
 from .checkpoint import CheckpointError
-from .training import TrainingDiverged, UsageError
+from .training import TrainingDiverged
 from .data import DataError, load_dir
+from .data.csv import CACHE_DIR_NAME
 from .data.synth import make_synthetic
 from .model import ALIGNMENTS, FUSIONS, Config
 from .fusion import EGFF_GATES, EGFF_MIXES
+
+class UsageError(Exception):
+    """Flags or settings the run cannot take (e.g. a batch larger than the training set)."""
+
 
 USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingDiverged, OSError)
 
@@ -26,8 +32,23 @@ def run(main, prog):
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc):
+    """One line; an OSError says which file and what to do, not only ``[Errno 28] ...``."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def remove_leftovers(folder):
+    """Delete the temporary files of writes killed midway in ``folder`` (see atomic.py)."""
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {folder} by an "
+              f"interrupted write", file=sys.stderr)
 
 
 def add_config_flags(parser):
@@ -73,12 +94,19 @@ def make_config(train_set, overrides, base=None):
 def load_data(data_dir=None, synthetic=None, face_dim=None, voice_dim=None, need_train=True):
     """``(dataset, data_meta)``: the FOP CSV folder, or the synthetic world."""
     if data_dir is not None:
-        if not os.path.isdir(data_dir):
-            raise DataError(f"{data_dir}: no such folder")
+        remove_leftovers(os.path.join(data_dir, CACHE_DIR_NAME))
         dataset = load_dir(data_dir, face_dim=face_dim, voice_dim=voice_dim, need_train=need_train)
         return dataset, {"source": "dir", "data_dir": os.path.abspath(data_dir)}
     synthetic = dict(SYNTHETIC_DEFAULT, **(synthetic or {}))
     return make_synthetic(**synthetic), {"source": "synthetic", "synthetic": synthetic}
+
+
+def check_widths(train_set, cfg, source):
+    """The features of ``source`` must be as wide as the model (``cfg``) expects."""
+    widths = (train_set.face_dim, train_set.voice_dim)
+    if widths != (cfg.face_dim, cfg.voice_dim):
+        raise DataError(f"{source}: features are {widths[0]}/{widths[1]} wide (face/voice), the "
+                        f"checkpoint expects {cfg.face_dim}/{cfg.voice_dim}")
 
 
 def device_flag(parser):

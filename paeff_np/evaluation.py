@@ -11,6 +11,7 @@ from .metrics import matching_table, pair_distances, verification, verification_
 from .model import embed
 
 EMBED_CHUNK = 4096
+DIRECTION_LABELS = {"voice_to_face": "V→F", "face_to_voice": "F→V"}   # probe → gallery
 
 
 def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
@@ -74,7 +75,7 @@ def format_results(results, n_cs_shown=(2, 10)):
     if matching:
         columns = [(k, d) for k, _ in matching for d in ("voice_to_face", "face_to_voice")]
         short = {"seenheard": "SH", "unseenunheard": "UU"}
-        name = lambda k, d: f"{short.get(k.split('/')[0], k)} {'V→F' if d == 'voice_to_face' else 'F→V'}"
+        name = lambda k, d: f"{short.get(k.split('/')[0], k)} {DIRECTION_LABELS[d]}"
         lines += ["", "matching accuracy (positive pairs of the random lists)",
                   f"{'n_c':>4} " + " ".join(f"{name(k, d):>8}" for k, d in columns)]
         for n in n_cs_shown:

@@ -5,16 +5,21 @@ Randomness is a pure function of ``(seed, epoch)``: the shuffle of epoch e
 uses ``default_rng([seed, e, 0])`` and its dropout ``[seed, e, 1]``. A run
 resumed from the checkpoint of epoch e therefore continues exactly as the
 uninterrupted run would: bit for bit on the CPU.
+
+Each epoch ends with one save (``checkpoint.save``): the ``.npz`` is the
+commit point and carries the per-epoch records too, so ``metrics.jsonl`` is
+rewritten from it and always agrees with the checkpoint after a resume.
 """
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from . import checkpoint as ckpt
+from .atomic import write_atomically
 from .backend import array_module, default_rng, to_device
 from .evaluation import embed_rows
 from .flat import flatten
@@ -28,12 +33,9 @@ METRICS_LOG = "metrics.jsonl"
 PAPER_RECIPE = dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256)
 
 
-class UsageError(Exception):
-    """Settings the run cannot take (e.g. a batch larger than the training set)."""
-
-
 class TrainingDiverged(Exception):
-    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+    """The loss, a parameter or a BatchNorm statistic became NaN or Inf; the last
+    good checkpoint is left as it was."""
 
 
 @dataclass
@@ -50,6 +52,33 @@ class TrainSettings:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Settings read back from a checkpoint; a ValueError names the first bad field."""
+        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64")}
+        at_least_one = ("epochs", "batch_size")
+        for key in d:
+            if key not in cls.__dataclass_fields__:
+                raise ValueError(f"train.{key}: unknown field")
+        for field in fields(cls):
+            if field.name not in d:
+                raise ValueError(f"train.{field.name}: missing")
+            value = d[field.name]
+            if isinstance(field.default, str):
+                ok = isinstance(value, str) and value in choices.get(field.name, (value,))
+                want = " or ".join(choices.get(field.name, ("a string",)))
+            elif isinstance(field.default, int):
+                ok = (isinstance(value, int) and not isinstance(value, bool)
+                      and value >= (1 if field.name in at_least_one else 0))
+                want = f"an integer >= {1 if field.name in at_least_one else 0}"
+            else:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value) and (value > 0 if field.name == "lr" else value >= 0))
+                want = "a finite number " + ("> 0" if field.name == "lr" else ">= 0")
+            if not ok:
+                raise ValueError(f"train.{field.name}: expected {want}, got {json.dumps(value)[:40]}")
+        return cls(**d)
 
 
 def _epoch_batches(n, batch_size, seed, epoch):
@@ -69,7 +98,7 @@ class Trainer:
         self.xp = array_module(settings.device)
         train = dataset.train
         if len(train) < settings.batch_size:
-            raise UsageError(f"the training set has {len(train)} pairs, fewer than one batch "
+            raise ValueError(f"the training set has {len(train)} pairs, fewer than one batch "
                              f"of {settings.batch_size}: lower --batch-size")
         dtype = np.dtype(settings.dtype)
         # the whole training set lives on the device; batches are gathered there
@@ -82,6 +111,9 @@ class Trainer:
         self.buffers = {k: to_device(v, settings.device) for k, v in buffers.items()}
         self.opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch = 0           # epochs completed
+        self.saved_epoch = None  # the epoch of the checkpoint on disk (None: none yet)
+        self.history = []        # one log record per completed epoch
+        self.epochs_changed = []  # --resume with another --epochs: {"at_epoch", "from", "to"}
 
     def restore(self, checkpoint):
         """Continue from a loaded checkpoint (its params, buffers, optimizer, epoch)."""
@@ -91,20 +123,45 @@ class Trainer:
         self.buffers = {k: to_device(v, dev) for k, v in checkpoint.buffers.items()}
         if checkpoint.optimizer is not None:
             self.opt.load_state_dict(*checkpoint.optimizer, device=dev)
-        self.epoch = checkpoint.epoch
+        self.epoch = self.saved_epoch = checkpoint.epoch
+        self.history = list(checkpoint.history if checkpoint.history is not None
+                            else read_metrics_log(self.out_dir, checkpoint.epoch))
+        self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
 
     def save(self):
-        meta = dict(train=self.settings.to_dict(), data=self.data_meta,
-                    face_dim=self.cfg.face_dim, voice_dim=self.cfg.voice_dim)
-        ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
-                  optimizer=self.opt, label_values=self.dataset.train.label_values, meta=meta)
+        """Commit the checkpoint of ``self.epoch``, then rewrite metrics.jsonl from it.
+
+        An OSError (a full disk) becomes one line naming the file, the epoch
+        whose checkpoint is intact, and how to resume."""
+        meta = dict(train=self.settings.to_dict(), data=self.data_meta)
+        if self.epochs_changed:
+            meta["epochs_changed"] = self.epochs_changed
+        try:
+            ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
+                      optimizer=self.opt, label_values=self.dataset.train.label_values, meta=meta,
+                      history=self.history)
+            self.saved_epoch = self.epoch
+            write_metrics_log(self.out_dir, self.history)
+        except OSError as exc:
+            raise ckpt.CheckpointError(f"cannot write {exc.filename}: {exc.strerror or exc}; "
+                                       f"{self._intact_checkpoint()}") from None
+
+    def _intact_checkpoint(self):
+        """What a failed save left: the checkpoint on disk and how to continue."""
+        try:
+            epoch = ckpt.load(self.out_dir).epoch
+        except ckpt.CheckpointError:
+            return f"no checkpoint was written in {self.out_dir}"
+        return (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact: free space, then "
+                f"continue with python train.py --resume {self.out_dir}")
 
     def run_epoch(self):
         """One pass over the shuffled training set; returns the epoch's log record."""
-        s, xp, e = self.settings, self.xp, self.epoch
-        lr = cosine_lr(e, s.lr, s.epochs, eta_min=s.eta_min)
-        batches = xp.asarray(_epoch_batches(len(self.dataset.train), s.batch_size, s.seed, e))
-        rng = default_rng([s.seed, e, 1], xp) if self.cfg.dropout > 0 else None
+        settings, xp, epoch = self.settings, self.xp, self.epoch
+        lr = cosine_lr(epoch, settings.lr, settings.epochs, eta_min=settings.eta_min)
+        batches = xp.asarray(_epoch_batches(len(self.dataset.train), settings.batch_size,
+                                            settings.seed, epoch))
+        rng = default_rng([settings.seed, epoch, 1], xp) if self.cfg.dropout > 0 else None
         sums = {k: xp.zeros((), dtype=xp.float64) for k in ("loss", "align", "opl", "ce")}
         start = time.perf_counter()
         with np.errstate(all="ignore"):     # a diverging run is caught below, once per epoch
@@ -118,13 +175,21 @@ class Trainer:
                     sums[k] += v
         record = {k: float(v) / len(batches) for k, v in sums.items()}   # one sync per epoch
         seconds = time.perf_counter() - start
-        record.update(epoch=e + 1, lr=lr, seconds=seconds,
-                      samples_per_s=len(batches) * s.batch_size / seconds)
+        record.update(epoch=epoch + 1, lr=lr, seconds=seconds,
+                      samples_per_s=len(batches) * settings.batch_size / seconds)
+        untouched = f"the last good checkpoint (epoch {epoch}) in {self.out_dir} is untouched"
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(
-                f"the loss became {record['loss']} in epoch {e + 1} (is --lr {s.lr:g} too high?); "
-                f"the last good checkpoint (epoch {e}) in {self.out_dir} is untouched")
-        self.epoch = e + 1
+                f"the loss became {record['loss']} in epoch {epoch + 1} (is --lr {settings.lr:g} "
+                f"too high?); {untouched}")
+        state = [*self.params.values(), *self.buffers.values()]
+        if not bool(xp.stack([xp.isfinite(a).all() for a in state]).all()):   # one sync
+            bad = next(k for k, a in [*self.params.items(), *self.buffers.items()]
+                       if not bool(xp.isfinite(a).all()))
+            raise TrainingDiverged(
+                f"{bad} became NaN or Inf in epoch {epoch + 1} although the loss is finite "
+                f"(features too large for {settings.dtype}?); {untouched}")
+        self.epoch = epoch + 1
         return record
 
     def monitor_eer(self):
@@ -137,36 +202,37 @@ class Trainer:
     def train(self, stop_after=None):
         """Run the remaining epochs (at most ``stop_after`` of them), saving after
         each; returns the log records."""
-        s = self.settings
+        settings = self.settings
         records, started = [], time.perf_counter()
         first = self.epoch
-        last = s.epochs if stop_after is None else min(s.epochs, first + stop_after)
+        last = settings.epochs if stop_after is None else min(settings.epochs, first + stop_after)
         while self.epoch < last:
             record = self.run_epoch()
             eer = self.monitor_eer()
             if eer is not None:
-                record[f"{s.monitor}/eer"] = eer
+                record[f"{settings.monitor}/eer"] = eer
+            self.history.append(record)
             self.save()
-            append_jsonl(os.path.join(self.out_dir, METRICS_LOG), record)
             records.append(record)
             elapsed = time.perf_counter() - started
             left = elapsed / (self.epoch - first) * (last - self.epoch)
-            self.log(format_progress(record, s.epochs, left, s.monitor))
+            self.log(format_progress(record, settings.epochs, left, settings.monitor))
         return records
 
 
-def append_jsonl(path, record):
-    """Append one line; the file is rewritten atomically so a crash never leaves half a line."""
-    old = open(path).read() if os.path.exists(path) else ""
-    ckpt.write_atomically(path, lambda f: f.write(old + json.dumps(record) + "\n"), mode="w")
+def write_metrics_log(out_dir, history):
+    """``metrics.jsonl``: one line per epoch, a copy of the checkpoint's records."""
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    write_atomically(os.path.join(out_dir, METRICS_LOG), lambda f: f.write(text), mode="w")
 
 
-def truncate_jsonl(path, epochs):
-    """Keep the first ``epochs`` records (a resumed run rewrites what follows)."""
-    if os.path.exists(path):
-        lines = [l for l in open(path).read().splitlines() if l.strip()]
-        kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs]
-        ckpt.write_atomically(path, lambda f: f.write("".join(l + "\n" for l in kept)), mode="w")
+def read_metrics_log(out_dir, epochs):
+    """The first ``epochs`` records of ``metrics.jsonl`` (format-1 checkpoints keep none)."""
+    path = os.path.join(out_dir, METRICS_LOG)
+    if not os.path.exists(path):
+        return []
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    return [r for r in records if r.get("epoch", 0) <= epochs]
 
 
 def format_progress(r, total, seconds_left, monitor):

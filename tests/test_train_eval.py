@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from paeff_np import checkpoint as ckpt
+from paeff_np.atomic import write_atomically, write_json
 from paeff_np.data.synth import make_synthetic, save_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,27 +177,49 @@ def test_eval_user_errors(trained, tmp_path):
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "f.json"
-    ckpt.write_json(str(target), {"a": 1})
+    write_json(str(target), {"a": 1})
 
     def failing(f):
         f.write("{partial")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        ckpt.write_atomically(str(target), failing, mode="w")
+        write_atomically(str(target), failing, mode="w")
     assert json.load(open(target)) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]
 
 
-def test_checkpoint_files_from_different_saves_are_refused(trained, tmp_path):
+def test_config_json_is_a_copy_never_trusted_over_the_npz(trained, tmp_path):
     out, _ = trained
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "checkpoint.npz").write_bytes(open(os.path.join(out, "checkpoint.npz"), "rb").read())
     config = json.load(open(os.path.join(out, "config.json")))
     config["epoch"] = 1
+    config["model"]["embed_dim"] = 3
     (mixed / "config.json").write_text(json.dumps(config))
+    loaded = ckpt.load(str(mixed))
+    assert loaded.epoch == 4 and loaded.cfg.embed_dim == 64         # the npz decides
+    os.remove(mixed / "config.json")
+    assert ckpt.load(str(mixed)).epoch == 4                         # and needs no copy
+
+
+def test_format1_checkpoint_files_from_different_saves_are_refused(trained, tmp_path):
+    """Format 1 kept the metadata in config.json: it is still read, and a pair from
+    two saves is still refused."""
+    out, _ = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    with np.load(os.path.join(out, "checkpoint.npz")) as data:
+        arrays = {k: data[k] for k in data.files if k not in ("config", "history")}
+    np.savez(old / "checkpoint.npz", epoch=np.array(4), **arrays)
+    config = json.load(open(os.path.join(out, "config.json")))
+    config["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(config))
+    assert ckpt.load(str(old)).epoch == 4
+    config["epoch"] = 1
+    (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(ckpt.CheckpointError, match="different saves"):
-        ckpt.load(str(mixed))
+        ckpt.load(str(old))
 
 
 def test_eval_plots(trained, data_dir, tmp_path):
@@ -208,9 +231,12 @@ def test_eval_plots(trained, data_dir, tmp_path):
         assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+def test_plot_without_matplotlib_is_refused_before_evaluating(trained, monkeypatch, tmp_path):
+    out, _ = trained
     sys.path.insert(0, ROOT)
     import eval as eval_cli
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
-    assert eval_cli.plot({}, str(tmp_path / "p")) == []
-    assert "pip install matplotlib" in capsys.readouterr().err
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(eval_cli.UsageError, match="pip install matplotlib"):
+        eval_cli.main(["--checkpoint", out, "--plot", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from .dataset import test_file_names, train_file_names
 from .synth import make_world, save_dir
+
+
+def _file_names(dataset):
+    """The names ``save_dir`` writes for ``dataset``."""
+    names = list(train_file_names())
+    for key in dataset.tests:
+        names += test_file_names(*key.split("/"))
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +50,10 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dataset = world.dataset
+    for name in _file_names(dataset):       # never overwrite: refused before writing anything
+        if (Path(args.out) / name).exists():
+            print(f"error: {Path(args.out) / name} already exists: choose another --out", file=sys.stderr)
+            return 2
 
     def report(path):
         print(f"wrote {path}", flush=True)

@@ -1,0 +1,293 @@
+"""A run folder is data: validated on load, never overwritten, and every failure is one line.
+
+train.py and eval.py run in this process through ``cli.run`` (exit code and
+stderr as on the command line) on a tiny synthetic world, to keep the suite fast.
+"""
+import errno
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from paeff_np import checkpoint as ckpt
+from paeff_np.cli import run as run_cli
+from paeff_np.data.synth import make_synthetic, save_dir
+from paeff_np.model import Config
+from paeff_np.training import Trainer, TrainingDiverged, TrainSettings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as eval_cli    # noqa: E402
+import train as train_cli  # noqa: E402
+
+TINY_RUN = ["--epochs", "3", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3"]
+
+
+def train(*args):
+    return run_cli(lambda: train_cli.main(list(map(str, args))), "train.py")
+
+
+def evaluate(*args):
+    return run_cli(lambda: eval_cli.main(list(map(str, args))), "eval.py")
+
+
+def one_line_error(capsys, *words):
+    """What a user error leaves on stderr: one line holding ``words``."""
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("note:")]
+    assert len(lines) == 1, lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40), d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 0
+    return out
+
+
+@pytest.fixture
+def copy(run_dir, tmp_path):
+    """A copy of the finished run to damage."""
+    return shutil.copytree(run_dir, str(tmp_path / "copy"))
+
+
+def edit_metadata(folder, change):
+    """Apply ``change(config)`` to the metadata inside checkpoint.npz and to config.json."""
+    npz = os.path.join(folder, ckpt.CHECKPOINT_NAME)
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = json.loads(str(arrays["config"])) if "config" in arrays else \
+        json.load(open(os.path.join(folder, ckpt.CONFIG_NAME)))
+    change(config)
+    arrays["config"] = np.array(json.dumps(config))
+    np.savez(npz, **arrays)
+    with open(os.path.join(folder, ckpt.CONFIG_NAME), "w") as f:
+        json.dump(config, f)
+
+
+def edit_arrays(folder, change):
+    npz = os.path.join(folder, ckpt.CHECKPOINT_NAME)
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    np.savez(npz, **arrays)
+
+
+# --- 4. a run folder is data: every field checked on load -----------------------------
+
+def _set(section, key, value):
+    def change(config):
+        (config[section] if section else config)[key] = value
+    return change
+
+
+def _drop(section):
+    return lambda config: config.pop(section)
+
+
+METADATA_CASES = [
+    ("no model section", _drop("model"), ["model", "missing section"]),
+    ("no data section", _drop("data"), ["data", "missing section"]),
+    ("no optimizer section", _drop("optimizer"), ["optimizer", "missing section"]),
+    ("epoch a string", _set(None, "epoch", "2"), ["epoch", "integer"]),
+    ("unknown format", _set(None, "format_version", 7), ["format_version"]),
+    ("curvature a string", _set("model", "curvature", "0.05"), ["model.curvature", "number"]),
+    ("embed_dim a float", _set("model", "embed_dim", 16.5), ["model.embed_dim", "integer"]),
+    ("unknown model field", _set("model", "depth", 3), ["model.depth", "unknown field"]),
+    ("fusion unknown", _set("model", "fusion", "attention"), ["model", "fusion must be one of"]),
+    ("optimizer step a string", _set("optimizer", "t", "x"), ["optimizer.t", "integer"]),
+    ("unknown optimizer field", _set("optimizer", "momentum", 0.9), ["optimizer.momentum", "unknown field"]),
+    ("betas not a pair", _set("optimizer", "betas", [0.9]), ["optimizer.betas"]),
+    ("unknown data source", _set("data", "source", "s3"), ["data.source"]),
+    ("data folder a number", _set("data", "data_dir", 5), ["data.data_dir"]),
+]
+
+
+@pytest.mark.parametrize("change,words", [c[1:] for c in METADATA_CASES], ids=[c[0] for c in METADATA_CASES])
+def test_damaged_metadata_is_one_line_from_eval_and_resume(copy, data_dir, capsys, change, words):
+    edit_metadata(copy, change)
+    capsys.readouterr()
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "checkpoint.npz", *words)
+    assert train("--resume", copy) == 2
+    one_line_error(capsys, "checkpoint.npz", *words)
+
+
+TRAIN_CASES = [
+    ("no train section", _drop("train"), ["train", "missing section"]),
+    ("lr a string", _set("train", "lr", "fast"), ["train.lr", "number"]),
+    ("unknown dtype", _set("train", "dtype", "bfloat16"), ["train.dtype", "float32"]),
+    ("unknown device", _set("train", "device", "tpu"), ["train.device"]),
+    ("unknown setting", _set("train", "warmup", 3), ["train.warmup", "unknown field"]),
+    ("epochs zero", _set("train", "epochs", 0), ["train.epochs", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("change,words", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_damaged_training_settings_are_one_line_from_resume(copy, capsys, change, words):
+    edit_metadata(copy, change)
+    capsys.readouterr()
+    assert train("--resume", copy) == 2
+    one_line_error(capsys, "checkpoint.npz", *words)
+
+
+def _retype(key, dtype):
+    def change(arrays):
+        arrays[key] = arrays[key].astype(dtype)
+    return change
+
+
+def _put(key, value):
+    def change(arrays):
+        arrays[key] = value
+    return change
+
+
+ARRAY_CASES = [
+    ("a parameter of integers", _retype("params/res_mix.weight", np.int32), ["res_mix.weight", "dtype"]),
+    ("a parameter of float16", _retype("params/res_mix.weight", np.float16), ["res_mix.weight", "float16"]),
+    ("an unknown parameter", _put("params/extra.weight", np.zeros(3, np.float32)), ["extra.weight", "unknown"]),
+    ("a negative variance", lambda a: a["buffers/face_branch.fc1.1.running_var"].__setitem__(0, -1.0),
+     ["running_var", "negative"]),
+    ("labels of the wrong count", _put("label_values", np.array(["a", "b"])), ["label_values"]),
+    ("an AdamW moment of another shape", _put("optimizer/m/res_mix.weight", np.zeros(3, np.float32)),
+     ["optimizer/m/res_mix.weight"]),
+    ("history shorter than the epochs", _put("history", np.array("[]")), ["history"]),
+    ("metadata not JSON", _put("config", np.array("{model")), ["'config'", "damaged"]),
+]
+
+
+@pytest.mark.parametrize("change,words", [c[1:] for c in ARRAY_CASES], ids=[c[0] for c in ARRAY_CASES])
+def test_damaged_arrays_are_one_line(copy, data_dir, capsys, change, words):
+    edit_arrays(copy, change)
+    capsys.readouterr()
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "checkpoint.npz", *words)
+
+
+# --- 3. never overwrite, never leave debris --------------------------------------------
+
+def test_ablation_into_a_used_folder_is_refused(data_dir, tmp_path, capsys):
+    base = tmp_path / "ablation"
+    (base / "gated").mkdir(parents=True)
+    (base / "gated" / "checkpoint.npz").write_bytes(b"an earlier ablation")
+    assert train("--ablation", "--data-dir", data_dir, *TINY_RUN, "--out", base) == 2
+    one_line_error(capsys, str(base), "not empty")
+    assert (base / "gated" / "checkpoint.npz").read_bytes() == b"an earlier ablation"
+
+
+def test_a_refused_start_leaves_no_run_folder(data_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert train("--data-dir", data_dir, "--batch-size", "100000", "--out", out) == 2
+    one_line_error(capsys, "batch")
+    assert not out.exists()
+
+
+def test_out_is_a_file_or_a_used_folder(data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", tmp_path / "file") == 2
+    one_line_error(capsys, "file", "--out")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", tmp_path / "used") == 2
+    one_line_error(capsys, "used", "not empty")
+    assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+
+
+def test_plot_never_overwrites_a_file(run_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "matching.png").write_bytes(b"mine")
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    assert evaluate("--checkpoint", run_dir, "--data-dir", "unused", "--plot", plots) == 2
+    one_line_error(capsys, "matching.png", "already exists")
+    assert (plots / "matching.png").read_bytes() == b"mine"
+
+
+def test_synth_never_overwrites_a_file(tmp_path, capsys):
+    from paeff_np.data.__main__ import main as data_main
+    (tmp_path / "faceTrain.csv").write_text("mine\n")
+    assert data_main(["synth", "--out", str(tmp_path), "--identities", "12", "--test-rows", "20"]) == 2
+    one_line_error(capsys, "faceTrain.csv", "already exists")
+    assert (tmp_path / "faceTrain.csv").read_text() == "mine\n"
+
+
+# --- 5 and 6: no silent wrong results, messages a person can act on ---------------------
+
+def test_non_finite_batchnorm_statistics_stop_training():
+    """Features finite in float32 but too large for its squares: the loss stays finite
+    (train-mode BatchNorm normalises them away) while the running variance overflows."""
+    dataset = make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40)
+    dataset.train.face[:] = dataset.train.face * np.float32(1e30)
+    cfg = Config(face_dim=32, voice_dim=16, embed_dim=16, n_classes=dataset.train.n_classes)
+    trainer = Trainer(dataset, cfg, TrainSettings(epochs=2, lr=1e-3, batch_size=32), "unused", log=None)
+    with pytest.raises(TrainingDiverged, match="running_var became NaN or Inf in epoch 1.*last good checkpoint"):
+        trainer.run_epoch()
+    assert trainer.epoch == 0
+
+
+def test_a_full_disk_names_the_file_and_how_to_resume(data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "full")
+    real_savez, saves = np.savez, []
+
+    def savez(file, **arrays):
+        saves.append(1)
+        if len(saves) == 3:                    # the save of epoch 2
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_savez(file, **arrays)
+    monkeypatch.setattr(np, "savez", savez)
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 2
+    one_line_error(capsys, os.path.join(out, "checkpoint.npz"), "No space left on device",
+                   "checkpoint of epoch 1", "intact", f"--resume {out}")
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert train("--resume", out) == 0
+    assert [json.loads(l)["epoch"] for l in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(copy, capsys):
+    assert train("--resume", copy, "--epochs", "2") == 2
+    one_line_error(capsys, "--epochs 2", "3 epochs already done")
+
+
+def test_resume_with_more_epochs_says_so_and_records_it(copy, capsys):
+    before = json.load(open(os.path.join(copy, "metrics.json")))
+    assert train("--resume", copy, "--epochs", "5") == 0
+    stdout = capsys.readouterr().out
+    assert "--epochs 5 (the run was set to 3)" in stdout and "cosine schedule" in stdout
+    log = [json.loads(l) for l in open(os.path.join(copy, "metrics.jsonl"))]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+    assert f"learning rate of epoch 4 is {log[3]['lr']:.2e}" in stdout
+    saved = ckpt.load(copy).config
+    assert saved["train"]["epochs"] == 5
+    assert saved["epochs_changed"] == [{"at_epoch": 3, "from": 3, "to": 5}]
+    assert json.load(open(os.path.join(copy, "metrics.epoch3.json"))) == before   # kept, not stale
+    assert json.load(open(os.path.join(copy, "metrics.json"))) != before
+
+
+def test_eval_uses_the_recorded_data_folder(run_dir, capsys):
+    assert evaluate("--checkpoint", run_dir, "--json") == 0
+    captured = capsys.readouterr()
+    assert "the data folder recorded in the checkpoint" in captured.err
+    got = json.loads(captured.out)
+    want = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert {k: r["eer"] for k, r in got.items()} == {k: r["eer"] for k, r in want.items()}
+
+
+def test_eval_says_when_the_recorded_data_folder_is_gone(copy, tmp_path, capsys):
+    edit_metadata(copy, _set("data", "data_dir", str(tmp_path / "gone")))
+    assert evaluate("--checkpoint", copy) == 2
+    one_line_error(capsys, "gone")
