@@ -298,7 +298,6 @@ def test_load_dir_finds_test_lists_and_uses_train_widths(tmp_path):
 
     dataset = load_dir(tmp_path, cache=False)
 
-    assert dataset.source == str(tmp_path)
     assert dataset.train is not None and len(dataset.train) == 4
     assert sorted(dataset.tests) == ["seenheard/GNA", "unseenunheard/random"]
     for test_list in dataset.tests.values():

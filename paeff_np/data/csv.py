@@ -119,7 +119,7 @@ def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *
                 if not missing.exists():
                     raise DataError(f"{missing}: file not found (its other half {present.name} is present)")
             tests[f"{split}/{kind}"] = read_test_list(face_path, voice_path, face_dim, voice_dim, cache=cache)
-    return Dataset(train=train, tests=tests, source=str(data_dir))
+    return Dataset(train=train, tests=tests)
 
 
 # ---------------------------------------------------------------------------
