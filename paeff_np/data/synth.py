@@ -61,6 +61,7 @@ builds).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,30 +377,31 @@ def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
     class, written as it is); test lists: features only. Values are written with 9
     significant digits, so float32 features read back exactly. Every file is written
     to a temporary file in `out_dir` and renamed into place. `report(path)` is called
-    after each file.
+    after each file. Nothing is overwritten: if any of the files exists already,
+    FileExistsError names it before anything is written.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def put(name, matrix, labels=None):
-        path = out_dir / name
-        _write_csv(path, matrix, labels)
-        written.append(path)
-        if report is not None:
-            report(path)
-
+    files = []  # (name, matrix, labels or None)
     if dataset.train is not None:
         train = dataset.train
         labels = np.asarray(train.label_values)[train.labels]
         face_name, voice_name = train_file_names()
-        put(face_name, train.face, labels)
-        put(voice_name, train.voice, labels)
+        files += [(face_name, train.face, labels), (voice_name, train.voice, labels)]
     for key, test in dataset.tests.items():
         split, kind = key.split("/")
         face_name, voice_name = test_file_names(split, kind)
-        put(face_name, test.face)
-        put(voice_name, test.voice)
+        files += [(face_name, test.face, None), (voice_name, test.voice, None)]
+    for name, _, _ in files:
+        if (out_dir / name).exists():
+            raise FileExistsError(errno.EEXIST, "already exists", str(out_dir / name))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, matrix, labels in files:
+        _write_csv(out_dir / name, matrix, labels)
+        written.append(out_dir / name)
+        if report is not None:
+            report(out_dir / name)
     return written
 
 
