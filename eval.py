@@ -16,6 +16,7 @@ from paeff_np import checkpoint as ckpt
 from paeff_np.backend import to_device
 from paeff_np.cli import UsageError, device_flag, load_data, run
 from paeff_np.evaluation import evaluate, format_results
+from paeff_np.validate import validate_hyperparameters
 
 
 def parse_args(argv):
@@ -95,6 +96,7 @@ def _save(fig, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    validate_hyperparameters(args)
     checkpoint = ckpt.load(args.checkpoint)
     device = args.device or "cpu"
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}

@@ -17,6 +17,7 @@ from paeff_np.cli import (UsageError, add_config_flags, config_overrides, device
 from paeff_np.data import DataError
 from paeff_np.evaluation import evaluate, format_results
 from paeff_np.training import METRICS_LOG, Trainer, TrainSettings, truncate_jsonl
+from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
@@ -193,6 +194,7 @@ def format_ablation(rows):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    validate_hyperparameters(args)
     if args.ablation:
         train_ablation(args)
     else:
