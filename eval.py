@@ -15,7 +15,7 @@ import numpy as np
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import to_device
 from paeff_np.cli import UsageError, device_flag, load_data, run
-from paeff_np.evaluation import evaluate, format_results
+from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.validate import validate_hyperparameters
 
 
@@ -102,6 +102,8 @@ def main(argv=None):
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     tests = load_tests(args, checkpoint)
+    for note in protocol_notes(tests):
+        print(note, file=sys.stderr, flush=True)
     results = evaluate(params, buffers, checkpoint.cfg, tests, seed=args.seed, curves=bool(args.plot))
     written = plot(results, args.plot) if args.plot else []
     for r in results.values():

@@ -15,7 +15,7 @@ from paeff_np import checkpoint as ckpt
 from paeff_np.cli import (UsageError, add_config_flags, config_overrides, device_flag,
                           load_data, make_config, positive_int, run)
 from paeff_np.data import DataError
-from paeff_np.evaluation import evaluate, format_results
+from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.training import METRICS_LOG, Trainer, TrainSettings, truncate_jsonl
 from paeff_np.validate import validate_hyperparameters
 
@@ -135,6 +135,8 @@ def train_one(args):
     started = time.perf_counter()
     trainer = start_run(args)
     print(describe(trainer), flush=True)
+    for note in protocol_notes(trainer.dataset.tests):
+        print(note, file=sys.stderr, flush=True)
     if trainer.epoch == 0:
         trainer.save()           # epoch 0: a run that stops early can still be resumed
     try:
@@ -160,6 +162,8 @@ def train_ablation(args):
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()
     dataset, data_meta = load_data(args.data_dir)
+    for note in protocol_notes(dataset.tests):
+        print(note, file=sys.stderr, flush=True)
     rows, trained = [], {}
     for name, slug, overrides, paper in ABLATION:
         row_args = argparse.Namespace(**{**vars(args), **overrides})

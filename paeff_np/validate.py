@@ -77,7 +77,7 @@ def validate_hyperparameters(args, memory_bytes=None):
         _refuse("seed", seed, "must be >= 0")
     kernel = given("egff_kernel")
     if kernel is not None and not (kernel >= 1 and kernel % 2 == 1):
-        _refuse("egff_kernel", kernel, "must be a positive odd integer")
+        _refuse("egff_kernel", kernel, "egff_kernel, the EGFF conv kernel, must be a positive odd integer")
     width = given("embed_dim")
     if width is not None:
         if width < 1:

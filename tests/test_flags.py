@@ -1,5 +1,6 @@
-"""Hyperparameters are checked when the flags are parsed: one line naming the flag, exit 2,
-before any data is read or any folder is made (issue 8 §2)."""
+"""Everything is checked before the first epoch (issue 8 §2): hyperparameters when the flags
+are parsed (one line naming the flag, exit 2, before any data is read or any folder is made),
+and every test list against the protocols that will run on it."""
 import argparse
 import importlib.util
 import os
@@ -86,3 +87,30 @@ def test_embedding_width_is_checked_against_the_memory_given():
     from paeff_np.cli import UsageError
     with pytest.raises(UsageError, match=r"--embed-dim 8192: .* more than this machine's 1 GiB"):
         validate_hyperparameters(argparse.Namespace(embed_dim=8192), memory_bytes=1 << 30)
+
+
+def test_a_test_list_too_short_for_a_protocol_is_noted_before_training_and_skipped(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from paeff_np.data.synth import make_synthetic, save_dir
+
+    data = tmp_path / "data"
+    save_dir(make_synthetic(n_identities=24, seed=1, face_dim=24, voice_dim=12, test_rows=8), data)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", str(data), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "32", "--embed-dim", "16"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout
+    assert "Traceback" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    note = ("note: unseenunheard/random has 8 pairs, fewer than the 10 of the official protocol: "
+            "its EER*/AUC* are skipped")
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch   1/1"))
+    assert note in lines[:first_epoch]
+    assert any("matching runs for n_c = 2, 3, 4 only" in line for line in lines[:first_epoch])
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results["unseenunheard/random"]) == {"eer", "auc", "matching"}
+    assert set(results["seenheard/G"]) == {"eer", "auc"}
