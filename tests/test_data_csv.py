@@ -371,10 +371,11 @@ def test_utf8_byte_order_mark(tmp_path):
     assert "byte-order mark" in data_error(read_matrix, path, cache=False)
 
 
-@pytest.mark.parametrize("separator, name", [(";", "';'"), ("\t", "tabs")])
-def test_other_separators_are_named(tmp_path, separator, name):
+@pytest.mark.parametrize("separator, cell, name", [(";", "1.5", "';'"), ("\t", "1.5", "tabs"), (" ", "1.5", "spaces"),
+                                                  (";", "1,5", "';'")])
+def test_other_separators_are_named(tmp_path, separator, cell, name):
     path = tmp_path / "m.csv"
-    path.write_text(separator.join(["1.5"] * 300) + "\n")
+    path.write_text(separator.join([cell] * 300) + "\n")
     message = data_error(read_matrix, path, cache=False)
     assert f"separated by {name}, expected commas" in message
     assert len(message) < 2 * 120 + len(str(path)) + 80  # quotes at most ~120 characters of the row
@@ -455,3 +456,11 @@ def test_cache_stamp_hashes_both_ends_of_the_file(tmp_path, monkeypatch):
     stamp = csv_module._stamp(path, status, "matrix")
     path.write_text("1.5,2.5\n" * 3 + "8.5,9.5\n")
     assert csv_module._stamp(path, status, "matrix") != stamp
+
+
+def test_spaces_after_commas_and_odd_labels_are_still_plain_csv(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,  2.5\n3.5,\t4.5\n")
+    np.testing.assert_array_equal(read_matrix(path, cache=False), [[1.5, 2.5], [3.5, 4.5]])
+    face, voice = write_train(tmp_path, features(2, 2), features(2, 2), ["id;1", "id 2"])
+    assert read_train(face, voice, cache=False).label_values.tolist() == ["id 2", "id;1"]

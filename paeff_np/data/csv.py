@@ -85,8 +85,8 @@ def read_train(face_path, voice_path, *, cache: bool = True) -> TrainSet:
     if mismatches.size:
         row = mismatches[0]
         raise DataError(
-            f"{face_path}: row {row + 1} has label {str(face_labels[row])!r} "
-            f"but {voice_path} row {row + 1} has label {str(voice_labels[row])!r}"
+            f"{face_path}: row {row + 1} has label {_excerpt(str(face_labels[row]))!r} "
+            f"but {voice_path} row {row + 1} has label {_excerpt(str(voice_labels[row]))!r}"
         )
     label_values, labels = np.unique(face_labels, return_inverse=True)
     if len(label_values) < 2:
@@ -259,10 +259,13 @@ def _check_format(path: Path, kind: str) -> None:
     if line.startswith("#"):
         raise DataError(f"{path}: row {number} is a comment line ({quoted!r}); "
                         "FOP CSV files hold numbers only: remove it")
-    for separator, name in ((";", "';'"), ("\t", "tabs"), (" ", "spaces")):
-        if line.count(separator) > line.count(","):
-            raise DataError(f"{path}: values are separated by {name}, expected commas ({quoted!r})")
     cells = line.split(",")
+    numeric_cells = cells[:-1] if kind == "train" else cells  # a label may hold any text
+    separator = ("';'" if any(";" in cell for cell in numeric_cells)  # also "1,5;2,5" (decimal commas)
+                 else "tabs" if line.count("\t") > line.count(",")
+                 else "spaces" if len(cells) == 1 and len(line.split()) > 1 else None)
+    if separator:
+        raise DataError(f"{path}: values are separated by {separator}, expected commas ({quoted!r})")
     if cells[-1].strip() == "":
         role = "; the label would be read as a feature" if kind == "train" else ""
         raise DataError(f"{path}: row {number} ends with a comma (an empty last column{role}); "
