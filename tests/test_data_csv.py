@@ -350,7 +350,7 @@ def test_one_identity_training_set_is_refused(tmp_path):
 def test_features_that_overflow_the_model_are_refused_at_load(tmp_path, value):
     path = write_csv(tmp_path / "m.csv", [[0.5, 1.5], [2.5, value]])
     message = data_error(read_matrix, path, cache=False)
-    assert "m.csv: row 2, column 2" in message and "overflow" in message
+    assert f"m.csv: row 2, column 2 is {float(np.float32(value)):g};" in message and "overflow" in message
 
 
 def test_features_up_to_the_limit_are_kept(tmp_path):
@@ -464,3 +464,9 @@ def test_spaces_after_commas_and_odd_labels_are_still_plain_csv(tmp_path):
     np.testing.assert_array_equal(read_matrix(path, cache=False), [[1.5, 2.5], [3.5, 4.5]])
     face, voice = write_train(tmp_path, features(2, 2), features(2, 2), ["id;1", "id 2"])
     assert read_train(face, voice, cache=False).label_values.tolist() == ["id 2", "id;1"]
+
+
+def test_semicolon_separated_train_file_is_named(tmp_path):
+    face, voice = write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
+    face.write_text(face.read_text().replace(",", ";"))
+    assert "faceTrain.csv: values are separated by ';', expected commas" in data_error(read_train, face, voice, cache=False)

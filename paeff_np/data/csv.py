@@ -260,7 +260,7 @@ def _check_format(path: Path, kind: str) -> None:
         raise DataError(f"{path}: row {number} is a comment line ({quoted!r}); "
                         "FOP CSV files hold numbers only: remove it")
     cells = line.split(",")
-    numeric_cells = cells[:-1] if kind == "train" else cells  # a label may hold any text
+    numeric_cells = cells[:-1] if kind == "train" and len(cells) > 1 else cells  # a label may hold any text
     separator = ("';'" if any(";" in cell for cell in numeric_cells)  # also "1,5;2,5" (decimal commas)
                  else "tabs" if line.count("\t") > line.count(",")
                  else "spaces" if len(cells) == 1 and len(line.split()) > 1 else None)
@@ -328,7 +328,7 @@ def _check_values(path: Path, features: np.ndarray) -> None:
         if bad.any():
             row, column = np.argwhere(bad)[0]
             value = block[row, column]
-            where = f"{path}: row {start + row + 1}, column {column + 1} is {value}"
+            where = f"{path}: row {start + row + 1}, column {column + 1} is {value:g}"
             if not np.isfinite(value):
                 raise DataError(f"{where}; features must be finite float32 numbers")
             raise DataError(f"{where}; features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 "
