@@ -21,7 +21,6 @@ prints progress on stderr (rows read, MB/s, time left).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import time
@@ -213,7 +212,7 @@ def _loadtxt_in_blocks(path: Path, size: int, what: str, kwargs: dict) -> np.nda
     with open(path, "rb") as stream:
         while lines := stream.readlines(_PROGRESS_BLOCK_BYTES):
             done += sum(map(len, lines))
-            block = np.loadtxt(io.StringIO(b"".join(lines).decode("utf-8", errors="replace")), **kwargs)
+            block = np.loadtxt(lines, encoding="utf-8", **kwargs)
             if len(block):
                 blocks.append(block)
                 rows += len(block)
