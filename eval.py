@@ -16,9 +16,10 @@ from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
 from paeff_np.atomic import write_atomically
 from paeff_np.cli import UsageError, check_widths, device_flag, load_data, run
-from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results
+from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
+from paeff_np.validate import validate_hyperparameters
 
 
 def parse_args(argv):
@@ -105,6 +106,7 @@ def _save(fig, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    validate_hyperparameters(args)
     device = args.device or "cpu"
     array_module(device)                   # the GPU probe, before the checkpoint and data are read
     if args.plot:
@@ -113,6 +115,8 @@ def main(argv=None):
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     tests = load_tests(args, checkpoint)
+    for note in protocol_notes(tests):
+        print(note, file=sys.stderr, flush=True)
     results = evaluate(params, buffers, checkpoint.cfg, tests, seed=args.seed, curves=bool(args.plot))
     written = plot(results, args.plot) if args.plot else []
     for r in results.values():

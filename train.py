@@ -17,9 +17,10 @@ from paeff_np.atomic import write_atomically, write_json
 from paeff_np.cli import (UsageError, add_config_flags, check_widths, config_overrides, device_flag,
                           load_data, make_config, positive_int, remove_leftovers, run)
 from paeff_np.data import DataError
-from paeff_np.evaluation import evaluate, format_results
+from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
 from paeff_np.training import PAPER_RECIPE, Trainer, TrainSettings, write_metrics_log
+from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
@@ -183,6 +184,8 @@ def train_one(args):
     started = time.perf_counter()
     trainer = start_run(args)
     print(describe(trainer), flush=True)
+    for note in protocol_notes(trainer.dataset.tests):
+        print(note, file=sys.stderr, flush=True)
     if trainer.epoch == 0:
         first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
@@ -223,6 +226,8 @@ def train_ablation(args):
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()
     dataset, data_meta = load_data(args.data_dir)
+    for note in protocol_notes(dataset.tests):
+        print(note, file=sys.stderr, flush=True)
     row_args = {slug: argparse.Namespace(**{**vars(args), **overrides})
                 for table in ABLATION_TABLES for _, slug, overrides, _ in table}
     for one in row_args.values():         # every row's flags checked before the first trains
@@ -265,6 +270,7 @@ def format_ablation(tables):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    validate_hyperparameters(args)
     array_module(args.device or "cpu")     # the GPU probe, before any data is parsed or folder made
     if args.ablation:
         train_ablation(args)

@@ -7,7 +7,8 @@ metrics run on the host.
 import numpy as np
 
 from .backend import get_array_module, to_host
-from .metrics import matching_table, pair_distances, verification, verification_curves
+from .metrics import (OFFICIAL_FOLDS, matching_sizes_that_fit, matching_table, official_protocol_fits,
+                      pair_distances, verification, verification_curves)
 from .model import embed
 
 EMBED_CHUNK = 4096
@@ -34,16 +35,48 @@ def matching_pairs(test_list, emb_f, emb_v):
     return emb_f[0::2], emb_v[0::2], ids
 
 
+def protocols_that_fit(test_list, n_cs=range(2, 11)):
+    """``(official, n_cs)``: whether the official protocol runs on the list, and which
+    matching gallery sizes its positive pairs allow (docs/spec.md §5)."""
+    positive_ids = np.arange(len(test_list) // 2) if test_list.ids is None else np.asarray(test_list.ids)[0::2, 0]
+    return official_protocol_fits(len(test_list)), matching_sizes_that_fit(positive_ids, n_cs or ())
+
+
+def protocol_notes(tests, n_cs=range(2, 11)):
+    """One note per protocol that a list of ``tests`` is too short for (and that `evaluate` will skip).
+
+    Called before training, so that a short list is reported at the start, not found at the end.
+    """
+    notes = []
+    for key in sorted(tests, key=_list_order):
+        official, fitting = protocols_that_fit(tests[key], n_cs if key.endswith("/random") else None)
+        n = len(tests[key])
+        if not official:
+            notes.append(f"note: {key} has {n} pairs, fewer than the {OFFICIAL_FOLDS} of the official "
+                         f"protocol: its EER*/AUC* are skipped")
+        wanted = list(n_cs) if key.endswith("/random") else []
+        if wanted and fitting != wanted:
+            runs = f"runs for n_c = {', '.join(map(str, fitting))} only" if fitting else "is skipped"
+            notes.append(f"note: {key} has {n // 2} positive pairs, too few distinct identities for "
+                         f"1-of-{max(wanted)} matching: matching {runs}")
+    return notes
+
+
 def evaluate_list(params, buffers, cfg, test_list, n_cs=range(2, 11), seed=0, curves=False):
-    """Verification figures (exact and official) and matching accuracies of one list."""
+    """Verification figures (exact and official) and matching accuracies of one list.
+
+    Protocols the list is too short for are left out (see `protocols_that_fit`).
+    """
+    official, n_cs = protocols_that_fit(test_list, n_cs)
     emb_f, emb_v = embed_rows(params, buffers, test_list.face, test_list.voice, cfg)
     dist = pair_distances(emb_f, emb_v)
-    result = verification(dist, test_list.same)
+    result = verification(dist, test_list.same, official=official)
     if n_cs:
         result["matching"] = matching_table(*matching_pairs(test_list, emb_f, emb_v),
                                             n_cs=n_cs, seed=seed)
     if curves:
-        result["curves"] = {k: v.tolist() for k, v in verification_curves(dist, test_list.same).items()}
+        result["curves"] = {k: v.tolist()
+                            for k, v in verification_curves(dist, test_list.same, official).items()}
     return result
 
 
@@ -67,10 +100,10 @@ def _list_order(key):
 def format_results(results, n_cs_shown=(2, 10)):
     """The results table: EER/AUC (exact and official, %) per list, then matching."""
     lines = [f"{'test list':<22} {'EER':>6} {'AUC':>6} {'EER*':>6} {'AUC*':>6}"]
+    pct = lambda r, k: f"{100 * r[k]:6.1f}" if k in r else f"{'–':>6}"
     for key, r in results.items():
-        lines.append(f"{key:<22} {100 * r['eer']:6.1f} {100 * r['auc']:6.1f} "
-                     f"{100 * r['eer_official']:6.1f} {100 * r['auc_official']:6.1f}")
-    lines.append("(%; EER/AUC exact from the ROC, * = official 10-fold protocol)")
+        lines.append(f"{key:<22} {pct(r, 'eer')} {pct(r, 'auc')} {pct(r, 'eer_official')} {pct(r, 'auc_official')}")
+    lines.append("(%; EER/AUC exact from the ROC, * = official 10-fold protocol; – = list too short)")
     matching = [(k, r["matching"]) for k, r in results.items() if "matching" in r]
     if matching:
         columns = [(k, d) for k, _ in matching for d in ("voice_to_face", "face_to_voice")]
@@ -79,6 +112,8 @@ def format_results(results, n_cs_shown=(2, 10)):
         lines += ["", "matching accuracy (positive pairs of the random lists)",
                   f"{'n_c':>4} " + " ".join(f"{name(k, d):>8}" for k, d in columns)]
         for n in n_cs_shown:
-            lines.append(f"{n:>4} " + " ".join(f"{100 * dict(matching)[k][d][n]:8.1f}" for k, d in columns))
+            lines.append(f"{n:>4} " + " ".join(
+                f"{100 * dict(matching)[k][d][n]:8.1f}" if n in dict(matching)[k][d] else f"{'–':>8}"
+                for k, d in columns))
         lines.append("(%; SH seen-heard, UU unseen-unheard, V→F voice probe vs faces; chance = 100/n_c)")
     return "\n".join(lines)

@@ -119,25 +119,22 @@ def _official_eer(mean_fpr, mean_tpr):
     return float(mean_fpr[np.argmin(np.abs((1.0 - mean_tpr) - mean_fpr))])
 
 
-def verification_curves(dist, same):
+def verification_curves(dist, same, official=True):
     """ROC curves for plotting.
 
-    Returns ``fpr``, ``tpr`` (exact ROC, all thresholds) and ``fpr_official``,
-    ``tpr_official`` (fold-averaged curves of the official protocol, one point
-    per threshold of ``OFFICIAL_THRESHOLDS``).
+    Returns ``fpr``, ``tpr`` (exact ROC, all thresholds) and, when ``official``,
+    ``fpr_official``, ``tpr_official`` (fold-averaged curves of the official
+    protocol, one point per threshold of ``OFFICIAL_THRESHOLDS``).
     """
     dist, same = _check_pairs(dist, same)
     fpr, tpr = _exact_roc(dist, same)
-    fpr_official, tpr_official = _official_roc(dist, same)
-    return {
-        "fpr": fpr,
-        "tpr": tpr,
-        "fpr_official": fpr_official,
-        "tpr_official": tpr_official,
-    }
+    curves = {"fpr": fpr, "tpr": tpr}
+    if official:
+        curves["fpr_official"], curves["tpr_official"] = _official_roc(dist, same)
+    return curves
 
 
-def verification(dist, same):
+def verification(dist, same, official=True):
     """Verification EER and AUC, exact and by the official protocol.
 
     dist: 1-D squared distances of the pairs; same: 1-D bool, True when the
@@ -153,14 +150,24 @@ def verification(dist, same):
     The official threshold grid 0, 0.01, ..., 3.99 assumes distances lie in
     about [0, 4], true for the model's evaluation embeddings (GELU of unit
     vectors); distances of 4 or more are never predicted "same".
+
+    official=False leaves out the official figures (a list shorter than
+    ``OFFICIAL_FOLDS`` pairs cannot run that protocol: see `official_protocol_fits`).
     """
-    curves = verification_curves(dist, same)
-    return {
+    curves = verification_curves(dist, same, official)
+    result = {
         "eer": _exact_eer(curves["fpr"], curves["tpr"]),
         "auc": float(trapezoid_area(curves["fpr"], curves["tpr"])),
-        "eer_official": _official_eer(curves["fpr_official"], curves["tpr_official"]),
-        "auc_official": float(trapezoid_area(curves["fpr_official"], curves["tpr_official"])),
     }
+    if official:
+        result["eer_official"] = _official_eer(curves["fpr_official"], curves["tpr_official"])
+        result["auc_official"] = float(trapezoid_area(curves["fpr_official"], curves["tpr_official"]))
+    return result
+
+
+def official_protocol_fits(n_pairs):
+    """True when a list of ``n_pairs`` pairs can be split into the official ``OFFICIAL_FOLDS`` folds."""
+    return n_pairs >= OFFICIAL_FOLDS
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +239,17 @@ def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
         axis=0,
     )
     return float(np.mean(true_dist < nearest_distractor))
+
+
+def matching_sizes_that_fit(ids, n_cs):
+    """The gallery sizes of ``n_cs`` that `matching_accuracy` can run on probes of identities ``ids``.
+
+    A trial with n_c needs n_c - 1 distractors of another identity for every probe:
+        n_c - 1 <= len(ids) - (rows of the largest identity).
+    """
+    _, counts = np.unique(_host(ids), return_counts=True)
+    fewest_others = len(ids) - (counts.max() if len(counts) else 0)
+    return [n_c for n_c in n_cs if 2 <= n_c <= fewest_others + 1]
 
 
 def matching_table(face_emb, voice_emb, ids=None, n_cs=range(2, 11), seed=0):

@@ -298,7 +298,6 @@ def test_load_dir_finds_test_lists_and_uses_train_widths(tmp_path):
 
     dataset = load_dir(tmp_path, cache=False)
 
-    assert dataset.source == str(tmp_path)
     assert dataset.train is not None and len(dataset.train) == 4
     assert sorted(dataset.tests) == ["seenheard/GNA", "unseenunheard/random"]
     for test_list in dataset.tests.values():
@@ -322,3 +321,152 @@ def test_load_dir_without_test_lists_is_fine_for_training(tmp_path):
     write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
     dataset = load_dir(tmp_path, cache=False)
     assert dataset.tests == {} and dataset.train.n_classes == 2
+
+
+# --- inputs that are not plain FOP CSV (issue 8, sections 5 and 6) ---------------
+
+
+def test_trailing_comma_on_every_train_row_is_refused_not_read_as_a_feature(tmp_path):
+    face_path, voice_path = write_train(tmp_path, features(4, 3), features(4, 2), ["a", "b", "a", "b"])
+    for path in (face_path, voice_path):
+        path.write_text("".join(line + ",\n" for line in path.read_text().splitlines()))
+    message = data_error(read_train, face_path, voice_path, cache=False)
+    assert "faceTrain.csv: row 1 ends with a comma" in message and "label" in message
+
+
+def test_trailing_comma_in_a_test_list_is_named(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("1.5,2.5,\n3.5,4.5,\n")
+    assert "row 1 ends with a comma" in data_error(read_matrix, path, cache=False)
+
+
+def test_one_identity_training_set_is_refused(tmp_path):
+    paths = write_train(tmp_path, features(4, 3), features(4, 2), ["7", "7.0", "7", "7"])
+    message = data_error(read_train, *paths, cache=False)
+    assert "faceTrain.csv" in message and "at least 2 identities" in message
+
+
+@pytest.mark.parametrize("value", ["1e38", "-3e20", "2e12"])
+def test_features_that_overflow_the_model_are_refused_at_load(tmp_path, value):
+    path = write_csv(tmp_path / "m.csv", [[0.5, 1.5], [2.5, value]])
+    message = data_error(read_matrix, path, cache=False)
+    assert f"m.csv: row 2, column 2 is {float(np.float32(value)):g};" in message and "overflow" in message
+
+
+def test_features_up_to_the_limit_are_kept(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [[0.5, 1e12], [-1e12, 0.0]])
+    np.testing.assert_array_equal(read_matrix(path, cache=False), np.float32([[0.5, 1e12], [-1e12, 0.0]]))
+
+
+def test_gzip_named_csv(tmp_path):
+    import gzip
+    path = tmp_path / "faceTrain.csv"
+    path.write_bytes(gzip.compress(b"1.5,2.5,a\n3.5,4.5,b\n"))
+    assert data_error(read_matrix, path, cache=False) == f"{path}: compressed (gzip); decompress first, e.g. zcat faceTrain.csv > plain.csv"
+
+
+def test_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\xef\xbb\xbf1.5,2.5\n3.5,4.5\n")
+    assert "byte-order mark" in data_error(read_matrix, path, cache=False)
+
+
+@pytest.mark.parametrize("separator, cell, name", [(";", "1.5", "';'"), ("\t", "1.5", "tabs"), (" ", "1.5", "spaces"),
+                                                  (";", "1,5", "';'")])
+def test_other_separators_are_named(tmp_path, separator, cell, name):
+    path = tmp_path / "m.csv"
+    path.write_text(separator.join([cell] * 300) + "\n")
+    message = data_error(read_matrix, path, cache=False)
+    assert f"separated by {name}, expected commas" in message
+    assert len(message) < 2 * 120 + len(str(path)) + 80  # quotes at most ~120 characters of the row
+
+
+def test_header_line_is_named(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("f0,f1,label\n1.5,2.5,a\n")
+    assert "row 1 is a header line ('f0,f1,label')" in data_error(read_matrix, path, cache=False)
+
+
+@pytest.mark.parametrize("where", [0, 2])
+def test_comment_line_is_named(tmp_path, where):
+    lines = ["1.5,2.5", "3.5,4.5", "5.5,6.5"]
+    lines.insert(where, "# exported by a tool")
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert f"row {where + 1} is a comment line ('# exported by a tool')" in data_error(read_matrix, path, cache=False)
+
+
+def test_a_message_quotes_at_most_about_120_characters_of_a_row(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n" + "x" * 40_000 + ",2.5\n")
+    message = data_error(read_matrix, path, cache=False)
+    assert "row 2, column 1" in message and "more characters" in message and len(message) < 300
+
+
+def test_big_file_prints_progress_on_stderr(tmp_path, monkeypatch, capsys):
+    from paeff_np.data import csv as csv_module
+    matrix = features(300, 4)
+    path = write_csv(tmp_path / "big.csv", matrix.tolist())
+    monkeypatch.setattr(csv_module, "PROGRESS_MIN_BYTES", 100)
+    monkeypatch.setattr(csv_module, "_PROGRESS_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(csv_module, "_PROGRESS_EVERY_S", 0.0)
+    np.testing.assert_array_equal(read_matrix(path, cache=False), matrix)
+    err = capsys.readouterr().err
+    assert "rows read" in err and "MB/s" in err and "s left" in err and "300 rows read in" in err
+
+
+def test_big_train_file_parsed_in_blocks_keeps_labels_and_errors(tmp_path, monkeypatch, capsys):
+    from paeff_np.data import csv as csv_module
+    monkeypatch.setattr(csv_module, "PROGRESS_MIN_BYTES", 100)
+    monkeypatch.setattr(csv_module, "_PROGRESS_BLOCK_BYTES", 200)
+    labels = [f"id{i % 3}" for i in range(50)]
+    train = read_train(*write_train(tmp_path, features(50, 3), features(50, 2), labels), cache=False)
+    np.testing.assert_array_equal(train.face, features(50, 3))
+    assert train.label_values[train.labels].tolist() == labels
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n" * 40 + "1.5,oops\n")
+    assert "row 41, column 2: 'oops' is not a number" in data_error(read_matrix, path, cache=False)
+
+
+def test_small_file_reads_quietly(tmp_path, capsys):
+    read_matrix(write_csv(tmp_path / "m.csv", features(3, 2).tolist()), cache=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_edit_keeping_size_and_mtime_invalidates_the_cache(tmp_path):
+    """cp -p / touch -r: same size, same mtime, new content."""
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n")
+    np.testing.assert_array_equal(read_matrix(path), [[1.5, 2.5]])
+    status = path.stat()
+
+    path.write_text("3.5,4.5\n")
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert path.stat().st_mtime_ns == status.st_mtime_ns and path.stat().st_size == status.st_size
+    np.testing.assert_array_equal(read_matrix(path), [[3.5, 4.5]])
+
+
+def test_cache_stamp_hashes_both_ends_of_the_file(tmp_path, monkeypatch):
+    """Equal size, times and inode (as a tool could forge): the hashed end blocks still differ."""
+    from paeff_np.data import csv as csv_module
+    monkeypatch.setattr(csv_module, "_FINGERPRINT_BYTES", 8)
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,2.5\n" * 3 + "9.5,9.5\n")
+    status = path.stat()
+    stamp = csv_module._stamp(path, status, "matrix")
+    path.write_text("1.5,2.5\n" * 3 + "8.5,9.5\n")
+    assert csv_module._stamp(path, status, "matrix") != stamp
+
+
+def test_spaces_after_commas_and_odd_labels_are_still_plain_csv(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("1.5,  2.5\n3.5,\t4.5\n")
+    np.testing.assert_array_equal(read_matrix(path, cache=False), [[1.5, 2.5], [3.5, 4.5]])
+    face, voice = write_train(tmp_path, features(2, 2), features(2, 2), ["id;1", "id 2"])
+    assert read_train(face, voice, cache=False).label_values.tolist() == ["id 2", "id;1"]
+
+
+def test_semicolon_separated_train_file_is_named(tmp_path):
+    face, voice = write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
+    face.write_text(face.read_text().replace(",", ";"))
+    assert "faceTrain.csv: values are separated by ';', expected commas" in data_error(read_train, face, voice, cache=False)

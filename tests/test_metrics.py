@@ -360,3 +360,71 @@ def test_matching_table_directions_and_reproducibility():
     assert again == table
     other_seed = matching_table(face, voice, n_cs=range(2, 6), seed=1)
     assert other_seed["face_to_voice"] != table["face_to_voice"]
+
+
+# ---------------------------------------------------------------------------
+# Lists too short for a protocol: known before training (issue 8 §2)
+# ---------------------------------------------------------------------------
+
+
+def test_verification_without_the_official_protocol_runs_on_a_short_list():
+    from paeff_np.metrics import official_protocol_fits
+    dist, same = np.array([0.1, 0.9, 0.2, 0.8]), np.tile([T, F], 2)
+    assert not official_protocol_fits(len(dist)) and official_protocol_fits(10)
+    result = verification(dist, same, official=False)
+    assert set(result) == {"eer", "auc"}
+    full = np.tile(dist, 3)
+    assert verification(full, np.tile(same, 3), official=False) == {
+        k: v for k, v in verification(full, np.tile(same, 3)).items() if k in ("eer", "auc")}
+    assert set(verification_curves(dist, same, official=False)) == {"fpr", "tpr"}
+
+
+@pytest.mark.parametrize("ids, fitting", [
+    (None, [2, 3, 4, 5]),                          # 5 probes of 5 identities: 4 distractors at most
+    ([0, 0, 1, 1, 2], [2, 3, 4]),                  # the largest identity has 2 rows: 3 others
+    ([0, 0, 0, 0, 1], [2]),
+    ([7, 7, 7, 7, 7], []),
+])
+def test_matching_sizes_that_fit_are_exactly_those_matching_accuracy_runs(ids, fitting):
+    from paeff_np.metrics import matching_sizes_that_fit
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((5, 3))
+    given = np.arange(5) if ids is None else np.array(ids)
+    assert matching_sizes_that_fit(given, range(2, 11)) == fitting
+    for n_c in range(2, 11):
+        if n_c in fitting:
+            matching_accuracy(emb, emb + 0.1, n_c, rng, ids=ids)
+        else:
+            with pytest.raises(ValueError, match="distractors"):
+                matching_accuracy(emb, emb + 0.1, n_c, rng, ids=ids)
+
+
+def test_evaluate_skips_what_a_short_list_cannot_run_and_says_so_in_advance():
+    from paeff_np.data import TestList
+    from paeff_np.evaluation import evaluate, format_results, protocol_notes
+    from paeff_np.model import Config, init_params
+
+    cfg = Config(face_dim=6, voice_dim=4, embed_dim=8, n_classes=3)
+    params, buffers = init_params(cfg, seed=0)
+    rng = np.random.default_rng(1)
+    lists = {f"unseenunheard/{kind}": TestList(face=rng.standard_normal((rows, 6)).astype(np.float32),
+                                                voice=rng.standard_normal((rows, 4)).astype(np.float32))
+             for kind, rows in (("random", 8), ("G", 6), ("N", 20))}
+    lists["seenheard/random"] = TestList(face=rng.standard_normal((40, 6)).astype(np.float32),
+                                         voice=rng.standard_normal((40, 4)).astype(np.float32))
+
+    notes = protocol_notes(lists)
+    assert notes == [
+        "note: unseenunheard/random has 8 pairs, fewer than the 10 of the official protocol: its EER*/AUC* are skipped",
+        "note: unseenunheard/random has 4 positive pairs, too few distinct identities for 1-of-10 matching: "
+        "matching runs for n_c = 2, 3, 4 only",
+        "note: unseenunheard/G has 6 pairs, fewer than the 10 of the official protocol: its EER*/AUC* are skipped",
+    ]
+    results = evaluate(params, buffers, cfg, lists)
+    assert set(results["unseenunheard/random"]) == {"eer", "auc", "matching"}
+    assert sorted(results["unseenunheard/random"]["matching"]["voice_to_face"]) == [2, 3, 4]
+    assert set(results["unseenunheard/G"]) == {"eer", "auc"}
+    assert {"eer_official", "auc_official"} <= set(results["unseenunheard/N"])
+    assert sorted(results["seenheard/random"]["matching"]["face_to_voice"]) == list(range(2, 11))
+    table = format_results(results)
+    assert "–" in table and "unseenunheard/G" in table

@@ -53,7 +53,7 @@ def test_same_seed_gives_same_arrays_and_another_seed_does_not(world):
 
 def test_make_synthetic_returns_the_worlds_dataset(world):
     dataset = make_synthetic(60, seed=3, **SMALL)
-    assert isinstance(dataset, Dataset) and dataset.source == "synthetic"
+    assert isinstance(dataset, Dataset)
     np.testing.assert_array_equal(dataset.train.voice, world.dataset.train.voice)
 
 
@@ -217,3 +217,14 @@ def test_cli_bad_arguments_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "at least 2" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_to_overwrite_an_existing_world(tmp_path):
+    out = tmp_path / "world"
+    assert run_cli("synth", "--out", str(out), "--identities", "9", "--test-rows", "2").returncode == 0
+    (out / "faceTrain.csv").write_text("my own data\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_cli("synth", "--out", str(out), "--seed", "1", "--identities", "9", "--test-rows", "2")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "already exists" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was written

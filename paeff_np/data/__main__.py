@@ -3,7 +3,8 @@
     python -m paeff_np.data synth --out DIR [--seed S] [--identities N] [--test-rows N]
 
 writes the synthetic world (`paeff_np.data.synth`) as FOP CSV files in DIR, one line
-per file written. Errors are one line on stderr and exit status 2.
+per file written. Errors are one line on stderr and exit status 2. Existing files
+are never overwritten: if DIR holds any of them, nothing is written.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the synthetic face-voice world (paeff_np.data.synth) as FOP CSV files: "
         "faceTrain.csv, voiceTrain.csv and the face_/voice_veriflist_test_{kind}_{split}.csv lists.",
     )
-    synth.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    synth.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing; never overwritten)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--identities", type=int, default=300, metavar="N",
                        help="identities in all, a third of them unseen (default 300)")
@@ -60,6 +61,10 @@ def main(argv=None) -> int:
 
     try:
         paths = save_dir(dataset, args.out, report=report)
+    except FileExistsError as error:
+        print(f"error: {error.filename} already exists; choose another --out (nothing was written)",
+              file=sys.stderr)
+        return 2
     except OSError as error:
         reason = error.strerror or str(error)
         where = error.filename if error.filename is not None else args.out

@@ -6,14 +6,24 @@ feature columns (extra trailing columns are ignored). Parsing happens in C throu
 Row numbers in messages are 1-based lines of the file.
 
 Each parsed CSV is cached as `.npy` in `<csv dir>/.paeff_cache/`, so later runs
-memory-map it instead of parsing again. A JSON stamp with the source's size and
-modification time decides whether the cache is still valid. Arrays read from the
-cache are read-only memory maps.
+memory-map it instead of parsing again. A JSON stamp decides whether the cache is
+still valid: the source's size, mtime_ns, ctime_ns and inode, and a SHA-256 of its
+first and last blocks, so an edit that keeps size and mtime (`cp -p`, `touch -r`)
+still invalidates it. Arrays read from the cache are read-only memory maps.
+
+Before parsing, the first bytes are checked for what is not a plain FOP CSV (gzip or
+zip data, a byte-order mark, a `;`, tab or space separator, a header or comment line,
+a trailing comma): each gets its own one-line message. Messages quote at most
+`EXCERPT_CHARS` characters of a row. Reading a file larger than `PROGRESS_MIN_BYTES`
+prints progress on stderr (rows read, MB/s, time left).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +33,7 @@ from ..atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 CACHE_DIR_NAME = ".paeff_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: fingerprinted stamp; features checked against FEATURE_LIMIT
 
 # Cached arrays of each kind of parsed file, with the suffix of their cache file.
 _CACHED_ARRAYS = {
@@ -32,6 +42,17 @@ _CACHED_ARRAYS = {
 }
 _READ_CHUNK_BYTES = 1 << 26  # bytes per read when counting delimiters
 _FINITE_BLOCK_ROWS = 4096  # rows per block when looking for NaN/Inf
+_FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a file for the cache stamp
+_SNIFF_BYTES = 1 << 16  # bytes read to recognise the file's format
+
+FEATURE_LIMIT = 1e12
+"""Largest |feature| accepted. The model squares its inputs' scale (BatchNorm's variance
+sums x^2 over a batch), and float32 overflows at 3.4e38: 1e12 leaves room for batches
+of 10^13 rows, and no real embedding comes near it."""
+EXCERPT_CHARS = 120  # characters of a row or cell quoted in a message, at most
+PROGRESS_MIN_BYTES = 64 << 20  # files larger than this print progress while parsed
+_PROGRESS_BLOCK_BYTES = 16 << 20  # bytes parsed per step when printing progress
+_PROGRESS_EVERY_S = 2.0  # seconds between two progress lines
 
 
 class DataError(Exception):
@@ -63,10 +84,15 @@ def read_train(face_path, voice_path, *, cache: bool = True) -> TrainSet:
     if mismatches.size:
         row = mismatches[0]
         raise DataError(
-            f"{face_path}: row {row + 1} has label {str(face_labels[row])!r} "
-            f"but {voice_path} row {row + 1} has label {str(voice_labels[row])!r}"
+            f"{face_path}: row {row + 1} has label {_excerpt(str(face_labels[row]))!r} "
+            f"but {voice_path} row {row + 1} has label {_excerpt(str(voice_labels[row]))!r}"
         )
     label_values, labels = np.unique(face_labels, return_inverse=True)
+    if len(label_values) < 2:
+        raise DataError(
+            f"{face_path}: every row has the label {_excerpt(str(label_values[0]))!r}; training needs "
+            "at least 2 identities (cross-entropy and OPL compare identities)"
+        )
     return TrainSet(face=face, voice=voice, labels=labels.reshape(-1).astype(np.int64), label_values=label_values)
 
 
@@ -119,7 +145,7 @@ def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *
                 if not missing.exists():
                     raise DataError(f"{missing}: file not found (its other half {present.name} is present)")
             tests[f"{split}/{kind}"] = read_test_list(face_path, voice_path, face_dim, voice_dim, cache=cache)
-    return Dataset(train=train, tests=tests, source=str(data_dir))
+    return Dataset(train=train, tests=tests)
 
 
 # ---------------------------------------------------------------------------
@@ -133,6 +159,7 @@ def _read_train_file(path: Path, cache: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def _parse(path: Path, kind: str) -> dict[str, np.ndarray]:
     """Parse a CSV into the arrays cached for its kind ("matrix" or "train")."""
+    _check_format(path, kind)
     if kind == "matrix":
         return {"features": _load_features(path)}
 
@@ -141,7 +168,7 @@ def _parse(path: Path, kind: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: rows have 1 column, expected feature columns then a label column")
     n_features = n_columns - 1
     features = _load_features(path, n_features)
-    labels = _loadtxt(path, n_features, usecols=[n_features], dtype=str)[:, 0]
+    labels = _loadtxt(path, n_features, usecols=[n_features], dtype=str, what="labels")[:, 0]
     # Reading selected columns lets longer rows pass unnoticed; count the delimiters.
     _check_row_widths(path, len(features), n_columns)
     return {"features": features, "labels": np.char.strip(labels)}
@@ -151,23 +178,102 @@ def _load_features(path: Path, n_features: int | None = None) -> np.ndarray:
     """Load the first n_features columns (all when None) as float32 and check they are finite."""
     usecols = None if n_features is None else range(n_features)
     features = _loadtxt(path, n_features, usecols=usecols, dtype=np.float32)
-    _check_finite(path, features)
+    _check_values(path, features)
     return features
 
 
-def _loadtxt(path: Path, n_numeric: int | None, **kwargs) -> np.ndarray:
-    """np.loadtxt with DataError messages; n_numeric: how many leading columns are numbers."""
+def _loadtxt(path: Path, n_numeric: int | None, what: str = "rows", **kwargs) -> np.ndarray:
+    """np.loadtxt with DataError messages; n_numeric: how many leading columns are numbers.
+
+    A file larger than PROGRESS_MIN_BYTES is parsed in blocks, with progress on stderr.
+    """
+    kwargs.update(delimiter=",", comments=None, ndmin=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
-            table = np.loadtxt(path, delimiter=",", comments=None, ndmin=2, **kwargs)
+            size = path.stat().st_size
+            if size > PROGRESS_MIN_BYTES:
+                table = _loadtxt_in_blocks(path, size, what, kwargs)
+            else:
+                table = np.loadtxt(path, **kwargs)
     except ValueError as error:
-        raise DataError(_find_bad_row(path, n_numeric) or f"{path}: {error}") from None
+        raise DataError(_find_bad_row(path, n_numeric) or f"{path}: {_excerpt(str(error))}") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     if len(table) == 0:
         raise DataError(f"{path}: file is empty")
     return table
+
+
+def _loadtxt_in_blocks(path: Path, size: int, what: str, kwargs: dict) -> np.ndarray:
+    """np.loadtxt on blocks of whole lines, printing rows read, MB/s and time left on stderr."""
+    blocks, done, rows = [], 0, 0
+    started = last_report = time.monotonic()
+    with open(path, "rb") as stream:
+        while lines := stream.readlines(_PROGRESS_BLOCK_BYTES):
+            done += sum(map(len, lines))
+            block = np.loadtxt(lines, encoding="utf-8", **kwargs)
+            if len(block):
+                blocks.append(block)
+                rows += len(block)
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_EVERY_S:
+                last_report = now
+                rate = done / max(now - started, 1e-9)
+                print(f"{path.name} ({what}): {rows:,} rows read, {done / 1e6:,.0f} of {size / 1e6:,.0f} MB, "
+                      f"{rate / 1e6:,.1f} MB/s, ~{(size - done) / rate:,.0f} s left", file=sys.stderr, flush=True)
+    print(f"{path.name} ({what}): {rows:,} rows read in {time.monotonic() - started:,.1f} s",
+          file=sys.stderr, flush=True)
+    return np.concatenate(blocks) if blocks else np.empty((0, 0), kwargs.get("dtype", float))
+
+
+def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """text, cut to `limit` characters with the number of characters left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _check_format(path: Path, kind: str) -> None:
+    """Refuse, with a message naming the problem, a file that is not a plain comma-separated table."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(_SNIFF_BYTES)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    if head.startswith(b"\x1f\x8b"):
+        raise DataError(f"{path}: compressed (gzip); decompress first, e.g. zcat {path.name} > plain.csv")
+    if head.startswith(b"PK\x03\x04"):
+        raise DataError(f"{path}: compressed (zip); decompress first, e.g. unzip {path.name}")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text; save it as plain UTF-8")
+    if head.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM")
+    text = head.decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line:
+            break
+    else:
+        return  # empty: reported by the parser
+    quoted = _excerpt(line)
+    if line.startswith("#"):
+        raise DataError(f"{path}: row {number} is a comment line ({quoted!r}); "
+                        "FOP CSV files hold numbers only: remove it")
+    cells = line.split(",")
+    numeric_cells = cells[:-1] if kind == "train" and len(cells) > 1 else cells  # a label may hold any text
+    separator = ("';'" if any(";" in cell for cell in numeric_cells)  # also "1,5;2,5" (decimal commas)
+                 else "tabs" if line.count("\t") > line.count(",")
+                 else "spaces" if len(cells) == 1 and len(line.split()) > 1 else None)
+    if separator:
+        raise DataError(f"{path}: values are separated by {separator}, expected commas ({quoted!r})")
+    if cells[-1].strip() == "":
+        role = "; the label would be read as a feature" if kind == "train" else ""
+        raise DataError(f"{path}: row {number} ends with a comma (an empty last column{role}); "
+                        "remove the trailing commas, e.g. sed -i 's/,$//' " + path.name)
+    try:
+        float(cells[0])
+    except ValueError:
+        raise DataError(f"{path}: row {number} is a header line ({quoted!r}); "
+                        "FOP CSV files have no header: remove it") from None
 
 
 def _find_bad_row(path: Path, n_numeric: int | None) -> str | None:
@@ -178,6 +284,8 @@ def _find_bad_row(path: Path, n_numeric: int | None) -> str | None:
             line = line.rstrip("\n")
             if not line:
                 continue  # np.loadtxt skips empty lines too
+            if line.lstrip().startswith("#"):
+                return f"{path}: row {number} is a comment line ({_excerpt(line)!r}); FOP CSV files hold numbers only"
             cells = line.split(",")
             if expected is None:
                 expected = len(cells)
@@ -187,7 +295,7 @@ def _find_bad_row(path: Path, n_numeric: int | None) -> str | None:
                 try:
                     float(cell)
                 except ValueError:
-                    return f"{path}: row {number}, column {column}: {cell!r} is not a number"
+                    return f"{path}: row {number}, column {column}: {_excerpt(cell)!r} is not a number"
     return None
 
 
@@ -211,17 +319,19 @@ def _check_row_widths(path: Path, n_rows: int, n_columns: int) -> None:
         raise DataError(_find_bad_row(path, n_columns - 1) or f"{path}: rows have unequal numbers of columns")
 
 
-def _check_finite(path: Path, features: np.ndarray) -> None:
-    """Raise on the first NaN or Inf, looking at blocks of rows to keep memory small."""
+def _check_values(path: Path, features: np.ndarray) -> None:
+    """Raise on the first NaN, Inf or |value| > FEATURE_LIMIT, in blocks of rows to keep memory small."""
     for start in range(0, len(features), _FINITE_BLOCK_ROWS):
         block = features[start : start + _FINITE_BLOCK_ROWS]
-        bad = ~np.isfinite(block)
+        bad = ~(np.abs(block) <= FEATURE_LIMIT)  # NaN compares False
         if bad.any():
             row, column = np.argwhere(bad)[0]
-            raise DataError(
-                f"{path}: row {start + row + 1}, column {column + 1} is {block[row, column]}; "
-                "features must be finite float32 numbers"
-            )
+            value = block[row, column]
+            where = f"{path}: row {start + row + 1}, column {column + 1} is {value:g}"
+            if not np.isfinite(value):
+                raise DataError(f"{where}; features must be finite float32 numbers")
+            raise DataError(f"{where}; features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 "
+                            "arithmetic (BatchNorm squares them): rescale the features")
 
 
 def _first_columns(path: Path, matrix: np.ndarray, width: int | None, modality: str) -> np.ndarray:
@@ -254,9 +364,9 @@ def _read_cached(path: Path, kind: str, cache: bool) -> dict[str, np.ndarray]:
         status = path.stat()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    stamp = {"version": CACHE_VERSION, "kind": kind, "size": status.st_size, "mtime_ns": status.st_mtime_ns}
     cache_dir = path.parent / CACHE_DIR_NAME
     if cache:
+        stamp = _stamp(path, status, kind)
         arrays = _load_cache(cache_dir, path.name, kind, stamp)
         if arrays is not None:
             return arrays
@@ -264,6 +374,26 @@ def _read_cached(path: Path, kind: str, cache: bool) -> dict[str, np.ndarray]:
     if cache:
         _save_cache(cache_dir, path.name, kind, stamp, arrays)
     return arrays
+
+
+def _stamp(path: Path, status, kind: str) -> dict:
+    """What must be equal for a cache to stand for the file: its identity, times and end blocks.
+
+    An edit changes ctime_ns (which a user cannot set back), and rewriting by rename changes
+    the inode; the hash of the first and last _FINGERPRINT_BYTES catches the rest cheaply.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            digest.update(stream.read(_FINGERPRINT_BYTES))
+            if status.st_size > _FINGERPRINT_BYTES:
+                stream.seek(max(_FINGERPRINT_BYTES, status.st_size - _FINGERPRINT_BYTES))
+                digest.update(stream.read(_FINGERPRINT_BYTES))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    return {"version": CACHE_VERSION, "kind": kind, "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+            "ctime_ns": status.st_ctime_ns, "inode": status.st_ino, "device": status.st_dev,
+            "ends_sha256": digest.hexdigest()}
 
 
 def _load_cache(cache_dir: Path, name: str, kind: str, stamp: dict) -> dict[str, np.ndarray] | None:

@@ -84,4 +84,3 @@ class Dataset:
 
     train: TrainSet | None
     tests: dict[str, TestList]
-    source: str  # a directory path, or "synthetic"

@@ -61,6 +61,7 @@ builds).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def identity_labels(n_identities: int) -> np.ndarray:
 
 
 def make_synthetic(n_identities: int = 300, seed: int = 0, face_dim: int = 4096, voice_dim: int = 512, **knobs) -> Dataset:
-    """Generate the synthetic world and return its `Dataset` (source "synthetic").
+    """Generate the synthetic world and return its `Dataset`.
 
     Arguments are those of `make_world`; use `make_world` to get the attributes too.
     """
@@ -185,9 +186,28 @@ def make_world(
     if min(face_dim, voice_dim, latent_dim, nuisance_dim, pairs_per_video) < 1:
         raise ValueError("face_dim, voice_dim, latent_dim, nuisance_dim and pairs_per_video must be >= 1")
 
+    # The four phases draw from one generator, in this order: the order is part of the world.
     rng = np.random.default_rng(seed)
+    attributes, latents = _draw_identities(rng, n_identities, latent_dim, attribute_scale, shared_scale, specific_scale)
+    videos = _draw_videos(rng, n_identities, (lo, hi), heldout_videos, latent_dim + nuisance_dim, video_scale)
+    sensor = _Sensor.draw(rng, latents, videos.offsets, face_dim, voice_dim, attribute_scale, shared_scale,
+                          specific_scale, video_scale, frame_scale, noise_scale, face_threshold)
+    is_train_identity = np.arange(n_identities) < n_train
+    train = _train_pairs(rng, sensor, videos, is_train_identity, pairs_per_video)
+    tests = _test_lists(rng, sensor, videos, attributes, is_train_identity, test_rows)
+    return SyntheticWorld(
+        dataset=Dataset(train=train, tests=tests),
+        attributes=attributes,
+        train_identities=np.arange(n_train, dtype=np.int64),
+        unseen_identities=np.arange(n_train, n_identities, dtype=np.int64),
+    )
 
-    # --- identities: attributes and latents -------------------------------------------
+
+def _draw_identities(rng, n_identities, latent_dim, attribute_scale, shared_scale, specific_scale):
+    """Phase 1. (attributes (n, 3) int64, {"face", "voice"}: latents (n, latent_dim) float32).
+
+    latent_m = sum_a attribute_scale[a] * table_a[value_a] + shared_scale * shared + specific_scale * specific_m
+    """
     attributes = np.stack(
         [rng.choice(len(ATTRIBUTE_PROBS[name]), size=n_identities, p=ATTRIBUTE_PROBS[name]) for name in ATTRIBUTES],
         axis=1,
@@ -201,89 +221,121 @@ def make_world(
     for modality in ("face", "voice"):
         specific = rng.standard_normal((n_identities, latent_dim), dtype=np.float32)
         latents[modality] = attribute_part + np.float32(shared_scale) * shared + np.float32(specific_scale) * specific
+    return attributes, latents
 
-    # --- videos: owner, nuisance offsets, held-out flag --------------------------------
+
+@dataclass
+class _Videos:
+    owner: np.ndarray  # (V,) int64 identity of each video
+    heldout: np.ndarray  # (V,) bool: kept for the seen-heard lists
+    offsets: dict  # modality -> (V, latent_dim + nuisance_dim) float32 nuisance offset
+
+
+def _draw_videos(rng, n_identities, videos_per_identity, heldout_videos, in_dim, video_scale) -> _Videos:
+    """Phase 2. Each identity's videos, the first `heldout_videos` of each held out, and their offsets."""
+    lo, hi = videos_per_identity
     n_videos = rng.integers(lo, hi + 1, size=n_identities)
-    video_owner = np.repeat(np.arange(n_identities), n_videos)
+    owner = np.repeat(np.arange(n_identities), n_videos)
     first_video = np.concatenate([[0], np.cumsum(n_videos)[:-1]])
-    video_rank = np.arange(len(video_owner)) - first_video[video_owner]
-    heldout = video_rank < heldout_videos  # which videos are chosen is random anyway: offsets are i.i.d.
-    in_dim = latent_dim + nuisance_dim
-    offsets = {m: np.float32(video_scale) * rng.standard_normal((len(video_owner), in_dim), dtype=np.float32)
+    rank = np.arange(len(owner)) - first_video[owner]
+    heldout = rank < heldout_videos  # which videos are chosen is random anyway: offsets are i.i.d.
+    offsets = {m: np.float32(video_scale) * rng.standard_normal((len(owner), in_dim), dtype=np.float32)
                for m in ("face", "voice")}
+    return _Videos(owner=owner, heldout=heldout, offsets=offsets)
 
-    # --- the fixed feature maps ----------------------------------------------------------
-    maps = {
-        "face": rng.standard_normal((in_dim, face_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim)),
-        "voice": rng.standard_normal((in_dim, voice_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim)),
-    }
-    # Variance of one latent coordinate summed over its parts, and of one nuisance coordinate:
-    # the expected standard deviation of a feature's signal.
-    attr_var = sum(
-        float(s) ** 2 * (1.0 - float(np.sum(np.square(ATTRIBUTE_PROBS[name]))))
-        for s, name in zip(attribute_scale, ATTRIBUTES)
-    )
-    latent_var = attr_var + shared_scale**2 + specific_scale**2
-    nuisance_var = video_scale**2 + frame_scale**2
-    signal_std = np.float32(np.sqrt((latent_dim * latent_var) / in_dim + nuisance_var))
 
-    def features(modality, identities, videos):
-        """Fresh frames (faces) or utterances (voices) of the given identities and videos."""
+@dataclass
+class _Sensor:
+    """Phase 3: the fixed feature maps, and `features`, which films and records the world."""
+
+    latents: dict  # modality -> (n_identities, latent_dim) float32
+    offsets: dict  # modality -> (V, in_dim) float32
+    maps: dict  # modality -> (in_dim, feature_dim) float32
+    signal_std: np.float32  # expected standard deviation of a feature's signal
+    frame_scale: float
+    noise_scale: float
+    face_threshold: float
+
+    @classmethod
+    def draw(cls, rng, latents, offsets, face_dim, voice_dim, attribute_scale, shared_scale, specific_scale,
+             video_scale, frame_scale, noise_scale, face_threshold) -> "_Sensor":
+        latent_dim = next(iter(latents.values())).shape[1]
+        in_dim = next(iter(offsets.values())).shape[1]
+        maps = {
+            "face": rng.standard_normal((in_dim, face_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim)),
+            "voice": rng.standard_normal((in_dim, voice_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim)),
+        }
+        # Variance of one latent coordinate summed over its parts, and of one nuisance coordinate:
+        # signal_std^2 = (latent_dim * latent_var) / in_dim + nuisance_var.
+        attr_var = sum(
+            float(s) ** 2 * (1.0 - float(np.sum(np.square(ATTRIBUTE_PROBS[name]))))
+            for s, name in zip(attribute_scale, ATTRIBUTES)
+        )
+        latent_var = attr_var + shared_scale**2 + specific_scale**2
+        nuisance_var = video_scale**2 + frame_scale**2
+        signal_std = np.float32(np.sqrt((latent_dim * latent_var) / in_dim + nuisance_var))
+        return cls(latents, offsets, maps, signal_std, frame_scale, noise_scale, face_threshold)
+
+    def features(self, rng, modality, identities, videos) -> np.ndarray:
+        """Fresh frames (faces) or utterances (voices) of the given identities and videos.
+
+        x = offset[video] + [latent[identity], 0] + frame_scale * jitter;  y = x @ map + noise;
+        face: ReLU(y - face_threshold * signal_std) / signal_std;  voice: y / ||y||.
+        """
         n = len(identities)
-        inputs = offsets[modality][videos]  # a copy
-        inputs[:, :latent_dim] += latents[modality][identities]
-        inputs += np.float32(frame_scale) * rng.standard_normal((n, in_dim), dtype=np.float32)
-        out = inputs @ maps[modality]
+        latent_dim = self.latents[modality].shape[1]
+        inputs = self.offsets[modality][videos]  # a copy
+        inputs[:, :latent_dim] += self.latents[modality][identities]
+        inputs += np.float32(self.frame_scale) * rng.standard_normal((n, inputs.shape[1]), dtype=np.float32)
+        out = inputs @ self.maps[modality]
         noise = rng.standard_normal(out.shape, dtype=np.float32)
-        noise *= np.float32(noise_scale) * signal_std
+        noise *= np.float32(self.noise_scale) * self.signal_std
         out += noise
         del noise
         if modality == "face":
-            out -= np.float32(face_threshold) * signal_std
+            out -= np.float32(self.face_threshold) * self.signal_std
             np.maximum(out, np.float32(0.0), out=out)
-            out /= signal_std  # features of order 1, like fc7 activations
+            out /= self.signal_std  # features of order 1, like fc7 activations
         else:
             out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
 
-    # --- training pairs: a frame and an utterance of one training video ---------------------
-    is_train_identity = np.arange(n_identities) < n_train
-    train_videos = np.flatnonzero(is_train_identity[video_owner] & ~heldout)
+
+def _train_pairs(rng, sensor, videos, is_train_identity, pairs_per_video) -> TrainSet:
+    """Phase 4a. Training pairs: a frame and an utterance of one training video, in shuffled order."""
+    train_videos = np.flatnonzero(is_train_identity[videos.owner] & ~videos.heldout)
     pair_videos = rng.permutation(np.repeat(train_videos, pairs_per_video))
-    pair_identities = video_owner[pair_videos]
-    train = TrainSet(
-        face=features("face", pair_identities, pair_videos),
-        voice=features("voice", pair_identities, pair_videos),
+    pair_identities = videos.owner[pair_videos]
+    return TrainSet(
+        face=sensor.features(rng, "face", pair_identities, pair_videos),
+        voice=sensor.features(rng, "voice", pair_identities, pair_videos),
         labels=pair_identities.astype(np.int64),
-        label_values=identity_labels(n_train),
+        label_values=identity_labels(int(is_train_identity.sum())),
     )
 
-    # --- test lists ----------------------------------------------------------------------
+
+def _test_lists(rng, sensor, videos, attributes, is_train_identity, test_rows) -> dict[str, TestList]:
+    """Phase 4b. Every test list: seen-heard from held-out videos, unseen-unheard from unseen identities."""
+    n_identities = len(is_train_identity)
+    n_train = int(is_train_identity.sum())
     pools = {
-        "seenheard": (np.arange(n_train), is_train_identity[video_owner] & heldout),
-        "unseenunheard": (np.arange(n_train, n_identities), ~is_train_identity[video_owner]),
+        "seenheard": (np.arange(n_train), is_train_identity[videos.owner] & videos.heldout),
+        "unseenunheard": (np.arange(n_train, n_identities), ~is_train_identity[videos.owner]),
     }
     tests = {}
     for split in SPLITS:
         pool, video_usable = pools[split]
-        videos_of = {int(i): np.flatnonzero(video_usable & (video_owner == i)) for i in pool}
+        videos_of = {int(i): np.flatnonzero(video_usable & (videos.owner == i)) for i in pool}
         for kind in KINDS:
             ids = _pair_identities(rng, pool, attributes, KIND_ATTRIBUTES[kind], test_rows // 2)
             face_videos = np.array([rng.choice(videos_of[int(i)]) for i in ids[:, 0]])
             voice_videos = np.array([rng.choice(videos_of[int(i)]) for i in ids[:, 1]])
             tests[f"{split}/{kind}"] = TestList(
-                face=features("face", ids[:, 0], face_videos),
-                voice=features("voice", ids[:, 1], voice_videos),
+                face=sensor.features(rng, "face", ids[:, 0], face_videos),
+                voice=sensor.features(rng, "voice", ids[:, 1], voice_videos),
                 ids=ids,
             )
-
-    dataset = Dataset(train=train, tests=tests, source="synthetic")
-    return SyntheticWorld(
-        dataset=dataset,
-        attributes=attributes,
-        train_identities=np.arange(n_train, dtype=np.int64),
-        unseen_identities=np.arange(n_train, n_identities, dtype=np.int64),
-    )
+    return tests
 
 
 def _pair_identities(rng, pool, attributes, shared_columns, n_pairs):
@@ -325,30 +377,31 @@ def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
     class, written as it is); test lists: features only. Values are written with 9
     significant digits, so float32 features read back exactly. Every file is written
     to a temporary file in `out_dir` and renamed into place. `report(path)` is called
-    after each file.
+    after each file. Nothing is overwritten: if any of the files exists already,
+    FileExistsError names it before anything is written.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def put(name, matrix, labels=None):
-        path = out_dir / name
-        _write_csv(path, matrix, labels)
-        written.append(path)
-        if report is not None:
-            report(path)
-
+    files = []  # (name, matrix, labels or None)
     if dataset.train is not None:
         train = dataset.train
         labels = np.asarray(train.label_values)[train.labels]
         face_name, voice_name = train_file_names()
-        put(face_name, train.face, labels)
-        put(voice_name, train.voice, labels)
+        files += [(face_name, train.face, labels), (voice_name, train.voice, labels)]
     for key, test in dataset.tests.items():
         split, kind = key.split("/")
         face_name, voice_name = test_file_names(split, kind)
-        put(face_name, test.face)
-        put(voice_name, test.voice)
+        files += [(face_name, test.face, None), (voice_name, test.voice, None)]
+    for name, _, _ in files:
+        if (out_dir / name).exists():
+            raise FileExistsError(errno.EEXIST, "already exists", str(out_dir / name))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, matrix, labels in files:
+        _write_csv(out_dir / name, matrix, labels)
+        written.append(out_dir / name)
+        if report is not None:
+            report(out_dir / name)
     return written
 
 

@@ -1,0 +1,116 @@
+"""Everything is checked before the first epoch (issue 8 §2): hyperparameters when the flags
+are parsed (one line naming the flag, exit 2, before any data is read or any folder is made),
+and every test list against the protocols that will run on it."""
+import argparse
+import importlib.util
+import os
+
+import pytest
+
+from paeff_np.cli import run
+from paeff_np.validate import validate_hyperparameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "_script"), os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return load_script("train.py")
+
+
+def refused(script, prog, argv, capsys):
+    """Run script.main(argv) as the command line does; return its one line on stderr."""
+    assert run(lambda: script.main(argv), prog) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+BAD_FLAGS = [
+    (["--lr", "0"], "--lr 0"),
+    (["--lr=-1e-3"], "--lr -0.001"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--lr", "inf"], "--lr inf"),
+    (["--temperature", "0"], "--temperature 0"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--curvature", "-0.05"], "--curvature -0.05"),
+    (["--curvature", "inf"], "--curvature inf"),
+    (["--opl-gamma", "nan"], "--opl-gamma nan"),
+    (["--opl-gamma", "-1"], "--opl-gamma -1"),
+    (["--dropout", "1"], "--dropout 1"),
+    (["--dropout", "nan"], "--dropout nan"),
+    (["--dropout", "-0.1"], "--dropout -0.1"),
+    (["--loss-weights", "0", "0", "0"], "--loss-weights 0 0 0"),
+    (["--loss-weights", "0.3", "-0.35", "0.35"], "--loss-weights 0.3 -0.35 0.35"),
+    (["--loss-weights", "0.3", "nan", "0.35"], "--loss-weights 0.3 nan 0.35"),
+    (["--batch-size", "1"], "--batch-size 1"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--embed-dim", "0"], "--embed-dim 0"),
+    (["--embed-dim", "1000000"], "--embed-dim 1000000"),
+    (["--egff-kernel", "4"], "--egff-kernel 4"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_train_refuses_a_hyperparameter_outside_its_domain_before_reading_data(
+        train_script, flags, named, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = refused(train_script, "train.py", ["--data-dir", str(tmp_path / "no-such-folder"),
+                                              "--out", str(out), *flags], capsys)
+    assert line.startswith(f"train.py: error: {named}: "), line
+    assert not out.exists()
+
+
+def test_eval_refuses_a_negative_seed(capsys, tmp_path):
+    line = refused(load_script("eval.py"), "eval.py", ["--checkpoint", str(tmp_path), "--seed", "-1"], capsys)
+    assert line.startswith("eval.py: error: --seed -1: must be >= 0")
+
+
+def test_boundary_values_are_accepted():
+    args = argparse.Namespace(lr=1e-9, temperature=1e-3, curvature=1.0, opl_gamma=0.0, dropout=0.0,
+                              loss_weights=[0.0, 0.0, 1.0], batch_size=2, seed=0, egff_kernel=5,
+                              embed_dim=1024)
+    validate_hyperparameters(args, memory_bytes=1 << 30)
+    validate_hyperparameters(argparse.Namespace())  # nothing given: nothing to check
+
+
+def test_embedding_width_is_checked_against_the_memory_given():
+    from paeff_np.cli import UsageError
+    with pytest.raises(UsageError, match=r"--embed-dim 8192: .* more than this machine's 1 GiB"):
+        validate_hyperparameters(argparse.Namespace(embed_dim=8192), memory_bytes=1 << 30)
+
+
+def test_a_test_list_too_short_for_a_protocol_is_noted_before_training_and_skipped(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from paeff_np.data.synth import make_synthetic, save_dir
+
+    data = tmp_path / "data"
+    save_dir(make_synthetic(n_identities=24, seed=1, face_dim=24, voice_dim=12, test_rows=8), data)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", str(data), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "32", "--embed-dim", "16"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout
+    assert "Traceback" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    note = ("note: unseenunheard/random has 8 pairs, fewer than the 10 of the official protocol: "
+            "its EER*/AUC* are skipped")
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch   1/1"))
+    assert note in lines[:first_epoch]
+    assert any("matching runs for n_c = 2, 3, 4 only" in line for line in lines[:first_epoch])
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results["unseenunheard/random"]) == {"eer", "auc", "matching"}
+    assert set(results["seenheard/G"]) == {"eer", "auc"}
