@@ -112,11 +112,16 @@ def change_epochs(trainer, old_epochs):
     the results of a finished run, now out of date, move to metrics.epoch<N>.json."""
     settings, done = trainer.settings, trainer.epoch
     lr_at = lambda total: cosine_lr(done, settings.lr, total, eta_min=settings.eta_min)
-    old_lr = f"{lr_at(old_epochs):.2e}" if done < old_epochs else "none: the run had finished"
-    print(f"note: --epochs {settings.epochs} (the run was set to {old_epochs}): the cosine schedule "
-          f"is recomputed for {settings.epochs} epochs; the learning rate of epoch {done + 1} is "
-          f"{lr_at(settings.epochs):.2e} (was {old_lr}). Recorded as epochs_changed in the checkpoint.")
+    if settings.epochs > done:
+        old_lr = f"{lr_at(old_epochs):.2e}" if done < old_epochs else "none: the run had finished"
+        effect = (f"the cosine schedule is recomputed for {settings.epochs} epochs; the learning "
+                  f"rate of epoch {done + 1} is {lr_at(settings.epochs):.2e} (was {old_lr})")
+    else:
+        effect = f"the run ends here, at epoch {done}, and is evaluated"
+    print(f"note: --epochs {settings.epochs} (the run was set to {old_epochs}): {effect}. "
+          f"Recorded as epochs_changed in the checkpoint.")
     trainer.epochs_changed.append({"at_epoch": done, "from": old_epochs, "to": settings.epochs})
+    trainer.save()                            # the same epoch, with the new schedule recorded
     results = os.path.join(trainer.out_dir, "metrics.json")
     kept = os.path.join(trainer.out_dir, f"metrics.epoch{done}.json")
     if os.path.exists(results) and not os.path.exists(kept):
@@ -151,8 +156,9 @@ def start_run(args):
         if settings.epochs != old_epochs:
             change_epochs(trainer, old_epochs)
         return trainer
+    out = fresh_out_dir(args.out)            # refused before reading any data
     dataset, data_meta = load_data(args.data_dir)
-    return new_trainer(args, dataset, data_meta, fresh_out_dir(args.out))
+    return new_trainer(args, dataset, data_meta, out)
 
 
 def new_trainer(args, dataset, data_meta, out):
