@@ -247,7 +247,7 @@ def matching_sizes_that_fit(ids, n_cs):
     A trial with n_c needs n_c - 1 distractors of another identity for every probe:
         n_c - 1 <= len(ids) - (rows of the largest identity).
     """
-    _, counts = np.unique(_host(ids), return_counts=True)
+    _, counts = np.unique(to_host(ids), return_counts=True)
     fewest_others = len(ids) - (counts.max() if len(counts) else 0)
     return [n_c for n_c in n_cs if 2 <= n_c <= fewest_others + 1]
 
