@@ -56,10 +56,12 @@ def summarise(rows):
     return worst._replace(input=label, ok=all(r.ok for r in rows))
 
 
-def run(cases, xp=np, dtype=np.float64, out=sys.stdout, detail=False):
+def run(cases, xp=np, dtype=np.float64, out=None, detail=False):
     """Check ``cases`` and print the table to ``out`` as it goes. An op prints
     one row per input; a whole-loss case one row (its worst parameter) unless
-    ``detail``. Returns the list of all rows; all passed iff every ``row.ok``."""
+    ``detail``; ``out`` defaults to ``sys.stdout``. Returns the list of all
+    rows; all passed iff every ``row.ok``."""
+    out = sys.stdout if out is None else out
     print(HEADER, file=out)
     print("-" * len(HEADER), file=out)
     rows = []
