@@ -37,6 +37,7 @@ from ..model import Config, batchnorm_prefixes, init_params, loss_and_grads
 from . import TOLERANCE, check_layer, gradcheck
 
 ZERO_GRAD_MAX = 1e-13       # |gradient| allowed where the exact gradient is 0
+EXACT_ZERO = " (=0: max|g|)"   # marks a report entry that is max|grad|, not a relative error
 C = 0.05                    # the paper's curvature
 TAU = 0.07                  # the paper's temperature
 SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
@@ -83,7 +84,7 @@ class LossCase:
 
     def check(self, xp=np, dtype=np.float64):
         """``{parameter name: worst relative error}``; a parameter whose exact
-        gradient is 0 reports ``max|grad|`` under the key ``name + " (=0: max|g|)"``."""
+        gradient is 0 reports ``max|grad|`` under the key ``name + EXACT_ZERO``."""
         cfg = Config(**SMALL, **self.variant)
         params, buffers = init_params(cfg, seed=1, dtype=dtype)
         params = {k: xp.asarray(v) for k, v in params.items()}
@@ -108,7 +109,7 @@ class LossCase:
         report = gradcheck(loss, params, {k: g for k, g in grads.items() if k not in zero},
                            float64_only=dtype == np.float64)
         for k in sorted(zero):
-            report[k + " (=0: max|g|)"] = float(xp.abs(grads[k]).max())
+            report[k + EXACT_ZERO] = float(xp.abs(grads[k]).max())
         return report
 
 
@@ -121,7 +122,7 @@ def riemannian_constant(c):
 def tolerance_of(case, key):
     """The bound a reported value must stay below: ``ZERO_GRAD_MAX`` for a
     gradient that is exactly zero, the case's tolerance for a relative error."""
-    return ZERO_GRAD_MAX if key.endswith("(=0: max|g|)") else case.tolerance
+    return ZERO_GRAD_MAX if key.endswith(EXACT_ZERO) else case.tolerance
 
 
 # --- input makers ---------------------------------------------------------------
@@ -152,11 +153,9 @@ def inputs(**makers):
     return lambda rng: {name: make(rng) for name, make in makers.items()}
 
 
-def labels(values=LABELS):
-    return lambda xp, dtype: dict(y=xp.asarray(np.array(values)))
-
-
 def batchnorm_state(width, train):
+    """Settings of an op with a BatchNorm of ``width`` features: a fixed
+    running state (used in eval mode) and the mode."""
     def settings(xp, dtype):
         rng = np.random.default_rng(99)
         mean = xp.asarray(rng.standard_normal(width) * 0.1, dtype=dtype)
@@ -245,7 +244,8 @@ OP_CASES = [
            batchnorm_state(H, train=False)),
     # losses.py
     OpCase("softmax_cross_entropy", losses.softmax_cross_entropy_forward,
-           losses.softmax_cross_entropy_backward, inputs(s=normal(B, 3)), labels()),
+           losses.softmax_cross_entropy_backward, inputs(s=normal(B, 3)),
+           lambda xp, dtype: dict(y=xp.asarray(np.array(LABELS)))),
     OpCase("symmetric_cross_entropy", losses.symmetric_cross_entropy_forward,
            losses.symmetric_cross_entropy_backward, inputs(a=normal(B, D), b=normal(B, D)),
            lambda xp, dtype: dict(temperature=TAU)),
