@@ -83,3 +83,21 @@ def test_blocked_losses_match_the_formulas(monkeypatch):
     m_pos, m_neg = same & ~np.eye(B, dtype=bool), ~same
     expected = 1 - (G * m_pos).sum() / (m_pos.sum() + 1e-6) + 0.7 * np.abs(G * m_neg).sum() / (m_neg.sum() + 1e-6)
     assert abs(float(orthogonal_projection_forward(a, y, 0.7)[0]) - expected) < 1e-12
+
+
+def test_adamw_update_in_blocks_gives_the_same_bits(monkeypatch):
+    from paeff_np.optim import adamw_update
+    rng = np.random.default_rng(2)
+    state = [rng.standard_normal(200_000).astype(np.float32) for _ in range(4)]
+    state[3] = np.abs(state[3])
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, bias1=0.1,
+                 sqrt_bias2=0.03)
+    out = {}
+    for threads in (2, 1):
+        monkeypatch.setattr(parallel, "n_threads", lambda: threads)
+        p, g, m, v = (a.copy() for a in state)
+        adamw_update(p, g, m, v, **hyper)
+        out[threads] = (p, m, v)
+    assert len(row_blocks(200_000, 1)) > 1
+    for blocked, whole in zip(out[2], out[1]):
+        np.testing.assert_array_equal(blocked, whole)
