@@ -32,7 +32,12 @@ class SoftmaxCrossEntropyCache(NamedTuple):
 def softmax_cross_entropy_forward(s, y):
     """``L = −(1/B) Σ_i log softmax(s_i)[y_i]``; ``s``: B × K logits, ``y``: (B,) labels in 0..K−1."""
     xp = get_array_module(s)
-    logp = log_softmax(s)
+    logp = xp.empty_like(s)
+
+    def block(rows):                    # B × K: row blocks on threads (for_row_blocks)
+        logp[rows] = log_softmax(s[rows])
+
+    for_row_blocks(block, s.shape[0], s.shape[1], xp)
     rows = xp.arange(s.shape[0])
     return -logp[rows, y].mean(), SoftmaxCrossEntropyCache(logp, y)
 
@@ -41,9 +46,17 @@ def softmax_cross_entropy_backward(dloss, cache):
     """``dL/ds = (softmax(s) − onehot(y)) / B``, times ``dloss``."""
     logp, y = cache
     xp = get_array_module(logp)
-    ds = xp.exp(logp)
-    ds[xp.arange(ds.shape[0]), y] -= 1.0
-    return dloss * (ds / logp.shape[0])
+    ds = xp.empty_like(logp)
+
+    def block(rows):
+        d = ds[rows]
+        xp.exp(logp[rows], out=d)
+        d[xp.arange(d.shape[0]), y[rows]] -= 1.0
+        d /= logp.shape[0]
+        d *= dloss
+
+    for_row_blocks(block, logp.shape[0], logp.shape[1], xp)
+    return ds
 
 
 # --- symmetric cross-entropy (CLIP) ---

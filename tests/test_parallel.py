@@ -7,6 +7,7 @@ import paeff_np.parallel as parallel
 from paeff_np.gradcheck import relative_error
 from paeff_np.layers import gelu_backward, gelu_forward
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
+                             softmax_cross_entropy_backward, softmax_cross_entropy_forward,
                              symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
 from paeff_np.parallel import for_row_blocks, row_blocks
 
@@ -50,6 +51,8 @@ def _ops(B=300, D=7, seed=0):
     loss, cache = orthogonal_projection_forward(a, y, 0.7)
     out["opl"], out["opl/dz"] = loss, orthogonal_projection_backward(1.0, cache)
     x = rng.standard_normal((B, 200)) * 3
+    loss, cache = softmax_cross_entropy_forward(x, y)
+    out["ce"], out["ce/ds"] = loss, softmax_cross_entropy_backward(0.35, cache)
     y, cache = gelu_forward(x)
     out["gelu"], out["gelu/dx"] = y, gelu_backward(np.ones_like(y), cache)
     return out
