@@ -101,7 +101,9 @@ def batchnorm_forward(x, gamma, beta, state, train,
         new_state = BatchNormState(running_mean, running_var)
     inv_std = 1.0 / get_array_module(x).sqrt(var + eps)
     xhat = xc * inv_std
-    return gamma * xhat + beta, new_state, BatchNormCache(xhat, inv_std, gamma, train)
+    y = gamma * xhat
+    y += beta
+    return y, new_state, BatchNormCache(xhat, inv_std, gamma, train)
 
 
 def batchnorm_backward(dy, cache):
@@ -114,8 +116,10 @@ def batchnorm_backward(dy, cache):
     dgamma = (dy * xhat).sum(axis=0)
     dbeta = dy.sum(axis=0)
     dxhat = dy * cache.gamma
-    if cache.train:
-        dx = inv_std * (dxhat - dxhat.mean(axis=0) - xhat * (dxhat * xhat).mean(axis=0))
+    if cache.train:                    # in place, in the order of the formula
+        dx = dxhat - dxhat.mean(axis=0)
+        dx -= xhat * (dxhat * xhat).mean(axis=0)
+        dx *= inv_std
     else:
         dx = dxhat * inv_std
     return dx, dgamma, dbeta
@@ -145,8 +149,8 @@ def dropout_forward(x, p, rng=None):
         return x, None
     if rng is None:
         raise ValueError("dropout > 0 in train mode needs an rng")
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
-    mask = keep.astype(x.dtype) / (1.0 - p)
+    mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
+    mask /= 1.0 - p
     return x * mask, mask
 
 
@@ -177,7 +181,10 @@ def l2_normalize_backward(de, cache):
     """``dx = (de − e·⟨e, de⟩)/‖x‖`` where ‖x‖ > eps; ``de/eps`` where clamped."""
     e = cache.e
     radial = (e * de).sum(axis=1, keepdims=True) * cache.active
-    return (de - e * radial) / cache.denom
+    dx = e * radial
+    get_array_module(de).subtract(de, dx, out=dx)     # dx = (de − e·radial)/denom, in place
+    dx /= cache.denom
+    return dx
 
 
 # --- exact GELU ---
