@@ -20,6 +20,7 @@ would fight BLAS's threads) and no ``for_row_blocks`` (the pool is shared).
 On CuPy, and for arrays too small to pay for a thread, ``fn`` is called once
 with all the rows: the same code, the same meaning.
 """
+import contextvars
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,4 +64,8 @@ def for_row_blocks(fn, n_rows, row_size, xp=np):
     """
     if xp is not np or n_threads() == 1 or n_rows * row_size < MIN_ELEMENTS:
         return [fn(slice(0, n_rows))]
-    return list(_pool().map(fn, row_blocks(n_rows, row_size)))
+    blocks = row_blocks(n_rows, row_size)
+    # each block runs in a copy of the caller's context: np.errstate (a context
+    # variable) holds in the threads as it does in the caller
+    contexts = [contextvars.copy_context() for _ in blocks]
+    return list(_pool().map(lambda ctx, rows: ctx.run(fn, rows), contexts, blocks))

@@ -104,3 +104,14 @@ def test_adamw_update_in_blocks_gives_the_same_bits(monkeypatch):
     assert len(row_blocks(200_000, 1)) > 1
     for blocked, whole in zip(out[2], out[1]):
         np.testing.assert_array_equal(blocked, whole)
+
+
+def test_the_callers_errstate_holds_in_the_threads(monkeypatch):
+    """``np.errstate`` is a context variable: the blocks run in the caller's context."""
+    monkeypatch.setattr(parallel, "n_threads", lambda: 2)
+    x = np.full((1000, 100), 1e30, dtype=np.float32)
+    with np.errstate(over="raise"):
+        with pytest.raises(FloatingPointError):
+            for_row_blocks(lambda rows: x[rows] * x[rows], 1000, 100)
+    with np.errstate(over="ignore"):
+        for_row_blocks(lambda rows: x[rows] * x[rows], 1000, 100)
