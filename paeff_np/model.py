@@ -335,6 +335,37 @@ def backward(dloss, cache):
     return grads
 
 
+def step_matmuls(cfg, B):
+    """The matrix products of one ``loss_and_grads`` at batch ``B``, as the code
+    performs them: ``[(name, a_shape, b_shape, transpose_a, transpose_b)]``, one
+    product ``op(a) @ op(b)`` each, ``op`` a transpose where flagged. All the
+    rest of the step is elementwise, so these products timed alone are the
+    floor the step is compared with (bench.py)."""
+    D, rows = cfg.embed_dim, []
+
+    def linear(name, n_in, n_out, need_dx=True):       # linear_forward / linear_backward
+        rows.append((f"{name} x·Wᵀ", (B, n_in), (n_out, n_in), False, True))
+        rows.append((f"{name} dW = dyᵀ·x", (B, n_out), (B, n_in), True, False))
+        if need_dx:
+            rows.append((f"{name} dx = dy·W", (B, n_out), (n_out, n_in), False, False))
+
+    for prefix, n_in in zip(BRANCHES, (cfg.face_dim, cfg.voice_dim)):
+        linear(prefix + "0", n_in, D, need_dx=False)
+        linear(prefix + "4", D, D)
+    if cfg.alignment != "none":                         # symmetric cross-entropy
+        rows += [("align S = a·bᵀ", (B, D), (B, D), False, True),
+                 ("align da = dS·b", (B, B), (B, D), False, False),
+                 ("align db = dSᵀ·a", (B, B), (B, D), True, False)]
+    if cfg.fusion == "gated":
+        linear(GATED + "0.block.0", 2 * D, GATED_HIDDEN)
+        linear(GATED + "1", GATED_HIDDEN, D)
+    linear("res_mix", D, D)
+    linear("logits_layer", D, cfg.n_classes)
+    rows += [("opl G = ẑ·ẑᵀ", (B, D), (B, D), False, True),       # orthogonal projection
+             ("opl dẑ = dG·ẑ", (B, B), (B, D), False, False)]
+    return rows
+
+
 # --- the entry points: one shape check, then forward and backward ---
 
 def check_inputs(params, face, voice, labels, cfg):

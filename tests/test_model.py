@@ -266,3 +266,33 @@ def test_init_params_follows_spec(variant):
         np.testing.assert_array_equal(b, expected)
     again, _ = pn.init_params(cfg, seed=0, dtype=np.float64)
     assert all(np.array_equal(params[k], again[k]) for k in params)        # a seed fixes the draw
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(fusion="gated", alignment="euclidean"),
+                                     dict(alignment="none")], ids=["default", "gated", "none"])
+def test_step_matmuls_lists_every_product_of_the_step(variant):
+    """``step_matmuls`` against the products ``loss_and_grads`` really performs
+    (an ndarray subclass records each ``@``): same (m, n, k), same count."""
+    performed = []
+
+    class Recording(np.ndarray):
+        def __matmul__(self, other):
+            performed.append((self.shape[0], other.shape[1], self.shape[1]))
+            return super().__matmul__(other)
+
+        def __array_function__(self, func, types, args, kwargs):    # np.where, np.concatenate ...
+            out = super().__array_function__(func, types, args, kwargs)
+            return out.view(Recording) if isinstance(out, np.ndarray) else out
+
+    cfg = pn.Config(**SMALL, **variant)
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    rec = lambda a: np.asarray(a).view(Recording)
+    face, voice, labels = small_batch(np)
+    pn.loss_and_grads({k: rec(v) for k, v in params.items()}, buffers, rec(face), rec(voice),
+                      labels, cfg, rng=np.random.default_rng(0))
+    listed = []
+    for _, a_shape, b_shape, ta, tb in pn.model.step_matmuls(cfg, len(labels)):
+        (m, k), (k2, n) = a_shape[::-1] if ta else a_shape, b_shape[::-1] if tb else b_shape
+        assert k == k2
+        listed.append((m, n, k))
+    assert sorted(listed) == sorted(performed)
