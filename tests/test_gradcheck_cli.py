@@ -78,7 +78,7 @@ def test_bad_flag_is_one_line_and_exit_2(capsys):
 
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(monkeypatch, capsys):
     from paeff_np import backend
-    monkeypatch.setattr(backend, "_cupy_or_none", lambda: None)
+    monkeypatch.setattr(backend, "_probe_memo", [(None, "the GPU needs CuPy, which does not import")])
     assert main(["--op", "gelu", "--device", "cuda"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.strip().count("\n") == 0 and "CuPy" in out.err
