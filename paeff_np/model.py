@@ -366,6 +366,19 @@ def step_matmuls(cfg, B):
     return rows
 
 
+def step_flops(cfg, B):
+    """``(total, rows)``: the FLOPs of ``step_matmuls(cfg, B)``, with
+    ``rows = [(name, m, n, k, 2·m·n·k)]`` for each product of an m × k by a
+    k × n matrix. Elementwise work (activations, normalisations, softmax,
+    EGFF's 1-D conv, AdamW) is not counted."""
+    rows = []
+    for name, a_shape, b_shape, transpose_a, transpose_b in step_matmuls(cfg, B):
+        m, k = a_shape[::-1] if transpose_a else a_shape
+        n = b_shape[0] if transpose_b else b_shape[1]
+        rows.append((name, m, n, k, 2 * m * n * k))
+    return sum(row[-1] for row in rows), rows
+
+
 # --- the entry points: one shape check, then forward and backward ---
 
 def check_inputs(params, face, voice, labels, cfg):
@@ -420,42 +433,3 @@ def embed(params, buffers, face, voice, cfg):
     e_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
     (_, emb_f, emb_v), _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)
     return emb_f, emb_v
-
-
-# --- FLOP count ---
-
-def step_flops(cfg, B):
-    """``(total, rows)``: the FLOPs of one training step's matrix products at
-    batch ``B``, mirroring ``forward`` and ``backward``: ``rows`` =
-    ``[(name, m, n, k, flops)]`` with flops = 2·m·n·k for every product — each
-    Linear's ``x Wᵀ``, ``dW = dyᵀ x`` and ``dx = dy W`` (no ``dx`` for the two
-    layers that read the data), the alignment's ``S = p_f p_vᵀ`` and its two
-    gradient products, OPL's Gram matrix ``ẑ ẑᵀ`` and ``(dG + dGᵀ) ẑ``.
-    Elementwise work (activations, normalisations, softmax, EGFF's 1-D conv,
-    AdamW) is not counted."""
-    D, rows = cfg.embed_dim, []
-
-    def product(name, m, n, k):
-        rows.append((name, m, n, k, 2 * m * n * k))
-
-    def linear(name, n_in, n_out, need_dx=True):
-        product(f"{name} forward x·Wᵀ", B, n_out, n_in)
-        product(f"{name} dW = dyᵀ·x", n_out, n_in, B)
-        if need_dx:
-            product(f"{name} dx = dy·W", B, n_in, n_out)
-
-    for branch, n_in in (("face", cfg.face_dim), ("voice", cfg.voice_dim)):
-        linear(f"{branch}.fc1.0", n_in, D, need_dx=False)
-        linear(f"{branch}.fc1.4", D, D)
-    if cfg.alignment != "none":
-        product("align S = p_f·p_vᵀ", B, B, D)
-        product("align dp_f = dS·p_v", B, D, B)
-        product("align dp_v = dSᵀ·p_f", B, D, B)
-    if cfg.fusion == "gated":
-        linear("gated.attention.0", 2 * D, GATED_HIDDEN)
-        linear("gated.attention.1", GATED_HIDDEN, D)
-    linear("res_mix", D, D)
-    linear("logits", D, cfg.n_classes)
-    product("opl G = ẑ·ẑᵀ", B, B, D)
-    product("opl dẑ = (dG+dGᵀ)·ẑ", B, D, B)
-    return sum(r[-1] for r in rows), rows
