@@ -12,7 +12,7 @@ The B × B distance matrix is computed in closed form from the Gram matrix and
 the squared norms: no B × B × D array is ever built. ``docs/poincare.md``
 derives every formula and every backward pass.
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .backend import get_array_module
 from .losses import log_softmax
@@ -30,10 +30,10 @@ def _row_sq_norm(x):
 # --- feature clipping ----------------------------------------------------------
 
 class FeatureClipCache(NamedTuple):
-    h: object          # B × D, the input
-    norm: object       # B × 1, ‖h‖
-    factor: object     # B × 1, min(1, r/(‖h‖ + CLIP_EPS))
-    active: object     # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
+    h: Any             # B × D, the input
+    norm: Any          # B × 1, ‖h‖
+    factor: Any        # B × 1, min(1, r/(‖h‖ + CLIP_EPS))
+    active: Any        # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
 
 
 def feature_clip_forward(h, radius):
@@ -69,18 +69,18 @@ def feature_clip_backward(dout, cache):
 # --- the geodesic distance matrix ---------------------------------------------
 
 class DistanceMatrixCache(NamedTuple):
-    x: object              # B × D, points in the ball (faces)
-    y: object              # B × D, points in the ball (voices)
-    sq_x: object           # B × 1, ‖x_i‖²
-    sq_y: object           # 1 × B, ‖y_j‖²
-    gram: object           # B × B, G_ij = ⟨x_i, y_j⟩
-    coef_a: object         # B × B, A = 1 − 2cG + c‖y_j‖²
-    coef_b: object         # B × 1, B' = 1 − c‖x_i‖²
-    num_norm: object       # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
-    num_active: object     # B × B bool, ‖num‖² > MIN_NUM_SQ
-    den: object            # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
-    artanh_arg: object     # B × B, the clamped √c‖(−x_i) ⊕_c y_j‖
-    artanh_active: object  # B × B bool, the clamp did not act
+    x: Any                 # B × D, points in the ball (faces)
+    y: Any                 # B × D, points in the ball (voices)
+    sq_x: Any              # B × 1, ‖x_i‖²
+    sq_y: Any              # 1 × B, ‖y_j‖²
+    gram: Any              # B × B, G_ij = ⟨x_i, y_j⟩
+    coef_a: Any            # B × B, A = 1 − 2cG + c‖y_j‖²
+    coef_b: Any            # B × 1, B' = 1 − c‖x_i‖²
+    num_norm: Any          # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
+    num_active: Any        # B × B bool, ‖num‖² > MIN_NUM_SQ
+    den: Any               # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
+    artanh_arg: Any        # B × B, the clamped √c‖(−x_i) ⊕_c y_j‖
+    artanh_active: Any     # B × B bool, the clamp did not act
     c: float
 
 
@@ -153,55 +153,75 @@ def distance_matrix_backward(dD, cache):
 
 # --- logits and the symmetric cross-entropy on them ----------------------------
 
+class DistanceLogitsCache(NamedTuple):
+    dist: DistanceMatrixCache
+    temperature: float
+
+
 def distance_logits_forward(x, y, c, temperature):
-    """``S_ij = −d_c(x_i, y_j)/τ``: B × B logits, the closest pair scores highest."""
+    """``S_ij = −d_c(x_i, y_j)/τ``; ``x``: B × D, ``y``: B′ × D; returns S: B × B′
+    (the closest pair scores highest)."""
     dist, cache = distance_matrix_forward(x, y, c)
-    return -dist / temperature, (cache, temperature)
+    return -dist / temperature, DistanceLogitsCache(cache, temperature)
 
 
 def distance_logits_backward(dS, cache):
-    """``dD = −dS/τ``, then ``distance_matrix_backward``; returns ``dx, dy``."""
-    cache_dist, temperature = cache
-    return distance_matrix_backward(-dS / temperature, cache_dist)
+    """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``."""
+    return distance_matrix_backward(-dS / cache.temperature, cache.dist)
 
 
+class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
+    logp_rows: Any      # B × B, log-softmax of S over each row
+    logp_cols: Any      # B × B, log-softmax of S over each column
+
+
+# TODO(lead): losses.symmetric_cross_entropy_forward should call this (with S = a bᵀ/τ)
+# and its backward symmetric_cross_entropy_from_logits_backward: one implementation.
 def symmetric_cross_entropy_from_logits_forward(S):
-    """CLIP loss on given B × B logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``
+    """CLIP loss on given logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``
     ``= −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
 
+    ``S``: B × B, row i and column i the matching pair; returns a 0-d loss.
     ``losses.symmetric_cross_entropy_forward(a, b, τ)`` is this with S = a bᵀ/τ.
     """
     xp = get_array_module(S)
     logp_rows = log_softmax(S, axis=1)
     logp_cols = log_softmax(S, axis=0)
     loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
-    return loss, (logp_rows, logp_cols)
+    return loss, SymmetricCrossEntropyFromLogitsCache(logp_rows, logp_cols)
 
 
-def symmetric_cross_entropy_from_logits_backward(cache):
-    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)`` (dL = 1)."""
+def symmetric_cross_entropy_from_logits_backward(dloss, cache):
+    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B."""
     logp_rows, logp_cols = cache
     xp = get_array_module(logp_rows)
     dS = xp.exp(logp_rows)
     dS += xp.exp(logp_cols)
     diag = xp.arange(dS.shape[0])
     dS[diag, diag] -= 2.0
-    dS /= 2.0 * dS.shape[0]
+    dS *= dloss / (2.0 * dS.shape[0])
     return dS
+
+
+# --- the alignment loss ------------------------------------------------------------
+
+class PoincareAlignmentCache(NamedTuple):
+    logits: DistanceLogitsCache
+    ce: SymmetricCrossEntropyFromLogitsCache
 
 
 def poincare_alignment_forward(p_f, p_v, c, temperature):
     """The alignment loss ``L_A = ½[CE(S, diag) + CE(Sᵀ, diag)]``, S_ij = −d_c(p_f,i, p_v,j)/τ.
 
-    ``p_f``, ``p_v``: B × D points in the ball; returns a 0-d loss and the cache.
+    ``p_f``, ``p_v``: B × D points in the ball, row i of each a matching pair;
+    returns a 0-d loss and the cache.
     """
     S, cache_logits = distance_logits_forward(p_f, p_v, c, temperature)
     loss, cache_ce = symmetric_cross_entropy_from_logits_forward(S)
-    return loss, (cache_logits, cache_ce)
+    return loss, PoincareAlignmentCache(cache_logits, cache_ce)
 
 
-def poincare_alignment_backward(cache):
-    """``dp_f, dp_v`` of the loss (dL = 1), as ``losses.symmetric_cross_entropy_backward``."""
-    cache_logits, cache_ce = cache
-    return distance_logits_backward(symmetric_cross_entropy_from_logits_backward(cache_ce),
-                                    cache_logits)
+def poincare_alignment_backward(dloss, cache):
+    """``dp_f, dp_v`` (B × D each) of ``dloss · L_A``: the mirror of the forward."""
+    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache.ce)
+    return distance_logits_backward(dS, cache.logits)
