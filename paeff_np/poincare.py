@@ -106,16 +106,26 @@ def distance_matrix_forward(x, y, c):
     sq_x = _row_sq_norm(x)[:, None]
     sq_y = _row_sq_norm(y)[None, :]
     gram = x @ y.T
-    coef_a = 1.0 - 2.0 * c * gram + c * sq_y
     coef_b = 1.0 - c * sq_x
-    num_sq = coef_a * coef_a * sq_x - 2.0 * coef_a * coef_b * gram + coef_b * coef_b * sq_y
+    # B × B work in place, one pass per line (the B × 1 and 1 × B terms broadcast)
+    minus_2cg = gram * (-2.0 * c)
+    den = (c * c * sq_x) * sq_y
+    den += minus_2cg
+    den += 1.0 + MOBIUS_EPS                     # den = 1 − 2cG + c²‖x‖²‖y‖² + ε
+    coef_a = minus_2cg
+    coef_a += 1.0 + c * sq_y                    # A = 1 − 2cG + c‖y‖²
+    num_sq = coef_a * sq_x
+    num_sq -= (2.0 * coef_b) * gram
+    num_sq *= coef_a
+    num_sq += (coef_b * coef_b) * sq_y          # ‖num‖² = A(A‖x‖² − 2B'G) + B'²‖y‖²
     num_active = num_sq > MIN_NUM_SQ
-    num_norm = xp.sqrt(xp.where(num_active, num_sq, MIN_NUM_SQ))
-    den = 1.0 - 2.0 * c * gram + (c * c) * sq_x * sq_y + MOBIUS_EPS
-    scaled = sqrt_c * num_norm / den
-    artanh_arg = xp.clip(scaled, -1.0 + ARTANH_EPS, 1.0 - ARTANH_EPS)
-    artanh_active = artanh_arg == scaled
-    dist = (2.0 / sqrt_c) * xp.arctanh(artanh_arg)
+    num_norm = xp.sqrt(xp.maximum(num_sq, MIN_NUM_SQ, out=num_sq), out=num_sq)
+    scaled = num_norm * sqrt_c
+    scaled /= den                               # √c‖(−x) ⊕ y‖ ≥ 0: only the upper clamp can act
+    artanh_active = scaled <= 1.0 - ARTANH_EPS
+    artanh_arg = xp.clip(scaled, -1.0 + ARTANH_EPS, 1.0 - ARTANH_EPS, out=scaled)
+    dist = xp.arctanh(artanh_arg)
+    dist *= 2.0 / sqrt_c
     return dist, DistanceMatrixCache(x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm,
                                      num_active, den, artanh_arg, artanh_active, c)
 
@@ -136,16 +146,42 @@ def distance_matrix_backward(dD, cache):
     """
     (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
      artanh_arg, artanh_active, c) = cache
+    xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
-    dz = dD * (2.0 / sqrt_c) / (1.0 - artanh_arg * artanh_arg) * artanh_active
-    dmob = sqrt_c * dz                           # d‖(−x) ⊕ y‖
-    dden = -dmob * num_norm / (den * den)
-    ds = dmob / den * num_active / (2.0 * num_norm)
-    da = ds * (2.0 * coef_a * sq_x - 2.0 * coef_b * gram)
-    db = ds * (2.0 * coef_b * sq_y - 2.0 * coef_a * gram)
-    dgram = -2.0 * coef_a * coef_b * ds - 2.0 * c * da - 2.0 * c * dden
-    dsq_x = (coef_a * coef_a * ds - c * db + (c * c) * sq_y * dden).sum(axis=1, keepdims=True)
-    dsq_y = (coef_b * coef_b * ds + c * da + (c * c) * sq_x * dden).sum(axis=0)[:, None]
+    # B × B work in place, one pass per line. dmob = √c dz = 2 dD/(1 − a²)·[clamp off];
+    # first dmob/(2 den), from which dden and ds both follow
+    half_dmob_over_den = artanh_arg * artanh_arg
+    xp.subtract(1.0, half_dmob_over_den, out=half_dmob_over_den)
+    xp.divide(dD, half_dmob_over_den, out=half_dmob_over_den)
+    half_dmob_over_den *= artanh_active
+    half_dmob_over_den /= den
+    # dden = −dmob‖num‖/den² = −2·(dmob/(2den))·a/√c (a = √c‖num‖/den where dmob ≠ 0)
+    dden = half_dmob_over_den * artanh_arg
+    dden *= -2.0 / sqrt_c
+    # ds = dmob/(2 den ‖num‖)·[‖num‖² > MIN_NUM_SQ]
+    ds = half_dmob_over_den
+    ds *= num_active
+    ds /= num_norm
+    da = coef_a * sq_x
+    da -= coef_b * gram
+    da *= ds
+    da *= 2.0                                   # dA = ds (2A‖x‖² − 2B'G)
+    db = coef_a * gram
+    xp.subtract(coef_b * sq_y, db, out=db)
+    db *= ds
+    db *= 2.0                                   # dB' = ds (2B'‖y‖² − 2AG)
+    dgram = da + dden
+    dgram *= -2.0 * c
+    ab_ds = coef_a * coef_b
+    ab_ds *= ds
+    ab_ds *= 2.0
+    dgram -= ab_ds                              # dG = −2AB' ds − 2c dA − 2c dden
+    a2_ds = xp.multiply(coef_a, ds, out=ab_ds)
+    a2_ds *= coef_a
+    # the sums over j (over i): row (column) sums and products with the norm vectors
+    dsq_x = (a2_ds.sum(axis=1) - c * db.sum(axis=1) + (c * c) * (dden @ sq_y[0]))[:, None]
+    dsq_y = ((coef_b * coef_b)[:, 0] @ ds + c * da.sum(axis=0)
+             + (c * c) * (sq_x[:, 0] @ dden))[:, None]
     dx = dgram @ y + 2.0 * dsq_x * x
     dy = dgram.T @ x + 2.0 * dsq_y * y
     return dx, dy
@@ -162,12 +198,13 @@ def distance_logits_forward(x, y, c, temperature):
     """``S_ij = −d_c(x_i, y_j)/τ``; ``x``: B × D, ``y``: B′ × D; returns S: B × B′
     (the closest pair scores highest)."""
     dist, cache = distance_matrix_forward(x, y, c)
-    return -dist / temperature, DistanceLogitsCache(cache, temperature)
+    dist *= -1.0 / temperature                  # in place: S
+    return dist, DistanceLogitsCache(cache, temperature)
 
 
 def distance_logits_backward(dS, cache):
     """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``."""
-    return distance_matrix_backward(-dS / cache.temperature, cache.dist)
+    return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
 
 
 class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
