@@ -142,7 +142,9 @@ def distance_matrix_backward(dD, cache):
         d‖y_j‖² = Σ_i [B'² ds + c dA + c²‖x_i‖² dden]
 
     then ``dx = dG y + 2 d‖x‖² ⊙ x``, ``dy = dGᵀ x + 2 d‖y‖² ⊙ y``: two B × D
-    products, the rest elementwise on B × B.
+    products, the rest elementwise on B × B. Since A + 2cG = 1 + c‖y_j‖², the
+    row sum is formed as Σ_j [(A(1 + c‖y_j‖²) − 2cB'‖y_j‖²) ds + c²‖y_j‖² dden],
+    without dB'.
     """
     (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
      artanh_arg, artanh_active, c) = cache
@@ -166,22 +168,20 @@ def distance_matrix_backward(dD, cache):
     da -= coef_b * gram
     da *= ds
     da *= 2.0                                   # dA = ds (2A‖x‖² − 2B'G)
-    db = coef_a * gram
-    xp.subtract(coef_b * sq_y, db, out=db)
-    db *= ds
-    db *= 2.0                                   # dB' = ds (2B'‖y‖² − 2AG)
     dgram = da + dden
     dgram *= -2.0 * c
     ab_ds = coef_a * coef_b
     ab_ds *= ds
     ab_ds *= 2.0
     dgram -= ab_ds                              # dG = −2AB' ds − 2c dA − 2c dden
-    a2_ds = xp.multiply(coef_a, ds, out=ab_ds)
-    a2_ds *= coef_a
-    # the sums over j (over i): row (column) sums and products with the norm vectors
-    dsq_x = (a2_ds.sum(axis=1) - c * db.sum(axis=1) + (c * c) * (dden @ sq_y[0]))[:, None]
-    dsq_y = ((coef_b * coef_b)[:, 0] @ ds + c * da.sum(axis=0)
-             + (c * c) * (sq_x[:, 0] @ dden))[:, None]
+    # d‖x_i‖²: A² ds − c dB' = [A(1 + c‖y‖²) − 2cB'‖y‖²] ds, as A + 2cG = 1 + c‖y‖²
+    # (dB' = ds (2B'‖y‖² − 2AG) is never formed)
+    row_terms = xp.multiply(coef_a, 1.0 + c * sq_y, out=ab_ds)
+    row_terms -= (2.0 * c * coef_b) * sq_y
+    row_terms *= ds
+    dsq_x = row_terms.sum(axis=1, keepdims=True) + (c * c) * (dden @ sq_y.T)
+    dsq_y = (ds.T @ (coef_b * coef_b) + c * da.sum(axis=0)[:, None]
+             + (c * c) * (dden.T @ sq_x))
     dx = dgram @ y + 2.0 * dsq_x * x
     dy = dgram.T @ x + 2.0 * dsq_y * y
     return dx, dy
