@@ -1,8 +1,9 @@
 """Alignment by geodesic distance in the Poincaré ball (HypViT, Ermolov et al. 2022).
 
-Each op is a forward/backward pair in the library's convention
-(``x_forward(...) -> (out, cache)``, ``x_backward(dout, cache) -> gradients``),
-for NumPy and CuPy alike. In the model the chain reads, row by row,
+Each op is a forward/backward pair following the protocol of ``layers.py``
+(``x_forward(...) -> (out, cache)``, ``x_backward(dout, cache) -> gradients``;
+a loss's backward takes its weight ``dloss`` first), for NumPy and CuPy alike.
+In the model (``model.forward``) the chain reads, row by row,
 
     h (before the L2-normalisation) → feature_clip → expmap0 → project
       → distance_matrix → logits S = −D/τ → symmetric cross-entropy
