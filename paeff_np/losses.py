@@ -61,17 +61,14 @@ def softmax_cross_entropy_backward(dloss, cache):
 
 # --- symmetric cross-entropy (CLIP) ---
 
-class SymmetricCrossEntropyCache(NamedTuple):
-    a: Any              # B × D
-    b: Any              # B × D
-    temperature: float
+class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
     softmax_rows: Any   # B × B, softmax of S over each row
     softmax_cols: Any   # B × B, softmax of S over each column
 
 
-def symmetric_cross_entropy_forward(a, b, temperature):
-    """CLIP loss: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
-    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0.
+def symmetric_cross_entropy_from_logits_forward(S):
+    """CLIP loss on given logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
+    ``S``: B × B, row i and column i the matching pair.
 
     CE(Sᵀ, diag) is the cross-entropy of S's *columns*: with the log-softmax
     over rows (axis 1) and over columns (axis 0),
@@ -81,45 +78,40 @@ def symmetric_cross_entropy_forward(a, b, temperature):
     ``exp``. The B × B work runs in row blocks (``for_row_blocks``): a column's
     max and sum are combined from the blocks' partial ones.
     """
-    xp = get_array_module(a)
-    n = a.shape[0]
-    S = a @ b.T
+    xp = get_array_module(S)
+    n = S.shape[0]
     row_max, row_sum = xp.empty((n, 1), S.dtype), xp.empty((n, 1), S.dtype)
-    softmax_rows = xp.empty_like(S)
+    softmax_rows, softmax_cols = xp.empty_like(S), xp.empty_like(S)
 
-    def scale_and_max(rows):            # S = a bᵀ/τ; max of each row, partial max of each column
+    def max_of_rows(rows):              # max of each row, partial max of each column
         s = S[rows]
-        xp.divide(s, temperature, out=s)
         row_max[rows] = s.max(axis=1, keepdims=True)
         return s.max(axis=0)
 
-    col_max = functools.reduce(xp.maximum, for_row_blocks(scale_and_max, n, n, xp))
-    S_diag = xp.diagonal(S).copy()      # S's memory becomes softmax_cols below
-
-    def exp_shifted(rows):              # e^{S − row max} (normalised here), e^{S − col max} (in S)
-        s, p = S[rows], softmax_rows[rows]
+    col_max = functools.reduce(xp.maximum, for_row_blocks(max_of_rows, n, n, xp))
+    def exp_shifted(rows):              # e^{S − row max} (normalised here), e^{S − col max}
+        s, p, q = S[rows], softmax_rows[rows], softmax_cols[rows]
         xp.exp(xp.subtract(s, row_max[rows], out=p), out=p)
         row_sum[rows] = p.sum(axis=1, keepdims=True)
         p /= row_sum[rows]
-        xp.exp(xp.subtract(s, col_max, out=s), out=s)
-        return s.sum(axis=0)            # partial column sums
+        xp.exp(xp.subtract(s, col_max, out=q), out=q)
+        return q.sum(axis=0)            # partial column sums
 
     col_sum = sum(for_row_blocks(exp_shifted, n, n, xp))
-    softmax_cols = S
     for_row_blocks(lambda rows: xp.divide(softmax_cols[rows], col_sum, out=softmax_cols[rows]),
                    n, n, xp)
     # log softmax(S)_ii = (S_ii − max) − log Σ e^{S − max}, along the row and along the column
+    S_diag = xp.diagonal(S)
     logp_rows_diag = (S_diag - row_max[:, 0]) - xp.log(row_sum[:, 0])
     logp_cols_diag = (S_diag - col_max) - xp.log(col_sum)
     loss = -0.5 * (logp_rows_diag.mean() + logp_cols_diag.mean())
-    return loss, SymmetricCrossEntropyCache(a, b, temperature, softmax_rows, softmax_cols)
+    return loss, SymmetricCrossEntropyFromLogitsCache(softmax_rows, softmax_cols)
 
 
-def symmetric_cross_entropy_backward(dloss, cache):
-    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)``,
-    ``da = dS b/τ``, ``db = dSᵀ a/τ``, each times ``dloss``."""
-    a, b, temperature, softmax_rows, softmax_cols = cache
-    xp = get_array_module(a)
+def symmetric_cross_entropy_from_logits_backward(dloss, cache):
+    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B."""
+    softmax_rows, softmax_cols = cache
+    xp = get_array_module(softmax_rows)
     n = softmax_rows.shape[0]
     dS = xp.empty_like(softmax_rows)
 
@@ -128,10 +120,34 @@ def symmetric_cross_entropy_backward(dloss, cache):
         xp.add(softmax_rows[rows], softmax_cols[rows], out=d)
         i = xp.arange(rows.start, rows.stop)
         d[i - rows.start, i] -= 2.0
-        d /= 2.0 * n
+        d *= dloss / (2.0 * n)
 
     for_row_blocks(block, n, n, xp)
-    return dloss * (dS @ b / temperature), dloss * (dS.T @ a / temperature)
+    return dS
+
+
+class SymmetricCrossEntropyCache(NamedTuple):
+    a: Any              # B × D
+    b: Any              # B × D
+    temperature: float
+    logits: SymmetricCrossEntropyFromLogitsCache
+
+
+def symmetric_cross_entropy_forward(a, b, temperature):
+    """CLIP loss of dot-product logits: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
+    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0."""
+    xp = get_array_module(a)
+    S = a @ b.T
+    xp.divide(S, temperature, out=S)
+    loss, cache_logits = symmetric_cross_entropy_from_logits_forward(S)
+    return loss, SymmetricCrossEntropyCache(a, b, temperature, cache_logits)
+
+
+def symmetric_cross_entropy_backward(dloss, cache):
+    """``dS`` from the logits' backward, then ``da = dS b/τ``, ``db = dSᵀ a/τ``."""
+    a, b, temperature, cache_logits = cache
+    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache_logits)
+    return dS @ b / temperature, dS.T @ a / temperature
 
 
 # --- orthogonal projection loss (OPL) ---

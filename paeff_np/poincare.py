@@ -16,7 +16,8 @@ derives every formula and every backward pass.
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
-from .losses import log_softmax
+from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
+                     symmetric_cross_entropy_from_logits_forward)
 
 CLIP_EPS = 1e-5        # h̃ = h · min(1, r/(‖h‖ + 1e-5)): no division by zero at h = 0
 MOBIUS_EPS = 1e-5      # hyptorch's mobius_add divides by (denominator + 1e-5)
@@ -206,39 +207,6 @@ def distance_logits_forward(x, y, c, temperature):
 def distance_logits_backward(dS, cache):
     """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``."""
     return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
-
-
-class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
-    logp_rows: Any      # B × B, log-softmax of S over each row
-    logp_cols: Any      # B × B, log-softmax of S over each column
-
-
-# TODO(lead): losses.symmetric_cross_entropy_forward should call this (with S = a bᵀ/τ)
-# and its backward symmetric_cross_entropy_from_logits_backward: one implementation.
-def symmetric_cross_entropy_from_logits_forward(S):
-    """CLIP loss on given logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``
-    ``= −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
-
-    ``S``: B × B, row i and column i the matching pair; returns a 0-d loss.
-    ``losses.symmetric_cross_entropy_forward(a, b, τ)`` is this with S = a bᵀ/τ.
-    """
-    xp = get_array_module(S)
-    logp_rows = log_softmax(S, axis=1)
-    logp_cols = log_softmax(S, axis=0)
-    loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
-    return loss, SymmetricCrossEntropyFromLogitsCache(logp_rows, logp_cols)
-
-
-def symmetric_cross_entropy_from_logits_backward(dloss, cache):
-    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B."""
-    logp_rows, logp_cols = cache
-    xp = get_array_module(logp_rows)
-    dS = xp.exp(logp_rows)
-    dS += xp.exp(logp_cols)
-    diag = xp.arange(dS.shape[0])
-    dS[diag, diag] -= 2.0
-    dS *= dloss / (2.0 * dS.shape[0])
-    return dS
 
 
 # --- the alignment loss ------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from paeff_np.gradcheck import TOLERANCE
-from paeff_np.gradcheck.cases import CASES, LOSS_CASES, OP_CASES, select, with_dloss
+from paeff_np.gradcheck.cases import CASES, LOSS_CASES, OP_CASES, select
 from paeff_np.gradcheck.report import main, run
 from paeff_np.layers import gelu_backward
 
@@ -163,14 +163,6 @@ def test_registry_covers_every_op_and_variant():
     assert seen("riemannian_grad", True) == {True, False}
     assert seen("dropout", 0.4) == {0.4, 0.0}
     assert [c.name for c in select("egff")] == [n for n in CASES if n.startswith("egff[")]
-
-
-def test_loss_backward_shim_passes_protocol_backwards_through():
-    def protocol(dloss, cache):
-        return dloss * cache
-    assert with_dloss(protocol) is protocol
-    old_style = with_dloss(lambda cache: (cache, 2 * cache))
-    assert old_style(3.0, np.ones(2))[1].tolist() == [6.0, 6.0]
 
 
 def test_every_op_case_passes_in_float64():

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
-from conftest import TOL
+from conftest import SMALL, TOL, pre_batchnorm_biases, small_batch, to_xp
 from paeff_np.gradcheck import relative_error
-from paeff_np.model import batchnorm_prefixes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # made by fixtures/make_fixtures.py
 FIXTURES = os.environ.get("PAEFF_FIXTURES", FIXTURES)
 
-SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 VARIANTS = [
     dict(),                                                     # PAEFF defaults
     dict(egff_kernel=5, egff_mix="raw"),                        # the authors' code
@@ -26,23 +24,6 @@ VARIANTS = [
     dict(fusion="gated", alignment="none"),
     dict(fusion="gated", alignment="hyperbolic"),
 ]
-
-
-def pre_batchnorm_biases(cfg):
-    """Biases feeding a train-mode BatchNorm: their gradient is exactly zero."""
-    return {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}
-
-
-def small_batch(xp, B=8, seed=0):
-    rng = np.random.default_rng(seed)
-    face = xp.asarray(np.abs(rng.standard_normal((B, SMALL["face_dim"]))))
-    voice = xp.asarray(rng.standard_normal((B, SMALL["voice_dim"])))
-    labels = xp.asarray(np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B])
-    return face, voice, labels
-
-
-def to_xp(d, xp):
-    return {k: xp.asarray(v) for k, v in d.items()}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")

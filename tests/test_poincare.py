@@ -15,16 +15,15 @@ import paeff_np as pn
 from paeff_np import check_layer, check_op, hyperbolic, model
 from paeff_np.backend import to_host
 from paeff_np.hyperbolic import ball_radius, to_ball_backward, to_ball_forward
-from paeff_np.losses import symmetric_cross_entropy_backward, symmetric_cross_entropy_forward
+from paeff_np.losses import (symmetric_cross_entropy_backward, symmetric_cross_entropy_forward,
+                             symmetric_cross_entropy_from_logits_backward,
+                             symmetric_cross_entropy_from_logits_forward)
 from paeff_np.poincare import (ARTANH_EPS, CLIP_EPS, MOBIUS_EPS, distance_logits_backward,
                                distance_logits_forward, distance_matrix_backward,
                                distance_matrix_forward, feature_clip_backward,
                                feature_clip_forward, poincare_alignment_backward,
-                               poincare_alignment_forward,
-                               symmetric_cross_entropy_from_logits_backward,
-                               symmetric_cross_entropy_from_logits_forward)
-from test_layers import assert_gradcheck
-from test_model import SMALL, pre_batchnorm_biases, small_batch, to_xp
+                               poincare_alignment_forward)
+from conftest import SMALL, assert_gradcheck, pre_batchnorm_biases, small_batch, to_xp
 
 CURVATURES = [0.05, 1.0]
 

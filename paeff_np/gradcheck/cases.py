@@ -23,7 +23,6 @@ Two things are not derivatives and are checked differently:
   zero in exact arithmetic: no relative error is meaningful, so its size is
   checked (below ``ZERO_GRAD_MAX``) instead.
 """
-import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -169,23 +168,6 @@ def dropout_same_mask_forward(x, p, mask_seed):
     return layers.dropout_forward(x, p, default_rng(mask_seed, get_array_module(x)))
 
 
-def with_dloss(backward):
-    """A loss backward of the protocol, ``(dloss, cache)``.
-
-    TODO(poincare): poincare.py's loss backwards are being converted from
-    ``(cache)`` to ``(dloss, cache)``; once merged this shim passes them
-    through unchanged and can go.
-    """
-    if len(inspect.signature(backward).parameters) >= 2:
-        return backward
-
-    def backward_with_dloss(dloss, cache):
-        grads = backward(cache)
-        return tuple(dloss * g for g in grads) if isinstance(grads, tuple) else dloss * grads
-    backward_with_dloss.__name__ = backward.__name__
-    return backward_with_dloss
-
-
 def egff_case(gate, mix, k):
     c_in = 2 if gate == "concat" else 1
     return OpCase(f"egff[{gate},{mix},k={k}]", egff_forward, egff_backward,
@@ -249,6 +231,8 @@ OP_CASES = [
     OpCase("symmetric_cross_entropy", losses.symmetric_cross_entropy_forward,
            losses.symmetric_cross_entropy_backward, inputs(a=normal(B, D), b=normal(B, D)),
            lambda xp, dtype: dict(temperature=TAU)),
+    OpCase("symmetric_cross_entropy_from_logits", losses.symmetric_cross_entropy_from_logits_forward,
+           losses.symmetric_cross_entropy_from_logits_backward, inputs(S=normal(B, B, scale=2.0))),
     OpCase("orthogonal_projection", losses.orthogonal_projection_forward,
            losses.orthogonal_projection_backward, inputs(z=normal(B, D)),
            lambda xp, dtype: dict(y=xp.asarray(np.array(LABELS)), gamma=0.7)),
@@ -262,12 +246,8 @@ OP_CASES = [
     OpCase("distance_logits", poincare.distance_logits_forward, poincare.distance_logits_backward,
            inputs(x=in_ball(C, 0.1, 0.9), y=in_ball(C, 0.1, 0.9)),
            lambda xp, dtype: dict(c=C, temperature=0.2)),
-    OpCase("symmetric_cross_entropy_from_logits",
-           poincare.symmetric_cross_entropy_from_logits_forward,
-           with_dloss(poincare.symmetric_cross_entropy_from_logits_backward),
-           inputs(S=normal(B, B, scale=2.0))),
     OpCase("poincare_alignment", poincare.poincare_alignment_forward,
-           with_dloss(poincare.poincare_alignment_backward),
+           poincare.poincare_alignment_backward,
            inputs(p_f=in_ball(C, 0.1, 0.95), p_v=in_ball(C, 0.1, 0.95)),
            lambda xp, dtype: dict(c=C, temperature=0.2)),
 ]
