@@ -59,6 +59,8 @@ def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
     ``m = g ⊙ f̂ + (1 − g) ⊙ v̂`` (mix "activated", paper eq. 2) or
     ``m = g ⊙ e_f + (1 − g) ⊙ e_v`` (mix "raw", the authors' code).
     Returns ``(FusionOutput(m, f̂, v̂), cache)``; ``f̂, v̂`` are the evaluation embeddings.
+
+    Derivation: docs/math.md §12.
     """
     xp = get_array_module(e_f)
     f_hat, cache_gelu_f = gelu_forward(e_f)
@@ -82,7 +84,10 @@ def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
 
 def egff_backward(dm, cache):
     """The mirror of ``egff_forward``; ``dm``: B × D.
-    Returns ``de_f, de_v, dconv_w, dconv_b``."""
+    Returns ``de_f, de_v, dconv_w, dconv_b``.
+
+    Derivation: docs/math.md §12.
+    """
     (gate, mix, f_hat, v_hat, g, mix_f, mix_v,
      cache_gelu_f, cache_gelu_v, cache_conv, cache_sigmoid) = cache
     dg, dmix_f, dmix_v = _mix_backward(dm, g, mix_f, mix_v)
@@ -127,6 +132,8 @@ def gated_fusion_forward(e_f, e_v, W1, b1, bn_weight, bn_bias, W2, b2, state, tr
     ``bn_bias``: (H,); ``W2``: D × H, ``b2``: (D,); ``state``: the
     BatchNorm's ``BatchNormState``. Returns
     ``(FusionOutput(m, f̃, ṽ), new_state, cache)``.
+
+    Derivation: docs/math.md §13.
     """
     xp = get_array_module(e_f)
     x = xp.concatenate([e_f, e_v], axis=1)
@@ -145,7 +152,10 @@ def gated_fusion_forward(e_f, e_v, W1, b1, bn_weight, bn_bias, W2, b2, state, tr
 
 def gated_fusion_backward(dm, cache):
     """The mirror of ``gated_fusion_forward``; ``dm``: B × D. Returns
-    ``de_f, de_v, dW1, db1, dbn_weight, dbn_bias, dW2, db2``."""
+    ``de_f, de_v, dW1, db1, dbn_weight, dbn_bias, dW2, db2``.
+
+    Derivation: docs/math.md §13.
+    """
     (att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu,
      cache_lin2, cache_sigmoid, cache_tanh_f, cache_tanh_v) = cache
     datt, df_tilde, dv_tilde = _mix_backward(dm, att, f_tilde, v_tilde)

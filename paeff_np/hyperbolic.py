@@ -37,6 +37,8 @@ def expmap0_forward(u, c):
 
     Guards: ``n = max(‖u‖, MIN_NORM)``; ``tanh(clip(√c·n, −15, 15))``.
     Written ``y = s(n) u`` with ``s(n) = tanh(√c n)/(√c n)``. Returns ``y``: B × D.
+
+    Derivation: docs/math.md §8.0–§8.1.
     """
     xp = get_array_module(u)
     sqrt_c = c ** 0.5
@@ -51,7 +53,10 @@ def expmap0_forward(u, c):
 
 def expmap0_backward(dy, cache):
     """``du = s·dy + s'(n)·⟨u, dy⟩·u/n`` where ‖u‖ > MIN_NORM (else ``s·dy``),
-    ``s'(n) = √c(1 − t²)[√c n < 15]/(√c n) − t/(√c n²)``; ``dy``: B × D."""
+    ``s'(n) = √c(1 − t²)[√c n < 15]/(√c n) − t/(√c n²)``; ``dy``: B × D.
+
+    Derivation: docs/math.md §8.1.
+    """
     u, n, a, t, s, norm_active, tanh_active, sqrt_c = cache
     ds_dn = sqrt_c * (1.0 - t * t) * tanh_active / a - t / (a * n)
     radial = (u * dy).sum(axis=1, keepdims=True) * ds_dn / n * norm_active
@@ -61,7 +66,10 @@ def expmap0_backward(dy, cache):
 # --- projection into the ball ---
 
 def ball_radius(c):
-    """``r = (1 − BALL_EPS)/√c``, the largest norm the projection lets through."""
+    """``r = (1 − BALL_EPS)/√c``, the largest norm the projection lets through.
+
+    Derivation: docs/math.md §8.2.
+    """
     return (1.0 - BALL_EPS) / c ** 0.5
 
 
@@ -74,7 +82,10 @@ class ProjectCache(NamedTuple):
 
 def project_forward(x, c):
     """``P(x) = x`` if ‖x‖ ≤ r, else ``x · r/‖x‖`` (‖x‖ clamped below at MIN_NORM),
-    row by row; ``x``: B × D, ``r = ball_radius(c)``. Returns ``y``: B × D."""
+    row by row; ``x``: B × D, ``r = ball_radius(c)``. Returns ``y``: B × D.
+
+    Derivation: docs/math.md §8.2.
+    """
     xp = get_array_module(x)
     r = ball_radius(c)
     n = xp.maximum(_row_norm(x), MIN_NORM)
@@ -85,7 +96,10 @@ def project_forward(x, c):
 
 def project_backward(dy, cache):
     """Inside: ``dx = dy``. Outside: ``dx = (r/‖x‖)(dy − x̂⟨x̂, dy⟩)``, x̂ = x/‖x‖;
-    ``dy``: B × D."""
+    ``dy``: B × D.
+
+    Derivation: docs/math.md §8.2.
+    """
     x, n, outside, r = cache
     xp = get_array_module(x)
     xhat = x / n
@@ -97,7 +111,10 @@ def project_backward(dy, cache):
 
 def riemannian_scale_forward(p, c):
     """Identity on ``p``: B × D. The cache is the factor ``(1 − c‖p‖²)²/4``
-    (B × 1) the backward multiplies by."""
+    (B × 1) the backward multiplies by.
+
+    Derivation: docs/math.md §8.3.
+    """
     sq = (p * p).sum(axis=1, keepdims=True)
     return p, (1.0 - c * sq) ** 2 / 4.0
 
@@ -105,7 +122,10 @@ def riemannian_scale_forward(p, c):
 def riemannian_scale_backward(dp, scale):
     """``dp · (1 − c‖p‖²)²/4``: the Euclidean gradient turned Riemannian
     (the inverse of the Poincaré metric's conformal factor λ² = 4/(1 − c‖p‖²)²).
-    Not the derivative of the forward pass."""
+    Not the derivative of the forward pass.
+
+    Derivation: docs/math.md §8.3.
+    """
     return dp * scale
 
 
@@ -119,7 +139,10 @@ class ToBallCache(NamedTuple):
 
 def to_ball_forward(e, c, riemannian_grad):
     """``p = P(expmap0(e))``, optionally with the Riemannian gradient scaling;
-    ``e``, ``p``: B × D."""
+    ``e``, ``p``: B × D.
+
+    Derivation: docs/math.md §8 (and §16 for what it amounts to in PAEFF).
+    """
     q, cache_exp = expmap0_forward(e, c)
     p, cache_proj = project_forward(q, c)
     scale = None
@@ -129,7 +152,10 @@ def to_ball_forward(e, c, riemannian_grad):
 
 
 def to_ball_backward(dp, cache):
-    """The mirror of ``to_ball_forward``; ``dp``: B × D."""
+    """The mirror of ``to_ball_forward``; ``dp``: B × D.
+
+    Derivation: docs/math.md §8.3.
+    """
     if cache.scale is not None:
         dp = riemannian_scale_backward(dp, cache.scale)
     dq = project_backward(dp, cache.project)

@@ -47,6 +47,8 @@ def linear_forward(x, W, b):
 
     ``x``: B × in, ``W``: out × in (PyTorch layout), ``b``: (out,).
     Returns ``y``: B × out.
+
+    Derivation: docs/math.md §1.
     """
     y = x @ W.T
     y += b                  # in place: no second B × out array
@@ -58,6 +60,8 @@ def linear_backward(dy, cache, need_dx=True):
 
     ``need_dx=False`` skips ``dx`` (returned as None) for a layer that reads the
     data: for the 4096-wide face input it is a third of the layer's work.
+
+    Derivation: docs/math.md §1.
     """
     dx = dy @ cache.W if need_dx else None
     return dx, dy.T @ cache.x, dy.sum(axis=0)
@@ -86,6 +90,8 @@ def batchnorm_forward(x, gamma, beta, state, train,
     the new state is ``(1−m)·running + m·batch`` (unbiased variance, as
     PyTorch). Eval: μ, σ² are the running statistics, and the state is
     returned unchanged. Returns ``(y, new_state, cache)``, ``y``: B × D.
+
+    Derivation: docs/math.md §2.
     """
     running_mean, running_var = state
     if train:
@@ -111,6 +117,8 @@ def batchnorm_backward(dy, cache):
 
     Train (μ, σ² depend on x): ``dx = inv_std · (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))``
     with ``dx̂ = γ ⊙ dy``. Eval: ``dx = γ ⊙ inv_std ⊙ dy``.
+
+    Derivation: docs/math.md §2.
     """
     xhat, inv_std = cache.xhat, cache.inv_std
     dgamma = (dy * xhat).sum(axis=0)
@@ -128,13 +136,19 @@ def batchnorm_backward(dy, cache):
 # --- ReLU, dropout ---
 
 def relu_forward(x):
-    """``max(x, 0)``; ``x``: any shape. The cache is the mask ``x > 0``."""
+    """``max(x, 0)``; ``x``: any shape. The cache is the mask ``x > 0``.
+
+    Derivation: docs/math.md §3.
+    """
     mask = x > 0
     return x * mask, mask
 
 
 def relu_backward(dy, mask):
-    """``dx = dy ⊙ [x > 0]``."""
+    """``dx = dy ⊙ [x > 0]``.
+
+    Derivation: docs/math.md §3.
+    """
     return dy * mask
 
 
@@ -144,6 +158,8 @@ def dropout_forward(x, p, rng=None):
     ``x``: any shape; ``rng``: a NumPy or CuPy ``Generator``. With ``p == 0``
     it may be None and the layer is the identity (cache None). The cache is
     the mask.
+
+    Derivation: docs/math.md §3.
     """
     if p == 0:
         return x, None
@@ -155,7 +171,10 @@ def dropout_forward(x, p, rng=None):
 
 
 def dropout_backward(dy, mask):
-    """``dx = dy ⊙ mask``."""
+    """``dx = dy ⊙ mask``.
+
+    Derivation: docs/math.md §3.
+    """
     return dy if mask is None else dy * mask
 
 
@@ -168,7 +187,10 @@ class L2NormalizeCache(NamedTuple):
 
 
 def l2_normalize_forward(x, eps=NORMALIZE_EPS):
-    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D."""
+    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D.
+
+    Derivation: docs/math.md §4.
+    """
     xp = get_array_module(x)
     norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
     active = norm > eps
@@ -178,7 +200,10 @@ def l2_normalize_forward(x, eps=NORMALIZE_EPS):
 
 
 def l2_normalize_backward(de, cache):
-    """``dx = (de − e·⟨e, de⟩)/‖x‖`` where ‖x‖ > eps; ``de/eps`` where clamped."""
+    """``dx = (de − e·⟨e, de⟩)/‖x‖`` where ‖x‖ > eps; ``de/eps`` where clamped.
+
+    Derivation: docs/math.md §4.
+    """
     e = cache.e
     radial = (e * de).sum(axis=1, keepdims=True) * cache.active
     dx = e * radial
@@ -201,6 +226,8 @@ def gelu_forward(x):
     Φ is evaluated through erfc: ``1 + erf(·)`` cancels for x ≪ 0 and would
     lose relative precision in the tail. SciPy's erfc is slow (tens of ns per
     value): it runs in row blocks on every core (``for_row_blocks``).
+
+    Derivation: docs/math.md §5.
     """
     xp = get_array_module(x)
     cdf = xp.empty_like(x)
@@ -213,7 +240,10 @@ def gelu_forward(x):
 
 
 def gelu_backward(dy, cache):
-    """``GELU'(x) = Φ(x) + x φ(x)`` with ``φ(x) = e^{−x²/2}/√(2π)``."""
+    """``GELU'(x) = Φ(x) + x φ(x)`` with ``φ(x) = e^{−x²/2}/√(2π)``.
+
+    Derivation: docs/math.md §5.
+    """
     x = cache.x
     xp = get_array_module(x)
     pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
@@ -228,6 +258,8 @@ def sigmoid_forward(x):
     Evaluated with ``t = e^{−|x|} ≤ 1`` as ``1/(1 + t)`` for x ≥ 0 and
     ``t/(1 + t)`` for x < 0: no overflow, and full relative precision in both
     tails.
+
+    Derivation: docs/math.md §6.
     """
     xp = get_array_module(x)
     t = xp.exp(-xp.abs(x))
@@ -236,18 +268,27 @@ def sigmoid_forward(x):
 
 
 def sigmoid_backward(dy, s):
-    """``σ' = σ(1 − σ)``."""
+    """``σ' = σ(1 − σ)``.
+
+    Derivation: docs/math.md §6.
+    """
     return dy * s * (1.0 - s)
 
 
 def tanh_forward(x):
-    """``tanh(x)``; ``x``: any shape. The cache is the output."""
+    """``tanh(x)``; ``x``: any shape. The cache is the output.
+
+    Derivation: docs/math.md §6.
+    """
     t = get_array_module(x).tanh(x)
     return t, t
 
 
 def tanh_backward(dy, t):
-    """``tanh' = 1 − tanh²``."""
+    """``tanh' = 1 − tanh²``.
+
+    Derivation: docs/math.md §6.
+    """
     return dy * (1.0 - t * t)
 
 
@@ -265,6 +306,8 @@ def conv1d_forward(x, w, b):
     ``x``: B × C × D, ``w``: 1 × C × k (k odd), ``b``: (1,).
     ``y[n, d] = b + Σ_c Σ_j w[0, c, j] · x[n, c, d + j − (k−1)/2]`` with zeros
     outside 0..D−1. Returns ``y``: B × D.
+
+    Derivation: docs/math.md §7.
     """
     xp = get_array_module(x)
     C, k = w.shape[1], w.shape[2]
@@ -282,7 +325,10 @@ def conv1d_backward(dy, cache):
     """``dw[0,c,j] = Σ_{n,d} dy[n,d] x_pad[n,c,d+j]``, ``db = Σ dy``,
     ``dx[n,c,i] = Σ_j w[0,c,j] dy[n, i − j + (k−1)/2]`` (a full correlation
     with the flipped kernel, cropped back to D); ``dy``: B × D.
-    Returns ``dx, dw, db``."""
+    Returns ``dx, dw, db``.
+
+    Derivation: docs/math.md §7.
+    """
     xpad, w, D = cache
     xp = get_array_module(dy)
     C, k = w.shape[1], w.shape[2]

@@ -16,7 +16,10 @@ OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs 
 
 
 def log_softmax(s, axis=1):
-    """``s − max − log Σ exp(s − max)`` along ``axis`` (stable for |s| ~ 1e4); ``s``: any shape."""
+    """``s − max − log Σ exp(s − max)`` along ``axis`` (stable for |s| ~ 1e4); ``s``: any shape.
+
+    Derivation: docs/math.md §9.
+    """
     xp = get_array_module(s)
     shifted = s - s.max(axis=axis, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
@@ -30,7 +33,10 @@ class SoftmaxCrossEntropyCache(NamedTuple):
 
 
 def softmax_cross_entropy_forward(s, y):
-    """``L = −(1/B) Σ_i log softmax(s_i)[y_i]``; ``s``: B × K logits, ``y``: (B,) labels in 0..K−1."""
+    """``L = −(1/B) Σ_i log softmax(s_i)[y_i]``; ``s``: B × K logits, ``y``: (B,) labels in 0..K−1.
+
+    Derivation: docs/math.md §9.
+    """
     xp = get_array_module(s)
     logp = xp.empty_like(s)
 
@@ -43,7 +49,10 @@ def softmax_cross_entropy_forward(s, y):
 
 
 def softmax_cross_entropy_backward(dloss, cache):
-    """``dL/ds = (softmax(s) − onehot(y)) / B``, times ``dloss``."""
+    """``dL/ds = (softmax(s) − onehot(y)) / B``, times ``dloss``.
+
+    Derivation: docs/math.md §9.
+    """
     logp, y = cache
     xp = get_array_module(logp)
     ds = xp.empty_like(logp)
@@ -77,6 +86,8 @@ def symmetric_cross_entropy_from_logits_forward(S):
     Stable as ``log_softmax``: each row (column) is shifted by its max before
     ``exp``. The B × B work runs in row blocks (``for_row_blocks``): a column's
     max and sum are combined from the blocks' partial ones.
+
+    Derivation: docs/math.md §10 (on distance logits: §17.6).
     """
     xp = get_array_module(S)
     n = S.shape[0]
@@ -109,7 +120,10 @@ def symmetric_cross_entropy_from_logits_forward(S):
 
 
 def symmetric_cross_entropy_from_logits_backward(dloss, cache):
-    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B."""
+    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B.
+
+    Derivation: docs/math.md §10.
+    """
     softmax_rows, softmax_cols = cache
     xp = get_array_module(softmax_rows)
     n = softmax_rows.shape[0]
@@ -135,7 +149,10 @@ class SymmetricCrossEntropyCache(NamedTuple):
 
 def symmetric_cross_entropy_forward(a, b, temperature):
     """CLIP loss of dot-product logits: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
-    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0."""
+    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0.
+
+    Derivation: docs/math.md §10 (worked by hand: §0.2).
+    """
     xp = get_array_module(a)
     S = a @ b.T
     xp.divide(S, temperature, out=S)
@@ -144,7 +161,10 @@ def symmetric_cross_entropy_forward(a, b, temperature):
 
 
 def symmetric_cross_entropy_backward(dloss, cache):
-    """``dS`` from the logits' backward, then ``da = dS b/τ``, ``db = dSᵀ a/τ``."""
+    """``dS`` from the logits' backward, then ``da = dS b/τ``, ``db = dSᵀ a/τ``.
+
+    Derivation: docs/math.md §10.
+    """
     a, b, temperature, cache_logits = cache
     dS = symmetric_cross_entropy_from_logits_backward(dloss, cache_logits)
     return dS @ b / temperature, dS.T @ a / temperature
@@ -164,7 +184,10 @@ class OrthogonalProjectionCache(NamedTuple):
 
 def opl_masks(y, rows, dtype):
     """Rows ``rows`` (a slice) of M⁺ (same label, off the diagonal) and M⁻
-    (other label), each ``len(rows) × B`` of ``dtype``; ``y``: (B,) labels."""
+    (other label), each ``len(rows) × B`` of ``dtype``; ``y``: (B,) labels.
+
+    Derivation: docs/math.md §11.
+    """
     xp = get_array_module(y)
     same = y[rows, None] == y[None, :]
     m_pos = same.astype(dtype)
@@ -180,6 +203,8 @@ def orthogonal_projection_forward(z, y, gamma):
 
     The four sums run over row blocks of G (``for_row_blocks``), the masks
     built for each block from the labels: no B × B mask is kept.
+
+    Derivation: docs/math.md §11 (worked by hand: §0.2).
     """
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
@@ -200,7 +225,10 @@ def orthogonal_projection_forward(z, y, gamma):
 def orthogonal_projection_backward(dloss, cache):
     """``dG = −M⁺/(ΣM⁺+ε) + γ M⁻⊙sign(G)/(ΣM⁻+ε)``, ``dẑ = (dG + dGᵀ) ẑ = 2 dG ẑ``
     (G and both masks are symmetric, so dG is), then back through the
-    normalisation; times ``dloss``."""
+    normalisation; times ``dloss``.
+
+    Derivation: docs/math.md §11.
+    """
     zhat, G, y, w_pos, w_neg, gamma, cache_norm = cache
     xp = get_array_module(zhat)
     dG = xp.empty_like(G)

@@ -42,7 +42,10 @@ GATED_HIDDEN = 128          # width of FOP's attention block
 
 @dataclass(frozen=True)
 class Config:
-    """Every choice of docs/spec.md §2–§3; the defaults are PAEFF as in the paper."""
+    """Every choice of docs/spec.md §2–§3; the defaults are PAEFF as in the paper.
+
+    See docs/math.md §14 (alignments), §17.7 (clip_radius).
+    """
     face_dim: int = 4096
     voice_dim: int = 512
     embed_dim: int = 256
@@ -107,7 +110,10 @@ def _bn_buffer_keys(prefix):
 
 
 def batchnorm_prefixes(cfg):
-    """Key prefixes of every BatchNorm1d in the model."""
+    """Key prefixes of every BatchNorm1d in the model.
+
+    See docs/math.md §2.
+    """
     out = [branch + "1." for branch in BRANCHES]
     if cfg.fusion == "gated":
         out.append(GATED + "0.block.1.")
@@ -120,6 +126,8 @@ def init_params(cfg, seed=0, dtype=np.float32):
     Linear: Xavier-uniform weights U(±√(6/(fan_in + fan_out))), biases 0.01.
     BatchNorm: weight 1, bias 0, running mean 0, running var 1, counter 0.
     Conv: U(±1/√(C_in·k)) for weight and bias.
+
+    See docs/math.md §0.3 (the values at initialisation).
     """
     rng = np.random.default_rng(seed)
     D = cfg.embed_dim
@@ -177,6 +185,8 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
 
     Returns ``h``, the branch's new buffers, and the cache. The model
     L2-normalises ``h`` (e = normalize(h)); the Poincaré alignment reads ``h`` itself.
+
+    Derivation: docs/math.md §14.
     """
     P = lambda name: params[prefix + name]
     mean_key, var_key, count_key = _bn_buffer_keys(prefix + "1.")
@@ -194,7 +204,10 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
 
 def branch_backward(dh4, cache):
     """The mirror of ``branch_forward``; ``dh4``: B × D. Returns the branch's
-    grads (the data needs no gradient, so ``dx`` is not computed)."""
+    grads (the data needs no gradient, so ``dx`` is not computed).
+
+    Derivation: docs/math.md §14.
+    """
     prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4 = cache
     dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
     dh2 = dropout_backward(dh3, cache_drop)
@@ -219,7 +232,10 @@ class FusionCache(NamedTuple):
 
 def fusion_forward(params, buffers, e_f, e_v, cfg, train):
     """``e_f``, ``e_v``: B × D. Returns ``FusionOutput(m, emb_f, emb_v)``, the
-    fusion's new buffers, and the cache."""
+    fusion's new buffers, and the cache.
+
+    Derivation: docs/math.md §12, §13.
+    """
     if cfg.fusion == "egff":
         out, cache = egff_forward(
             e_f, e_v, params["fusion_layer.conv.weight"], params["fusion_layer.conv.bias"],
@@ -236,7 +252,10 @@ def fusion_forward(params, buffers, e_f, e_v, cfg, train):
 
 def fusion_backward(dm, cache):
     """The mirror of ``fusion_forward``; ``dm``: B × D. Returns ``de_f, de_v``
-    and the fusion's grads."""
+    and the fusion's grads.
+
+    Derivation: docs/math.md §12, §13.
+    """
     if cache.fusion == "egff":
         de_f, de_v, dw, db = egff_backward(dm, cache.op)
         return de_f, de_v, {"fusion_layer.conv.weight": dw, "fusion_layer.conv.bias": db}
@@ -278,6 +297,8 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     branches h → e = normalize(h) → alignment (hyperbolic: p = P(expmap0(e));
     poincare: p = P(expmap0(clip(h)))) → fusion of e → head
     ``z = tanh(m W_rᵀ + b_r)``, ``s = z W_lᵀ + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
+
+    Derivation: docs/math.md §14 (quoted there), §0.1.
     """
     xp = get_array_module(face)
     h_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
@@ -325,7 +346,10 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
 
 def backward(dloss, cache):
     """Gradients of ``dloss ·`` the total loss (``dloss`` a scalar; 1.0 for the
-    loss itself), keyed like the parameters: ``forward`` read from the bottom up."""
+    loss itself), keyed like the parameters: ``forward`` read from the bottom up.
+
+    Derivation: docs/math.md §14 (quoted there).
+    """
     (cfg, cache_face, cache_voice, cache_norm_f, cache_norm_v,
      cache_clip_f, cache_clip_v, cache_ball_f, cache_ball_v, cache_align,
      cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
@@ -370,7 +394,10 @@ def step_matmuls(cfg, B):
     performs them: ``[(name, a_shape, b_shape, transpose_a, transpose_b)]``, one
     product ``op(a) @ op(b)`` each, ``op`` a transpose where flagged. All the
     rest of the step is elementwise, so these products timed alone are the
-    floor the step is compared with (bench.py)."""
+    floor the step is compared with (bench.py).
+
+    See docs/math.md §14.
+    """
     D, rows = cfg.embed_dim, []
 
     def linear(name, n_in, n_out, need_dx=True):       # linear_forward / linear_backward
@@ -400,7 +427,10 @@ def step_flops(cfg, B):
     """``(total, rows)``: the FLOPs of ``step_matmuls(cfg, B)``, with
     ``rows = [(name, m, n, k, 2·m·n·k)]`` for each product of an m × k by a
     k × n matrix. Elementwise work (activations, normalisations, softmax,
-    EGFF's 1-D conv, AdamW) is not counted."""
+    EGFF's 1-D conv, AdamW) is not counted.
+
+    See docs/math.md §14.
+    """
     rows = []
     for name, a_shape, b_shape, transpose_a, transpose_b in step_matmuls(cfg, B):
         m, k = a_shape[::-1] if transpose_a else a_shape
@@ -419,6 +449,8 @@ def check_inputs(params, face, voice, labels, cfg):
     the parameters' widths match ``cfg``. Raises ``ValueError`` naming the
     array, its shape and the expected one. Reads shapes and dtypes only: no
     device synchronisation.
+
+    See docs/math.md §14.
     """
     D = cfg.embed_dim
     widths = [(BRANCHES[0] + "0.weight", (D, cfg.face_dim), "(embed_dim, face_dim)"),
@@ -448,7 +480,10 @@ def check_inputs(params, face, voice, labels, cfg):
 
 def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
     """One training step's maths: ``(loss, terms, grads, new_buffers)`` in train mode;
-    ``face``: B × face_dim, ``voice``: B × voice_dim, ``labels``: (B,)."""
+    ``face``: B × face_dim, ``voice``: B × voice_dim, ``labels``: (B,).
+
+    Derivation: docs/math.md §14.
+    """
     check_inputs(params, face, voice, labels, cfg)
     (loss, terms), new_buffers, cache = forward(params, buffers, face, voice, labels, cfg,
                                                 train=True, rng=rng)
@@ -457,7 +492,10 @@ def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
 
 def embed(params, buffers, face, voice, cfg):
     """Evaluation embeddings (eval mode, docs/spec.md §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated;
-    ``face``: B × face_dim, ``voice``: B × voice_dim; each embedding B × embed_dim."""
+    ``face``: B × face_dim, ``voice``: B × voice_dim; each embedding B × embed_dim.
+
+    See docs/math.md §12 (the evaluation embeddings).
+    """
     check_inputs(params, face, voice, None, cfg)
     h_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
     h_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)

@@ -33,6 +33,8 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
     of the formula, used per key and on a whole flat buffer alike. On CuPy it
     is one fused elementwise kernel (``ADAMW_KERNEL``, compiled once by
     ``backend.elementwise_kernel``), the same formula.
+
+    Derivation: docs/math.md §15.
     """
     xp = get_array_module(p)
     if xp is not np:
@@ -73,6 +75,8 @@ class AdamW:
     same bits as the per-key step; checkpoints keep per-key ``m/``, ``v/``
     arrays, and a loaded state is copied into flat buffers on the next flat
     step.
+
+    Derivation: docs/math.md §15.
     """
 
     def __init__(self, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
@@ -86,7 +90,10 @@ class AdamW:
         self._flat_grad = None      # FlatViews the flat path gathers plain grads into
 
     def step(self, params, grads, lr=None):
-        """Update ``params`` in place from ``grads`` (dicts with the same keys)."""
+        """Update ``params`` in place from ``grads`` (dicts with the same keys).
+
+        Derivation: docs/math.md §15.
+        """
         lr = self.lr if lr is None else lr
         beta1, beta2 = self.betas
         self.t += 1
@@ -149,5 +156,8 @@ def _is_flat_views_of(d, layout):
 
 def cosine_lr(epoch, base_lr, total_epochs, eta_min=1e-8):
     """``η_e = η_min + (η₀ − η_min)(1 + cos(π e/T))/2`` (``CosineAnnealingLR``,
-    stepped once per epoch; epoch 0 gives ``η₀``)."""
+    stepped once per epoch; epoch 0 gives ``η₀``).
+
+    Derivation: docs/math.md §15.
+    """
     return eta_min + (base_lr - eta_min) * (1.0 + math.cos(math.pi * epoch / total_epochs)) / 2.0

@@ -10,7 +10,7 @@ In the model (``model.forward``) the chain reads, row by row,
 
 with ``expmap0``, the projection and the Riemannian scaling from ``hyperbolic.py``.
 The B × B distance matrix is computed in closed form from the Gram matrix and
-the squared norms: no B × B × D array is ever built. ``docs/poincare.md``
+the squared norms: no B × B × D array is ever built. ``docs/math.md`` §17
 derives every formula and every backward pass.
 """
 from typing import Any, NamedTuple
@@ -45,6 +45,8 @@ def feature_clip_forward(h, radius):
 
     ``h``: B × D, ``radius`` r > 0; returns h̃: B × D. A row with ‖h‖ + 1e-5 ≤ r
     passes unchanged; a longer one is shrunk to norm r·‖h‖/(‖h‖ + 1e-5) < r.
+
+    Derivation: docs/math.md §17.1.
     """
     xp = get_array_module(h)
     norm = xp.sqrt(_row_sq_norm(h))[:, None]
@@ -60,6 +62,8 @@ def feature_clip_backward(dout, cache):
         dh = f · (dout − h ⟨h, dout⟩ / (‖h‖ (‖h‖ + ε))),    f = r/(‖h‖ + ε)
 
     (at h = 0 the radial term is 0: ``‖h‖`` is replaced by 1 where it is 0).
+
+    Derivation: docs/math.md §17.1.
     """
     h, norm, factor, active = cache
     xp = get_array_module(h)
@@ -102,6 +106,8 @@ def distance_matrix_forward(x, y, c):
         ‖(−x_i) ⊕_c y_j‖ = ‖num‖ / (1 − 2cG_ij + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS)
 
     ``x``: B × D, ``y``: B′ × D (B′ = B in the model); returns D: B × B′.
+
+    Derivation: docs/math.md §17.2–§17.4.
     """
     xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
@@ -147,6 +153,8 @@ def distance_matrix_backward(dD, cache):
     products, the rest elementwise on B × B. Since A + 2cG = 1 + c‖y_j‖², the
     row sum is formed as Σ_j [(A(1 + c‖y_j‖²) − 2cB'‖y_j‖²) ds + c²‖y_j‖² dden],
     without dB'.
+
+    Derivation: docs/math.md §17.5.
     """
     (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
      artanh_arg, artanh_active, c) = cache
@@ -198,14 +206,20 @@ class DistanceLogitsCache(NamedTuple):
 
 def distance_logits_forward(x, y, c, temperature):
     """``S_ij = −d_c(x_i, y_j)/τ``; ``x``: B × D, ``y``: B′ × D; returns S: B × B′
-    (the closest pair scores highest)."""
+    (the closest pair scores highest).
+
+    Derivation: docs/math.md §17.6.
+    """
     dist, cache = distance_matrix_forward(x, y, c)
     dist *= -1.0 / temperature                  # in place: S
     return dist, DistanceLogitsCache(cache, temperature)
 
 
 def distance_logits_backward(dS, cache):
-    """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``."""
+    """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``.
+
+    Derivation: docs/math.md §17.6.
+    """
     return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
 
 
@@ -221,6 +235,8 @@ def poincare_alignment_forward(p_f, p_v, c, temperature):
 
     ``p_f``, ``p_v``: B × D points in the ball, row i of each a matching pair;
     returns a 0-d loss and the cache.
+
+    Derivation: docs/math.md §17.6.
     """
     S, cache_logits = distance_logits_forward(p_f, p_v, c, temperature)
     loss, cache_ce = symmetric_cross_entropy_from_logits_forward(S)
@@ -228,6 +244,9 @@ def poincare_alignment_forward(p_f, p_v, c, temperature):
 
 
 def poincare_alignment_backward(dloss, cache):
-    """``dp_f, dp_v`` (B × D each) of ``dloss · L_A``: the mirror of the forward."""
+    """``dp_f, dp_v`` (B × D each) of ``dloss · L_A``: the mirror of the forward.
+
+    Derivation: docs/math.md §17.6.
+    """
     dS = symmetric_cross_entropy_from_logits_backward(dloss, cache.ce)
     return distance_logits_backward(dS, cache.logits)

@@ -27,7 +27,10 @@ TOLERANCE = 1e-7    # worst relative error accepted by every float64 check
 
 def numerical_gradient(fun, x, h=1e-5):
     """``∂fun/∂x`` by the fourth-order central stencil; ``fun()`` reads ``x``,
-    which is perturbed in place one entry at a time and restored exactly."""
+    which is perturbed in place one entry at a time and restored exactly.
+
+    Derivation: docs/math.md Appendix A.
+    """
     grad = np.zeros(x.shape, dtype=np.float64)
     for idx in np.ndindex(*x.shape):   # indexing, not a flat view: works for strided x too
         old = x[idx].item()
@@ -41,7 +44,10 @@ def numerical_gradient(fun, x, h=1e-5):
 
 
 def relative_error(analytic, numeric, tiny=1e-30):
-    """``max|a − n| / max(max|a|, max|n|, tiny)``."""
+    """``max|a − n| / max(max|a|, max|n|, tiny)``.
+
+    Derivation: docs/math.md Appendix A.
+    """
     a = np.asarray(to_host(analytic), dtype=np.float64)
     n = np.asarray(to_host(numeric), dtype=np.float64)
     if a.shape != n.shape:
@@ -59,6 +65,8 @@ def gradcheck(fun, inputs, analytic, h=1e-5, float64_only=True):
     in exact arithmetic (e.g. a bias feeding a train-mode BatchNorm) has no
     meaningful relative error: check its size instead. ``float64_only=False``
     lets float32 through, only to show how its finite differences fail.
+
+    Derivation: docs/math.md Appendix A.
     """
     report = {}
     for key, grad in analytic.items():
@@ -81,6 +89,8 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_onl
     say, has no meaningful relative error: test its size instead);
     ``float64_only``: as in ``gradcheck``.
     Returns ``{input index: worst relative error}``.
+
+    Derivation: docs/math.md Appendix A.
     """
     inputs = list(inputs)
     xp = get_array_module(*inputs)
@@ -116,6 +126,8 @@ def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_
     Example: ``check_layer(gelu_forward, gelu_backward, [x])``;
     ``check_layer(batchnorm_forward, batchnorm_backward, [x, gamma, beta],
     state=BatchNormState(mean, var), train=True)``.
+
+    Derivation: docs/math.md Appendix A.
     """
     cache = None
 
