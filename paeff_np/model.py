@@ -409,7 +409,11 @@ def step_matmuls(cfg, B):
     for prefix, n_in in zip(BRANCHES, (cfg.face_dim, cfg.voice_dim)):
         linear(prefix + "0", n_in, D, need_dx=False)
         linear(prefix + "4", D, D)
-    if cfg.alignment != "none":                         # symmetric cross-entropy
+    if cfg.alignment == "poincare":                     # the Gram matrix of the distances
+        rows += [("align G = x·yᵀ", (B, D), (B, D), False, True),
+                 ("align dx = dG·y", (B, B), (B, D), False, False),
+                 ("align dy = dGᵀ·x", (B, B), (B, D), True, False)]
+    elif cfg.alignment != "none":                       # dot-product logits
         rows += [("align S = a·bᵀ", (B, D), (B, D), False, True),
                  ("align da = dS·b", (B, B), (B, D), False, False),
                  ("align db = dSᵀ·a", (B, B), (B, D), True, False)]
