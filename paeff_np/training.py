@@ -15,7 +15,7 @@ Model selection (``TrainSettings.select``, README "Model selection"):
 * ``"val"``: after every epoch the exact EER and AUC of the validation lists
   (``data.split``, on the device) go into the epoch's record; the selected
   epoch is the first with the lowest EER of the unseen part (of the seen part
-  when the unseen part is off);
+  when the unseen part is off; EERs within ``TIE`` count as equal);
 * ``"test"``: the authors' protocol, the lowest EER of the test list
   ``monitor`` (optimistic: the test list picks the model it is scored on);
 * ``"last"``: the last epoch.
@@ -400,13 +400,19 @@ def checkpoint_selection(checkpoint):
     return rule, selected_epoch(history, rule, key)
 
 
+TIE = 1e-12   # EERs this close are equal (the same ROC crossing, rounded differently)
+
+
 def selected_epoch(history, rule, key):
-    """The epoch ``rule`` picks: the last for ``"last"``; else the first record with the
-    lowest ``key`` (None when no record has it)."""
+    """The epoch ``rule`` picks: the last for ``"last"``; else the first record whose
+    ``key`` is within ``TIE`` of the lowest (None when no record has it)."""
     if rule == "last":
         return history[-1]["epoch"] if history else None
     scored = [(r[key], r["epoch"]) for r in history if key is not None and r.get(key) is not None]
-    return min(scored)[1] if scored else None
+    if not scored:
+        return None
+    lowest = min(value for value, _ in scored)
+    return next(epoch for value, epoch in scored if value <= lowest + TIE)
 
 
 def write_metrics_log(out_dir, history):

@@ -254,6 +254,8 @@ def test_selected_epoch_takes_the_first_lowest():
     assert selected_epoch(history, "val", "k") == 2
     assert selected_epoch(history, "last", "k") == 4
     assert selected_epoch([], "val", "k") is None
+    rounded = [{"epoch": 1, "k": 0.226}, {"epoch": 2, "k": 0.22599999999999998}]   # one EER, two roundings
+    assert selected_epoch(rounded, "val", "k") == 1
 
 
 # --- resume and best.npz ------------------------------------------------------------------
