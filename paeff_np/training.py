@@ -195,11 +195,8 @@ class Trainer:
     def _restore_best(self):
         """Find best.npz's epoch; rewrite it from the restored checkpoint when a kill left it
         one selection behind (see the module doc)."""
-        if os.path.exists(self.best_path):
-            try:
-                self.best_saved_epoch = ckpt.load(self.best_path).epoch
-            except ckpt.CheckpointError:
-                self.best_saved_epoch = None     # half of a save that never committed: rewritten below
+        if os.path.exists(self.best_path):      # a damaged one (never a kill: see atomic.py) is refused
+            self.best_saved_epoch = ckpt.load(self.best_path).epoch
         best = self.selected_epoch()
         if self.settings.select == "last" or best is None or best == self.best_saved_epoch:
             return
