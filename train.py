@@ -26,7 +26,7 @@ from paeff_np.data import DataError, Dataset
 from paeff_np.data.split import SplitError, split_validation
 from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
-from paeff_np.training import (OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
+from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
                                write_metrics_log)
 from paeff_np.validate import validate_hyperparameters
 
@@ -165,6 +165,9 @@ def change_epochs(trainer, old_epochs):
 def start_run(args):
     """A new Trainer from the flags, or one restored from --resume."""
     if args.resume:
+        if os.path.basename(ckpt.resolve(args.resume)[0]) == BEST_NAME:
+            raise UsageError(f"--resume {args.resume}: a run continues from its checkpoint.npz; "
+                             f"{BEST_NAME} keeps the selected model only (give the run folder)")
         remove_leftovers(os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0])))
         checkpoint = ckpt.load(args.resume)
         changed = [k for k in config_overrides(args)] + [

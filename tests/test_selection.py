@@ -333,6 +333,8 @@ def test_the_split_is_recorded_and_resume_keeps_the_settings(data_dir, tmp_path,
     for flag, value in (("--select", "test"), ("--val-rows", "0.1"), ("--patience", "2")):
         assert train("--resume", out, flag, value) == 2
         one_line_error(capsys, "--resume continues a run as it was configured", flag)
+    assert train("--resume", os.path.join(out, "best.npz")) == 2
+    one_line_error(capsys, "checkpoint.npz", "best.npz keeps the selected model only")
     assert train("--resume", out, "--stop-after", "1") == 0
     assert ckpt.load(out).config["validation"] == saved.config["validation"]
 
