@@ -42,7 +42,7 @@ from paeff_np import envinfo                             # noqa: E402
 from paeff_np.atomic import write_json                   # noqa: E402
 from paeff_np.backend import default_rng, probe_gpu      # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
-from paeff_np.model import step_flops                    # noqa: E402
+from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.training import PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
@@ -94,6 +94,36 @@ def matmul_reference(dev, n, repeats):
     return timed(lambda: xp.matmul(a, b, out=out), dev.sync, repeats, warmup=1)
 
 
+def timed_alternating(fn_a, fn_b, sync, repeats, warmup):
+    """Seconds of each call of ``fn_a`` and of ``fn_b``, called in turn
+    (a, b, a, b, ...), so that both see the same machine state."""
+    for _ in range(warmup):
+        fn_a(), sync(), fn_b(), sync()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn_a()
+        sync()
+        t1 = time.perf_counter()
+        fn_b()
+        sync()
+        times_a.append(t1 - t0)
+        times_b.append(time.perf_counter() - t1)
+    return times_a, times_b
+
+
+def make_matmul_floor(dev, cfg, B, seed=0):
+    """``floor()``: every matrix product of one step (``step_matmuls``) once,
+    at its shapes and memory layouts, on random float32 operands. The step can
+    be no faster than this; the ratio step / floor is the elementwise overhead."""
+    xp, host = dev.xp, np.random.default_rng(seed)
+    products = []
+    for _, a_shape, b_shape, transpose_a, transpose_b in step_matmuls(cfg, B):
+        a, b = (xp.asarray(host.standard_normal(shape, dtype=np.float32)) for shape in (a_shape, b_shape))
+        products.append((a.T if transpose_a else a, b.T if transpose_b else b))
+    return lambda: [x @ y for x, y in products]
+
+
 def make_step(dev, B, D, face_dim, voice_dim, K, seed=0):
     """A training step on random data of these sizes: ``(cfg, step, parts)``,
     where ``step()`` runs one step and ``parts`` collects the (fwd+bwd, AdamW)
@@ -123,21 +153,32 @@ def make_step(dev, B, D, face_dim, voice_dim, K, seed=0):
     return cfg, step, parts
 
 
-def bench_case(dev, B, D, face_dim, voice_dim, K, repeats, warmup, peak_flops, budget_s=None):
-    """The step at these sizes: times (median, IQR, min), its two parts, FLOPs, ratio."""
+def bench_case(dev, B, D, face_dim, voice_dim, K, repeats, warmup, peak_flops, budget_s=None,
+               with_floor=False):
+    """The step at these sizes: times (median, IQR, min), its two parts, FLOPs,
+    ratio; ``with_floor``: also its matrix-product floor, timed in turn with it."""
     cfg, step, parts = make_step(dev, B, D, face_dim, voice_dim, K)
-    times = timed(step, dev.sync, repeats, warmup, budget_s)
+    floor_times = None
+    if with_floor:
+        times, floor_times = timed_alternating(step, make_matmul_floor(dev, cfg, B), dev.sync,
+                                               repeats, warmup)
+    else:
+        times = timed(step, dev.sync, repeats, warmup, budget_s)
     parts = parts[warmup:]
     sec = statistics.median(times)
     flops, rows = step_flops(cfg, B)
     achieved = flops / sec
-    return dict(batch=B, embed_dim=D, face_dim=face_dim, voice_dim=voice_dim, n_classes=K,
+    case = dict(batch=B, embed_dim=D, face_dim=face_dim, voice_dim=voice_dim, n_classes=K,
                 n=len(times), ms_per_step=1e3 * sec, ms_min=1e3 * min(times),
                 ms_q1=1e3 * _quantile(times, 0.25), ms_q3=1e3 * _quantile(times, 0.75),
                 ms_fwd_bwd=1e3 * statistics.median(p[0] for p in parts),
                 ms_adamw=1e3 * statistics.median(p[1] for p in parts),
                 samples_per_s=B / sec, flops_per_step=flops, gflops=achieved / 1e9,
                 ratio=achieved / peak_flops, flop_rows=rows)
+    if floor_times:
+        floor = statistics.median(floor_times)
+        case.update(ms_floor=1e3 * floor, step_over_floor=sec / floor)
+    return case
 
 
 def _quantile(values, q):
@@ -205,7 +246,7 @@ def end_to_end(dev_name, epochs_to_run, log):
 def flop_table(rows, log):
     log("  FLOPs counted (2·m·n·k per matrix product; elementwise work not counted):")
     for name, m, n, k, f in rows:
-        log(f"    {name:<26} {m:>5} x {n:>5} x {k:>5}  {f / 1e9:7.3f} GFLOP")
+        log(f"    {name:<32} {m:>5} x {n:>5} x {k:>5}  {f / 1e9:7.3f} GFLOP")
 
 
 class ReferenceProduct:
@@ -234,7 +275,7 @@ def measure_cases(dev, args, peak_flops):
     repeats = args.repeats or (5 if quick else 30)
     sizes = dict(face_dim=MAIN["face_dim"], voice_dim=MAIN["voice_dim"], K=MAIN["n_classes"])
     main = bench_case(dev, 256 if quick else MAIN["batch"], MAIN["embed_dim"], repeats=repeats,
-                      warmup=1 if quick else 3, peak_flops=peak_flops, **sizes)
+                      warmup=1 if quick else 3, peak_flops=peak_flops, with_floor=True, **sizes)
     scaling = [bench_case(dev, b, d, repeats=repeats, warmup=1 if quick else 2, peak_flops=peak_flops,
                           budget_s=2.0 if quick else 8.0, **sizes)
                for b in ((256,) if quick else SCALING_B) for d in SCALING_D]
@@ -250,6 +291,8 @@ def report_main(dev, main, adamw, ref, log):
         f"(IQR {main['ms_q1']:.1f}..{main['ms_q3']:.1f}, min {main['ms_min']:.1f}); "
         f"fwd+bwd {main['ms_fwd_bwd']:.1f} ms, AdamW {main['ms_adamw']:.2f} ms")
     log(f"  samples/s: {main['samples_per_s']:,.0f}")
+    log(f"  matrix-product floor (the step's {len(main['flop_rows'])} products alone, timed in turn "
+        f"with it): {main['ms_floor']:.1f} ms; step / floor = {main['step_over_floor']:.2f}")
     log(f"  FLOPs per step: {main['flops_per_step'] / 1e9:.2f} GFLOP (matrix products only)")
     flop_table(main["flop_rows"], log)
     log(f"  achieved: {main['gflops']:.1f} GFLOP/s")

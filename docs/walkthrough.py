@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 import paeff_np as pn  # noqa: E402
 from paeff_np import hyperbolic, layers, losses  # noqa: E402
-from paeff_np.fusion import egff_backward, egff_forward  # noqa: E402
+from paeff_np.gradcheck import TOLERANCE  # noqa: E402
+from paeff_np.gradcheck.cases import OP_CASES  # noqa: E402
 
 C = 0.05            # the paper's curvature
 TAU = 0.07          # the paper's temperature
@@ -49,48 +50,22 @@ def small_batch(B=8, seed=0):
 # --- 1. check_layer on every op ------------------------------------------------
 
 def check_every_op():
+    """``check_layer`` on every op of the library: the op half of the registry
+    that ``python -m paeff_np.gradcheck`` runs (paeff_np/gradcheck/cases.py)."""
     say("check_layer on every op (float64, 4th-order stencil, h = 1e-5)")
-    rng = np.random.default_rng(0)
-    r = lambda *shape: rng.standard_normal(shape)
-    B, D = 5, 6
-    y = np.array([0, 1, 2, 0, 1])
-    ops = {
-        "linear": (layers.linear_forward, layers.linear_backward, [r(B, 4), r(D, 4), r(D)], {}),
-        "batchnorm (train)": (layers.batchnorm_forward, layers.batchnorm_backward,
-                              [r(B, D), r(D), r(D)],
-                              dict(state=layers.BatchNormState(np.zeros(D), np.ones(D)), train=True)),
-        "relu": (layers.relu_forward, layers.relu_backward, [r(B, D)], {}),
-        "l2_normalize": (layers.l2_normalize_forward, layers.l2_normalize_backward, [r(B, D)], {}),
-        "gelu": (layers.gelu_forward, layers.gelu_backward, [r(B, D)], {}),
-        "sigmoid": (layers.sigmoid_forward, layers.sigmoid_backward, [r(B, D)], {}),
-        "tanh": (layers.tanh_forward, layers.tanh_backward, [r(B, D)], {}),
-        "conv1d (k=5, C=2)": (layers.conv1d_forward, layers.conv1d_backward,
-                              [r(B, 2, D), r(1, 2, 5), r(1)], {}),
-        "expmap0": (hyperbolic.expmap0_forward, hyperbolic.expmap0_backward, [r(B, D)], dict(c=C)),
-        "project (outside)": (hyperbolic.project_forward, hyperbolic.project_backward,
-                              [10 * r(B, D)], dict(c=C)),
-        "egff (k=3, product)": (egff_forward, egff_backward,
-                                [r(B, D), r(B, D), r(1, 1, 3), r(1)], {}),
-        "softmax CE": (losses.softmax_cross_entropy_forward, losses.softmax_cross_entropy_backward,
-                       [r(B, 3)], dict(y=y)),
-        "symmetric CE": (losses.symmetric_cross_entropy_forward, losses.symmetric_cross_entropy_backward,
-                         [r(B, D), r(B, D)], dict(temperature=TAU)),
-        "OPL": (losses.orthogonal_projection_forward, losses.orthogonal_projection_backward,
-                [r(B, D)], dict(y=y, gamma=0.7)),
-    }
     results = {}
-    for name, (fwd, bwd, inputs, kwargs) in ops.items():
-        report = pn.check_layer(fwd, bwd, inputs, **kwargs)
-        results[name] = max(report.values())
-        print(f"  {name:22s} worst relative error {results[name]:.1e}")
+    for case in OP_CASES:
+        results[case.name] = max(case.check().values())
+        print(f"  {case.name:36s} worst relative error {results[case.name]:.1e}")
     return results
 
 
 def plot_check_every_op(plt, results, out):
-    fig, ax = plt.subplots(figsize=(7, 4))
     names = list(results)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.2 * len(names)))
     ax.barh(names, [max(v, 1e-18) for v in results.values()], color="tab:blue")
-    ax.axvline(1e-7, color="tab:red", ls="--", label="tolerance of the tests, 1e-7")
+    ax.axvline(TOLERANCE, color="tab:red", ls="--", label=f"tolerance of the tests, {TOLERANCE:.0e}")
+    ax.tick_params(axis="y", labelsize=7)
     ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel("worst normwise relative error, analytic vs finite difference")

@@ -64,6 +64,8 @@ def add_config_flags(parser):
     g.add_argument("--no-riemannian-grad", dest="riemannian_grad", action="store_const", const=False,
                    help="turn off the Riemannian gradient scaling of the authors' code")
     g.add_argument("--temperature", type=float, help="τ of the alignment loss (0.07)")
+    g.add_argument("--clip-radius", type=float, metavar="R",
+                   help="feature clipping radius r of --alignment poincare (2.3)")
     g.add_argument("--dropout", type=float, help="dropout in the branches (0.4)")
     g.add_argument("--opl-gamma", type=float, help="γ of the orthogonal projection loss (0.7)")
     g.add_argument("--loss-weights", type=float, nargs=3, metavar=("ALIGN", "OPL", "CE"),
@@ -71,7 +73,8 @@ def add_config_flags(parser):
 
 
 CONFIG_FLAGS = ("embed_dim", "fusion", "egff_kernel", "egff_gate", "egff_mix", "alignment",
-                "curvature", "riemannian_grad", "temperature", "dropout", "opl_gamma", "loss_weights")
+                "curvature", "riemannian_grad", "temperature", "clip_radius", "dropout", "opl_gamma",
+                "loss_weights")
 
 
 def config_overrides(args):

@@ -5,10 +5,12 @@
 with respect to each differentiable input (``dloss`` is the loss's weight in
 the total, a scalar). Derivations: ``docs/math.md``.
 """
+import functools
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
 from .layers import L2NormalizeCache, l2_normalize_backward, l2_normalize_forward
+from .parallel import for_row_blocks
 
 OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs gives 0, not 0/0
 
@@ -30,7 +32,12 @@ class SoftmaxCrossEntropyCache(NamedTuple):
 def softmax_cross_entropy_forward(s, y):
     """``L = −(1/B) Σ_i log softmax(s_i)[y_i]``; ``s``: B × K logits, ``y``: (B,) labels in 0..K−1."""
     xp = get_array_module(s)
-    logp = log_softmax(s)
+    logp = xp.empty_like(s)
+
+    def block(rows):                    # B × K: row blocks on threads (for_row_blocks)
+        logp[rows] = log_softmax(s[rows])
+
+    for_row_blocks(block, s.shape[0], s.shape[1], xp)
     rows = xp.arange(s.shape[0])
     return -logp[rows, y].mean(), SoftmaxCrossEntropyCache(logp, y)
 
@@ -39,48 +46,108 @@ def softmax_cross_entropy_backward(dloss, cache):
     """``dL/ds = (softmax(s) − onehot(y)) / B``, times ``dloss``."""
     logp, y = cache
     xp = get_array_module(logp)
-    ds = xp.exp(logp)
-    ds[xp.arange(ds.shape[0]), y] -= 1.0
-    return dloss * (ds / logp.shape[0])
+    ds = xp.empty_like(logp)
+
+    def block(rows):
+        d = ds[rows]
+        xp.exp(logp[rows], out=d)
+        d[xp.arange(d.shape[0]), y[rows]] -= 1.0
+        d /= logp.shape[0]
+        d *= dloss
+
+    for_row_blocks(block, logp.shape[0], logp.shape[1], xp)
+    return ds
 
 
 # --- symmetric cross-entropy (CLIP) ---
+
+class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
+    softmax_rows: Any   # B × B, softmax of S over each row
+    softmax_cols: Any   # B × B, softmax of S over each column
+
+
+def symmetric_cross_entropy_from_logits_forward(S):
+    """CLIP loss on given logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
+    ``S``: B × B, row i and column i the matching pair.
+
+    CE(Sᵀ, diag) is the cross-entropy of S's *columns*: with the log-softmax
+    over rows (axis 1) and over columns (axis 0),
+    ``L = −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
+
+    Stable as ``log_softmax``: each row (column) is shifted by its max before
+    ``exp``. The B × B work runs in row blocks (``for_row_blocks``): a column's
+    max and sum are combined from the blocks' partial ones.
+    """
+    xp = get_array_module(S)
+    n = S.shape[0]
+    row_max, row_sum = xp.empty((n, 1), S.dtype), xp.empty((n, 1), S.dtype)
+    softmax_rows, softmax_cols = xp.empty_like(S), xp.empty_like(S)
+
+    def max_of_rows(rows):              # max of each row, partial max of each column
+        s = S[rows]
+        row_max[rows] = s.max(axis=1, keepdims=True)
+        return s.max(axis=0)
+
+    col_max = functools.reduce(xp.maximum, for_row_blocks(max_of_rows, n, n, xp))
+    def exp_shifted(rows):              # e^{S − row max} (normalised here), e^{S − col max}
+        s, p, q = S[rows], softmax_rows[rows], softmax_cols[rows]
+        xp.exp(xp.subtract(s, row_max[rows], out=p), out=p)
+        row_sum[rows] = p.sum(axis=1, keepdims=True)
+        p /= row_sum[rows]
+        xp.exp(xp.subtract(s, col_max, out=q), out=q)
+        return q.sum(axis=0)            # partial column sums
+
+    col_sum = sum(for_row_blocks(exp_shifted, n, n, xp))
+    for_row_blocks(lambda rows: xp.divide(softmax_cols[rows], col_sum, out=softmax_cols[rows]),
+                   n, n, xp)
+    # log softmax(S)_ii = (S_ii − max) − log Σ e^{S − max}, along the row and along the column
+    S_diag = xp.diagonal(S)
+    logp_rows_diag = (S_diag - row_max[:, 0]) - xp.log(row_sum[:, 0])
+    logp_cols_diag = (S_diag - col_max) - xp.log(col_sum)
+    loss = -0.5 * (logp_rows_diag.mean() + logp_cols_diag.mean())
+    return loss, SymmetricCrossEntropyFromLogitsCache(softmax_rows, softmax_cols)
+
+
+def symmetric_cross_entropy_from_logits_backward(dloss, cache):
+    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B."""
+    softmax_rows, softmax_cols = cache
+    xp = get_array_module(softmax_rows)
+    n = softmax_rows.shape[0]
+    dS = xp.empty_like(softmax_rows)
+
+    def block(rows):
+        d = dS[rows]
+        xp.add(softmax_rows[rows], softmax_cols[rows], out=d)
+        i = xp.arange(rows.start, rows.stop)
+        d[i - rows.start, i] -= 2.0
+        d *= dloss / (2.0 * n)
+
+    for_row_blocks(block, n, n, xp)
+    return dS
+
 
 class SymmetricCrossEntropyCache(NamedTuple):
     a: Any              # B × D
     b: Any              # B × D
     temperature: float
-    logp_rows: Any      # B × B, log-softmax of S over each row
-    logp_cols: Any      # B × B, log-softmax of S over each column
+    logits: SymmetricCrossEntropyFromLogitsCache
 
 
 def symmetric_cross_entropy_forward(a, b, temperature):
-    """CLIP loss: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
-    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0.
-
-    CE(Sᵀ, diag) is the cross-entropy of S's *columns*: with the log-softmax
-    over rows (axis 1) and over columns (axis 0),
-    ``L = −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
-    """
+    """CLIP loss of dot-product logits: ``S = a bᵀ/τ``, ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``;
+    ``a``, ``b``: B × D (row i of each is a matching pair), ``τ`` > 0."""
     xp = get_array_module(a)
-    S = (a @ b.T) / temperature
-    logp_rows = log_softmax(S, axis=1)
-    logp_cols = log_softmax(S, axis=0)
-    loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
-    return loss, SymmetricCrossEntropyCache(a, b, temperature, logp_rows, logp_cols)
+    S = a @ b.T
+    xp.divide(S, temperature, out=S)
+    loss, cache_logits = symmetric_cross_entropy_from_logits_forward(S)
+    return loss, SymmetricCrossEntropyCache(a, b, temperature, cache_logits)
 
 
 def symmetric_cross_entropy_backward(dloss, cache):
-    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)``,
-    ``da = dS b/τ``, ``db = dSᵀ a/τ``, each times ``dloss``."""
-    a, b, temperature, logp_rows, logp_cols = cache
-    xp = get_array_module(a)
-    dS = xp.exp(logp_rows)
-    dS += xp.exp(logp_cols)
-    diag = xp.arange(dS.shape[0])
-    dS[diag, diag] -= 2.0
-    dS /= 2.0 * dS.shape[0]
-    return dloss * (dS @ b / temperature), dloss * (dS.T @ a / temperature)
+    """``dS`` from the logits' backward, then ``da = dS b/τ``, ``db = dSᵀ a/τ``."""
+    a, b, temperature, cache_logits = cache
+    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache_logits)
+    return dS @ b / temperature, dS.T @ a / temperature
 
 
 # --- orthogonal projection loss (OPL) ---
@@ -88,39 +155,64 @@ def symmetric_cross_entropy_backward(dloss, cache):
 class OrthogonalProjectionCache(NamedTuple):
     zhat: Any           # B × D, the normalised rows
     G: Any              # B × B, ẑẑᵀ
-    m_pos: Any          # B × B, M⁺
-    m_neg: Any          # B × B, M⁻
+    y: Any              # (B,) labels: M⁺ and M⁻ are rebuilt from them, a block at a time
     w_pos: Any          # 1/(ΣM⁺ + ε)
     w_neg: Any          # 1/(ΣM⁻ + ε)
     gamma: float
     normalize: L2NormalizeCache
 
 
+def opl_masks(y, rows, dtype):
+    """Rows ``rows`` (a slice) of M⁺ (same label, off the diagonal) and M⁻
+    (other label), each ``len(rows) × B`` of ``dtype``; ``y``: (B,) labels."""
+    xp = get_array_module(y)
+    same = y[rows, None] == y[None, :]
+    m_pos = same.astype(dtype)
+    i = xp.arange(rows.start, rows.stop)
+    m_pos[i - rows.start, i] = 0
+    return m_pos, (~same).astype(dtype)
+
+
 def orthogonal_projection_forward(z, y, gamma):
     """OPL: ``ẑ = z/‖z‖``, ``G = ẑẑᵀ``, M⁺ same label off the diagonal, M⁻ other label;
     ``pos = Σ M⁺⊙G/(ΣM⁺ + 1e-6)``, ``neg = Σ |M⁻⊙G|/(ΣM⁻ + 1e-6)``,
-    ``L = 1 − pos + γ·neg``; ``z``: B × D, ``y``: (B,) labels."""
+    ``L = 1 − pos + γ·neg``; ``z``: B × D, ``y``: (B,) labels.
+
+    The four sums run over row blocks of G (``for_row_blocks``), the masks
+    built for each block from the labels: no B × B mask is kept.
+    """
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
     G = zhat @ zhat.T
-    same = y[:, None] == y[None, :]
-    m_pos = (same & ~xp.eye(len(y), dtype=bool)).astype(z.dtype)
-    m_neg = (~same).astype(z.dtype)
-    w_pos = 1.0 / (m_pos.sum() + OPL_EPS)
-    w_neg = 1.0 / (m_neg.sum() + OPL_EPS)
-    pos = (m_pos * G).sum() * w_pos
-    neg = xp.abs(m_neg * G).sum() * w_neg
-    loss = 1.0 - pos + gamma * neg
-    return loss, OrthogonalProjectionCache(zhat, G, m_pos, m_neg, w_pos, w_neg, gamma, cache_norm)
+
+    def block_sums(rows):               # ΣM⁺, ΣM⁻, Σ M⁺⊙G, Σ |M⁻⊙G| over these rows
+        m_pos, m_neg = opl_masks(y, rows, G.dtype)
+        g = G[rows]
+        return xp.stack([m_pos.sum(), m_neg.sum(), (m_pos * g).sum(), xp.abs(m_neg * g).sum()])
+
+    n_pos, n_neg, pos_sum, neg_sum = sum(for_row_blocks(block_sums, len(y), len(y), xp))
+    w_pos = 1.0 / (n_pos + OPL_EPS)
+    w_neg = 1.0 / (n_neg + OPL_EPS)
+    loss = 1.0 - pos_sum * w_pos + gamma * (neg_sum * w_neg)
+    return loss, OrthogonalProjectionCache(zhat, G, y, w_pos, w_neg, gamma, cache_norm)
 
 
 def orthogonal_projection_backward(dloss, cache):
     """``dG = −M⁺/(ΣM⁺+ε) + γ M⁻⊙sign(G)/(ΣM⁻+ε)``, ``dẑ = (dG + dGᵀ) ẑ = 2 dG ẑ``
     (G and both masks are symmetric, so dG is), then back through the
     normalisation; times ``dloss``."""
-    zhat, G, m_pos, m_neg, w_pos, w_neg, gamma, cache_norm = cache
+    zhat, G, y, w_pos, w_neg, gamma, cache_norm = cache
     xp = get_array_module(zhat)
-    dG = (gamma * w_neg) * m_neg * xp.sign(G)
-    dG -= w_pos * m_pos
+    dG = xp.empty_like(G)
+
+    def block(rows):
+        m_pos, m_neg = opl_masks(y, rows, G.dtype)
+        d = dG[rows]
+        xp.sign(G[rows], out=d)
+        d *= m_neg
+        d *= gamma * w_neg              # γ M⁻⊙sign(G)/(ΣM⁻+ε)
+        d -= w_pos * m_pos
+
+    for_row_blocks(block, len(y), len(y), xp)
     dzhat = 2.0 * (dG @ zhat)
     return dloss * l2_normalize_backward(dzhat, cache_norm)

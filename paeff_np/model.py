@@ -30,9 +30,11 @@ from .losses import (OrthogonalProjectionCache, SoftmaxCrossEntropyCache,
                      orthogonal_projection_forward, softmax_cross_entropy_backward,
                      softmax_cross_entropy_forward, symmetric_cross_entropy_backward,
                      symmetric_cross_entropy_forward)
+from .poincare import (FeatureClipCache, feature_clip_backward, feature_clip_forward,
+                       poincare_alignment_backward, poincare_alignment_forward)
 
 FUSIONS = ("egff", "gated")
-ALIGNMENTS = ("hyperbolic", "euclidean", "none")
+ALIGNMENTS = ("hyperbolic", "euclidean", "none", "poincare")
 GATED_HIDDEN = 128          # width of FOP's attention block
 
 
@@ -49,8 +51,9 @@ class Config:
     egff_kernel: int = 1            # odd; 1 = the design card, 5 = the authors' code
     egff_gate: str = "product"      # "product" | "sum" | "concat"
     egff_mix: str = "activated"     # "activated" (paper eq. 2) | "raw" (authors' code)
-    alignment: str = "hyperbolic"   # "hyperbolic" | "euclidean" | "none"
+    alignment: str = "hyperbolic"   # "hyperbolic" | "euclidean" | "none" | "poincare"
     curvature: float = 0.05
+    clip_radius: float = 2.3        # r of the feature clipping; "poincare" only
     riemannian_grad: bool = True
     temperature: float = 0.07
     dropout: float = 0.4
@@ -71,6 +74,7 @@ class Config:
              "egff_kernel must be a positive odd integer"),
             (self.curvature > 0, "curvature must be > 0"),
             (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.clip_radius < math.inf, "clip_radius must be > 0 and finite"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (len(self.loss_weights) == 3, "loss_weights must have three values (align, opl, ce)"),
         ]
@@ -157,7 +161,7 @@ def init_params(cfg, seed=0, dtype=np.float32):
     return params, buffers
 
 
-# --- the branch: Linear → BatchNorm → ReLU → Dropout → Linear → L2-normalise ---
+# --- the branch: Linear → BatchNorm → ReLU → Dropout → Linear ---
 
 class BranchCache(NamedTuple):
     prefix: str                 # "face_branch.fc1." or "voice_branch.fc1."
@@ -166,13 +170,13 @@ class BranchCache(NamedTuple):
     relu: Any                   # B × D, the ReLU's mask
     drop: Any                   # B × D, the dropout mask (None when off)
     lin4: LinearCache
-    norm: L2NormalizeCache
 
 
 def branch_forward(params, buffers, prefix, x, train, dropout, rng):
-    """``e = normalize(drop(ReLU(BN(x W₀ᵀ + b₀))) W₄ᵀ + b₄)``; ``x``: B × in, ``e``: B × D.
+    """``h = drop(ReLU(BN(x W₀ᵀ + b₀))) W₄ᵀ + b₄``; ``x``: B × in, ``h``: B × D.
 
-    Returns ``e``, the branch's new buffers, and the cache.
+    Returns ``h``, the branch's new buffers, and the cache. The model
+    L2-normalises ``h`` (e = normalize(h)); the Poincaré alignment reads ``h`` itself.
     """
     P = lambda name: params[prefix + name]
     mean_key, var_key, count_key = _bn_buffer_keys(prefix + "1.")
@@ -182,18 +186,16 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
     h2, cache_relu = relu_forward(h1)
     h3, cache_drop = dropout_forward(h2, dropout if train else 0.0, rng)
     h4, cache_lin4 = linear_forward(h3, P("4.weight"), P("4.bias"))
-    e, cache_norm = l2_normalize_forward(h4)
     new_buffers = {mean_key: new_mean, var_key: new_var,
                    count_key: buffers[count_key] + (1 if train else 0)}
-    cache = BranchCache(prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm)
-    return e, new_buffers, cache
+    cache = BranchCache(prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4)
+    return h4, new_buffers, cache
 
 
-def branch_backward(de, cache):
-    """The mirror of ``branch_forward``; ``de``: B × D. Returns the branch's
+def branch_backward(dh4, cache):
+    """The mirror of ``branch_forward``; ``dh4``: B × D. Returns the branch's
     grads (the data needs no gradient, so ``dx`` is not computed)."""
-    prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4, cache_norm = cache
-    dh4 = l2_normalize_backward(de, cache_norm)
+    prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4 = cache
     dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
     dh2 = dropout_backward(dh3, cache_drop)
     dh1 = relu_backward(dh2, cache_relu)
@@ -253,9 +255,13 @@ class ModelCache(NamedTuple):
     cfg: Config
     face: BranchCache
     voice: BranchCache
-    ball_f: ToBallCache         # None unless the alignment is hyperbolic
+    norm_f: L2NormalizeCache    # e = normalize(h)
+    norm_v: L2NormalizeCache
+    clip_f: FeatureClipCache    # None unless the alignment is poincare
+    clip_v: FeatureClipCache
+    ball_f: ToBallCache         # None unless the alignment is hyperbolic or poincare
     ball_v: ToBallCache
-    align: SymmetricCrossEntropyCache   # None without alignment
+    align: Any                  # SymmetricCrossEntropyCache, PoincareAlignmentCache, or None
     fusion: FusionCache
     res: LinearCache
     tanh: Any                   # B × D, z
@@ -269,23 +275,34 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     ``labels``: (B,) in 0..n_classes−1. Returns
     ``(LossOutput(loss, terms), new_buffers, cache)``.
 
-    branches → alignment (hyperbolic: p = P(expmap0(e))) → fusion → head
+    branches h → e = normalize(h) → alignment (hyperbolic: p = P(expmap0(e));
+    poincare: p = P(expmap0(clip(h)))) → fusion of e → head
     ``z = tanh(m W_rᵀ + b_r)``, ``s = z W_lᵀ + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
     """
     xp = get_array_module(face)
-    e_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
+    h_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
                                             train, cfg.dropout, rng)
-    e_v, buf_v, cache_voice = branch_forward(params, buffers, BRANCHES[1], voice,
+    h_v, buf_v, cache_voice = branch_forward(params, buffers, BRANCHES[1], voice,
                                              train, cfg.dropout, rng)
+    e_f, cache_norm_f = l2_normalize_forward(h_f)
+    e_v, cache_norm_v = l2_normalize_forward(h_v)
     # alignment of the two modalities (symmetric cross-entropy)
-    cache_ball_f = cache_ball_v = cache_align = None
+    cache_clip_f = cache_clip_v = cache_ball_f = cache_ball_v = cache_align = None
     if cfg.alignment == "hyperbolic":
         p_f, cache_ball_f = to_ball_forward(e_f, cfg.curvature, cfg.riemannian_grad)
         p_v, cache_ball_v = to_ball_forward(e_v, cfg.curvature, cfg.riemannian_grad)
+    elif cfg.alignment == "poincare":   # from h, not e: S_ij = −d_c(p_f,i, p_v,j)/τ
+        g_f, cache_clip_f = feature_clip_forward(h_f, cfg.clip_radius)
+        g_v, cache_clip_v = feature_clip_forward(h_v, cfg.clip_radius)
+        p_f, cache_ball_f = to_ball_forward(g_f, cfg.curvature, cfg.riemannian_grad)
+        p_v, cache_ball_v = to_ball_forward(g_v, cfg.curvature, cfg.riemannian_grad)
     else:
         p_f, p_v = e_f, e_v
     if cfg.alignment == "none":
         loss_align = xp.zeros((), dtype=face.dtype)
+    elif cfg.alignment == "poincare":
+        loss_align, cache_align = poincare_alignment_forward(p_f, p_v, cfg.curvature,
+                                                             cfg.temperature)
     else:
         loss_align, cache_align = symmetric_cross_entropy_forward(p_f, p_v, cfg.temperature)
     # fusion and head
@@ -300,7 +317,8 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     loss = a1 * loss_align + a2 * loss_opl + a3 * loss_ce
     terms = {"align": loss_align, "opl": loss_opl, "ce": loss_ce}
     new_buffers = {**buffers, **buf_f, **buf_v, **buf_fusion}
-    cache = ModelCache(cfg, cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+    cache = ModelCache(cfg, cache_face, cache_voice, cache_norm_f, cache_norm_v,
+                       cache_clip_f, cache_clip_v, cache_ball_f, cache_ball_v, cache_align,
                        cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce)
     return LossOutput(loss, terms), new_buffers, cache
 
@@ -308,7 +326,8 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
 def backward(dloss, cache):
     """Gradients of ``dloss ·`` the total loss (``dloss`` a scalar; 1.0 for the
     loss itself), keyed like the parameters: ``forward`` read from the bottom up."""
-    (cfg, cache_face, cache_voice, cache_ball_f, cache_ball_v, cache_align,
+    (cfg, cache_face, cache_voice, cache_norm_f, cache_norm_v,
+     cache_clip_f, cache_clip_v, cache_ball_f, cache_ball_v, cache_align,
      cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
     a1, a2, a3 = cfg.loss_weights
     grads = {}
@@ -323,16 +342,71 @@ def backward(dloss, cache):
     de_f, de_v, grads_fusion = fusion_backward(dm, cache_fusion)
     grads.update(grads_fusion)
     # alignment (its weight dloss·α₁ is applied after the ball maps)
-    if cfg.alignment != "none":
+    if cfg.alignment in ("hyperbolic", "euclidean"):
         dp_f, dp_v = symmetric_cross_entropy_backward(1.0, cache_align)
         if cfg.alignment == "hyperbolic":
             dp_f = to_ball_backward(dp_f, cache_ball_f)
             dp_v = to_ball_backward(dp_v, cache_ball_v)
         de_f, de_v = de_f + dloss * a1 * dp_f, de_v + dloss * a1 * dp_v
+    elif cfg.alignment == "poincare":
+        dp_f, dp_v = poincare_alignment_backward(1.0, cache_align)
+        dg_f = to_ball_backward(dp_f, cache_ball_f)
+        dg_v = to_ball_backward(dp_v, cache_ball_v)
+        dh_align_f = dloss * a1 * feature_clip_backward(dg_f, cache_clip_f)
+        dh_align_v = dloss * a1 * feature_clip_backward(dg_v, cache_clip_v)
+    # normalisation: h reaches the loss through e, and for poincare also directly
+    dh_f = l2_normalize_backward(de_f, cache_norm_f)
+    dh_v = l2_normalize_backward(de_v, cache_norm_v)
+    if cfg.alignment == "poincare":
+        dh_f, dh_v = dh_f + dh_align_f, dh_v + dh_align_v
     # branches
-    grads.update(branch_backward(de_v, cache_voice))
-    grads.update(branch_backward(de_f, cache_face))
+    grads.update(branch_backward(dh_v, cache_voice))
+    grads.update(branch_backward(dh_f, cache_face))
     return grads
+
+
+def step_matmuls(cfg, B):
+    """The matrix products of one ``loss_and_grads`` at batch ``B``, as the code
+    performs them: ``[(name, a_shape, b_shape, transpose_a, transpose_b)]``, one
+    product ``op(a) @ op(b)`` each, ``op`` a transpose where flagged. All the
+    rest of the step is elementwise, so these products timed alone are the
+    floor the step is compared with (bench.py)."""
+    D, rows = cfg.embed_dim, []
+
+    def linear(name, n_in, n_out, need_dx=True):       # linear_forward / linear_backward
+        rows.append((f"{name} x·Wᵀ", (B, n_in), (n_out, n_in), False, True))
+        rows.append((f"{name} dW = dyᵀ·x", (B, n_out), (B, n_in), True, False))
+        if need_dx:
+            rows.append((f"{name} dx = dy·W", (B, n_out), (n_out, n_in), False, False))
+
+    for prefix, n_in in zip(BRANCHES, (cfg.face_dim, cfg.voice_dim)):
+        linear(prefix + "0", n_in, D, need_dx=False)
+        linear(prefix + "4", D, D)
+    if cfg.alignment != "none":                         # symmetric cross-entropy
+        rows += [("align S = a·bᵀ", (B, D), (B, D), False, True),
+                 ("align da = dS·b", (B, B), (B, D), False, False),
+                 ("align db = dSᵀ·a", (B, B), (B, D), True, False)]
+    if cfg.fusion == "gated":
+        linear(GATED + "0.block.0", 2 * D, GATED_HIDDEN)
+        linear(GATED + "1", GATED_HIDDEN, D)
+    linear("res_mix", D, D)
+    linear("logits_layer", D, cfg.n_classes)
+    rows += [("opl G = ẑ·ẑᵀ", (B, D), (B, D), False, True),       # orthogonal projection
+             ("opl dẑ = dG·ẑ", (B, B), (B, D), False, False)]
+    return rows
+
+
+def step_flops(cfg, B):
+    """``(total, rows)``: the FLOPs of ``step_matmuls(cfg, B)``, with
+    ``rows = [(name, m, n, k, 2·m·n·k)]`` for each product of an m × k by a
+    k × n matrix. Elementwise work (activations, normalisations, softmax,
+    EGFF's 1-D conv, AdamW) is not counted."""
+    rows = []
+    for name, a_shape, b_shape, transpose_a, transpose_b in step_matmuls(cfg, B):
+        m, k = a_shape[::-1] if transpose_a else a_shape
+        n = b_shape[0] if transpose_b else b_shape[1]
+        rows.append((name, m, n, k, 2 * m * n * k))
+    return sum(row[-1] for row in rows), rows
 
 
 # --- the entry points: one shape check, then forward and backward ---
@@ -385,46 +459,9 @@ def embed(params, buffers, face, voice, cfg):
     """Evaluation embeddings (eval mode, docs/spec.md §5): ``f̂, v̂`` for EGFF, ``f̃, ṽ`` for gated;
     ``face``: B × face_dim, ``voice``: B × voice_dim; each embedding B × embed_dim."""
     check_inputs(params, face, voice, None, cfg)
-    e_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
-    e_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
+    h_f, _, _ = branch_forward(params, buffers, BRANCHES[0], face, False, 0.0, None)
+    h_v, _, _ = branch_forward(params, buffers, BRANCHES[1], voice, False, 0.0, None)
+    e_f, _ = l2_normalize_forward(h_f)
+    e_v, _ = l2_normalize_forward(h_v)
     (_, emb_f, emb_v), _, _ = fusion_forward(params, buffers, e_f, e_v, cfg, train=False)
     return emb_f, emb_v
-
-
-# --- FLOP count ---
-
-def step_flops(cfg, B):
-    """``(total, rows)``: the FLOPs of one training step's matrix products at
-    batch ``B``, mirroring ``forward`` and ``backward``: ``rows`` =
-    ``[(name, m, n, k, flops)]`` with flops = 2·m·n·k for every product — each
-    Linear's ``x Wᵀ``, ``dW = dyᵀ x`` and ``dx = dy W`` (no ``dx`` for the two
-    layers that read the data), the alignment's ``S = p_f p_vᵀ`` and its two
-    gradient products, OPL's Gram matrix ``ẑ ẑᵀ`` and ``(dG + dGᵀ) ẑ``.
-    Elementwise work (activations, normalisations, softmax, EGFF's 1-D conv,
-    AdamW) is not counted."""
-    D, rows = cfg.embed_dim, []
-
-    def product(name, m, n, k):
-        rows.append((name, m, n, k, 2 * m * n * k))
-
-    def linear(name, n_in, n_out, need_dx=True):
-        product(f"{name} forward x·Wᵀ", B, n_out, n_in)
-        product(f"{name} dW = dyᵀ·x", n_out, n_in, B)
-        if need_dx:
-            product(f"{name} dx = dy·W", B, n_in, n_out)
-
-    for branch, n_in in (("face", cfg.face_dim), ("voice", cfg.voice_dim)):
-        linear(f"{branch}.fc1.0", n_in, D, need_dx=False)
-        linear(f"{branch}.fc1.4", D, D)
-    if cfg.alignment != "none":
-        product("align S = p_f·p_vᵀ", B, B, D)
-        product("align dp_f = dS·p_v", B, D, B)
-        product("align dp_v = dSᵀ·p_f", B, D, B)
-    if cfg.fusion == "gated":
-        linear("gated.attention.0", 2 * D, GATED_HIDDEN)
-        linear("gated.attention.1", GATED_HIDDEN, D)
-    linear("res_mix", D, D)
-    linear("logits", D, cfg.n_classes)
-    product("opl G = ẑ·ẑᵀ", B, B, D)
-    product("opl dẑ = (dG+dGᵀ)·ẑ", B, D, B)
-    return sum(r[-1] for r in rows), rows

@@ -5,6 +5,7 @@ import numpy as np
 
 from .backend import elementwise_kernel, get_array_module, to_device, to_host
 from .flat import FlatViews, flat_like, gather_into
+from .parallel import for_row_blocks
 
 
 ADAMW_KERNEL = dict(
@@ -39,12 +40,17 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
             g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
             lr / bias1, sqrt_bias2, eps, p, m, v)
         return
-    p *= 1.0 - lr * weight_decay
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * g * g
-    p -= (lr / bias1) * m / (np.sqrt(v) / sqrt_bias2 + eps)
+
+    def block(rows):        # NumPy: the formula on row blocks of the buffers, on threads
+        p_, g_, m_, v_ = p[rows], g[rows], m[rows], v[rows]
+        p_ *= 1.0 - lr * weight_decay
+        m_ *= beta1
+        m_ += (1.0 - beta1) * g_
+        v_ *= beta2
+        v_ += (1.0 - beta2) * g_ * g_
+        p_ -= (lr / bias1) * m_ / (np.sqrt(v_) / sqrt_bias2 + eps)
+
+    for_row_blocks(block, len(p), p.size // max(1, len(p)))
 
 
 class AdamW:

@@ -1,8 +1,9 @@
 """Alignment by geodesic distance in the Poincaré ball (HypViT, Ermolov et al. 2022).
 
-Each op is a forward/backward pair in the library's convention
-(``x_forward(...) -> (out, cache)``, ``x_backward(dout, cache) -> gradients``),
-for NumPy and CuPy alike. In the model the chain reads, row by row,
+Each op is a forward/backward pair following the protocol of ``layers.py``
+(``x_forward(...) -> (out, cache)``, ``x_backward(dout, cache) -> gradients``;
+a loss's backward takes its weight ``dloss`` first), for NumPy and CuPy alike.
+In the model (``model.forward``) the chain reads, row by row,
 
     h (before the L2-normalisation) → feature_clip → expmap0 → project
       → distance_matrix → logits S = −D/τ → symmetric cross-entropy
@@ -12,10 +13,11 @@ The B × B distance matrix is computed in closed form from the Gram matrix and
 the squared norms: no B × B × D array is ever built. ``docs/poincare.md``
 derives every formula and every backward pass.
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .backend import get_array_module
-from .losses import log_softmax
+from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
+                     symmetric_cross_entropy_from_logits_forward)
 
 CLIP_EPS = 1e-5        # h̃ = h · min(1, r/(‖h‖ + 1e-5)): no division by zero at h = 0
 MOBIUS_EPS = 1e-5      # hyptorch's mobius_add divides by (denominator + 1e-5)
@@ -30,10 +32,10 @@ def _row_sq_norm(x):
 # --- feature clipping ----------------------------------------------------------
 
 class FeatureClipCache(NamedTuple):
-    h: object          # B × D, the input
-    norm: object       # B × 1, ‖h‖
-    factor: object     # B × 1, min(1, r/(‖h‖ + CLIP_EPS))
-    active: object     # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
+    h: Any             # B × D, the input
+    norm: Any          # B × 1, ‖h‖
+    factor: Any        # B × 1, min(1, r/(‖h‖ + CLIP_EPS))
+    active: Any        # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
 
 
 def feature_clip_forward(h, radius):
@@ -69,18 +71,18 @@ def feature_clip_backward(dout, cache):
 # --- the geodesic distance matrix ---------------------------------------------
 
 class DistanceMatrixCache(NamedTuple):
-    x: object              # B × D, points in the ball (faces)
-    y: object              # B × D, points in the ball (voices)
-    sq_x: object           # B × 1, ‖x_i‖²
-    sq_y: object           # 1 × B, ‖y_j‖²
-    gram: object           # B × B, G_ij = ⟨x_i, y_j⟩
-    coef_a: object         # B × B, A = 1 − 2cG + c‖y_j‖²
-    coef_b: object         # B × 1, B' = 1 − c‖x_i‖²
-    num_norm: object       # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
-    num_active: object     # B × B bool, ‖num‖² > MIN_NUM_SQ
-    den: object            # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
-    artanh_arg: object     # B × B, the clamped √c‖(−x_i) ⊕_c y_j‖
-    artanh_active: object  # B × B bool, the clamp did not act
+    x: Any                 # B × D, points in the ball (faces)
+    y: Any                 # B × D, points in the ball (voices)
+    sq_x: Any              # B × 1, ‖x_i‖²
+    sq_y: Any              # 1 × B, ‖y_j‖²
+    gram: Any              # B × B, G_ij = ⟨x_i, y_j⟩
+    coef_a: Any            # B × B, A = 1 − 2cG + c‖y_j‖²
+    coef_b: Any            # B × 1, B' = 1 − c‖x_i‖²
+    num_norm: Any          # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
+    num_active: Any        # B × B bool, ‖num‖² > MIN_NUM_SQ
+    den: Any               # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
+    artanh_arg: Any        # B × B, the clamped √c‖(−x_i) ⊕_c y_j‖
+    artanh_active: Any     # B × B bool, the clamp did not act
     c: float
 
 
@@ -106,16 +108,26 @@ def distance_matrix_forward(x, y, c):
     sq_x = _row_sq_norm(x)[:, None]
     sq_y = _row_sq_norm(y)[None, :]
     gram = x @ y.T
-    coef_a = 1.0 - 2.0 * c * gram + c * sq_y
     coef_b = 1.0 - c * sq_x
-    num_sq = coef_a * coef_a * sq_x - 2.0 * coef_a * coef_b * gram + coef_b * coef_b * sq_y
+    # B × B work in place, one pass per line (the B × 1 and 1 × B terms broadcast)
+    minus_2cg = gram * (-2.0 * c)
+    den = (c * c * sq_x) * sq_y
+    den += minus_2cg
+    den += 1.0 + MOBIUS_EPS                     # den = 1 − 2cG + c²‖x‖²‖y‖² + ε
+    coef_a = minus_2cg
+    coef_a += 1.0 + c * sq_y                    # A = 1 − 2cG + c‖y‖²
+    num_sq = coef_a * sq_x
+    num_sq -= (2.0 * coef_b) * gram
+    num_sq *= coef_a
+    num_sq += (coef_b * coef_b) * sq_y          # ‖num‖² = A(A‖x‖² − 2B'G) + B'²‖y‖²
     num_active = num_sq > MIN_NUM_SQ
-    num_norm = xp.sqrt(xp.where(num_active, num_sq, MIN_NUM_SQ))
-    den = 1.0 - 2.0 * c * gram + (c * c) * sq_x * sq_y + MOBIUS_EPS
-    scaled = sqrt_c * num_norm / den
-    artanh_arg = xp.clip(scaled, -1.0 + ARTANH_EPS, 1.0 - ARTANH_EPS)
-    artanh_active = artanh_arg == scaled
-    dist = (2.0 / sqrt_c) * xp.arctanh(artanh_arg)
+    num_norm = xp.sqrt(xp.maximum(num_sq, MIN_NUM_SQ, out=num_sq), out=num_sq)
+    scaled = num_norm * sqrt_c
+    scaled /= den                               # √c‖(−x) ⊕ y‖ ≥ 0: only the upper clamp can act
+    artanh_active = scaled <= 1.0 - ARTANH_EPS
+    artanh_arg = xp.clip(scaled, -1.0 + ARTANH_EPS, 1.0 - ARTANH_EPS, out=scaled)
+    dist = xp.arctanh(artanh_arg)
+    dist *= 2.0 / sqrt_c
     return dist, DistanceMatrixCache(x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm,
                                      num_active, den, artanh_arg, artanh_active, c)
 
@@ -132,20 +144,46 @@ def distance_matrix_backward(dD, cache):
         d‖y_j‖² = Σ_i [B'² ds + c dA + c²‖x_i‖² dden]
 
     then ``dx = dG y + 2 d‖x‖² ⊙ x``, ``dy = dGᵀ x + 2 d‖y‖² ⊙ y``: two B × D
-    products, the rest elementwise on B × B.
+    products, the rest elementwise on B × B. Since A + 2cG = 1 + c‖y_j‖², the
+    row sum is formed as Σ_j [(A(1 + c‖y_j‖²) − 2cB'‖y_j‖²) ds + c²‖y_j‖² dden],
+    without dB'.
     """
     (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
      artanh_arg, artanh_active, c) = cache
+    xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
-    dz = dD * (2.0 / sqrt_c) / (1.0 - artanh_arg * artanh_arg) * artanh_active
-    dmob = sqrt_c * dz                           # d‖(−x) ⊕ y‖
-    dden = -dmob * num_norm / (den * den)
-    ds = dmob / den * num_active / (2.0 * num_norm)
-    da = ds * (2.0 * coef_a * sq_x - 2.0 * coef_b * gram)
-    db = ds * (2.0 * coef_b * sq_y - 2.0 * coef_a * gram)
-    dgram = -2.0 * coef_a * coef_b * ds - 2.0 * c * da - 2.0 * c * dden
-    dsq_x = (coef_a * coef_a * ds - c * db + (c * c) * sq_y * dden).sum(axis=1, keepdims=True)
-    dsq_y = (coef_b * coef_b * ds + c * da + (c * c) * sq_x * dden).sum(axis=0)[:, None]
+    # B × B work in place, one pass per line. dmob = √c dz = 2 dD/(1 − a²)·[clamp off];
+    # first dmob/(2 den), from which dden and ds both follow
+    half_dmob_over_den = artanh_arg * artanh_arg
+    xp.subtract(1.0, half_dmob_over_den, out=half_dmob_over_den)
+    xp.divide(dD, half_dmob_over_den, out=half_dmob_over_den)
+    half_dmob_over_den *= artanh_active
+    half_dmob_over_den /= den
+    # dden = −dmob‖num‖/den² = −2·(dmob/(2den))·a/√c (a = √c‖num‖/den where dmob ≠ 0)
+    dden = half_dmob_over_den * artanh_arg
+    dden *= -2.0 / sqrt_c
+    # ds = dmob/(2 den ‖num‖)·[‖num‖² > MIN_NUM_SQ]
+    ds = half_dmob_over_den
+    ds *= num_active
+    ds /= num_norm
+    da = coef_a * sq_x
+    da -= coef_b * gram
+    da *= ds
+    da *= 2.0                                   # dA = ds (2A‖x‖² − 2B'G)
+    dgram = da + dden
+    dgram *= -2.0 * c
+    ab_ds = coef_a * coef_b
+    ab_ds *= ds
+    ab_ds *= 2.0
+    dgram -= ab_ds                              # dG = −2AB' ds − 2c dA − 2c dden
+    # d‖x_i‖²: A² ds − c dB' = [A(1 + c‖y‖²) − 2cB'‖y‖²] ds, as A + 2cG = 1 + c‖y‖²
+    # (dB' = ds (2B'‖y‖² − 2AG) is never formed)
+    row_terms = xp.multiply(coef_a, 1.0 + c * sq_y, out=ab_ds)
+    row_terms -= (2.0 * c * coef_b) * sq_y
+    row_terms *= ds
+    dsq_x = row_terms.sum(axis=1, keepdims=True) + (c * c) * (dden @ sq_y.T)
+    dsq_y = (ds.T @ (coef_b * coef_b) + c * da.sum(axis=0)[:, None]
+             + (c * c) * (dden.T @ sq_x))
     dx = dgram @ y + 2.0 * dsq_x * x
     dy = dgram.T @ x + 2.0 * dsq_y * y
     return dx, dy
@@ -153,55 +191,43 @@ def distance_matrix_backward(dD, cache):
 
 # --- logits and the symmetric cross-entropy on them ----------------------------
 
+class DistanceLogitsCache(NamedTuple):
+    dist: DistanceMatrixCache
+    temperature: float
+
+
 def distance_logits_forward(x, y, c, temperature):
-    """``S_ij = −d_c(x_i, y_j)/τ``: B × B logits, the closest pair scores highest."""
+    """``S_ij = −d_c(x_i, y_j)/τ``; ``x``: B × D, ``y``: B′ × D; returns S: B × B′
+    (the closest pair scores highest)."""
     dist, cache = distance_matrix_forward(x, y, c)
-    return -dist / temperature, (cache, temperature)
+    dist *= -1.0 / temperature                  # in place: S
+    return dist, DistanceLogitsCache(cache, temperature)
 
 
 def distance_logits_backward(dS, cache):
-    """``dD = −dS/τ``, then ``distance_matrix_backward``; returns ``dx, dy``."""
-    cache_dist, temperature = cache
-    return distance_matrix_backward(-dS / temperature, cache_dist)
+    """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``."""
+    return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
 
 
-def symmetric_cross_entropy_from_logits_forward(S):
-    """CLIP loss on given B × B logits: ``L = ½[CE(S, diag) + CE(Sᵀ, diag)]``
-    ``= −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
+# --- the alignment loss ------------------------------------------------------------
 
-    ``losses.symmetric_cross_entropy_forward(a, b, τ)`` is this with S = a bᵀ/τ.
-    """
-    xp = get_array_module(S)
-    logp_rows = log_softmax(S, axis=1)
-    logp_cols = log_softmax(S, axis=0)
-    loss = -0.5 * (xp.diagonal(logp_rows).mean() + xp.diagonal(logp_cols).mean())
-    return loss, (logp_rows, logp_cols)
-
-
-def symmetric_cross_entropy_from_logits_backward(cache):
-    """``dS = (softmax_row(S) + softmax_col(S) − 2I)/(2B)`` (dL = 1)."""
-    logp_rows, logp_cols = cache
-    xp = get_array_module(logp_rows)
-    dS = xp.exp(logp_rows)
-    dS += xp.exp(logp_cols)
-    diag = xp.arange(dS.shape[0])
-    dS[diag, diag] -= 2.0
-    dS /= 2.0 * dS.shape[0]
-    return dS
+class PoincareAlignmentCache(NamedTuple):
+    logits: DistanceLogitsCache
+    ce: SymmetricCrossEntropyFromLogitsCache
 
 
 def poincare_alignment_forward(p_f, p_v, c, temperature):
     """The alignment loss ``L_A = ½[CE(S, diag) + CE(Sᵀ, diag)]``, S_ij = −d_c(p_f,i, p_v,j)/τ.
 
-    ``p_f``, ``p_v``: B × D points in the ball; returns a 0-d loss and the cache.
+    ``p_f``, ``p_v``: B × D points in the ball, row i of each a matching pair;
+    returns a 0-d loss and the cache.
     """
     S, cache_logits = distance_logits_forward(p_f, p_v, c, temperature)
     loss, cache_ce = symmetric_cross_entropy_from_logits_forward(S)
-    return loss, (cache_logits, cache_ce)
+    return loss, PoincareAlignmentCache(cache_logits, cache_ce)
 
 
-def poincare_alignment_backward(cache):
-    """``dp_f, dp_v`` of the loss (dL = 1), as ``losses.symmetric_cross_entropy_backward``."""
-    cache_logits, cache_ce = cache
-    return distance_logits_backward(symmetric_cross_entropy_from_logits_backward(cache_ce),
-                                    cache_logits)
+def poincare_alignment_backward(dloss, cache):
+    """``dp_f, dp_v`` (B × D each) of ``dloss · L_A``: the mirror of the forward."""
+    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache.ce)
+    return distance_logits_backward(dS, cache.logits)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from paeff_np import backend
+from paeff_np.model import batchnorm_prefixes
 
 REQUIRE_GPU = os.environ.get("PAEFF_REQUIRE_GPU") == "1"
 
@@ -100,3 +101,24 @@ def assert_gradcheck(report):
     assert report, "nothing was checked"
     worst = max(report, key=report.get)
     assert report[worst] < TOL, (worst, report)
+
+
+# a model small enough for finite differences over every parameter
+SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
+
+
+def pre_batchnorm_biases(cfg):
+    """Biases feeding a train-mode BatchNorm: their gradient is exactly zero."""
+    return {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}
+
+
+def small_batch(xp, B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    face = xp.asarray(np.abs(rng.standard_normal((B, SMALL["face_dim"]))))
+    voice = xp.asarray(rng.standard_normal((B, SMALL["voice_dim"])))
+    labels = xp.asarray(np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B])
+    return face, voice, labels
+
+
+def to_xp(d, xp):
+    return {k: xp.asarray(v) for k, v in d.items()}

@@ -20,12 +20,13 @@ def test_bench_quick_cpu(tmp_path):
          "--json", str(out)],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dict(os.environ, CUPY_TF32="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ratio to large matmul:" in proc.stdout
+    assert "ratio to large matmul:" in proc.stdout and "step / floor = " in proc.stdout
     assert "BLAS" in proc.stdout and "OPENBLAS_CORETYPE" in proc.stdout
     data = json.loads(out.read_text())
     cpu = data["devices"][0]
     assert cpu["device"] == "cpu" and [r["batch"] for r in cpu["scaling"]] == [256, 256, 256]
     assert cpu["main"]["flops_per_step"] > 0 and cpu["main"]["ratio"] > 0
+    assert cpu["main"]["ms_floor"] > 0 and cpu["main"]["step_over_floor"] > 0
     assert data["environment"]["cupy_tf32"] == "1" and data["environment"]["cuda"] is None
 
 

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
-from conftest import TOL
+from conftest import SMALL, TOL, pre_batchnorm_biases, small_batch, to_xp
 from paeff_np.gradcheck import relative_error
-from paeff_np.model import batchnorm_prefixes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # made by fixtures/make_fixtures.py
 FIXTURES = os.environ.get("PAEFF_FIXTURES", FIXTURES)
 
-SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 VARIANTS = [
     dict(),                                                     # PAEFF defaults
     dict(egff_kernel=5, egff_mix="raw"),                        # the authors' code
@@ -26,23 +24,6 @@ VARIANTS = [
     dict(fusion="gated", alignment="none"),
     dict(fusion="gated", alignment="hyperbolic"),
 ]
-
-
-def pre_batchnorm_biases(cfg):
-    """Biases feeding a train-mode BatchNorm: their gradient is exactly zero."""
-    return {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}
-
-
-def small_batch(xp, B=8, seed=0):
-    rng = np.random.default_rng(seed)
-    face = xp.asarray(np.abs(rng.standard_normal((B, SMALL["face_dim"]))))
-    voice = xp.asarray(rng.standard_normal((B, SMALL["voice_dim"])))
-    labels = xp.asarray(np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B])
-    return face, voice, labels
-
-
-def to_xp(d, xp):
-    return {k: xp.asarray(v) for k, v in d.items()}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
@@ -266,3 +247,33 @@ def test_init_params_follows_spec(variant):
         np.testing.assert_array_equal(b, expected)
     again, _ = pn.init_params(cfg, seed=0, dtype=np.float64)
     assert all(np.array_equal(params[k], again[k]) for k in params)        # a seed fixes the draw
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(fusion="gated", alignment="euclidean"),
+                                     dict(alignment="none")], ids=["default", "gated", "none"])
+def test_step_matmuls_lists_every_product_of_the_step(variant):
+    """``step_matmuls`` against the products ``loss_and_grads`` really performs
+    (an ndarray subclass records each ``@``): same (m, n, k), same count."""
+    performed = []
+
+    class Recording(np.ndarray):
+        def __matmul__(self, other):
+            performed.append((self.shape[0], other.shape[1], self.shape[1]))
+            return super().__matmul__(other)
+
+        def __array_function__(self, func, types, args, kwargs):    # np.where, np.concatenate ...
+            out = super().__array_function__(func, types, args, kwargs)
+            return out.view(Recording) if isinstance(out, np.ndarray) else out
+
+    cfg = pn.Config(**SMALL, **variant)
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    rec = lambda a: np.asarray(a).view(Recording)
+    face, voice, labels = small_batch(np)
+    pn.loss_and_grads({k: rec(v) for k, v in params.items()}, buffers, rec(face), rec(voice),
+                      labels, cfg, rng=np.random.default_rng(0))
+    listed = []
+    for _, a_shape, b_shape, ta, tb in pn.model.step_matmuls(cfg, len(labels)):
+        (m, k), (k2, n) = a_shape[::-1] if ta else a_shape, b_shape[::-1] if tb else b_shape
+        assert k == k2
+        listed.append((m, n, k))
+    assert sorted(listed) == sorted(performed)

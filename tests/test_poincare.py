@@ -1,23 +1,29 @@
 """Feature clipping, the closed-form Poincaré distance matrix and its logits:
 formulas against a direct transcription, gradients by finite differences, guards,
-and the B × B × D array that must never exist."""
+and the B × B × D array that must never exist; then the whole model with
+``alignment="poincare"``, its Config field and its command-line flags."""
+import argparse
+import os
+import sys
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from paeff_np import check_layer, check_op
+import paeff_np as pn
+from paeff_np import check_layer, check_op, hyperbolic, model
 from paeff_np.backend import to_host
 from paeff_np.hyperbolic import ball_radius, to_ball_backward, to_ball_forward
-from paeff_np.losses import symmetric_cross_entropy_backward, symmetric_cross_entropy_forward
+from paeff_np.losses import (symmetric_cross_entropy_backward, symmetric_cross_entropy_forward,
+                             symmetric_cross_entropy_from_logits_backward,
+                             symmetric_cross_entropy_from_logits_forward)
 from paeff_np.poincare import (ARTANH_EPS, CLIP_EPS, MOBIUS_EPS, distance_logits_backward,
                                distance_logits_forward, distance_matrix_backward,
                                distance_matrix_forward, feature_clip_backward,
                                feature_clip_forward, poincare_alignment_backward,
-                               poincare_alignment_forward,
-                               symmetric_cross_entropy_from_logits_backward,
-                               symmetric_cross_entropy_from_logits_forward)
-from test_layers import assert_gradcheck
+                               poincare_alignment_forward)
+from conftest import SMALL, assert_gradcheck, pre_batchnorm_biases, small_batch, to_xp
 
 CURVATURES = [0.05, 1.0]
 
@@ -248,7 +254,7 @@ def test_symmetric_cross_entropy_from_logits_matches_losses(rand):
     loss_ref, cache_ref = symmetric_cross_entropy_forward(a, b, tau)
     da_ref, db_ref = symmetric_cross_entropy_backward(1.0, cache_ref)
     loss, cache = symmetric_cross_entropy_from_logits_forward(a @ b.T / tau)
-    dS = symmetric_cross_entropy_from_logits_backward(cache)
+    dS = symmetric_cross_entropy_from_logits_backward(1.0, cache)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-15)
     np.testing.assert_allclose(to_host(dS @ b / tau), to_host(da_ref), rtol=1e-13, atol=1e-16)
     np.testing.assert_allclose(to_host(dS.T @ a / tau), to_host(db_ref), rtol=1e-13, atol=1e-16)
@@ -265,8 +271,7 @@ def test_poincare_alignment_gradient(xp, c):
         return loss
 
     def backward(dloss):
-        dp_f, dp_v = poincare_alignment_backward(cache["a"])
-        return dloss * dp_f, dloss * dp_v
+        return poincare_alignment_backward(dloss, cache["a"])
     assert_gradcheck(check_op(forward, backward, [p_f, p_v]))
 
 
@@ -291,8 +296,7 @@ def test_chain_from_features_to_loss_gradient(rand, xp, c, radius_sqrt_c):
         return loss
 
     def backward(dloss):
-        dp_f, dp_v = poincare_alignment_backward(cache["align"])
-        dp_f, dp_v = dloss * dp_f, dloss * dp_v
+        dp_f, dp_v = poincare_alignment_backward(dloss, cache["align"])
         dh_f = feature_clip_backward(to_ball_backward(dp_f, cache["ball_f"]), cache["clip_f"])
         dh_v = feature_clip_backward(to_ball_backward(dp_v, cache["ball_v"]), cache["clip_v"])
         return dh_f, dh_v
@@ -301,3 +305,209 @@ def test_chain_from_features_to_loss_gradient(rand, xp, c, radius_sqrt_c):
     inactive = not bool(cache["clip_f"].active.any() or cache["clip_v"].active.any())
     assert active if radius_sqrt_c < 1.0 else inactive
     assert_gradcheck(check_op(forward, backward, [h_f, h_v]))
+
+
+def test_symmetric_cross_entropy_from_logits_scales_with_dloss(rand):
+    S = rand(5, 5, seed=26)
+    _, cache = symmetric_cross_entropy_from_logits_forward(S)
+    np.testing.assert_allclose(to_host(symmetric_cross_entropy_from_logits_backward(0.3, cache)),
+                               0.3 * to_host(symmetric_cross_entropy_from_logits_backward(1.0, cache)),
+                               rtol=1e-15)
+
+
+# --- the whole model with alignment="poincare" ----------------------------------------
+
+class FrozenRiemannianScale:
+    """Stands in for ``hyperbolic.riemannian_scale_forward`` so that the Riemannian
+    gradient becomes a true derivative, checkable by finite differences.
+
+    At the unperturbed parameters θ₀ it records, per call (face, then voice), the
+    point p₀ and the factor s = (1 − c‖p₀‖²)²/4, and from then on returns
+    p′ = p₀ + s ⊙ (p − p₀) with s fixed. At θ₀, p′ = p (same loss), and
+    dp′/dp = s: the gradient of the loss through p′ is exactly the model's
+    Riemannian gradient dp · s.
+    """
+    def __init__(self):
+        self.frozen, self.calls = [], 0
+
+    def __call__(self, p, c):
+        if len(self.frozen) < 2:
+            p0, scale = REAL_RIEMANNIAN_SCALE_FORWARD(p, c)
+            self.frozen.append((p0.copy(), scale))
+        p0, scale = self.frozen[self.calls % 2]
+        self.calls += 1
+        return p0 + scale * (p - p0), scale
+
+
+REAL_RIEMANNIAN_SCALE_FORWARD = hyperbolic.riemannian_scale_forward
+
+POINCARE_CASES = [dict(riemannian_grad=r, clip=clip, curvature=c, fusion="egff")
+                  for r in (False, True) for clip in ("active", "inactive") for c in (0.05, 1.0)]
+POINCARE_CASES += [dict(riemannian_grad=False, clip="active", curvature=0.05, fusion="gated"),
+                   dict(riemannian_grad=True, clip="inactive", curvature=1.0, fusion="gated")]
+
+
+@pytest.mark.parametrize("case", POINCARE_CASES,
+                         ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_whole_loss_gradient_poincare(xp, monkeypatch, case):
+    """Every parameter, alignment="poincare": the clipping acts on every row
+    (r = 0.005) or on none (r = 100), c = 0.05 and 1, Riemannian scaling off and
+    on (on: through ``FrozenRiemannianScale``), EGFF and the gated fusion.
+    At c = 1 the branches' last Linear is scaled by 0.4 so that √c‖h‖ ≤ 1.5
+    (‖h‖ ∈ [0.02, 3.6] unscaled): off expmap0's saturation, where 1 − tanh²
+    ~ 1e-3 and (1 − c‖p‖²)² ~ 1e-5 would leave the alignment's share of the
+    gradient to rounding. (Not smaller: ‖h‖ ~ 0.006 makes e = h/‖h‖ move by
+    ~1e-2 per finite-difference step, across a ReLU kink of the gated fusion.)"""
+    case = dict(case)
+    clip_radius = 0.005 if case.pop("clip") == "active" else 100.0
+    cfg = pn.Config(**SMALL, **case, alignment="poincare", clip_radius=clip_radius,
+                    temperature=0.2, dropout=0.0)
+    if cfg.riemannian_grad:
+        monkeypatch.setattr(hyperbolic, "riemannian_scale_forward", FrozenRiemannianScale())
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    for key in params:
+        if ".fc1.4." in key:
+            params[key] *= min(1.0, 0.4 / np.sqrt(cfg.curvature))
+    params, buffers = to_xp(params, xp), to_xp(buffers, xp)
+    face, voice, labels = small_batch(xp)
+
+    (_, terms), _, cache = model.forward(params, buffers, face, voice, labels, cfg)
+    for clip in (cache.clip_f, cache.clip_v):
+        assert bool(clip.active.all()) if clip_radius < 1 else not bool(clip.active.any())
+    assert float(terms["align"]) > 0.1           # the alignment is in the loss
+
+    def loss():
+        return pn.loss_and_grads(params, buffers, face, voice, labels, cfg)[0]
+    _, _, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    assert set(grads) == set(params)
+    zero = pre_batchnorm_biases(cfg)
+    assert_gradcheck(pn.gradcheck(loss, params, {k: g for k, g in grads.items() if k not in zero}))
+
+
+def test_riemannian_scaling_changes_the_poincare_gradient():
+    """The scaling is applied on this path too: same loss, other branch gradients."""
+    face, voice, labels = small_batch(np)
+    out = {}
+    for on in (False, True):
+        cfg = pn.Config(**SMALL, alignment="poincare", dropout=0.0, riemannian_grad=on)
+        params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+        out[on] = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    assert float(out[False][0]) == float(out[True][0])
+    np.testing.assert_array_equal(out[False][2]["logits_layer.weight"], out[True][2]["logits_layer.weight"])
+    assert pn.gradcheck.__module__ and not np.allclose(out[False][2]["face_branch.fc1.0.weight"],
+                                                       out[True][2]["face_branch.fc1.0.weight"])
+
+
+def test_poincare_alignment_reads_h_and_fusion_reads_normalised_h():
+    """Scaling a branch's last Linear by k > 0 scales h by k: the fusion (on
+    e = normalize(h)) does not move, the Poincaré term does."""
+    face, voice, labels = small_batch(np)
+    cfg = pn.Config(**SMALL, alignment="poincare", dropout=0.0, clip_radius=100.0)
+    params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
+    scaled = dict(params)
+    for key in ("face_branch.fc1.4.weight", "face_branch.fc1.4.bias"):
+        scaled[key] = 2.0 * params[key]
+    (_, t1), _, _ = model.forward(params, buffers, face, voice, labels, cfg)
+    (_, t2), _, _ = model.forward(scaled, buffers, face, voice, labels, cfg)
+    np.testing.assert_allclose(float(t1["ce"]), float(t2["ce"]), rtol=1e-12)
+    assert abs(float(t1["align"]) - float(t2["align"])) > 1e-3
+
+
+def _arrays(tree):
+    """Every array in a nest of NamedTuples/tuples."""
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _arrays(item)
+
+
+def test_poincare_step_holds_only_batch_sized_arrays(xp):
+    """The alignment's caches at B = 1024, D = 256 (float32) hold B × B and
+    B × D arrays (and B × 1 / 1 × B columns), never B × B × D."""
+    B, D = 1024, 256
+    cfg = pn.Config(face_dim=8, voice_dim=8, embed_dim=D, n_classes=5, alignment="poincare")
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float32)
+    params, buffers = to_xp(params, xp), to_xp(buffers, xp)
+    rng = np.random.default_rng(0)
+    face = xp.asarray(rng.standard_normal((B, 8)).astype(np.float32))
+    voice = xp.asarray(rng.standard_normal((B, 8)).astype(np.float32))
+    labels = xp.asarray(rng.integers(0, 5, B))
+    (loss, _), _, cache = model.forward(params, buffers, face, voice, labels, cfg,
+                                     rng=xp.random.default_rng(0))
+    grads = model.backward(1.0, cache)
+    assert bool(xp.isfinite(loss)) and all(bool(xp.isfinite(g).all()) for g in grads.values())
+    allowed = {(B, B), (B, D), (B, 1), (1, B), (B,), ()}
+    align_parts = (cache.clip_f, cache.clip_v, cache.ball_f, cache.ball_v, cache.align)
+    shapes = {tuple(a.shape) for a in _arrays(align_parts)}
+    assert (B, B) in shapes and shapes <= allowed, shapes
+
+
+def test_poincare_step_never_allocates_batch_batch_dim():
+    """tracemalloc sees NumPy's buffers: the peak of a whole float32 step
+    (forward + backward) at B = 1024, D = 256 stays far below one B × B × D
+    float32 array (1 GiB); B × B is 4 MiB."""
+    B, D = 1024, 256
+    cfg = pn.Config(face_dim=8, voice_dim=8, embed_dim=D, n_classes=5, alignment="poincare")
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    face = rng.standard_normal((B, 8)).astype(np.float32)
+    voice = rng.standard_normal((B, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, B)
+    tracemalloc.start()
+    try:
+        pn.loss_and_grads(params, buffers, face, voice, labels, cfg, rng=np.random.default_rng(0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < B * B * D * 4 / 8, peak
+
+
+# --- Config and the command line ------------------------------------------------------
+
+@pytest.mark.parametrize("radius", [0.0, -1.0, float("nan"), float("inf")])
+def test_clip_radius_is_validated(radius):
+    with pytest.raises(ValueError, match="clip_radius"):
+        pn.Config(alignment="poincare", clip_radius=radius)
+
+
+def test_config_without_clip_radius_loads():
+    """A config.json written before the field existed still loads (the default)."""
+    d = pn.Config().to_dict()
+    del d["clip_radius"]
+    assert pn.Config.from_dict(d) == pn.Config()
+    assert pn.Config.from_dict(pn.Config(alignment="poincare", clip_radius=1.5).to_dict()).clip_radius == 1.5
+
+
+def test_poincare_adds_no_parameters():
+    cfg = pn.Config(**SMALL)
+    params, buffers = pn.init_params(cfg)
+    params_p, buffers_p = pn.init_params(pn.Config(**SMALL, alignment="poincare"))
+    assert params.keys() == params_p.keys() and buffers.keys() == buffers_p.keys()
+
+
+def test_cli_flags():
+    from paeff_np.cli import UsageError, add_config_flags, config_overrides, make_config
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    train_set = SimpleNamespace(face_dim=7, voice_dim=5, n_classes=3)
+    args = parser.parse_args(["--alignment", "poincare", "--clip-radius", "1.5"])
+    cfg = make_config(train_set, config_overrides(args))
+    assert cfg.alignment == "poincare" and cfg.clip_radius == 1.5
+    assert make_config(train_set, config_overrides(parser.parse_args([]))).clip_radius == 2.3
+    with pytest.raises(UsageError, match="clip_radius must be > 0"):
+        make_config(train_set, config_overrides(parser.parse_args(["--clip-radius", "0"])))
+
+
+def test_ablation_has_the_poincare_row_in_the_first_group():
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train
+    first = train.ABLATION_TABLES[0]
+    names = [row[0] for row in first]
+    assert names.index("Poincaré distance") == names.index("PAEFF (hyperbolic)") + 1
+    assert dict(first[names.index("Poincaré distance")][2])["alignment"] == "poincare"
+    tables = [[(name, {}, paper) for name, _, _, paper in table] for table in train.ABLATION_TABLES]
+    lines = train.format_ablation(tables).splitlines()
+    # the blank line separates Table 3's rows from Table 4's (the gate rows)
+    assert lines[lines.index("") + 1].startswith("gate: sum")
+    assert any(line.startswith("Poincaré distance") for line in lines[:lines.index("")])

@@ -25,7 +25,7 @@ def _file_names(dataset):
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m paeff_np.data", description="Face-voice data tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     synth = commands.add_parser(
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         world = make_world(args.identities, seed=args.seed, test_rows=args.test_rows)

@@ -59,12 +59,12 @@ class DataError(Exception):
     """A problem with the user's data files. str() is one line naming the file and the problem."""
 
 
-def read_matrix(path, *, cache: bool = True) -> np.ndarray:
+def read_matrix(path, *, cache=True):
     """Read a CSV of numbers as a float32 matrix (rows, columns), all columns kept."""
     return _read_cached(Path(path), "matrix", cache)["features"]
 
 
-def read_train(face_path, voice_path, *, cache: bool = True) -> TrainSet:
+def read_train(face_path, voice_path, *, cache=True):
     """Read the training pairs: features of each file, identity label in the last column.
 
     Labels are compared as text, except that labels which are all integral numbers are
@@ -96,7 +96,7 @@ def read_train(face_path, voice_path, *, cache: bool = True) -> TrainSet:
     return TrainSet(face=face, voice=voice, labels=labels.reshape(-1).astype(np.int64), label_values=label_values)
 
 
-def read_test_list(face_path, voice_path, face_dim=None, voice_dim=None, *, cache: bool = True) -> TestList:
+def read_test_list(face_path, voice_path, face_dim=None, voice_dim=None, *, cache=True):
     """Read one verification list: the first face_dim / voice_dim columns (all when None).
 
     Row i of the face file pairs with row i of the voice file; even rows are positive pairs.
@@ -116,7 +116,7 @@ def read_test_list(face_path, voice_path, face_dim=None, voice_dim=None, *, cach
     return TestList(face=face, voice=voice)
 
 
-def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *, cache: bool = True) -> Dataset:
+def load_dir(data_dir, face_dim=None, voice_dim=None, need_train=True, *, cache=True):
     """Read a FOP data directory: the training files and every test list present.
 
     The training files are read only when need_train is True (a missing one is an
@@ -152,12 +152,12 @@ def load_dir(data_dir, face_dim=None, voice_dim=None, need_train: bool = True, *
 # Parsing
 
 
-def _read_train_file(path: Path, cache: bool) -> tuple[np.ndarray, np.ndarray]:
+def _read_train_file(path, cache):
     arrays = _read_cached(path, "train", cache)
     return arrays["features"], arrays["labels"]
 
 
-def _parse(path: Path, kind: str) -> dict[str, np.ndarray]:
+def _parse(path, kind):
     """Parse a CSV into the arrays cached for its kind ("matrix" or "train")."""
     _check_format(path, kind)
     if kind == "matrix":
@@ -174,7 +174,7 @@ def _parse(path: Path, kind: str) -> dict[str, np.ndarray]:
     return {"features": features, "labels": np.char.strip(labels)}
 
 
-def _load_features(path: Path, n_features: int | None = None) -> np.ndarray:
+def _load_features(path, n_features=None):
     """Load the first n_features columns (all when None) as float32 and check they are finite."""
     usecols = None if n_features is None else range(n_features)
     features = _loadtxt(path, n_features, usecols=usecols, dtype=np.float32)
@@ -182,7 +182,7 @@ def _load_features(path: Path, n_features: int | None = None) -> np.ndarray:
     return features
 
 
-def _loadtxt(path: Path, n_numeric: int | None, what: str = "rows", **kwargs) -> np.ndarray:
+def _loadtxt(path, n_numeric, what="rows", **kwargs):
     """np.loadtxt with DataError messages; n_numeric: how many leading columns are numbers.
 
     A file larger than PROGRESS_MIN_BYTES is parsed in blocks, with progress on stderr.
@@ -205,7 +205,7 @@ def _loadtxt(path: Path, n_numeric: int | None, what: str = "rows", **kwargs) ->
     return table
 
 
-def _loadtxt_in_blocks(path: Path, size: int, what: str, kwargs: dict) -> np.ndarray:
+def _loadtxt_in_blocks(path, size, what, kwargs):
     """np.loadtxt on blocks of whole lines, printing rows read, MB/s and time left on stderr."""
     blocks, done, rows = [], 0, 0
     started = last_report = time.monotonic()
@@ -227,12 +227,12 @@ def _loadtxt_in_blocks(path: Path, size: int, what: str, kwargs: dict) -> np.nda
     return np.concatenate(blocks) if blocks else np.empty((0, 0), kwargs.get("dtype", float))
 
 
-def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+def _excerpt(text, limit=EXCERPT_CHARS):
     """text, cut to `limit` characters with the number of characters left out."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
-def _check_format(path: Path, kind: str) -> None:
+def _check_format(path, kind):
     """Refuse, with a message naming the problem, a file that is not a plain comma-separated table."""
     try:
         with open(path, "rb") as stream:
@@ -276,7 +276,7 @@ def _check_format(path: Path, kind: str) -> None:
                         "FOP CSV files have no header: remove it") from None
 
 
-def _find_bad_row(path: Path, n_numeric: int | None) -> str | None:
+def _find_bad_row(path, n_numeric):
     """Describe the first row whose width differs from the first row's or holding a non-number."""
     expected = None
     with open(path, encoding="utf-8", errors="replace") as lines:
@@ -299,7 +299,7 @@ def _find_bad_row(path: Path, n_numeric: int | None) -> str | None:
     return None
 
 
-def _first_row_width(path: Path) -> int:
+def _first_row_width(path):
     """Number of columns of the first non-empty line."""
     with open(path, encoding="utf-8", errors="replace") as lines:
         for line in lines:
@@ -309,7 +309,7 @@ def _first_row_width(path: Path) -> int:
     raise DataError(f"{path}: file is empty")
 
 
-def _check_row_widths(path: Path, n_rows: int, n_columns: int) -> None:
+def _check_row_widths(path, n_rows, n_columns):
     """Check every row has n_columns, given that none has fewer: the comma count must match."""
     commas = 0
     with open(path, "rb") as stream:
@@ -319,7 +319,7 @@ def _check_row_widths(path: Path, n_rows: int, n_columns: int) -> None:
         raise DataError(_find_bad_row(path, n_columns - 1) or f"{path}: rows have unequal numbers of columns")
 
 
-def _check_values(path: Path, features: np.ndarray) -> None:
+def _check_values(path, features):
     """Raise on the first NaN, Inf or |value| > FEATURE_LIMIT, in blocks of rows to keep memory small."""
     for start in range(0, len(features), _FINITE_BLOCK_ROWS):
         block = features[start : start + _FINITE_BLOCK_ROWS]
@@ -334,7 +334,7 @@ def _check_values(path: Path, features: np.ndarray) -> None:
                             "arithmetic (BatchNorm squares them): rescale the features")
 
 
-def _first_columns(path: Path, matrix: np.ndarray, width: int | None, modality: str) -> np.ndarray:
+def _first_columns(path, matrix, width, modality):
     if width is None:
         return matrix
     if matrix.shape[1] < width:
@@ -342,7 +342,7 @@ def _first_columns(path: Path, matrix: np.ndarray, width: int | None, modality: 
     return matrix[:, :width]
 
 
-def _normalise_labels(labels: np.ndarray) -> np.ndarray:
+def _normalise_labels(labels):
     """Write labels as integers ("7.0" -> "7") when all are integral numbers; else keep the text."""
     try:
         values = labels.astype(np.float64)
@@ -358,7 +358,7 @@ def _normalise_labels(labels: np.ndarray) -> np.ndarray:
 # Cache
 
 
-def _read_cached(path: Path, kind: str, cache: bool) -> dict[str, np.ndarray]:
+def _read_cached(path, kind, cache):
     """Return the parsed arrays of a CSV, from the cache when its stamp matches the source."""
     try:
         status = path.stat()
@@ -376,7 +376,7 @@ def _read_cached(path: Path, kind: str, cache: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _stamp(path: Path, status, kind: str) -> dict:
+def _stamp(path, status, kind):
     """What must be equal for a cache to stand for the file: its identity, times and end blocks.
 
     An edit changes ctime_ns (which a user cannot set back), and rewriting by rename changes
@@ -396,7 +396,7 @@ def _stamp(path: Path, status, kind: str) -> dict:
             "ends_sha256": digest.hexdigest()}
 
 
-def _load_cache(cache_dir: Path, name: str, kind: str, stamp: dict) -> dict[str, np.ndarray] | None:
+def _load_cache(cache_dir, name, kind, stamp):
     try:
         if json.loads((cache_dir / f"{name}.json").read_text()) != stamp:
             return None
@@ -408,7 +408,7 @@ def _load_cache(cache_dir: Path, name: str, kind: str, stamp: dict) -> dict[str,
         return None
 
 
-def _save_cache(cache_dir: Path, name: str, kind: str, stamp: dict, arrays: dict[str, np.ndarray]) -> None:
+def _save_cache(cache_dir, name, kind, stamp, arrays):
     """Write the arrays, then the stamp that validates them; skip silently if we cannot write."""
     try:
         cache_dir.mkdir(exist_ok=True)

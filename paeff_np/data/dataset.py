@@ -18,12 +18,12 @@ SPLITS = ("unseenunheard", "seenheard")
 """Test splits: identities absent from training, or identities seen in training."""
 
 
-def train_file_names() -> tuple[str, str]:
+def train_file_names():
     """Return the (face, voice) training file names."""
     return "faceTrain.csv", "voiceTrain.csv"
 
 
-def test_file_names(split: str, kind: str) -> tuple[str, str]:
+def test_file_names(split, kind):
     """Return the (face, voice) file names of one verification test list."""
     return (
         f"face_veriflist_test_{kind}_{split}.csv",
@@ -44,18 +44,18 @@ class TrainSet:
     label_values: np.ndarray  # (K,) str: the original label of each class index
 
     @property
-    def n_classes(self) -> int:
+    def n_classes(self):
         return len(self.label_values)
 
     @property
-    def face_dim(self) -> int:
+    def face_dim(self):
         return self.face.shape[1]
 
     @property
-    def voice_dim(self) -> int:
+    def voice_dim(self):
         return self.voice.shape[1]
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.labels)
 
 
@@ -70,11 +70,11 @@ class TestList:
     ids: np.ndarray | None = None  # (N, 2) identity of (face, voice), synthetic data only
 
     @property
-    def same(self) -> np.ndarray:
+    def same(self):
         """Ground truth per row: True where face and voice belong to the same identity."""
         return np.arange(len(self.face)) % 2 == 0
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.face)
 
 

@@ -104,20 +104,20 @@ class SyntheticWorld:
     unseen_identities: np.ndarray  # (n_identities - K,) int64 identity numbers of the unseen split
 
     @property
-    def n_identities(self) -> int:
+    def n_identities(self):
         return len(self.attributes)
 
-    def identity_labels(self) -> np.ndarray:
+    def identity_labels(self):
         """(n_identities,) str: the label of every identity, as written to the CSV files."""
         return identity_labels(self.n_identities)
 
 
-def identity_labels(n_identities: int) -> np.ndarray:
+def identity_labels(n_identities):
     """The labels of identities 0..n_identities-1: "10001", "10002", ..."""
     return np.array([str(LABEL_OFFSET + i) for i in range(n_identities)])
 
 
-def make_synthetic(n_identities: int = 300, seed: int = 0, face_dim: int = 4096, voice_dim: int = 512, **knobs) -> Dataset:
+def make_synthetic(n_identities=300, seed=0, face_dim=4096, voice_dim=512, **knobs):
     """Generate the synthetic world and return its `Dataset`.
 
     Arguments are those of `make_world`; use `make_world` to get the attributes too.
@@ -126,26 +126,26 @@ def make_synthetic(n_identities: int = 300, seed: int = 0, face_dim: int = 4096,
 
 
 def make_world(
-    n_identities: int = 300,
-    seed: int = 0,
-    face_dim: int = 4096,
-    voice_dim: int = 512,
+    n_identities=300,
+    seed=0,
+    face_dim=4096,
+    voice_dim=512,
     *,
-    unseen_fraction: float = 1 / 3,
-    videos_per_identity: tuple[int, int] = (4, 8),
-    heldout_videos: int = 1,
-    pairs_per_video: int = 12,
-    test_rows: int = 1000,
-    latent_dim: int = 32,
-    nuisance_dim: int = 16,
-    attribute_scale: tuple[float, float, float] = (0.6, 0.5, 0.5),
-    shared_scale: float = 1.0,
-    specific_scale: float = 0.9,
-    video_scale: float = 1.0,
-    frame_scale: float = 0.6,
-    noise_scale: float = 1.0,
-    face_threshold: float = 0.1,
-) -> SyntheticWorld:
+    unseen_fraction=1 / 3,
+    videos_per_identity=(4, 8),
+    heldout_videos=1,
+    pairs_per_video=12,
+    test_rows=1000,
+    latent_dim=32,
+    nuisance_dim=16,
+    attribute_scale=(0.6, 0.5, 0.5),
+    shared_scale=1.0,
+    specific_scale=0.9,
+    video_scale=1.0,
+    frame_scale=0.6,
+    noise_scale=1.0,
+    face_threshold=0.1,
+):
     """Generate the synthetic world described in the module docstring.
 
     Sizes: `n_identities` in all, `round(n_identities * unseen_fraction)` of them
@@ -231,7 +231,7 @@ class _Videos:
     offsets: dict  # modality -> (V, latent_dim + nuisance_dim) float32 nuisance offset
 
 
-def _draw_videos(rng, n_identities, videos_per_identity, heldout_videos, in_dim, video_scale) -> _Videos:
+def _draw_videos(rng, n_identities, videos_per_identity, heldout_videos, in_dim, video_scale):
     """Phase 2. Each identity's videos, the first `heldout_videos` of each held out, and their offsets."""
     lo, hi = videos_per_identity
     n_videos = rng.integers(lo, hi + 1, size=n_identities)
@@ -258,7 +258,7 @@ class _Sensor:
 
     @classmethod
     def draw(cls, rng, latents, offsets, face_dim, voice_dim, attribute_scale, shared_scale, specific_scale,
-             video_scale, frame_scale, noise_scale, face_threshold) -> "_Sensor":
+             video_scale, frame_scale, noise_scale, face_threshold):
         latent_dim = next(iter(latents.values())).shape[1]
         in_dim = next(iter(offsets.values())).shape[1]
         maps = {
@@ -276,7 +276,7 @@ class _Sensor:
         signal_std = np.float32(np.sqrt((latent_dim * latent_var) / in_dim + nuisance_var))
         return cls(latents, offsets, maps, signal_std, frame_scale, noise_scale, face_threshold)
 
-    def features(self, rng, modality, identities, videos) -> np.ndarray:
+    def features(self, rng, modality, identities, videos):
         """Fresh frames (faces) or utterances (voices) of the given identities and videos.
 
         x = offset[video] + [latent[identity], 0] + frame_scale * jitter;  y = x @ map + noise;
@@ -301,7 +301,7 @@ class _Sensor:
         return out
 
 
-def _train_pairs(rng, sensor, videos, is_train_identity, pairs_per_video) -> TrainSet:
+def _train_pairs(rng, sensor, videos, is_train_identity, pairs_per_video):
     """Phase 4a. Training pairs: a frame and an utterance of one training video, in shuffled order."""
     train_videos = np.flatnonzero(is_train_identity[videos.owner] & ~videos.heldout)
     pair_videos = rng.permutation(np.repeat(train_videos, pairs_per_video))
@@ -314,7 +314,7 @@ def _train_pairs(rng, sensor, videos, is_train_identity, pairs_per_video) -> Tra
     )
 
 
-def _test_lists(rng, sensor, videos, attributes, is_train_identity, test_rows) -> dict[str, TestList]:
+def _test_lists(rng, sensor, videos, attributes, is_train_identity, test_rows):
     """Phase 4b. Every test list: seen-heard from held-out videos, unseen-unheard from unseen identities."""
     n_identities = len(is_train_identity)
     n_train = int(is_train_identity.sum())
@@ -370,7 +370,7 @@ def _pair_identities(rng, pool, attributes, shared_columns, n_pairs):
 # Writing the FOP CSV layout
 
 
-def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
+def save_dir(dataset, out_dir, *, report=None):
     """Write `dataset` as FOP CSV files in `out_dir` (created if missing); return the paths.
 
     faceTrain.csv / voiceTrain.csv: features then the label (`label_values` of the
@@ -405,7 +405,7 @@ def save_dir(dataset: Dataset, out_dir, *, report=None) -> list[Path]:
     return written
 
 
-def _write_csv(path: Path, matrix: np.ndarray, labels=None) -> None:
+def _write_csv(path, matrix, labels=None):
     """Write ``matrix`` (then a label column, if given) as a FOP CSV file, atomically."""
     features = np.asarray(matrix, dtype=np.float32)
     row_format = ",".join(["%.9g"] * features.shape[1])

@@ -6,18 +6,23 @@ error is O(h⁴) instead of the O(h²) of ``(f(x+h) − f(x−h))/2h``, so a lar
 step (h = 1e-5) can be used and the rounding error, O(ε|f|/h), shrinks tenfold.
 That matters for arrays whose gradient is small next to the loss (a conv
 kernel of five weights, say); the step stays small enough not to jump over
-the kinks of ReLU and |·|. ``docs/math.md`` §0 has the error analysis.
+the kinks of ReLU and |·|. ``docs/math.md`` Appendix A has the error analysis.
 
 The error reported for one input is normwise,
 ``max|analytic − numeric| / max(max|analytic|, max|numeric|, tiny)``,
 so entries that are zero or tiny do not blow it up while a wrong gradient
 anywhere in the array still shows at full size.
+
+``python -m paeff_np.gradcheck`` checks every op of the library and the whole
+loss of every Config variant in one command (``cases.py`` holds the list,
+``report.py`` prints the table).
 """
 import numpy as np
 
-from .backend import get_array_module, to_host
+from ..backend import get_array_module, to_host
 
 STENCIL = ((2, -1.0), (1, 8.0), (-1, -8.0), (-2, 1.0))   # (offset in h, weight / 12h)
+TOLERANCE = 1e-7    # worst relative error accepted by every float64 check
 
 
 def numerical_gradient(fun, x, h=1e-5):
@@ -45,25 +50,26 @@ def relative_error(analytic, numeric, tiny=1e-30):
     return float(np.abs(a - n).max(initial=0.0) / scale)
 
 
-def gradcheck(fun, inputs, analytic, h=1e-5):
+def gradcheck(fun, inputs, analytic, h=1e-5, float64_only=True):
     """Compare analytic gradients with finite differences.
 
     ``fun()``: a scalar computed from the float64 arrays in the dict ``inputs``;
     ``analytic``: a dict of gradients for some or all of those keys.
     Returns ``{key: worst relative error}``. A gradient that is exactly zero
     in exact arithmetic (e.g. a bias feeding a train-mode BatchNorm) has no
-    meaningful relative error: check its size instead.
+    meaningful relative error: check its size instead. ``float64_only=False``
+    lets float32 through, only to show how its finite differences fail.
     """
     report = {}
     for key, grad in analytic.items():
         x = inputs[key]
-        if x.dtype != np.float64:
+        if float64_only and x.dtype != np.float64:
             raise TypeError(f"gradcheck needs float64 inputs; {key} is {x.dtype}")
         report[key] = relative_error(grad, numerical_gradient(fun, x, h))
     return report
 
 
-def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=()):
+def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_only=True):
     """Gradient check of one forward/backward pair.
 
     ``forward(*inputs)`` returns an array or a tuple of arrays;
@@ -72,7 +78,8 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=()):
     checked is ``L = Σ_k ⟨R_k, out_k⟩`` with fixed random ``R_k``, whose
     gradient with respect to ``out_k`` is ``R_k``. ``no_grads``: indices of
     inputs not to check (a gradient that is exactly zero in exact arithmetic,
-    say, has no meaningful relative error: test its size instead).
+    say, has no meaningful relative error: test its size instead);
+    ``float64_only``: as in ``gradcheck``.
     Returns ``{input index: worst relative error}``.
     """
     inputs = list(inputs)
@@ -81,7 +88,7 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=()):
     single = not isinstance(outs, tuple)
     outs = (outs,) if single else outs
     rng = np.random.default_rng([seed, 0x5EED])   # not the stream a test drew its inputs from
-    weights = [xp.asarray(rng.standard_normal(o.shape)) for o in outs]
+    weights = [xp.asarray(rng.standard_normal(o.shape), dtype=o.dtype) for o in outs]
 
     def scalar():
         o = forward(*inputs)
@@ -94,10 +101,11 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=()):
         raise ValueError(f"backward returned {len(grads)} gradients for {len(inputs)} inputs")
     named = {i: x for i, x in enumerate(inputs)}
     checked = {i: g for i, g in enumerate(grads) if g is not None and i not in no_grads}
-    return gradcheck(scalar, named, checked, h)
+    return gradcheck(scalar, named, checked, h, float64_only)
 
 
-def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), **settings):
+def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_only=True,
+                **settings):
     """``check_op`` for a pair that follows the op protocol of ``layers.py``:
     ``forward(*inputs, **settings)`` returns ``(out, cache)``, or
     ``(out, new_state, cache)`` for an op with state (the state is passed in
@@ -120,4 +128,4 @@ def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), **settin
     def backward_grads(dout):   # check_op calls it right after the first, unperturbed forward
         grads = backward(dout, cache)
         return grads if isinstance(grads, tuple) else (grads,)
-    return check_op(forward_out, backward_grads, inputs, seed, h, no_grads)
+    return check_op(forward_out, backward_grads, inputs, seed, h, no_grads, float64_only)

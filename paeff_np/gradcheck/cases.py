@@ -1,0 +1,284 @@
+"""The one list of gradient checks: every op of the library, then the whole
+loss of each Config variant. ``python -m paeff_np.gradcheck`` runs it;
+``docs/walkthrough.py`` draws its op half.
+
+An ``OpCase`` is a forward/backward pair of the op protocol (``layers.py``),
+its inputs (made from a fixed seed, small enough to check in milliseconds)
+and its settings; it is checked with ``check_layer``. A ``LossCase`` is one
+Config (the sizes of ``SMALL``, a batch of 8) whose total loss is checked
+against ``loss_and_grads`` for every parameter with ``gradcheck``.
+
+Two things are not derivatives and are checked differently:
+
+- ``riemannian_scale``'s backward multiplies by ``(1 − c‖p‖²)²/4``; it is
+  not the derivative of its forward (the identity), so it has no case here
+  (``tests/test_hyperbolic.py`` checks its formula). With the scaling on, the
+  whole-loss gradient is not ``dL/dθ`` either. On PAEFF's unit rows, though,
+  every row of ``p`` has the same norm ``ρ = tanh(√c)/√c``, so the factor is
+  one constant ``κ = (1 − cρ²)²/4`` and the scaled gradient is exactly the
+  derivative of the loss with ``α₁`` replaced by ``α₁·κ`` (docs/math.md,
+  "What the hyperbolic alignment really does"). A variant with the scaling on
+  is checked against finite differences of that loss.
+- A bias that feeds a train-mode BatchNorm has a gradient that is exactly
+  zero in exact arithmetic: no relative error is meaningful, so its size is
+  checked (below ``ZERO_GRAD_MAX``) instead.
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from .. import hyperbolic, layers, losses, poincare
+from ..backend import default_rng, get_array_module
+from ..fusion import egff_backward, egff_forward, gated_fusion_backward, gated_fusion_forward
+from ..model import Config, batchnorm_prefixes, init_params, loss_and_grads
+from . import TOLERANCE, check_layer, gradcheck
+
+ZERO_GRAD_MAX = 1e-13       # |gradient| allowed where the exact gradient is 0
+EXACT_ZERO = " (=0: max|g|)"   # marks a report entry that is max|grad|, not a relative error
+C = 0.05                    # the paper's curvature
+TAU = 0.07                  # the paper's temperature
+SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
+B, D = 5, 6                 # the ops' batch and width
+LABELS = [0, 1, 2, 0, 1]
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One forward/backward pair, checked by ``check_layer``.
+
+    ``inputs(rng)``: the inputs in the forward's order, a dict name → float64
+    NumPy array; ``settings(xp, dtype)``: the forward's other arguments;
+    ``no_grads``: names of inputs not checked.
+    """
+    name: str
+    forward: Callable
+    backward: Callable
+    inputs: Callable
+    settings: Callable = lambda xp, dtype: {}
+    no_grads: tuple = ()
+    tolerance: float = TOLERANCE
+    seed: int = 0
+
+    def check(self, xp=np, dtype=np.float64):
+        """``{input name: worst relative error}``."""
+        named = self.inputs(np.random.default_rng(self.seed))
+        names = list(named)
+        arrays = [xp.asarray(a, dtype=dtype) for a in named.values()]
+        report = check_layer(self.forward, self.backward, arrays,
+                             no_grads=tuple(names.index(n) for n in self.no_grads),
+                             float64_only=dtype == np.float64, **self.settings(xp, dtype))
+        return {names[i]: err for i, err in report.items()}
+
+
+@dataclass(frozen=True)
+class LossCase:
+    """The total loss of one Config (``variant`` changes the defaults), checked
+    for every parameter by ``gradcheck``; dropout draws the same mask at every
+    evaluation (a fixed seed)."""
+    name: str
+    variant: dict = field(default_factory=dict)
+    tolerance: float = TOLERANCE
+
+    def check(self, xp=np, dtype=np.float64):
+        """``{parameter name: worst relative error}``; a parameter whose exact
+        gradient is 0 reports ``max|grad|`` under the key ``name + EXACT_ZERO``."""
+        cfg = Config(**SMALL, **self.variant)
+        params, buffers = init_params(cfg, seed=1, dtype=dtype)
+        params = {k: xp.asarray(v) for k, v in params.items()}
+        buffers = {k: xp.asarray(v) for k, v in buffers.items()}
+        rng = np.random.default_rng(0)
+        face = xp.asarray(np.abs(rng.standard_normal((8, cfg.face_dim))), dtype=dtype)
+        voice = xp.asarray(rng.standard_normal((8, cfg.voice_dim)), dtype=dtype)
+        y = xp.asarray(np.array([0, 1, 2, 0, 1, 2, 0, 1]))
+        dropout_rng = lambda: default_rng(3, xp) if cfg.dropout else None
+        _, _, grads, _ = loss_and_grads(params, buffers, face, voice, y, cfg, dropout_rng())
+        # the Riemannian scaling: the derivative of the loss with α₁·κ (module docstring)
+        reference = cfg
+        if cfg.alignment == "hyperbolic" and cfg.riemannian_grad:
+            a1, a2, a3 = cfg.loss_weights
+            reference = replace(cfg, riemannian_grad=False,
+                                loss_weights=(a1 * riemannian_constant(cfg.curvature), a2, a3))
+
+        def loss():
+            return loss_and_grads(params, buffers, face, voice, y, reference,
+                                  dropout_rng())[0]
+        zero = {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}
+        report = gradcheck(loss, params, {k: g for k, g in grads.items() if k not in zero},
+                           float64_only=dtype == np.float64)
+        for k in sorted(zero):
+            report[k + EXACT_ZERO] = float(xp.abs(grads[k]).max())
+        return report
+
+
+def riemannian_constant(c):
+    """``κ = (1 − cρ²)²/4`` with ``ρ = tanh(√c)/√c``: the Riemannian factor of a unit row."""
+    rho = math.tanh(math.sqrt(c)) / math.sqrt(c)
+    return (1.0 - c * rho * rho) ** 2 / 4.0
+
+
+def tolerance_of(case, key):
+    """The bound a reported value must stay below: ``ZERO_GRAD_MAX`` for a
+    gradient that is exactly zero, the case's tolerance for a relative error."""
+    return ZERO_GRAD_MAX if key.endswith(EXACT_ZERO) else case.tolerance
+
+
+# --- input makers ---------------------------------------------------------------
+
+def normal(*shape, scale=1.0, shift=0.0):
+    """Standard normals (times ``scale``, plus ``shift``) of ``shape``, from the case's rng."""
+    return lambda rng: rng.standard_normal(shape) * scale + shift
+
+
+def rows_with_norms(norms, width=D):
+    """Random directions with the given row norms."""
+    def make(rng):
+        x = rng.standard_normal((len(norms), width))
+        return x / np.linalg.norm(x, axis=1, keepdims=True) * np.asarray(norms)[:, None]
+    return make
+
+
+def in_ball(c, low, high, n=B, width=D):
+    """Points of the ball of curvature −c with √c‖x‖ uniform in [low, high]."""
+    def make(rng):
+        x = rng.standard_normal((n, width))
+        return x * rng.uniform(low, high, (n, 1)) / (math.sqrt(c) * np.linalg.norm(x, axis=1, keepdims=True))
+    return make
+
+
+def inputs(**makers):
+    """``rng → {name: array}``, each array drawn in turn from the one rng."""
+    return lambda rng: {name: make(rng) for name, make in makers.items()}
+
+
+def batchnorm_state(width, train):
+    """Settings of an op with a BatchNorm of ``width`` features: a fixed
+    running state (used in eval mode) and the mode."""
+    def settings(xp, dtype):
+        rng = np.random.default_rng(99)
+        mean = xp.asarray(rng.standard_normal(width) * 0.1, dtype=dtype)
+        var = xp.asarray(np.abs(rng.standard_normal(width)) + 0.5, dtype=dtype)
+        return dict(state=layers.BatchNormState(mean, var), train=train)
+    return settings
+
+
+def dropout_same_mask_forward(x, p, mask_seed):
+    """Dropout drawing the same mask at every call: the seed is fixed."""
+    return layers.dropout_forward(x, p, default_rng(mask_seed, get_array_module(x)))
+
+
+def egff_case(gate, mix, k):
+    c_in = 2 if gate == "concat" else 1
+    return OpCase(f"egff[{gate},{mix},k={k}]", egff_forward, egff_backward,
+                  inputs(e_f=normal(B, D), e_v=normal(B, D), conv_w=normal(1, c_in, k),
+                         conv_b=normal(1)),
+                  lambda xp, dtype: dict(gate=gate, mix=mix))
+
+
+H = 7   # the gated fusion's hidden width in its op case (the model's is 128)
+GATED_INPUTS = inputs(e_f=normal(B, D), e_v=normal(B, D), W1=normal(H, 2 * D), b1=normal(H),
+                      bn_weight=normal(H), bn_bias=normal(H), W2=normal(D, H), b2=normal(D))
+
+OP_CASES = [
+    # layers.py
+    OpCase("linear", layers.linear_forward, layers.linear_backward,
+           inputs(x=normal(B, 4), W=normal(D, 4), b=normal(D))),
+    OpCase("batchnorm[train]", layers.batchnorm_forward, layers.batchnorm_backward,
+           inputs(x=normal(B, D, scale=3.0, shift=1.0), gamma=normal(D), beta=normal(D)),
+           batchnorm_state(D, train=True)),
+    OpCase("batchnorm[eval]", layers.batchnorm_forward, layers.batchnorm_backward,
+           inputs(x=normal(B, D, scale=3.0, shift=1.0), gamma=normal(D), beta=normal(D)),
+           batchnorm_state(D, train=False)),
+    OpCase("relu", layers.relu_forward, layers.relu_backward, inputs(x=normal(B, D))),
+    OpCase("dropout", dropout_same_mask_forward, layers.dropout_backward, inputs(x=normal(B, D)),
+           lambda xp, dtype: dict(p=0.4, mask_seed=7)),
+    OpCase("l2_normalize", layers.l2_normalize_forward, layers.l2_normalize_backward,
+           inputs(x=normal(B, D))),
+    OpCase("gelu", layers.gelu_forward, layers.gelu_backward, inputs(x=normal(B, D, scale=2.0))),
+    OpCase("sigmoid", layers.sigmoid_forward, layers.sigmoid_backward,
+           inputs(x=normal(B, D, scale=2.0))),
+    OpCase("tanh", layers.tanh_forward, layers.tanh_backward, inputs(x=normal(B, D, scale=2.0))),
+    OpCase("conv1d[k=5,C=2]", layers.conv1d_forward, layers.conv1d_backward,
+           inputs(x=normal(B, 2, D), w=normal(1, 2, 5), b=normal(1))),
+    # hyperbolic.py
+    OpCase("expmap0", hyperbolic.expmap0_forward, hyperbolic.expmap0_backward,
+           inputs(u=normal(B, D)), lambda xp, dtype: dict(c=C)),
+    OpCase("expmap0[tanh clamp]", hyperbolic.expmap0_forward, hyperbolic.expmap0_backward,
+           inputs(u=rows_with_norms([1.5 * hyperbolic.TANH_ARG_MAX / math.sqrt(C)] * B)),
+           lambda xp, dtype: dict(c=C)),
+    OpCase("project[inside]", hyperbolic.project_forward, hyperbolic.project_backward,
+           inputs(x=rows_with_norms(np.linspace(0.3, 0.9, B) * hyperbolic.ball_radius(C))),
+           lambda xp, dtype: dict(c=C)),
+    OpCase("project[outside]", hyperbolic.project_forward, hyperbolic.project_backward,
+           inputs(x=rows_with_norms(np.linspace(1.5, 3.0, B) * hyperbolic.ball_radius(C))),
+           lambda xp, dtype: dict(c=C)),
+    OpCase("to_ball", hyperbolic.to_ball_forward, hyperbolic.to_ball_backward,
+           inputs(e=rows_with_norms([1.0] * B)), lambda xp, dtype: dict(c=C, riemannian_grad=False)),
+    # fusion.py
+    *(egff_case(gate, mix, 3) for gate in ("product", "sum", "concat")
+      for mix in ("activated", "raw")),
+    egff_case("product", "activated", 1),           # PAEFF as in the design card
+    egff_case("product", "raw", 5),                 # the authors' code
+    OpCase("gated_fusion[train]", gated_fusion_forward, gated_fusion_backward, GATED_INPUTS,
+           batchnorm_state(H, train=True), no_grads=("b1",)),   # b1 feeds a train-mode BN: exactly 0
+    OpCase("gated_fusion[eval]", gated_fusion_forward, gated_fusion_backward, GATED_INPUTS,
+           batchnorm_state(H, train=False)),
+    # losses.py
+    OpCase("softmax_cross_entropy", losses.softmax_cross_entropy_forward,
+           losses.softmax_cross_entropy_backward, inputs(s=normal(B, 3)),
+           lambda xp, dtype: dict(y=xp.asarray(np.array(LABELS)))),
+    OpCase("symmetric_cross_entropy", losses.symmetric_cross_entropy_forward,
+           losses.symmetric_cross_entropy_backward, inputs(a=normal(B, D), b=normal(B, D)),
+           lambda xp, dtype: dict(temperature=TAU)),
+    OpCase("symmetric_cross_entropy_from_logits", losses.symmetric_cross_entropy_from_logits_forward,
+           losses.symmetric_cross_entropy_from_logits_backward, inputs(S=normal(B, B, scale=2.0))),
+    OpCase("orthogonal_projection", losses.orthogonal_projection_forward,
+           losses.orthogonal_projection_backward, inputs(z=normal(B, D)),
+           lambda xp, dtype: dict(y=xp.asarray(np.array(LABELS)), gamma=0.7)),
+    # poincare.py
+    OpCase("feature_clip", poincare.feature_clip_forward, poincare.feature_clip_backward,
+           inputs(h=rows_with_norms([0.4, 3.0, 1.5, 9.0, 2.0])),      # rows 1, 3 are shrunk
+           lambda xp, dtype: dict(radius=2.3)),
+    OpCase("distance_matrix", poincare.distance_matrix_forward, poincare.distance_matrix_backward,
+           inputs(x=in_ball(C, 0.05, 0.95), y=in_ball(C, 0.05, 0.95, n=4)),
+           lambda xp, dtype: dict(c=C)),
+    OpCase("distance_logits", poincare.distance_logits_forward, poincare.distance_logits_backward,
+           inputs(x=in_ball(C, 0.1, 0.9), y=in_ball(C, 0.1, 0.9)),
+           lambda xp, dtype: dict(c=C, temperature=0.2)),
+    OpCase("poincare_alignment", poincare.poincare_alignment_forward,
+           poincare.poincare_alignment_backward,
+           inputs(p_f=in_ball(C, 0.1, 0.95), p_v=in_ball(C, 0.1, 0.95)),
+           lambda xp, dtype: dict(c=C, temperature=0.2)),
+]
+
+LOSS_VARIANTS = [
+    dict(),                                                     # PAEFF: dropout 0.4, Riemannian on
+    dict(riemannian_grad=False),
+    dict(dropout=0.0),
+    dict(egff_kernel=5, egff_mix="raw"),                        # the authors' code
+    dict(egff_kernel=3, egff_gate="sum"),
+    dict(egff_kernel=3, egff_gate="concat"),
+    dict(egff_gate="concat", egff_mix="raw"),
+    dict(alignment="euclidean"),
+    dict(alignment="none"),
+    dict(fusion="gated"),
+    dict(fusion="gated", alignment="euclidean"),
+]
+
+
+def loss_case_name(variant):
+    return "loss[" + (",".join(f"{k}={v}" for k, v in variant.items()) or "default") + "]"
+
+
+LOSS_CASES = [LossCase(loss_case_name(v), v) for v in LOSS_VARIANTS]
+
+CASES = {case.name: case for case in OP_CASES + LOSS_CASES}
+
+
+def select(name):
+    """The cases called ``name``, or of the family ``name`` (``egff`` → every
+    ``egff[...]``, ``loss`` → every Config variant); [] if none."""
+    if name in CASES:
+        return [CASES[name]]
+    return [case for case in CASES.values() if case.name.split("[")[0] == name]
