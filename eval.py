@@ -1,6 +1,10 @@
 """Evaluate a trained checkpoint: verification (EER/AUC, exact and official
 protocol) and cross-modal matching (n_c = 2…10, both directions).
 
+Given a run folder, it evaluates the model the run selected: ``best.npz``
+when the run keeps one (``--select val`` or ``test``), else ``checkpoint.npz``;
+it says which file it used. ``--checkpoint`` may name either file.
+
     python eval.py --checkpoint runs/20261125-101500
     python eval.py --checkpoint runs/x/checkpoint.npz --data-dir feats/ --json
     python eval.py --checkpoint runs/x --plot plots/
@@ -17,6 +21,7 @@ from paeff_np.backend import array_module, to_device
 from paeff_np.atomic import write_atomically
 from paeff_np.cli import UsageError, check_widths, device_flag, load_data, run
 from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
+from paeff_np.training import BEST_NAME, checkpoint_selection
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
 from paeff_np.validate import validate_hyperparameters
@@ -24,7 +29,8 @@ from paeff_np.validate import validate_hyperparameters
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a PAEFF checkpoint on face–voice test lists.")
-    p.add_argument("--checkpoint", required=True, help="run folder or its checkpoint.npz")
+    p.add_argument("--checkpoint", required=True, help="run folder (its selected model: best.npz "
+                   "when it has one), or a checkpoint.npz or best.npz")
     p.add_argument("--data-dir", help="folder with face_/voice_veriflist_test_*.csv; default: the "
                    "data folder or synthetic world the checkpoint was trained on")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -32,6 +38,31 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the matching galleries")
     device_flag(p)
     return p.parse_args(argv)
+
+
+def open_checkpoint(path):
+    """``(checkpoint, note)``: the model to evaluate and a line saying which file it is.
+
+    A folder gives the model its run selected: best.npz when it holds the selected
+    epoch; checkpoint.npz when that is the epoch selected (a kill between the two
+    commits of a save leaves best.npz one selection behind) or the rule is last."""
+    if not os.path.isdir(path):
+        checkpoint = ckpt.load(path)
+        return checkpoint, f"evaluating {checkpoint.path} (epoch {checkpoint.epoch}), the file named"
+    run_state = ckpt.load(path)
+    rule, epoch = checkpoint_selection(run_state)
+    best_path = os.path.join(path, BEST_NAME)
+    if rule != "last" and os.path.exists(best_path):
+        best = ckpt.load(best_path)
+        if best.epoch == epoch:
+            best.config = {**best.config, "data": run_state.config["data"]}   # the run's record decides
+            return best, (f"evaluating {best.path}: epoch {epoch}, selected by rule {rule} "
+                          f"({ckpt.CHECKPOINT_NAME} holds epoch {run_state.epoch})")
+    if rule != "last" and epoch is not None and epoch != run_state.epoch:
+        raise ckpt.CheckpointError(f"{best_path}: the run selects epoch {epoch} (rule {rule}), "
+                                   f"which this file does not hold")
+    why = "the last epoch" if rule == "last" or epoch is None else f"selected by rule {rule}"
+    return run_state, f"evaluating {run_state.path}: epoch {run_state.epoch}, {why}"
 
 
 def load_tests(args, checkpoint):
@@ -111,7 +142,7 @@ def main(argv=None):
     array_module(device)                   # the GPU probe, before the checkpoint and data are read
     if args.plot:
         check_plot_folder(args.plot)
-    checkpoint = ckpt.load(args.checkpoint)
+    checkpoint, note = open_checkpoint(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     tests = load_tests(args, checkpoint)
@@ -121,10 +152,11 @@ def main(argv=None):
     written = plot(results, args.plot) if args.plot else []
     for r in results.values():
         r.pop("curves", None)
+    print(f"note: {note}", file=sys.stderr, flush=True)     # which file: said once it has worked
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        print(f"checkpoint {args.checkpoint} (epoch {checkpoint.epoch}, {checkpoint.cfg.fusion}, "
+        print(f"checkpoint {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.cfg.fusion}, "
               f"alignment {checkpoint.cfg.alignment})\n")
         print(format_results(results, n_cs_shown=range(2, 11)))
     for path in written:

@@ -4,6 +4,12 @@
     python train.py --data-dir feats/ --preset paper
     python train.py --resume runs/20261125-101500 --epochs 30
     python train.py --ablation              # the paper's Tables 3 and 4 on one data set
+    python train.py --select test           # the authors' protocol: optimistic figures
+
+Model selection (README "Model selection"): by default 10% of the training
+identities and 5% of the other identities' rows are held out as validation
+lists; the epoch with the lowest validation EER is kept in best.npz and the
+test lists are evaluated once, on it.
 """
 import argparse
 import json
@@ -16,10 +22,12 @@ from paeff_np.backend import array_module
 from paeff_np.atomic import write_atomically, write_json
 from paeff_np.cli import (UsageError, add_config_flags, check_widths, config_overrides, device_flag,
                           load_data, make_config, positive_int, remove_leftovers, run)
-from paeff_np.data import DataError
+from paeff_np.data import DataError, Dataset
+from paeff_np.data.split import SplitError, split_validation
 from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
-from paeff_np.training import PAPER_RECIPE, Trainer, TrainSettings, write_metrics_log
+from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
+                               write_metrics_log)
 from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
@@ -28,6 +36,9 @@ PRESETS = {
     "paper": PAPER_RECIPE,           # docs/spec.md §4
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
+SELECTION_FLAGS = ("val_identities", "val_rows", "select", "patience")
+# the command line's model selection (TrainSettings' own defaults are no split, "last")
+SELECTION_DEFAULTS = dict(val_identities=0.1, val_rows=0.05, select="val", patience=0)
 
 # Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7), one list per table
 ABLATION_TABLES = [
@@ -63,13 +74,24 @@ def parse_args(argv):
                    "this session (the run stays resumable with --resume)")
     p.add_argument("--ablation", action="store_true", help="train the rows of the paper's "
                    "Tables 3 and 4 on the same data and seed, and print them")
+    g = p.add_argument_group("model selection (README \"Model selection\")")
+    g.add_argument("--val-identities", type=float, metavar="FRAC", help="fraction of the training "
+                   "identities held out whole as the unseen validation part (0.1; 0: off)")
+    g.add_argument("--val-rows", type=float, metavar="FRAC", help="fraction of the other identities' "
+                   "rows held out as the seen validation part (0.05; 0: off)")
+    g.add_argument("--select", choices=SELECTION_RULES, help="val (default): the epoch of the lowest "
+                   "validation EER, kept in best.npz; last: the last epoch; test: the lowest EER on "
+                   "the unseen-unheard random test list (the authors' protocol, optimistic)")
+    g.add_argument("--patience", type=positive_int, metavar="N", help="stop when the validation EER "
+                   "has not improved for N epochs")
     add_config_flags(p)
     return p.parse_args(argv)
 
 
 def settings_from(args, base):
     values = dict(base)
-    values.update({k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None})
+    values.update({k: getattr(args, k) for k in SETTING_FLAGS + SELECTION_FLAGS
+                   if getattr(args, k, None) is not None})
     return TrainSettings(**{k: v for k, v in values.items() if k in TrainSettings.__dataclass_fields__})
 
 
@@ -90,11 +112,22 @@ def fresh_out_dir(out):
     return out
 
 
-def make_trainer(dataset, cfg, settings, out, data_meta):
+def make_trainer(dataset, cfg, settings, out, data_meta, validation=None):
     try:
-        return Trainer(dataset, cfg, settings, out, data_meta)
+        return Trainer(dataset, cfg, settings, out, data_meta, validation=validation)
     except ValueError as exc:            # settings the data cannot take
         raise UsageError(str(exc)) from None
+
+
+def carve_validation(dataset, settings):
+    """``(dataset to train on, ValidationSplit or None)`` from ``settings``' fractions."""
+    if settings.val_identities == 0 and settings.val_rows == 0:
+        return dataset, None
+    try:
+        split = split_validation(dataset.train, settings.val_identities, settings.val_rows, settings.seed)
+    except SplitError as exc:
+        raise UsageError(str(exc)) from None
+    return Dataset(train=split.train, tests=dataset.tests), split
 
 
 def resumed_settings(args, checkpoint):
@@ -135,10 +168,13 @@ def change_epochs(trainer, old_epochs):
 def start_run(args):
     """A new Trainer from the flags, or one restored from --resume."""
     if args.resume:
+        if os.path.basename(ckpt.resolve(args.resume)[0]) == BEST_NAME:
+            raise UsageError(f"--resume {args.resume}: a run continues from its checkpoint.npz; "
+                             f"{BEST_NAME} keeps the selected model only (give the run folder)")
         remove_leftovers(os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0])))
         checkpoint = ckpt.load(args.resume)
         changed = [k for k in config_overrides(args)] + [
-            k for k in ("lr", "batch_size", "seed") if getattr(args, k) is not None]
+            k for k in ("lr", "batch_size", "seed", *SELECTION_FLAGS) if getattr(args, k) is not None]
         if changed or args.preset != "quick":
             raise UsageError(f"--resume continues a run as it was configured; "
                              f"drop {', '.join('--' + c.replace('_', '-') for c in changed) or '--preset'}")
@@ -147,11 +183,15 @@ def start_run(args):
         data = checkpoint.config["data"]
         dataset, data_meta = load_data(args.data_dir or data.get("data_dir"), data.get("synthetic"))
         check_widths(dataset.train, checkpoint.cfg, args.data_dir or data.get("data_dir") or "the synthetic world")
+        dataset, split = carve_validation(dataset, settings)
+        if (split.record if split else None) != checkpoint.config.get("validation"):
+            raise DataError(f"the validation split of the data differs from the one recorded in "
+                            f"{checkpoint.path} (the training data changed?)")
         if checkpoint.label_values is not None and \
                 list(dataset.train.label_values) != list(checkpoint.label_values):
             raise DataError("the training labels differ from those the checkpoint was trained on")
         out = args.out or os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0]))
-        trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta)
+        trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
         trainer.restore(checkpoint)
         write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint
         print(f"resuming {out} at epoch {checkpoint.epoch}/{settings.epochs}")
@@ -164,29 +204,61 @@ def start_run(args):
     return new_trainer(args, dataset, data_meta, out)
 
 
-def new_trainer(args, dataset, data_meta, out):
+def new_trainer(args, dataset, data_meta, out, split=None):
+    """A Trainer for a fresh run; ``split``: the validation split of ``dataset``, when
+    already carved (the ablation carves it once for all rows)."""
     preset = PRESETS[args.preset]
+    settings = settings_from(args, {**preset, **SELECTION_DEFAULTS})
+    if split is None:
+        dataset, split = carve_validation(dataset, settings)
+    else:
+        dataset = Dataset(train=split.train, tests=dataset.tests)
     overrides = {"embed_dim": preset["embed_dim"], **config_overrides(args)}
     cfg = make_config(dataset.train, overrides)
-    return make_trainer(dataset, cfg, settings_from(args, preset), out, data_meta)
+    return make_trainer(dataset, cfg, settings, out, data_meta, split)
 
 
 def describe(trainer):
     t, cfg, s = trainer.dataset.train, trainer.cfg, trainer.settings
+    record = trainer.validation_record
+    if record is None:
+        val = "no validation split"
+    else:
+        parts = [f"unseen {record['pairs']['unseen']:,} pairs of {len(record['held_out_identities'])} "
+                 f"held-out identities" if "unseen" in record["pairs"] else None,
+                 f"seen {record['pairs']['seen']:,} pairs of held-out rows" if "seen" in record["pairs"] else None]
+        val = "validation: " + ", ".join(p for p in parts if p)
+    rule = {"val": "the lowest validation EER", "last": "the last epoch",
+            "test": f"the lowest {s.monitor} EER"}[s.select]
+    patience = f", patience {s.patience}" if s.patience else ""
     return (f"data: {trainer.data_meta.get('data_dir', 'built-in synthetic world')} — {len(t):,} "
             f"training pairs, {t.n_classes} identities, face {t.face_dim}-d, voice {t.voice_dim}-d, "
             f"{len(trainer.dataset.tests)} test lists\n"
+            f"{val}; selection: {s.select} ({rule}{patience})\n"
             f"model: {cfg.fusion}, alignment {cfg.alignment}, D {cfg.embed_dim}; "
             f"{s.epochs} epochs, batch {s.batch_size}, lr {s.lr:g}, seed {s.seed}, {s.device}\n"
             f"run folder: {trainer.out_dir}")
 
 
 def finish(trainer):
-    """Evaluate on every test list, write metrics.json, return the results."""
-    results = evaluate(trainer.params, trainer.buffers, trainer.cfg, trainer.dataset.tests,
-                       seed=trainer.settings.seed)
-    write_json(os.path.join(trainer.out_dir, "metrics.json"), results)
-    return results
+    """Evaluate the selected model on every test list, once; write metrics.json
+    (``{"selection": ..., "<split>/<kind>": ...}``) and return it."""
+    epoch, params, buffers, name = trainer.selected_model()
+    results = evaluate(params, buffers, trainer.cfg, trainer.dataset.tests, seed=trainer.settings.seed)
+    metrics = {"selection": trainer.selection_record(), **results}
+    write_json(os.path.join(trainer.out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def format_selection(selection, epochs_run, out_dir):
+    """One line: which epoch the rule chose, its validation figures, and the file that holds it."""
+    val = (f"; validation ({selection['val_part']}) EER {100 * selection['val_eer']:.1f}%, "
+           f"AUC {100 * selection['val_auc']:.1f}%" if selection.get("val_eer") is not None else "")
+    test = (f"; {selection['test_list']} EER {100 * selection['test_eer']:.1f}%"
+            if selection["rule"] == "test" else "")
+    where = "checkpoint.npz" if selection["rule"] == "last" else "best.npz"
+    return (f"selected: epoch {selection['epoch']} of {epochs_run} by rule {selection['rule']}{val}{test} "
+            f"({os.path.join(out_dir, where)})")
 
 
 def train_one(args):
@@ -195,6 +267,8 @@ def train_one(args):
     print(describe(trainer), flush=True)
     for note in protocol_notes(trainer.dataset.tests):
         print(note, file=sys.stderr, flush=True)
+    if trainer.settings.select == "test":
+        print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
     if trainer.epoch == 0:
         first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
@@ -203,13 +277,16 @@ def train_one(args):
         print(f"\nthe checkpoint of epoch {trainer.saved_epoch} is intact; continue with "
               f"python train.py --resume {trainer.out_dir}", file=sys.stderr)
         raise
-    if trainer.epoch < trainer.settings.epochs:
+    if not trainer.finished:
         print(f"stopped after epoch {trainer.epoch}/{trainer.settings.epochs}; continue with "
               f"python train.py --resume {trainer.out_dir}")
         return
     results = finish(trainer)
     print()
-    print(format_results(results))
+    print(format_selection(results["selection"], trainer.epoch, trainer.out_dir))
+    if trainer.settings.select == "test":
+        print(f"warning: --select test: {OPTIMISM_WARNING}")
+    print(format_results({k: r for k, r in results.items() if k != "selection"}))
     print(f"\ntotal time {time.perf_counter() - started:.1f}s; results in "
           f"{os.path.join(trainer.out_dir, 'metrics.json')}")
 
@@ -237,6 +314,10 @@ def train_ablation(args):
     dataset, data_meta = load_data(args.data_dir)
     for note in protocol_notes(dataset.tests):
         print(note, file=sys.stderr, flush=True)
+    settings = settings_from(args, {**PRESETS[args.preset], **SELECTION_DEFAULTS})
+    if settings.select == "test":
+        print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
+    _, split = carve_validation(dataset, settings)     # one split for every row
     row_args = {slug: argparse.Namespace(**{**vars(args), **overrides})
                 for table in ABLATION_TABLES for _, slug, overrides, _ in table}
     for one in row_args.values():         # every row's flags checked before the first trains
@@ -245,7 +326,7 @@ def train_ablation(args):
     for table in ABLATION_TABLES:
         rows = []
         for name, slug, _, paper in table:
-            trainer = new_trainer(row_args[slug], dataset, data_meta, os.path.join(base_out, slug))
+            trainer = new_trainer(row_args[slug], dataset, data_meta, os.path.join(base_out, slug), split)
             key = json.dumps(trainer.cfg.to_dict(), sort_keys=True)
             if key not in trained:      # "gate: product" is the PAEFF row: trained once
                 print(f"\n== {name} ==\n{describe(trainer)}", flush=True)
@@ -254,26 +335,32 @@ def train_ablation(args):
                 trained[key] = finish(trainer)
             rows.append((name, trained[key], paper))
         tables.append(rows)
-    table = format_ablation(tables)
+    table = format_ablation(tables, settings.select)
     print("\n" + table)
     write_atomically(os.path.join(base_out, "ablation.txt"), lambda f: f.write(table + "\n"), mode="w")
     print(f"\ntotal time {time.perf_counter() - started:.1f}s; runs in {base_out}")
 
 
-def format_ablation(tables):
-    """The rows of each table (a list of ``(name, results, paper)``), a blank line between tables."""
-    lines = [f"{'':<24} {'unseen-unheard':>15} {'seen-heard':>13} {'paper (VoxCeleb1)':>19}",
-             f"{'row':<24} {'EER':>7} {'AUC':>7} {'EER':>6} {'AUC':>6} {'EER':>9} {'AUC':>9}"]
+def format_ablation(tables, rule="val"):
+    """The rows of each table (a list of ``(name, metrics, paper)``), a blank line between
+    tables; each row's selected epoch and its validation EER beside its test figures."""
+    lines = [f"{'':<24} {'unseen-unheard':>15} {'seen-heard':>13} {'selected':>15} {'paper (VoxCeleb1)':>19}",
+             f"{'row':<24} {'EER':>7} {'AUC':>7} {'EER':>6} {'AUC':>6} {'epoch':>6} {'val EER':>8} "
+             f"{'EER':>9} {'AUC':>9}"]
     for t, rows in enumerate(tables):
         if t > 0:
             lines.append("")
         for name, results, (paper_eer, paper_auc) in rows:
             uu = results.get("unseenunheard/random", {})
             sh = results.get("seenheard/random", {})
-            pct = lambda r, k: f"{100 * r[k]:.1f}" if k in r else "–"
+            sel = results.get("selection", {})
+            pct = lambda r, k: f"{100 * r[k]:.1f}" if r.get(k) is not None else "–"
             lines.append(f"{name:<24} {pct(uu, 'eer'):>7} {pct(uu, 'auc'):>7} {pct(sh, 'eer'):>6} "
-                         f"{pct(sh, 'auc'):>6} {paper_eer or '–':>9} {paper_auc or '–':>9}")
-    lines.append("(%; random lists, exact EER/AUC; paper: unseen-unheard, Tables 3 and 4)")
+                         f"{pct(sh, 'auc'):>6} {sel.get('epoch', '–'):>6} {pct(sel, 'val_eer'):>8} "
+                         f"{paper_eer or '–':>9} {paper_auc or '–':>9}")
+    lines.append(f"(%; random lists, exact EER/AUC; each row's model selected by rule {rule}"
+                 + (", on the test list: optimistic" if rule == "test" else "")
+                 + "; paper: unseen-unheard, Tables 3 and 4)")
     return "\n".join(lines)
 
 

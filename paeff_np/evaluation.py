@@ -29,6 +29,24 @@ def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
     return np.concatenate(out_f), np.concatenate(out_v)
 
 
+def validation_figures(params, buffers, face, voice, same, cfg, chunk=EMBED_CHUNK):
+    """Exact EER and AUC of verification pairs held on the model's device.
+
+    The eval-mode embeddings and d_i = ||f_i - v_i||² are computed there,
+    ``chunk`` rows at a time; only the distances come to the host, for the
+    exact ROC (``metrics.verification``)."""
+    xp = get_array_module(*params.values())
+    dtype = params["res_mix.weight"].dtype
+    dist = []
+    for start in range(0, len(face), chunk):
+        f = xp.asarray(face[start:start + chunk], dtype=dtype)
+        v = xp.asarray(voice[start:start + chunk], dtype=dtype)
+        emb_f, emb_v = embed(params, buffers, f, v, cfg)
+        diff = emb_f - emb_v
+        dist.append(to_host((diff * diff).sum(axis=1)))
+    return verification(np.concatenate(dist), same, official=False)
+
+
 def matching_pairs(test_list, emb_f, emb_v):
     """The positive pairs of a list (even rows) and their identities for matching."""
     ids = None if test_list.ids is None else np.asarray(test_list.ids)[0::2, 0]

@@ -9,6 +9,27 @@ uninterrupted run would: bit for bit on the CPU.
 Each epoch ends with one save (``checkpoint.save``): the ``.npz`` is the
 commit point and carries the per-epoch records too, so ``metrics.jsonl`` is
 rewritten from it and always agrees with the checkpoint after a resume.
+
+Model selection (``TrainSettings.select``, README "Model selection"):
+
+* ``"val"``: after every epoch the exact EER and AUC of the validation lists
+  (``data.split``, on the device) go into the epoch's record; the selected
+  epoch is the first with the lowest EER of the unseen part (of the seen part
+  when the unseen part is off; EERs within ``TIE`` count as equal);
+* ``"test"``: the authors' protocol, the lowest EER of the test list
+  ``monitor`` (optimistic: the test list picks the model it is scored on);
+* ``"last"``: the last epoch.
+
+Which epoch is selected is a function of the records (``selected_epoch``),
+so the checkpoint's history says it. Its model is kept in ``best.npz``,
+written with the same commit rule, **after** the checkpoint in the save of
+the epoch that becomes the best. A kill between the two leaves a checkpoint
+whose history selects its own epoch and a ``best.npz`` one selection behind:
+the checkpoint then holds the selected model, and ``restore`` rewrites
+``best.npz`` from it. Every other instant leaves ``best.npz`` current.
+``patience`` stops a run whose validation EER has not improved for that many
+epochs; that too is read from the records, so a resumed run stops where the
+straight one did.
 """
 import json
 import math
@@ -21,13 +42,17 @@ import numpy as np
 from . import checkpoint as ckpt
 from .atomic import write_atomically
 from .backend import array_module, default_rng, to_device
-from .evaluation import embed_rows
+from .evaluation import embed_rows, validation_figures
 from .flat import flatten
 from .metrics import pair_distances, verification
 from .model import init_params, loss_and_grads
 from .optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
+BEST_NAME = "best.npz"
+SELECTION_RULES = ("val", "last", "test")
+OPTIMISM_WARNING = ("the test list chooses the model it then scores (the authors' protocol): "
+                    "these figures are optimistic")
 
 # docs/spec.md §4, the paper's recipe: TrainSettings' defaults, train.py --preset paper, bench.py --e2e
 PAPER_RECIPE = dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256)
@@ -48,16 +73,27 @@ class TrainSettings:
     eta_min: float = 1e-8
     device: str = "cpu"
     dtype: str = "float32"
-    monitor: str = "unseenunheard/random"   # the test list whose EER is printed each epoch
+    monitor: str = "unseenunheard/random"   # the test list that --select test selects on
+    # model selection; these defaults are the behaviour before it existed (train.py's
+    # flags default to a 10% / 5% split and "val")
+    val_identities: float = 0.0   # fraction of the identities held out (unseen part)
+    val_rows: float = 0.0         # fraction of the other identities' rows held out (seen part)
+    select: str = "last"          # SELECTION_RULES
+    patience: int = 0             # stop after this many epochs without a better validation EER; 0: never
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        """Settings read back from a checkpoint; a ValueError names the first bad field."""
-        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64")}
+        """Settings read back from a checkpoint; a ValueError names the first bad field.
+
+        A checkpoint written before model selection existed lacks its four fields:
+        they take the defaults, which are that run's behaviour (no split, "last")."""
+        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64"), "select": SELECTION_RULES}
         at_least_one = ("epochs", "batch_size")
+        fractions = ("val_identities", "val_rows")
+        d = {**{k: getattr(cls, k) for k in ("val_identities", "val_rows", "select", "patience")}, **d}
         for key in d:
             if key not in cls.__dataclass_fields__:
                 raise ValueError(f"train.{key}: unknown field")
@@ -74,8 +110,10 @@ class TrainSettings:
                 want = f"an integer >= {1 if field.name in at_least_one else 0}"
             else:
                 ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value) and (value > 0 if field.name == "lr" else value >= 0))
-                want = "a finite number " + ("> 0" if field.name == "lr" else ">= 0")
+                      and math.isfinite(value) and (value > 0 if field.name == "lr" else value >= 0)
+                      and (value < 1 or field.name not in fractions))
+                want = ("a number in [0, 1)" if field.name in fractions else
+                        "a finite number " + ("> 0" if field.name == "lr" else ">= 0"))
             if not ok:
                 raise ValueError(f"train.{field.name}: expected {want}, got {json.dumps(value)[:40]}")
         return cls(**d)
@@ -89,9 +127,14 @@ def _epoch_batches(n, batch_size, seed, epoch):
 
 
 class Trainer:
-    """Holds the model, optimizer and data of one run and writes its folder."""
+    """Holds the model, optimizer and data of one run and writes its folder.
 
-    def __init__(self, dataset, cfg, settings, out_dir, data_meta=None, log=print):
+    ``dataset.train`` is what is trained on; ``validation`` (a
+    ``data.split.ValidationSplit`` made from the full training set with
+    ``settings.val_identities``, ``val_rows`` and ``seed``, or None) gives the
+    validation lists and the record the checkpoint keeps."""
+
+    def __init__(self, dataset, cfg, settings, out_dir, data_meta=None, log=print, validation=None):
         self.dataset, self.cfg, self.settings = dataset, cfg, settings
         self.out_dir, self.log = out_dir, log
         self.data_meta = data_meta or {}
@@ -100,11 +143,27 @@ class Trainer:
         if len(train) < settings.batch_size:
             raise ValueError(f"the training set has {len(train)} pairs, fewer than one batch "
                              f"of {settings.batch_size}: lower --batch-size")
+        lists = validation.lists if validation is not None else {}
+        if settings.select not in SELECTION_RULES:
+            raise ValueError(f"--select {settings.select}: expected one of {', '.join(SELECTION_RULES)}")
+        if not lists and (settings.select == "val" or settings.patience):
+            flag = "--select val" if settings.select == "val" else f"--patience {settings.patience}"
+            raise ValueError(f"{flag} needs a validation split, but --val-identities and --val-rows "
+                             f"are both 0")
+        if settings.select == "test" and settings.monitor not in dataset.tests:
+            raise ValueError(f"--select test selects on the test list {settings.monitor}, "
+                             f"which the data does not have")
         dtype = np.dtype(settings.dtype)
         # the whole training set lives on the device; batches are gathered there
         self.face = self.xp.asarray(train.face, dtype=dtype)
         self.voice = self.xp.asarray(train.voice, dtype=dtype)
         self.labels = self.xp.asarray(train.labels)
+        # so do the validation lists: each epoch embeds them there, chunk by chunk
+        self.validation = {part: (self.xp.asarray(lst.face, dtype=dtype), self.xp.asarray(lst.voice, dtype=dtype),
+                                  lst.same) for part, lst in lists.items()}
+        self.validation_record = validation.record if validation is not None else None
+        self.val_key = f"val/{'unseen' if 'unseen' in lists else 'seen'}/eer" if lists else None
+        self.best_saved_epoch = None   # the epoch of best.npz on disk (None: none)
         params, buffers = init_params(cfg, seed=settings.seed, dtype=dtype)
         # parameters are views into one flat buffer: AdamW updates it in one pass
         _, self.params = flatten({k: to_device(v, settings.device) for k, v in params.items()})
@@ -127,20 +186,74 @@ class Trainer:
         self.history = list(checkpoint.history if checkpoint.history is not None
                             else read_metrics_log(self.out_dir, checkpoint.epoch))
         self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
+        self._restore_best()
+
+    @property
+    def best_path(self):
+        return os.path.join(self.out_dir, BEST_NAME)
+
+    def _restore_best(self):
+        """Find best.npz's epoch; rewrite it from the restored checkpoint when a kill left it
+        one selection behind (see the module doc)."""
+        if os.path.exists(self.best_path):      # a damaged one (never a kill: see atomic.py) is refused
+            self.best_saved_epoch = ckpt.load(self.best_path).epoch
+        best = self.selected_epoch()
+        if self.settings.select == "last" or best is None or best == self.best_saved_epoch:
+            return
+        if best != self.epoch:
+            held = "is missing" if self.best_saved_epoch is None else f"holds epoch {self.best_saved_epoch}"
+            raise ckpt.CheckpointError(
+                f"{self.best_path} {held}, but the run selects epoch {best}, whose model is in "
+                f"neither file (was {BEST_NAME} replaced or deleted?)")
+        held = "was missing" if self.best_saved_epoch is None else f"held epoch {self.best_saved_epoch}"
+        self.log(f"note: {BEST_NAME} {held} (a save cut short); the checkpoint selects its own "
+                 f"epoch {best}: {BEST_NAME} is rewritten from it")
+        self._save_best()
+
+    def selected_epoch(self, history=None):
+        """The epoch ``settings.select`` picks among ``history`` (default: the run's); None before any."""
+        return selected_epoch(self.history if history is None else history, self.settings.select,
+                              self.selection_key())
+
+    def selection_key(self):
+        """The record field the rule minimises: a validation EER, or the monitored test EER."""
+        return f"{self.settings.monitor}/eer" if self.settings.select == "test" else self.val_key
+
+    def patience_exhausted(self):
+        """``patience`` epochs done since the best validation EER."""
+        patience = self.settings.patience
+        best = selected_epoch(self.history, "val", self.val_key) if patience else None
+        return best is not None and self.epoch - best >= patience
+
+    def _meta(self):
+        meta = dict(train=self.settings.to_dict(), data=self.data_meta)
+        if self.validation_record is not None:
+            meta["validation"] = self.validation_record
+        if self.epochs_changed:
+            meta["epochs_changed"] = self.epochs_changed
+        return meta
+
+    def _save_best(self):
+        """Commit best.npz (and best.json): the model of this epoch, which the run selects."""
+        ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
+                  label_values=self.dataset.train.label_values, meta=self._meta(),
+                  history=self.history, name=BEST_NAME)
+        self.best_saved_epoch = self.epoch
 
     def save(self):
-        """Commit the checkpoint of ``self.epoch``, then rewrite metrics.jsonl from it.
+        """Commit the checkpoint of ``self.epoch``; then best.npz if this epoch is the one
+        selected; then rewrite metrics.jsonl from the checkpoint.
 
         An OSError (a full disk) becomes one line naming the file, the epoch
         whose checkpoint is intact, and how to resume."""
-        meta = dict(train=self.settings.to_dict(), data=self.data_meta)
-        if self.epochs_changed:
-            meta["epochs_changed"] = self.epochs_changed
         try:
             ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
-                      optimizer=self.opt, label_values=self.dataset.train.label_values, meta=meta,
+                      optimizer=self.opt, label_values=self.dataset.train.label_values, meta=self._meta(),
                       history=self.history)
             self.saved_epoch = self.epoch
+            if self.settings.select != "last" and self.epoch > 0 and \
+                    self.selected_epoch() == self.epoch != self.best_saved_epoch:
+                self._save_best()                 # second commit: see the module doc
             write_metrics_log(self.out_dir, self.history)
         except OSError as exc:
             raise ckpt.CheckpointError(f"cannot write {exc.filename}: {exc.strerror or exc}; "
@@ -193,31 +306,110 @@ class Trainer:
         return record
 
     def monitor_eer(self):
-        test = self.dataset.tests.get(self.settings.monitor)
-        if test is None:
-            return None
+        """The exact EER of the test list ``settings.monitor`` (``--select test`` only)."""
+        test = self.dataset.tests[self.settings.monitor]
         emb_f, emb_v = embed_rows(self.params, self.buffers, test.face, test.voice, self.cfg)
         return verification(pair_distances(emb_f, emb_v), test.same, official=False)["eer"]
 
+    def validate(self):
+        """``{"val/<part>/eer": ..., "val/<part>/auc": ...}`` of the current model."""
+        figures = {}
+        for part, (face, voice, same) in self.validation.items():
+            result = validation_figures(self.params, self.buffers, face, voice, same, self.cfg)
+            figures.update({f"val/{part}/{k}": v for k, v in result.items()})
+        return figures
+
     def train(self, stop_after=None):
-        """Run the remaining epochs (at most ``stop_after`` of them), saving after
-        each; returns the log records."""
+        """Run the remaining epochs (at most ``stop_after`` of them, fewer when
+        ``patience`` runs out), saving after each; returns the log records."""
         settings = self.settings
         records, started = [], time.perf_counter()
         first = self.epoch
         last = settings.epochs if stop_after is None else min(settings.epochs, first + stop_after)
-        while self.epoch < last:
+        while self.epoch < last and not self.patience_exhausted():
             record = self.run_epoch()
-            eer = self.monitor_eer()
-            if eer is not None:
-                record[f"{settings.monitor}/eer"] = eer
+            record.update(self.validate())
+            if settings.select == "test":
+                record[f"{settings.monitor}/eer"] = self.monitor_eer()
             self.history.append(record)
             self.save()
             records.append(record)
             elapsed = time.perf_counter() - started
             left = elapsed / (self.epoch - first) * (last - self.epoch)
-            self.log(format_progress(record, settings.epochs, left, settings.monitor))
+            self.log(format_progress(record, settings.epochs, left, self.val_key,
+                                     settings.monitor if settings.select == "test" else None,
+                                     best=settings.select != "last" and self.selected_epoch() == self.epoch))
+        if self.patience_exhausted() and self.epoch < settings.epochs and records:
+            best = selected_epoch(self.history, "val", self.val_key)
+            self.log(f"early stop: no better validation EER in the {self.epoch - best} epochs "
+                     f"since epoch {best} (--patience {settings.patience})")
         return records
+
+    @property
+    def finished(self):
+        """All epochs done, or stopped early by ``patience``."""
+        return self.epoch >= self.settings.epochs or self.patience_exhausted()
+
+    def selected_model(self):
+        """``(epoch, params, buffers, file)`` of the model ``settings.select`` picks: the
+        current one, or best.npz's (on the device)."""
+        best = self.selected_epoch()
+        if best is None or best == self.epoch:
+            return self.epoch, self.params, self.buffers, ckpt.CHECKPOINT_NAME
+        saved = ckpt.load(self.best_path)
+        if saved.epoch != best:
+            raise ckpt.CheckpointError(f"{self.best_path}: holds epoch {saved.epoch}, the run "
+                                       f"selects epoch {best}")
+        dev, dtype = self.settings.device, np.dtype(self.settings.dtype)
+        params = {k: to_device(v.astype(dtype), dev) for k, v in saved.params.items()}
+        buffers = {k: to_device(v, dev) for k, v in saved.buffers.items()}
+        return best, params, buffers, BEST_NAME
+
+    def selection_record(self):
+        """What metrics.json says of the choice: rule, epoch, its validation figures
+        (and, for ``test``, its test EER and the warning)."""
+        settings = self.settings
+        epoch = self.selected_epoch() or self.epoch
+        record = self.history[epoch - 1] if epoch else {}
+        part = self.val_key.split("/")[1] if self.val_key else None
+        out = {"rule": settings.select, "epoch": epoch,
+               "val_eer": record.get(f"val/{part}/eer"), "val_auc": record.get(f"val/{part}/auc"),
+               "epochs_run": self.epoch}
+        if part:
+            out["val_part"] = part
+        if settings.patience:
+            out["stopped_early"] = self.epoch < settings.epochs
+        if settings.select == "test":
+            out.update(test_list=settings.monitor, test_eer=record.get(f"{settings.monitor}/eer"),
+                       warning=OPTIMISM_WARNING)
+        return out
+
+
+def checkpoint_selection(checkpoint):
+    """``(rule, epoch)``: the rule a loaded checkpoint's run selects by, and the epoch its
+    records pick (None before the first epoch)."""
+    train = checkpoint.config.get("train", {})
+    rule = train.get("select", "last")
+    pairs = (checkpoint.config.get("validation") or {}).get("pairs", {})
+    val_key = f"val/{'unseen' if 'unseen' in pairs else 'seen'}/eer" if pairs else None
+    key = f"{train.get('monitor')}/eer" if rule == "test" else val_key
+    history = checkpoint.history or [{"epoch": e + 1} for e in range(checkpoint.epoch)]
+    return rule, selected_epoch(history, rule, key)
+
+
+TIE = 1e-12   # EERs this close are equal (the same ROC crossing, rounded differently)
+
+
+def selected_epoch(history, rule, key):
+    """The epoch ``rule`` picks: the last for ``"last"``; else the first record whose
+    ``key`` is within ``TIE`` of the lowest (None when no record has it)."""
+    if rule == "last":
+        return history[-1]["epoch"] if history else None
+    scored = [(r[key], r["epoch"]) for r in history if key is not None and r.get(key) is not None]
+    if not scored:
+        return None
+    lowest = min(value for value, _ in scored)
+    return next(epoch for value, epoch in scored if value <= lowest + TIE)
 
 
 def write_metrics_log(out_dir, history):
@@ -235,9 +427,16 @@ def read_metrics_log(out_dir, epochs):
     return [r for r in records if r.get("epoch", 0) <= epochs]
 
 
-def format_progress(r, total, seconds_left, monitor):
-    eer = r.get(f"{monitor}/eer")
-    eer_text = f"  {monitor} EER {100 * eer:4.1f}%" if eer is not None else ""
+def format_progress(r, total, seconds_left, val_key=None, monitor=None, best=False):
+    """One epoch's line: losses, speed, the validation EER (and the monitored test
+    EER under ``--select test``); ``best`` marks the epoch selected so far."""
+    eer_text = ""
+    if val_key and val_key in r:
+        eer_text += f"  val {val_key.split('/')[1]} EER {100 * r[val_key]:4.1f}%"
+    if monitor and f"{monitor}/eer" in r:
+        eer_text += f"  {monitor} EER {100 * r[f'{monitor}/eer']:4.1f}%"
+    if best:
+        eer_text += " (best)"
     return (f"epoch {r['epoch']:>3}/{total}  loss {r['loss']:.4f} (align {r['align']:.3f} "
             f"opl {r['opl']:.3f} ce {r['ce']:.3f})  lr {r['lr']:.2e}  "
             f"{r['samples_per_s']:,.0f} samples/s{eer_text}  {r['seconds']:.1f}s, "

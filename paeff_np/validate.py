@@ -18,7 +18,11 @@ The domains (docs/spec.md §2–§4):
 * ``--embed-dim`` D ≥ 1, and the model's D×D weights must fit in this machine's memory:
   three D×D matrices (two branch layers and res_mix), each held four times (parameters,
   gradients, AdamW's two moments) in float32, need at least 48·D² bytes;
-* ``--egff-kernel`` a positive odd integer.
+* ``--egff-kernel`` a positive odd integer;
+* ``--val-identities``, ``--val-rows`` fractions in [0, 1) (0 turns a validation part
+  off); ``--select val`` and ``--patience`` need a part on. A split the data cannot
+  give (fewer than two training identities left, too few validation pairs) is
+  refused once the data is read (``data.split``), still before training.
 """
 import math
 import os
@@ -78,6 +82,17 @@ def validate_hyperparameters(args, memory_bytes=None):
     kernel = given("egff_kernel")
     if kernel is not None and not (kernel >= 1 and kernel % 2 == 1):
         _refuse("egff_kernel", kernel, "egff_kernel, the EGFF conv kernel, must be a positive odd integer")
+    fractions = {name: given(name) for name in ("val_identities", "val_rows")}
+    for name, value in fractions.items():
+        if value is not None and not 0 <= value < 1:
+            _refuse(name, value, "the fraction must be in [0, 1) (0 turns the validation part off)")
+    if fractions["val_identities"] == 0 and fractions["val_rows"] == 0:
+        if hasattr(args, "select") and given("select") in (None, "val"):
+            raise UsageError("--select val needs a validation split, but --val-identities and "
+                             "--val-rows are both 0: turn one on, or choose --select last")
+        if given("patience"):
+            raise UsageError(f"--patience {given('patience')} watches the validation EER, but "
+                             f"--val-identities and --val-rows are both 0: turn one on")
     width = given("embed_dim")
     if width is not None:
         if width < 1:

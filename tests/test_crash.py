@@ -88,41 +88,75 @@ def straight(data_dir, tmp_path_factory):
     return out, targets
 
 
-def test_a_save_commits_with_one_rename(straight):
-    """Each epoch's save renames the checkpoint first (the commit point), then its copies."""
+def in_run(straight):
     out, targets = straight
-    in_run = [t for t in targets if not t.startswith("..")]
-    save = ["checkpoint.npz", "config.json", "metrics.jsonl"]
-    assert in_run == save * 4 + ["metrics.json"]              # epochs 0..3, then the results
+    return [t for t in targets if not t.startswith("..")]
 
 
-# kill points in the save of epoch 2 (the third save): before each of its three
-# renames, and after the last one
-KILLS = [("CRASH_BEFORE", 0, 1), ("CRASH_BEFORE", 1, 2), ("CRASH_BEFORE", 2, 2), ("CRASH_AFTER", 2, 2)]
+def test_a_save_commits_with_one_rename(straight):
+    """Each epoch's save renames the checkpoint first (the commit point), then its copy; when
+    the epoch is the one now selected, best.npz (the second commit point) and its copy follow."""
+    out, _ = straight
+    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    expected, best = ["checkpoint.npz", "config.json", "metrics.jsonl"], None
+    for r in log:
+        improves = best is None or r["val/unseen/eer"] < best
+        best = r["val/unseen/eer"] if improves else best
+        expected += ["checkpoint.npz", "config.json"] + ["best.npz", "best.json"] * improves + ["metrics.jsonl"]
+    assert in_run(straight) == expected + ["metrics.json"]      # epochs 0..3, then the results
+    assert in_run(straight)[5:7] == ["best.npz", "best.json"]   # epoch 1 is always the best so far
 
 
-@pytest.mark.parametrize("when,rename,epoch", KILLS, ids=["before-npz", "before-config", "before-log", "after-log"])
+def rename_number(straight, epoch, name):
+    """1-based number of the rename of ``name`` in the save of ``epoch`` (as the bootstrap counts)."""
+    renames = in_run(straight)
+    starts = [i for i, t in enumerate(renames) if t == "checkpoint.npz"]
+    save = renames[starts[epoch]:starts[epoch + 1] if epoch + 1 < len(starts) else None]
+    return starts[epoch] + save.index(name) + 1
+
+
+# kill points: before each rename of the save of epoch 2 and after its last; before each
+# rename of the best.npz commit of epoch 1 (the first epoch is always the best so far) and
+# after it. (when, save's epoch, rename, the checkpoint's epoch after the kill)
+KILLS = [("CRASH_BEFORE", 2, "checkpoint.npz", 1), ("CRASH_BEFORE", 2, "config.json", 2),
+         ("CRASH_BEFORE", 2, "metrics.jsonl", 2), ("CRASH_AFTER", 2, "metrics.jsonl", 2),
+         ("CRASH_BEFORE", 1, "best.npz", 1), ("CRASH_BEFORE", 1, "best.json", 1),
+         ("CRASH_AFTER", 1, "best.json", 1)]
+
+
+@pytest.mark.parametrize("when,save,rename,epoch", KILLS, ids=[
+    "before-npz", "before-config", "before-log", "after-log", "before-best", "before-best-json", "after-best"])
 def test_kill_during_a_save_leaves_a_run_that_evaluates_and_resumes(straight, data_dir, tmp_path, capsys,
-                                                                    when, rename, epoch):
+                                                                    when, save, rename, epoch):
     straight_out, _ = straight
     out = str(tmp_path / "killed")
     rc, _, err = run("train.py", "--data-dir", data_dir, *TINY_RUN, "--out", out,
-                     CRASH_IN=out, **{when: 3 * 2 + rename + 1})
+                     CRASH_IN=out, **{when: rename_number(straight, save, rename)})
     assert rc == -signal.SIGKILL, err
     assert ckpt.load(out).epoch == epoch                     # the last complete epoch
+    best_written = os.path.exists(os.path.join(out, "best.npz"))
+    assert best_written == (save > 1 or rename != "best.npz" or when == "CRASH_AFTER")
 
     eval_cli.main(["--checkpoint", out, "--json"])
-    assert "unseenunheard/random" in json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "unseenunheard/random" in json.loads(captured.out)
+    evaluated = "best.npz" if best_written else "checkpoint.npz"   # the selected model, either way
+    assert f"evaluating {os.path.join(out, evaluated)}: epoch 1" in captured.err
 
     train_cli.main(["--resume", out])
-    assert f"resuming {out} at epoch {epoch}/3" in capsys.readouterr().out
+    resumed = capsys.readouterr().out
+    assert f"resuming {out} at epoch {epoch}/3" in resumed
+    assert ("best.npz was missing (a save cut short)" in resumed) == (not best_written)
     assert temporaries(out) == []
     assert losses(out) == losses(straight_out)               # no epoch lost, none twice
-    a, b = ckpt.load(out), ckpt.load(straight_out)
-    for k in a.params:
-        np.testing.assert_array_equal(a.params[k], b.params[k])
+    for name in ("checkpoint.npz", "best.npz"):
+        a, b = ckpt.load(os.path.join(out, name)), ckpt.load(os.path.join(straight_out, name))
+        assert a.epoch == b.epoch
+        for k in a.params:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
     assert json.load(open(os.path.join(out, "config.json")))["epoch"] == 3
-    assert os.path.isfile(os.path.join(out, "metrics.json"))
+    assert json.load(open(os.path.join(out, "metrics.json")))["selection"] == \
+        json.load(open(os.path.join(straight_out, "metrics.json")))["selection"]
 
 
 def test_a_temporary_of_a_killed_cache_write_is_removed_at_the_next_start(tmp_path):

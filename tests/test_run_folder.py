@@ -245,7 +245,7 @@ def test_a_full_disk_names_the_file_and_how_to_resume(data_dir, tmp_path, monkey
 
     def savez(file, **arrays):
         saves.append(1)
-        if len(saves) == 3:                    # the save of epoch 2
+        if len(saves) == 4:                    # the save of epoch 2 (after epoch 1's best.npz)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_savez(file, **arrays)
     monkeypatch.setattr(np, "savez", savez)
@@ -284,7 +284,7 @@ def test_eval_uses_the_recorded_data_folder(run_dir, capsys):
     assert "the data folder recorded in the checkpoint" in captured.err
     got = json.loads(captured.out)
     want = json.load(open(os.path.join(run_dir, "metrics.json")))
-    assert {k: r["eer"] for k, r in got.items()} == {k: r["eer"] for k, r in want.items()}
+    assert {k: r["eer"] for k, r in got.items()} == {k: r["eer"] for k, r in want.items() if k != "selection"}
 
 
 def test_eval_says_when_the_recorded_data_folder_is_gone(copy, tmp_path, capsys):

@@ -50,13 +50,20 @@ def trained(data_dir, tmp_path_factory):
 
 def test_train_writes_its_folder_and_learns(trained):
     out, stdout = trained
-    for name in ("checkpoint.npz", "config.json", "metrics.jsonl", "metrics.json"):
+    for name in ("checkpoint.npz", "config.json", "metrics.jsonl", "metrics.json", "best.npz", "best.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert not [f for f in os.listdir(out) if f.startswith(".")]          # no temp files left
     log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
-    assert {"loss", "align", "opl", "ce", "lr", "samples_per_s"} <= set(log[0])
+    assert {"loss", "align", "opl", "ce", "lr", "samples_per_s",
+            "val/unseen/eer", "val/unseen/auc", "val/seen/eer", "val/seen/auc"} <= set(log[0])
+    assert not [k for k in log[0] if k.startswith("unseenunheard/")]     # no test list watched
     results = json.load(open(os.path.join(out, "metrics.json")))
+    selection = results.pop("selection")
+    best = min(log, key=lambda r: (r["val/unseen/eer"], r["epoch"]))
+    assert selection == {"rule": "val", "epoch": best["epoch"], "val_eer": best["val/unseen/eer"],
+                         "val_auc": best["val/unseen/auc"], "val_part": "unseen", "epochs_run": 4}
+    assert ckpt.load(os.path.join(out, "best.npz")).epoch == best["epoch"]
     assert set(results) == {f"{s}/{k}" for s in ("seenheard", "unseenunheard")
                             for k in ("random", "G", "N", "A", "GNA")}
     for r in results.values():
@@ -64,6 +71,7 @@ def test_train_writes_its_folder_and_learns(trained):
     assert results["unseenunheard/random"]["eer"] < 0.42           # chance is 0.5
     assert results["seenheard/random"]["eer"] < results["unseenunheard/random"]["eer"]
     assert "unseenunheard/random" in stdout and "epoch   4/4" in stdout
+    assert f"selected: epoch {best['epoch']} of 4 by rule val" in stdout
 
 
 def test_eval_reproduces_train_results(trained, data_dir):
@@ -72,6 +80,7 @@ def test_eval_reproduces_train_results(trained, data_dir):
     assert rc == 0, err
     got = json.loads(stdout)
     want = json.load(open(os.path.join(out, "metrics.json")))
+    want.pop("selection")
     for key in want:
         for metric in ("eer", "auc", "eer_official", "auc_official"):
             assert got[key][metric] == pytest.approx(want[key][metric], abs=1e-12)
