@@ -26,7 +26,7 @@ from .layers import (BatchNormCache, BatchNormState, L2NormalizeCache, LinearCac
                      l2_normalize_backward, l2_normalize_forward, linear_backward,
                      linear_forward, relu_backward, relu_forward, tanh_backward, tanh_forward)
 from .losses import (OrthogonalProjectionCache, SoftmaxCrossEntropyCache,
-                     SymmetricCrossEntropyCache, orthogonal_projection_backward,
+                     orthogonal_projection_backward,
                      orthogonal_projection_forward, softmax_cross_entropy_backward,
                      softmax_cross_entropy_forward, symmetric_cross_entropy_backward,
                      symmetric_cross_entropy_forward)

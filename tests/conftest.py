@@ -122,3 +122,24 @@ def small_batch(xp, B=8, seed=0):
 
 def to_xp(d, xp):
     return {k: xp.asarray(v) for k, v in d.items()}
+
+
+# --- end-to-end helpers for the command-line tests ---
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """FOP CSV files of a 24-identity synthetic world (32/16-d features, lists of
+    40 rows), written once per test module (a module may define its own)."""
+    from paeff_np.data.synth import make_synthetic, save_dir
+    d = tmp_path_factory.mktemp("tiny")
+    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40), d)
+    return str(d)
+
+
+def one_line_error(capsys, *words):
+    """What a user error leaves on stderr: one line holding ``words`` (notes aside)."""
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("note:")]
+    assert len(lines) == 1, lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]

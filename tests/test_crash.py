@@ -67,13 +67,6 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40), d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def straight(data_dir, tmp_path_factory):
     """An uninterrupted run, and the targets of its os.replace calls in order."""
     out = str(tmp_path_factory.mktemp("straight"))

@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import one_line_error
 from paeff_np import checkpoint as ckpt
 from paeff_np.cli import run as run_cli
-from paeff_np.data.synth import make_synthetic, save_dir
+from paeff_np.data.synth import make_synthetic
 from paeff_np.model import Config
 from paeff_np.training import Trainer, TrainingDiverged, TrainSettings
 
@@ -32,22 +33,6 @@ def train(*args):
 
 def evaluate(*args):
     return run_cli(lambda: eval_cli.main(list(map(str, args))), "eval.py")
-
-
-def one_line_error(capsys, *words):
-    """What a user error leaves on stderr: one line holding ``words``."""
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("note:")]
-    assert len(lines) == 1, lines
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40), d)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,18 @@ sees exactly what it would see from a real model.
 """
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import one_line_error
+
 from paeff_np import checkpoint as ckpt
 from paeff_np.cli import run as run_cli
 from paeff_np.data import TrainSet
 from paeff_np.data.split import MIN_VALIDATION_PAIRS, SplitError, split_validation
-from paeff_np.data.synth import make_synthetic, save_dir
+from paeff_np.data.synth import make_synthetic
 from paeff_np.training import Trainer, TrainSettings, selected_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,13 +39,6 @@ def evaluate(*args):
     return run_cli(lambda: eval_cli.main(list(map(str, args))), "eval.py")
 
 
-def one_line_error(capsys, *words):
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("note:")]
-    assert len(lines) == 1, lines
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def script(monkeypatch, val=VAL_EERS, test=TEST_EERS):
     """Replace the per-epoch figures by ``val`` (unseen part) and ``test`` (the monitor)."""
     monkeypatch.setattr(Trainer, "validate", lambda self: {"val/unseen/eer": val[self.epoch - 1],
@@ -54,13 +48,6 @@ def script(monkeypatch, val=VAL_EERS, test=TEST_EERS):
 
 def log_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40), d)
-    return str(d)
 
 
 def traced_train_set(n_classes=30, rows_per_class=(5, 40), seed=0):
