@@ -14,8 +14,6 @@ Everything runs on the host: inputs that are CuPy arrays are copied to NumPy.
 """
 
 import numpy as np
-from sklearn.metrics import auc as trapezoid_area
-from sklearn.metrics import roc_curve
 
 from .backend import to_host
 
@@ -67,8 +65,15 @@ def _check_pairs(dist, same):
     return dist, same
 
 
+def trapezoid_area(x, y):
+    """The area under a curve by the trapezoid rule (scikit-learn's ``auc``)."""
+    from sklearn.metrics import auc    # imported on first use: it takes ~1 s, a CLI start pays it once
+    return auc(x, y)
+
+
 def _exact_roc(dist, same):
     """Exact ROC over all distance thresholds (score = -distance)."""
+    from sklearn.metrics import roc_curve
     fpr, tpr, _ = roc_curve(same, -dist, drop_intermediate=False)
     return fpr, tpr
 
