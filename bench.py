@@ -124,12 +124,13 @@ def make_matmul_floor(dev, cfg, B, seed=0):
     return lambda: [x @ y for x, y in products]
 
 
-def make_step(dev, B, D, face_dim, voice_dim, K, seed=0):
+def make_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic"):
     """A training step on random data of these sizes: ``(cfg, step, parts)``,
     where ``step()`` runs one step and ``parts`` collects the (fwd+bwd, AdamW)
     seconds of each call."""
     xp = dev.xp
-    cfg = pn.Config(face_dim=face_dim, voice_dim=voice_dim, embed_dim=D, n_classes=K)
+    cfg = pn.Config(face_dim=face_dim, voice_dim=voice_dim, embed_dim=D, n_classes=K,
+                    alignment=alignment)
     params, buffers = pn.init_params(cfg, seed=seed, dtype=np.float32)
     _, params = flatten({k: xp.asarray(v) for k, v in params.items()})
     state = {"buffers": {k: xp.asarray(v) for k, v in buffers.items()}}
@@ -269,6 +270,17 @@ class ReferenceProduct:
                     ms_median=1e3 * statistics.median(self.times), samples=len(self.times))
 
 
+def compare_alignments(dev, B, repeats, warmup):
+    """PAEFF's step (hyperbolic alignment) and the Poincaré-distance step at the
+    main sizes, timed in turn: ``{ms_hyperbolic, ms_poincare, poincare_over_hyperbolic}``."""
+    sizes = (B, MAIN["embed_dim"], MAIN["face_dim"], MAIN["voice_dim"], MAIN["n_classes"])
+    _, hyperbolic, _ = make_step(dev, *sizes, alignment="hyperbolic")
+    _, poincare, _ = make_step(dev, *sizes, alignment="poincare")
+    times_h, times_p = timed_alternating(hyperbolic, poincare, dev.sync, repeats, warmup)
+    ms_h, ms_p = 1e3 * statistics.median(times_h), 1e3 * statistics.median(times_p)
+    return dict(batch=B, n=repeats, ms_hyperbolic=ms_h, ms_poincare=ms_p, poincare_over_hyperbolic=ms_p / ms_h)
+
+
 def measure_cases(dev, args, peak_flops):
     """The main case, the B × D scaling rows and AdamW alone."""
     quick = args.quick
@@ -280,6 +292,8 @@ def measure_cases(dev, args, peak_flops):
                           budget_s=2.0 if quick else 8.0, **sizes)
                for b in ((256,) if quick else SCALING_B) for d in SCALING_D]
     adamw = adamw_compare(dev, 5 if quick else 20)
+    main["alignments"] = compare_alignments(dev, main["batch"], repeats=3 if quick else 15,
+                                            warmup=1 if quick else 2)
     return main, scaling, adamw
 
 
@@ -300,6 +314,10 @@ def report_main(dev, main, adamw, ref, log):
         f"{ref.flops_per_s() / 1e9:.1f} GFLOP/s)")
     log(f"  AdamW alone ({adamw['n_params']:,} parameters): per-key dicts {adamw['per_key']:.2f} ms, "
         f"flat buffer {adamw['flat']:.2f} ms")
+    a = main["alignments"]
+    log(f"  alignment, the two steps timed in turn ({a['n']} each): PAEFF (hyperbolic) "
+        f"{a['ms_hyperbolic']:.1f} ms, Poincaré distance {a['ms_poincare']:.1f} ms "
+        f"= {a['poincare_over_hyperbolic']:.2f}x")
     if dev.name == "cuda":
         log("  CUDA-graph capture: not implemented yet")
 

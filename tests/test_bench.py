@@ -27,6 +27,7 @@ def test_bench_quick_cpu(tmp_path):
     assert cpu["device"] == "cpu" and [r["batch"] for r in cpu["scaling"]] == [256, 256, 256]
     assert cpu["main"]["flops_per_step"] > 0 and cpu["main"]["ratio"] > 0
     assert cpu["main"]["ms_floor"] > 0 and cpu["main"]["step_over_floor"] > 0
+    assert cpu["main"]["alignments"]["poincare_over_hyperbolic"] > 0 and "Poincaré distance" in proc.stdout
     assert data["environment"]["cupy_tf32"] == "1" and data["environment"]["cuda"] is None
 
 
