@@ -90,7 +90,7 @@ def project_forward(x, c):
     r = ball_radius(c)
     n = xp.maximum(_row_norm(x), MIN_NORM)
     outside = n > r
-    y = xp.where(outside, x * (r / n), x)
+    y = x * xp.where(outside, r / n, 1.0)      # the factor per row: x · 1 is x itself
     return y, ProjectCache(x, n, outside, r)
 
 
@@ -103,8 +103,13 @@ def project_backward(dy, cache):
     x, n, outside, r = cache
     xp = get_array_module(x)
     xhat = x / n
-    dx_out = (r / n) * (dy - xhat * (xhat * dy).sum(axis=1, keepdims=True))
-    return xp.where(outside, dx_out, dy)
+    # inside rows: ⟨x̂, dy⟩ := 0 and r/‖x‖ := 1, so dx = dy exactly (no where on B × D)
+    radial = xp.where(outside, (xhat * dy).sum(axis=1, keepdims=True), 0.0)
+    dx = xhat
+    xp.multiply(xhat, radial, out=dx)
+    xp.subtract(dy, dx, out=dx)
+    dx *= xp.where(outside, r / n, 1.0)
+    return dx
 
 
 # --- Riemannian gradient scaling ---

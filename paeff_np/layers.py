@@ -230,13 +230,14 @@ def gelu_forward(x):
     Derivation: docs/math.md §5.
     """
     xp = get_array_module(x)
-    cdf = xp.empty_like(x)
+    cdf, y = xp.empty_like(x), xp.empty_like(x)
 
     def block(rows):
         cdf[rows] = 0.5 * erfc(-x[rows] * SQRT_HALF)
+        xp.multiply(x[rows], cdf[rows], out=y[rows])
 
     for_row_blocks(block, x.shape[0], x.size // max(1, x.shape[0]), xp)
-    return x * cdf, GeluCache(x, cdf)
+    return y, GeluCache(x, cdf)
 
 
 def gelu_backward(dy, cache):
@@ -253,7 +254,7 @@ def gelu_backward(dy, cache):
 # --- sigmoid, tanh ---
 
 def sigmoid_forward(x):
-    """``σ(x) = 1/(1 + e^{−x})``; ``x``: any shape. The cache is the output σ.
+    """``σ(x) = 1/(1 + e^{−x})``; ``x``: any shape with at least one axis. The cache is the output σ.
 
     Evaluated with ``t = e^{−|x|} ≤ 1`` as ``1/(1 + t)`` for x ≥ 0 and
     ``t/(1 + t)`` for x < 0: no overflow, and full relative precision in both
@@ -262,8 +263,18 @@ def sigmoid_forward(x):
     Derivation: docs/math.md §6.
     """
     xp = get_array_module(x)
-    t = xp.exp(-xp.abs(x))
-    s = xp.where(x >= 0, 1.0, t) / (1.0 + t)
+    s = xp.empty_like(x)
+
+    def block(rows):                    # in row blocks on threads
+        xr, sr = x[rows], s[rows]
+        t = xp.exp(-xp.abs(xr))
+        # the numerator, 1 for x ≥ 0 and t for x < 0, as max(t, [x ≥ 0]) (t ≤ 1):
+        # the same values as xp.where, without its branch on a random sign
+        xp.maximum(t, xr >= 0, out=sr)
+        t += 1.0
+        sr /= t
+
+    for_row_blocks(block, x.shape[0], x.size // max(1, x.shape[0]), xp)
     return s, s
 
 
@@ -314,7 +325,7 @@ def conv1d_forward(x, w, b):
     pad = (k - 1) // 2
     D = x.shape[2]
     xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad))) if pad else x
-    y = xp.zeros((x.shape[0], D), dtype=x.dtype) + b[0]
+    y = xp.full((x.shape[0], D), b[0], dtype=x.dtype)
     for c in range(C):
         for j in range(k):
             y += w[0, c, j] * xpad[:, c, j:j + D]

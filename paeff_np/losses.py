@@ -182,18 +182,19 @@ class OrthogonalProjectionCache(NamedTuple):
     normalize: L2NormalizeCache
 
 
-def opl_masks(y, rows, dtype):
+def opl_masks(y, rows):
     """Rows ``rows`` (a slice) of M⁺ (same label, off the diagonal) and M⁻
-    (other label), each ``len(rows) × B`` of ``dtype``; ``y``: (B,) labels.
+    (other label), each a boolean ``len(rows) × B`` array (a ufunc reads
+    True/False as 1/0); ``y``: (B,) labels.
 
     Derivation: docs/math.md §11.
     """
     xp = get_array_module(y)
-    same = y[rows, None] == y[None, :]
-    m_pos = same.astype(dtype)
+    m_pos = y[rows, None] == y[None, :]
+    m_neg = ~m_pos
     i = xp.arange(rows.start, rows.stop)
-    m_pos[i - rows.start, i] = 0
-    return m_pos, (~same).astype(dtype)
+    m_pos[i - rows.start, i] = False
+    return m_pos, m_neg
 
 
 def orthogonal_projection_forward(z, y, gamma):
@@ -211,9 +212,11 @@ def orthogonal_projection_forward(z, y, gamma):
     G = zhat @ zhat.T
 
     def block_sums(rows):               # ΣM⁺, ΣM⁻, Σ M⁺⊙G, Σ |M⁻⊙G| over these rows
-        m_pos, m_neg = opl_masks(y, rows, G.dtype)
+        m_pos, m_neg = opl_masks(y, rows)
         g = G[rows]
-        return xp.stack([m_pos.sum(), m_neg.sum(), (m_pos * g).sum(), xp.abs(m_neg * g).sum()])
+        neg = xp.multiply(m_neg, g)
+        return xp.stack([m_pos.sum(dtype=G.dtype), m_neg.sum(dtype=G.dtype),
+                         xp.multiply(m_pos, g).sum(), xp.abs(neg, out=neg).sum()])
 
     n_pos, n_neg, pos_sum, neg_sum = sum(for_row_blocks(block_sums, len(y), len(y), xp))
     w_pos = 1.0 / (n_pos + OPL_EPS)
@@ -234,7 +237,7 @@ def orthogonal_projection_backward(dloss, cache):
     dG = xp.empty_like(G)
 
     def block(rows):
-        m_pos, m_neg = opl_masks(y, rows, G.dtype)
+        m_pos, m_neg = opl_masks(y, rows)
         d = dG[rows]
         xp.sign(G[rows], out=d)
         d *= m_neg

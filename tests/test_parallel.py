@@ -5,7 +5,7 @@ import pytest
 
 import paeff_np.parallel as parallel
 from paeff_np.gradcheck import relative_error
-from paeff_np.layers import gelu_backward, gelu_forward
+from paeff_np.layers import gelu_backward, gelu_forward, sigmoid_backward, sigmoid_forward
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
                              softmax_cross_entropy_backward, softmax_cross_entropy_forward,
                              symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
@@ -55,6 +55,8 @@ def _ops(B=300, D=7, seed=0):
     out["ce"], out["ce/ds"] = loss, softmax_cross_entropy_backward(0.35, cache)
     y, cache = gelu_forward(x)
     out["gelu"], out["gelu/dx"] = y, gelu_backward(np.ones_like(y), cache)
+    s, cache = sigmoid_forward(x * 10)
+    out["sigmoid"], out["sigmoid/dx"] = s, sigmoid_backward(np.ones_like(s), cache)
     return out
 
 
