@@ -1,6 +1,6 @@
 """Train PAEFF (or an ablation of it) and print the results table.
 
-    python train.py                         # the synthetic default, ~1 minute on 2 cores
+    python train.py                         # the synthetic default, about 12 s on 2 cores
     python train.py --data-dir feats/ --preset paper
     python train.py --resume runs/20261125-101500 --epochs 30
     python train.py --ablation              # the paper's Tables 3 and 4 on one data set
@@ -31,7 +31,7 @@ from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECT
 from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
-    # tuned for the built-in synthetic world: a full run in about a minute on 2 cores
+    # tuned for the built-in synthetic world: a full run in about 12 s on 2 cores
     "quick": dict(epochs=15, lr=1e-3, batch_size=256, embed_dim=128),
     "paper": PAPER_RECIPE,           # docs/spec.md §4
 }
