@@ -47,6 +47,14 @@ def small_batch(B=8, seed=0):
     return face, voice, np.array([0, 1, 2, 0, 1, 2, 0, 1])[:B]
 
 
+def save_figure(plt, fig, out, name, tight=True, **savefig_args):
+    """Lay out (``tight``), write ``out/name`` at 110 dpi, and close ``fig``."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110, **savefig_args)
+    plt.close(fig)
+
+
 # --- 1. check_layer on every op ------------------------------------------------
 
 def check_every_op():
@@ -71,9 +79,7 @@ def plot_check_every_op(plt, results, out):
     ax.set_xlabel("worst normwise relative error, analytic vs finite difference")
     ax.set_title("check_layer on every op (float64)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "check_every_op.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "check_every_op.png")
 
 
 # --- 2. finite-difference error against h --------------------------------------
@@ -123,9 +129,7 @@ def plot_fd(plt, data, out):
     ax.set_ylabel("relative error of the derivative")
     ax.set_title("Finite-difference error against h: the V\n(one weight of the whole PAEFF loss, float64)")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "fd_error_vs_h.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "fd_error_vs_h.png")
 
 
 # --- 3. the bias before a train-mode BatchNorm --------------------------------
@@ -246,9 +250,7 @@ def plot_equivalence(plt, data, out):
     ax.set_title("Hyperbolic alignment (c = 0.05, τ = 0.07, Riemannian scaling on)\n"
                  "vs Euclidean alignment: every gradient, float64")
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "hyperbolic_equals_euclidean.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "hyperbolic_equals_euclidean.png")
 
 
 # --- 5. GELU and sigmoid in the tails -------------------------------------------
@@ -297,9 +299,7 @@ def plot_tails(plt, data, out):
     ax2.set_xlabel("x")
     ax2.set_title("Sigmoid: the derivative's error grows like ε·eˣ")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "gelu_sigmoid_tails.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "gelu_sigmoid_tails.png")
 
 
 # --- 6. the Poincaré ball: where PAEFF operates ------------------------------------
@@ -365,8 +365,7 @@ def plot_poincare(plt, info, out):
     ax2.set_title("Where each guard acts, on one number line")
     for side in ("left", "right", "top"):
         ax2.spines[side].set_visible(False)
-    fig.savefig(os.path.join(out, "poincare_operating_point.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "poincare_operating_point.png", tight=False)
 
 
 def plot_riemannian_factor(plt, info, out):
@@ -383,9 +382,7 @@ def plot_riemannian_factor(plt, info, out):
     ax.set_ylabel("factor applied to dL/dp")
     ax.set_title("The Riemannian scaling against ‖p‖ (c = 0.05)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "riemannian_factor.png"), dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, out, "riemannian_factor.png")
 
 
 # --- 7. the computational graph -------------------------------------------------
@@ -424,8 +421,7 @@ def plot_graph(plt, out):
             "de_f = (from fusion) + α₁·(from L_A),  dz = α₂·(from L_OP) + (from the logits)",
             fontsize=9, color="tab:orange")
     ax.set_title("The PAEFF loss as a computational graph")
-    fig.savefig(os.path.join(out, "computational_graph.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(plt, fig, out, "computational_graph.png", tight=False, bbox_inches="tight")
 
 
 # --- 8. a worked example and the values at initialisation ------------------------
