@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,6 +21,7 @@ import paeff_np as pn  # noqa: E402
 from paeff_np import hyperbolic, layers, losses  # noqa: E402
 from paeff_np.gradcheck import TOLERANCE  # noqa: E402
 from paeff_np.gradcheck.cases import OP_CASES  # noqa: E402
+from paeff_np.model import euclidean_equivalent  # noqa: E402
 
 C = 0.05            # the paper's curvature
 TAU = 0.07          # the paper's temperature
@@ -28,11 +30,6 @@ SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 
 def say(title):
     print(f"\n== {title} ==")
-
-
-def ball_scale(c):
-    """s = tanh(√c)/√c: ‖expmap0(e)‖ for a unit row e."""
-    return math.tanh(math.sqrt(c)) / math.sqrt(c)
 
 
 def riemannian_factor(c, p_norm):
@@ -206,15 +203,13 @@ def plot_bn_bias(plt, data, out):
 # --- 4. hyperbolic ≡ rescaled Euclidean ------------------------------------------
 
 def hyperbolic_equals_euclidean():
-    s = ball_scale(C)
-    k = riemannian_factor(C, s)
+    s = hyperbolic.unit_row_ball_norm(C)
+    k = hyperbolic.unit_row_riemannian_factor(C)
     say("the hyperbolic alignment is the Euclidean one with τ/ρ² and α₁·κ")
     print(f"  c = {C}: ρ = tanh(√c)/√c = {s:.5f};  τ/ρ² = {TAU / s ** 2:.5f};"
           f"  κ = (1 − cρ²)²/4 = {k:.5f}")
     cfg_h = pn.Config(**SMALL, dropout=0.4)
-    a1, a2, a3 = cfg_h.loss_weights
-    cfg_e = pn.Config(**SMALL, dropout=0.4, alignment="euclidean", temperature=TAU / s ** 2,
-                      loss_weights=(a1 * k, a2, a3))
+    cfg_e = euclidean_equivalent(cfg_h)                 # τ/ρ², α₁·κ
     params, buffers = pn.init_params(cfg_h, seed=1, dtype=np.float64)
     face, voice, labels = small_batch()
     _, t_h, g_h, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_h,
@@ -227,7 +222,7 @@ def hyperbolic_equals_euclidean():
     print(f"  worst gradient difference over all {len(diffs)} parameters: {max(diffs.values()):.1e}"
           " (relative to the largest gradient)")
     # the same comparison with the plain temperature τ, to show that the rescaling matters
-    cfg_plain = pn.Config(**SMALL, dropout=0.4, alignment="euclidean", loss_weights=(a1 * k, a2, a3))
+    cfg_plain = replace(cfg_e, temperature=TAU)
     _, _, g_p, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_plain,
                                      rng=np.random.default_rng(3))
     plain = {n: float(np.abs(g_h[n] - g_p[n]).max() / scale) for n in g_h}
@@ -306,7 +301,7 @@ def plot_tails(plt, data, out):
 
 def poincare_operating_point():
     say("the Poincaré ball at c = 0.05: PAEFF's operating point and the clamps")
-    s = ball_scale(C)
+    s = hyperbolic.unit_row_ball_norm(C)
     radius = 1 / math.sqrt(C)
     proj_r = hyperbolic.ball_radius(C)
     u_proj = math.atanh(1 - hyperbolic.BALL_EPS) / math.sqrt(C)

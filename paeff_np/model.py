@@ -12,7 +12,7 @@ place of arrays: ``branch_forward`` and ``fusion_forward`` return
 cache)`` returns a dict of gradients keyed like the parameters.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,7 +20,8 @@ import numpy as np
 from .backend import get_array_module
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
                      gated_fusion_forward)
-from .hyperbolic import ToBallCache, to_ball_backward, to_ball_forward
+from .hyperbolic import (ToBallCache, to_ball_backward, to_ball_forward, unit_row_ball_norm,
+                         unit_row_riemannian_factor)
 from .layers import (BatchNormCache, BatchNormState, L2NormalizeCache, LinearCache,
                      batchnorm_backward, batchnorm_forward, dropout_backward, dropout_forward,
                      l2_normalize_backward, l2_normalize_forward, linear_backward,
@@ -100,6 +101,24 @@ class Config:
 
 
 # --- parameters and buffers ---
+
+def euclidean_equivalent(cfg):
+    """The Euclidean Config whose loss terms and gradients equal those of the
+    hyperbolic ``cfg``: temperature ``τ/ρ²`` and, with the Riemannian scaling,
+    alignment weight ``α₁·κ`` (ρ, κ: ``unit_row_ball_norm``,
+    ``unit_row_riemannian_factor``). Every row of e has norm 1, so the ball
+    only rescales the dot products.
+
+    Derivation: docs/math.md §16.
+    """
+    if cfg.alignment != "hyperbolic":
+        raise ValueError(f"euclidean_equivalent: alignment is {cfg.alignment!r}, not 'hyperbolic'")
+    rho = unit_row_ball_norm(cfg.curvature)
+    kappa = unit_row_riemannian_factor(cfg.curvature) if cfg.riemannian_grad else 1.0
+    a1, a2, a3 = cfg.loss_weights
+    return replace(cfg, alignment="euclidean", temperature=cfg.temperature / rho ** 2,
+                   loss_weights=(a1 * kappa, a2, a3))
+
 
 BRANCHES = ("face_branch.fc1.", "voice_branch.fc1.")
 GATED = "fusion_layer.attention."

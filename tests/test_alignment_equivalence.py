@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
+from paeff_np.hyperbolic import unit_row_ball_norm, unit_row_riemannian_factor
+from paeff_np.model import euclidean_equivalent
 
 SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 TOL = 1e-13          # measured worst ≈ 2e-15 (float64)
@@ -19,31 +21,12 @@ VARIANTS = [dict(), dict(egff_kernel=5, egff_mix="raw"), dict(egff_gate="concat"
             dict(fusion="gated")]
 
 
-def ball_scale(c):
-    """ρ = tanh(√c)/√c: the norm of expmap0(e) for a unit row e."""
-    return math.tanh(math.sqrt(c)) / math.sqrt(c)
-
-
-def riemannian_factor(c):
-    """κ = (1 − cρ²)²/4 = sech⁴(√c)/4: the same for every row."""
-    return (1.0 - c * ball_scale(c) ** 2) ** 2 / 4.0
-
-
 def test_constants_at_paper_curvature():
-    assert ball_scale(0.05) == pytest.approx(0.98366, abs=5e-6)
-    assert 0.07 / ball_scale(0.05) ** 2 == pytest.approx(0.07234, abs=5e-6)
-    assert riemannian_factor(0.05) == pytest.approx(0.22640, abs=5e-6)
-    assert riemannian_factor(0.05) == pytest.approx(1.0 / math.cosh(math.sqrt(0.05)) ** 4 / 4, rel=1e-14)
-
-
-def euclidean_twin(cfg):
-    """The Euclidean Config with the same loss and gradients as hyperbolic ``cfg``."""
-    s = ball_scale(cfg.curvature)
-    a1, a2, a3 = cfg.loss_weights
-    k = riemannian_factor(cfg.curvature) if cfg.riemannian_grad else 1.0
-    twin = {**cfg.to_dict(), "alignment": "euclidean", "temperature": cfg.temperature / s ** 2,
-            "loss_weights": (a1 * k, a2, a3)}
-    return pn.Config.from_dict(twin)
+    assert unit_row_ball_norm(0.05) == pytest.approx(0.98366, abs=5e-6)
+    assert 0.07 / unit_row_ball_norm(0.05) ** 2 == pytest.approx(0.07234, abs=5e-6)
+    assert unit_row_riemannian_factor(0.05) == pytest.approx(0.22640, abs=5e-6)
+    assert unit_row_riemannian_factor(0.05) == pytest.approx(1.0 / math.cosh(math.sqrt(0.05)) ** 4 / 4,
+                                                             rel=1e-14)
 
 
 def batch(seed=0, B=8):
@@ -59,7 +42,7 @@ def batch(seed=0, B=8):
 def test_hyperbolic_alignment_is_rescaled_euclidean(variant, riemannian_grad, curvature, temperature):
     cfg_h = pn.Config(**SMALL, **variant, alignment="hyperbolic", curvature=curvature,
                       temperature=temperature, riemannian_grad=riemannian_grad, dropout=0.4)
-    cfg_e = euclidean_twin(cfg_h)
+    cfg_e = euclidean_equivalent(cfg_h)
     params, buffers = pn.init_params(cfg_h, seed=1, dtype=np.float64)
     face, voice, labels = batch()
     loss_h, terms_h, grads_h, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg_h,

@@ -99,7 +99,7 @@ class LossCase:
         if cfg.alignment == "hyperbolic" and cfg.riemannian_grad:
             a1, a2, a3 = cfg.loss_weights
             reference = replace(cfg, riemannian_grad=False,
-                                loss_weights=(a1 * riemannian_constant(cfg.curvature), a2, a3))
+                                loss_weights=(a1 * hyperbolic.unit_row_riemannian_factor(cfg.curvature), a2, a3))
 
         def loss():
             return loss_and_grads(params, buffers, face, voice, y, reference,
@@ -110,12 +110,6 @@ class LossCase:
         for k in sorted(zero):
             report[k + EXACT_ZERO] = float(xp.abs(grads[k]).max())
         return report
-
-
-def riemannian_constant(c):
-    """``κ = (1 − cρ²)²/4`` with ``ρ = tanh(√c)/√c``: the Riemannian factor of a unit row."""
-    rho = math.tanh(math.sqrt(c)) / math.sqrt(c)
-    return (1.0 - c * rho * rho) ** 2 / 4.0
 
 
 def tolerance_of(case, key):
