@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paeff_np as pn                                    # noqa: E402
 from paeff_np import envinfo                             # noqa: E402
 from paeff_np.atomic import write_json                   # noqa: E402
-from paeff_np.backend import default_rng, probe_gpu      # noqa: E402
+from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.training import PAPER_RECIPE               # noqa: E402
@@ -398,6 +398,7 @@ def main(argv=None):
         print(f"bench.py: error: {reason}", file=sys.stderr)
         return 2
     env = envinfo.environment(cupy)
+    env["keep_freed_memory"] = keep_freed_memory()      # as train.py and eval.py run
     for line in envinfo.summary_lines(env):
         log(line)
     if reason is not None and args.device == "all":

@@ -5,7 +5,8 @@ import os
 import sys
 
 from .atomic import remove_stale_temporaries
-from .backend import GPUUnavailable
+from .backend import GPUUnavailable, keep_freed_memory
+from .parallel import n_threads
 from .checkpoint import CheckpointError
 from .training import TrainingDiverged
 from .data import DataError, load_dir
@@ -25,7 +26,16 @@ SYNTHETIC_DEFAULT = dict(n_identities=300, seed=0)
 
 
 def run(main, prog):
-    """Call ``main()``; a user error becomes ``prog: error: ...`` and exit 2."""
+    """Call ``main()``; a user error becomes ``prog: error: ...`` and exit 2.
+
+    First, the allocator keeps freed memory for the next step (``keep_freed_memory``).
+    """
+    keep_freed_memory()
+    try:
+        n_threads()
+    except ValueError as exc:           # PAEFF_ROW_THREADS set to something else than a number
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return main() or 0
     except KeyboardInterrupt:

@@ -106,6 +106,10 @@ def summary_lines(env):
                            for k, v in env["openblas_env"].items()))
     if any(v is not None for v in env["openblas_env"].values()):
         lines.append("WARNING: " + OPENBLAS_ADVICE)
+    if "keep_freed_memory" in env:
+        lines.append("allocator: " + ("glibc keeps freed memory (backend.keep_freed_memory), as in train.py"
+                                      if env["keep_freed_memory"] else
+                                      "the platform's default (keep_freed_memory is glibc only)"))
     busy = env["cpu_busy_before"]
     if busy is not None:
         lines.append(f"CPU busy over 1 s before the run (other processes): {100 * busy:.0f}%")

@@ -8,7 +8,9 @@ the total, a scalar). Derivations: ``docs/math.md``.
 import functools
 from typing import Any, NamedTuple
 
-from .backend import get_array_module
+import numpy as np
+
+from .backend import get_array_module, to_host
 from .layers import L2NormalizeCache, l2_normalize_backward, l2_normalize_forward
 from .parallel import for_row_blocks
 
@@ -175,26 +177,41 @@ def symmetric_cross_entropy_backward(dloss, cache):
 class OrthogonalProjectionCache(NamedTuple):
     zhat: Any           # B × D, the normalised rows
     G: Any              # B × B, ẑẑᵀ
-    y: Any              # (B,) labels: M⁺ and M⁻ are rebuilt from them, a block at a time
+    pairs: Any          # (i, j): the entries of M⁺ (same_label_pairs)
     w_pos: Any          # 1/(ΣM⁺ + ε)
     w_neg: Any          # 1/(ΣM⁻ + ε)
     gamma: float
     normalize: L2NormalizeCache
 
 
-def opl_masks(y, rows):
-    """Rows ``rows`` (a slice) of M⁺ (same label, off the diagonal) and M⁻
-    (other label), each a boolean ``len(rows) × B`` array (a ufunc reads
-    True/False as 1/0); ``y``: (B,) labels.
+def same_label_pairs(y):
+    """The entries of M⁺ (same label, off the diagonal) as two index arrays
+    ``(i, j)``, every ordered pair once; ``y``: (B,) integer labels.
+
+    M⁻ is everything else off the diagonal. A batch drawn from many identities
+    has few same-label pairs (B = 1024 rows of 901 identities: about 500
+    of the 10⁶ entries), so M⁺ is kept as this list and no B × B mask is built.
+    Sorting puts each label's rows side by side; a group of n rows gives its
+    n² (position, partner) combinations, less the n with itself. Computed on
+    the host: B labels are a few kilobytes.
 
     Derivation: docs/math.md §11.
     """
     xp = get_array_module(y)
-    m_pos = y[rows, None] == y[None, :]
-    m_neg = ~m_pos
-    i = xp.arange(rows.start, rows.stop)
-    m_pos[i - rows.start, i] = False
-    return m_pos, m_neg
+    labels = to_host(y)
+    n = len(labels)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts_group = np.concatenate([[True], sorted_labels[1:] != sorted_labels[:-1]])
+    group = np.cumsum(starts_group) - 1                       # group of each sorted position
+    group_start = np.flatnonzero(starts_group)
+    group_size = np.diff(np.append(group_start, n))
+    partners = group_size[group]                              # rows in my group, me included
+    first = np.repeat(np.arange(n), partners)                 # sorted position, once per partner
+    rank = np.arange(len(first)) - np.repeat(np.cumsum(partners) - partners, partners)
+    second = np.repeat(group_start[group], partners) + rank   # each partner of that position
+    distinct = first != second
+    return xp.asarray(order[first[distinct]]), xp.asarray(order[second[distinct]])
 
 
 def orthogonal_projection_forward(z, y, gamma):
@@ -202,27 +219,33 @@ def orthogonal_projection_forward(z, y, gamma):
     ``pos = Σ M⁺⊙G/(ΣM⁺ + 1e-6)``, ``neg = Σ |M⁻⊙G|/(ΣM⁻ + 1e-6)``,
     ``L = 1 − pos + γ·neg``; ``z``: B × D, ``y``: (B,) labels.
 
-    The four sums run over row blocks of G (``for_row_blocks``), the masks
-    built for each block from the labels: no B × B mask is kept.
+    M⁺ is a list of index pairs (``same_label_pairs``): ``Σ M⁺⊙G`` gathers
+    them, ``Σ |M⁻⊙G|`` sums |G| with those entries and the diagonal set to 0.
+    ``ΣM⁺`` is the length of the list and ``ΣM⁻ = B² − B − ΣM⁺``.
+
+    G is a general matrix product of ẑ with a copy of ẑ: for ``ẑ @ ẑ.T`` NumPy
+    calls the BLAS's symmetric rank-k update (syrk), which does half the
+    arithmetic but, in OpenBLAS on two cores, takes 1.6× as long as the full
+    product (4.6 ms against 2.8 ms at B = 1024, D = 256).
 
     Derivation: docs/math.md §11 (worked by hand: §0.2).
     """
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
-    G = zhat @ zhat.T
-
-    def block_sums(rows):               # ΣM⁺, ΣM⁻, Σ M⁺⊙G, Σ |M⁻⊙G| over these rows
-        m_pos, m_neg = opl_masks(y, rows)
-        g = G[rows]
-        neg = xp.multiply(m_neg, g)
-        return xp.stack([m_pos.sum(dtype=G.dtype), m_neg.sum(dtype=G.dtype),
-                         xp.multiply(m_pos, g).sum(), xp.abs(neg, out=neg).sum()])
-
-    n_pos, n_neg, pos_sum, neg_sum = sum(for_row_blocks(block_sums, len(y), len(y), xp))
+    G = zhat @ zhat.copy().T            # not zhat @ zhat.T: see the note below
+    n = len(y)
+    i, j = same_label_pairs(y)
+    n_pos = xp.asarray(len(i), dtype=G.dtype)
+    n_neg = xp.asarray(n * n - n - len(i), dtype=G.dtype)
+    pos_sum = G[i, j].sum()
+    abs_neg = xp.abs(G)                 # |G| on M⁻: zero on M⁺ and on the diagonal
+    abs_neg[i, j] = 0.0
+    xp.fill_diagonal(abs_neg, 0.0)
+    neg_sum = abs_neg.sum()
     w_pos = 1.0 / (n_pos + OPL_EPS)
     w_neg = 1.0 / (n_neg + OPL_EPS)
     loss = 1.0 - pos_sum * w_pos + gamma * (neg_sum * w_neg)
-    return loss, OrthogonalProjectionCache(zhat, G, y, w_pos, w_neg, gamma, cache_norm)
+    return loss, OrthogonalProjectionCache(zhat, G, (i, j), w_pos, w_neg, gamma, cache_norm)
 
 
 def orthogonal_projection_backward(dloss, cache):
@@ -230,20 +253,16 @@ def orthogonal_projection_backward(dloss, cache):
     (G and both masks are symmetric, so dG is), then back through the
     normalisation; times ``dloss``.
 
+    dG is ``γ sign(G)/(ΣM⁻+ε)`` everywhere, then the entries of M⁺ are set to
+    ``−1/(ΣM⁺+ε)`` and the diagonal to 0.
+
     Derivation: docs/math.md §11.
     """
-    zhat, G, y, w_pos, w_neg, gamma, cache_norm = cache
+    zhat, G, (i, j), w_pos, w_neg, gamma, cache_norm = cache
     xp = get_array_module(zhat)
-    dG = xp.empty_like(G)
-
-    def block(rows):
-        m_pos, m_neg = opl_masks(y, rows)
-        d = dG[rows]
-        xp.sign(G[rows], out=d)
-        d *= m_neg
-        d *= gamma * w_neg              # γ M⁻⊙sign(G)/(ΣM⁻+ε)
-        d -= w_pos * m_pos
-
-    for_row_blocks(block, len(y), len(y), xp)
+    dG = xp.sign(G)
+    dG *= gamma * w_neg
+    dG[i, j] = -w_pos
+    xp.fill_diagonal(dG, 0.0)
     dzhat = 2.0 * (dG @ zhat)
     return dloss * l2_normalize_backward(dzhat, cache_norm)

@@ -1,12 +1,9 @@
-"""Threads over row blocks, for the elementwise work of the NumPy path.
+"""Row blocks, for the elementwise work of the NumPy path.
 
-A matrix product already runs on every core (BLAS has its own threads); the
-elementwise passes around it (exp, sign, masks, sums over a B × B matrix,
-erfc over a B × D one) run on one. NumPy and SciPy release the GIL inside
-their ufunc loops and reductions, so cutting the rows into blocks and handing
-the blocks to a few threads puts the other cores to work, and a block small
-enough to stay in cache runs several passes for the price of one trip to
-memory::
+A pass over a B × B float32 matrix (4 MiB at B = 1024) does not fit in a
+core's L2 cache; a softmax makes several such passes (subtract, exp, sum,
+divide). Cutting the rows into blocks of about 256 KiB lets each block run all
+its passes while it stays in cache, and keeps the temporaries block-sized::
 
     def block(rows):                       # rows: a slice of the first axis
         xp.exp(S[rows], out=E[rows])       # writes only its own rows
@@ -15,9 +12,17 @@ memory::
     partial_sums = for_row_blocks(block, n_rows=S.shape[0], row_size=S.shape[1], xp=xp)
     col_sum = sum(partial_sums)
 
+The blocks depend only on the array's shape, so the results are the same bits
+however the blocks are run. By default they run one after the other on the
+calling thread. ``PAEFF_ROW_THREADS=N`` hands them to N threads (NumPy
+releases the GIL inside its loops); on the 2-core machine this was measured
+slower, 110 ms per step against 98 ms, because OpenBLAS's worker keeps
+spinning on the second core after each matrix product and the hand-offs cost
+more than the blocks gain.
+
 Rules for ``fn``: it writes only its own rows, calls no matrix product (that
 would fight BLAS's threads) and no ``for_row_blocks`` (the pool is shared).
-On CuPy, and for arrays too small to pay for a thread, ``fn`` is called once
+On CuPy, and for arrays too small to be worth cutting, ``fn`` is called once
 with all the rows: the same code, the same meaning.
 """
 import contextvars
@@ -27,17 +32,19 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 BLOCK_ELEMENTS = 1 << 16    # 256 KiB of float32 per block: a few such blocks stay in L2
-MIN_ELEMENTS = 1 << 15      # below this, one call: a thread's hand-off costs more than it saves
+MIN_ELEMENTS = 1 << 15      # below this, one call: the array fits in cache whole
 
 _POOL = None
 
 
 def n_threads():
-    """The cores this process may run on (``os.sched_getaffinity`` where it exists)."""
+    """Threads for the row blocks: ``PAEFF_ROW_THREADS`` (default 1: the blocks
+    run one after the other on the calling thread)."""
+    value = os.environ.get("PAEFF_ROW_THREADS", "1")
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"PAEFF_ROW_THREADS must be a whole number, got {value!r}") from None
 
 
 def _pool():
@@ -55,16 +62,17 @@ def row_blocks(n_rows, row_size):
 
 
 def for_row_blocks(fn, n_rows, row_size, xp=np):
-    """``[fn(rows) for rows in row_blocks(n_rows, row_size)]``, the blocks run on
-    a thread pool; the results in block order.
+    """``[fn(rows) for rows in row_blocks(n_rows, row_size)]``, in block order;
+    on ``n_threads()`` threads when that is more than 1.
 
-    ``xp`` is the array module of the arrays ``fn`` touches: on CuPy (and when
-    there is one core, or fewer than ``MIN_ELEMENTS`` elements) the result is
-    ``[fn(slice(0, n_rows))]``.
+    ``xp`` is the array module of the arrays ``fn`` touches: on CuPy (and for
+    fewer than ``MIN_ELEMENTS`` elements) the result is ``[fn(slice(0, n_rows))]``.
     """
-    if xp is not np or n_threads() == 1 or n_rows * row_size < MIN_ELEMENTS:
+    if xp is not np or n_rows * row_size < MIN_ELEMENTS:
         return [fn(slice(0, n_rows))]
     blocks = row_blocks(n_rows, row_size)
+    if n_threads() == 1:
+        return [fn(rows) for rows in blocks]
     # each block runs in a copy of the caller's context: np.errstate (a context
     # variable) holds in the threads as it does in the caller
     contexts = [contextvars.copy_context() for _ in blocks]

@@ -6,7 +6,7 @@ does catch, on every CI run and without a GPU, is a host/device leak: library
 code that hands a device array to NumPy, or mixes host and device arrays.
 
 ``install(monkeypatch)`` puts this module in ``sys.modules`` as ``cupy`` (and
-``erfc`` as ``cupyx.scipy.special``) and forgets the backend's probe, so that
+``ndtr`` as ``cupyx.scipy.special``) and forgets the backend's probe, so that
 ``device="cuda"`` runs every CuPy branch of the library on :class:`ndarray`,
 which enforces what CuPy's arrays enforce:
 
@@ -260,9 +260,9 @@ _runtime = types.SimpleNamespace(
 cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 
 
-def erfc(x):
+def ndtr(x):
     import scipy.special
-    return _wrap(scipy.special.erfc(_unwrap(x)))
+    return _wrap(scipy.special.ndtr(_unwrap(x)))
 
 
 def install(monkeypatch):
@@ -270,7 +270,7 @@ def install(monkeypatch):
     the rest of the test, with the backend's probe and kernels forgotten."""
     from paeff_np import backend
     this = sys.modules[__name__]
-    special = types.SimpleNamespace(erfc=erfc)
+    special = types.SimpleNamespace(ndtr=ndtr)
     cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(special=special))
     for name, module in (("cupy", this), ("cupyx", cupyx), ("cupyx.scipy", cupyx.scipy),
                          ("cupyx.scipy.special", special)):

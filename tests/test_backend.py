@@ -159,3 +159,15 @@ def test_cupy_half_skips_with_the_reason_or_fails_when_required(tmp_path):
     assert "1 passed, 1 error" in required.stdout          # failed in the xp fixture
     assert "PAEFF_REQUIRE_GPU=1 but no usable GPU" in required.stdout
     assert "libcudart.so.12 not found" in required.stdout
+
+
+def test_keep_freed_memory_where_glibc_has_mallopt():
+    import platform
+    assert backend.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_command_lines_keep_freed_memory(monkeypatch):
+    from paeff_np import cli
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    assert cli.run(lambda: 0, "x.py") == 0 and calls == [1]

@@ -31,7 +31,7 @@ def test_egff_formula_paper_and_code_mix(xp):
     g = expit(0.7 * f_hat * v_hat - 0.2)
     for mix, (a, c) in {"activated": (f_hat, v_hat), "raw": (e_f, e_v)}.items():
         (m, ef_out, ev_out), _ = egff_forward(*(xp.asarray(t) for t in (e_f, e_v, w, b)), "product", mix)
-        # CuPy tolerance: erfc ≤ 5 ulp (f̂, v̂), exp ≤ 1 ulp (σ): ≲ 12 ulp ≈ 3e-15 before the mix's cancellation
+        # CuPy tolerance: normcdf ≤ 5 ulp (f̂, v̂), exp ≤ 1 ulp (σ): ≲ 12 ulp ≈ 3e-15 before the mix's cancellation
         np.testing.assert_allclose(to_host(m), g * a + (1 - g) * c, rtol=1e-13)
         np.testing.assert_allclose(to_host(ef_out), f_hat, rtol=1e-13)
         np.testing.assert_allclose(to_host(ev_out), v_hat, rtol=1e-13)

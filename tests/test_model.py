@@ -105,7 +105,7 @@ def test_matches_pytorch_reference(xp, case):
     errors["embed/voice"] = relative_error(emb_v, data["embed/voice"])
     worst = max(errors, key=errors.get)
     # CuPy tolerance: relative to each array's largest entry; the fixtures' products have ≤ 10 terms and
-    # the longest chain is ~50 ops of ≤ 5 ulp (erfc; exp/log 1, tanh/pow 2): ≲ 250 ulp ≈ 6e-14 < 1e-12
+    # the longest chain is ~50 ops of ≤ 5 ulp (normcdf; exp/log 1, tanh/pow 2): ≲ 250 ulp ≈ 6e-14 < 1e-12
     assert errors[worst] < 1e-12, (worst, errors[worst])
 
 

@@ -1,5 +1,5 @@
-"""Row blocks on threads: the blocks cover the rows once, in order; the ops that
-use them give the same values in blocks (on threads) as in one call."""
+"""Row blocks: they cover the rows once, in order; threads change no bit; the ops
+that use them give the same values in blocks as in one call."""
 import numpy as np
 import pytest
 
@@ -41,7 +41,7 @@ def test_one_call_off_numpy_and_for_small_arrays():
 
 def _ops(B=300, D=7, seed=0):
     """Every op that runs in row blocks, forward and backward, at a size that
-    uses several blocks (B² > MIN_ELEMENTS)."""
+    uses several blocks (B² > MIN_ELEMENTS), and GELU beside them."""
     rng = np.random.default_rng(seed)
     a, b = rng.standard_normal((B, D)), rng.standard_normal((B, D))
     y = rng.integers(0, 40, B)
@@ -60,14 +60,37 @@ def _ops(B=300, D=7, seed=0):
     return out
 
 
-def test_blocks_on_threads_match_one_call(monkeypatch):
+def test_threads_give_the_same_bits_as_blocks_in_turn(monkeypatch):
+    """The blocks depend on the shape only: running them on threads changes no bit."""
     assert 300 * 300 >= parallel.MIN_ELEMENTS and len(row_blocks(300, 300)) > 1
     monkeypatch.setattr(parallel, "n_threads", lambda: 2)
-    blocked = _ops()
+    on_threads = _ops()
     monkeypatch.setattr(parallel, "n_threads", lambda: 1)
+    in_turn = _ops()
+    for key in in_turn:
+        np.testing.assert_array_equal(on_threads[key], in_turn[key], err_msg=key)
+
+
+def test_blocks_match_one_call(monkeypatch):
+    """Blocks and one call differ only in the order of the sums' terms."""
+    blocked = _ops()
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS", 1 << 40)
     whole = _ops()
+    differ = 0
     for key in whole:
         assert relative_error(blocked[key], whole[key]) < 1e-14, key
+        differ += not np.array_equal(blocked[key], whole[key])
+    assert differ > 0           # the blocks did run: some sum came out in other bits
+
+
+def test_row_threads_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PAEFF_ROW_THREADS", raising=False)
+    assert parallel.n_threads() == 1
+    monkeypatch.setenv("PAEFF_ROW_THREADS", "3")
+    assert parallel.n_threads() == 3
+    monkeypatch.setenv("PAEFF_ROW_THREADS", "two")
+    with pytest.raises(ValueError, match="PAEFF_ROW_THREADS must be a whole number"):
+        parallel.n_threads()
 
 
 def test_blocked_losses_match_the_formulas(monkeypatch):
