@@ -241,8 +241,13 @@ def gelu_backward(dy, cache):
     """
     x = cache.x
     xp = get_array_module(x)
-    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-    return dy * (cache.cdf + x * pdf)
+    dx = -0.5 * x * x
+    xp.exp(dx, out=dx)
+    dx *= INV_SQRT_2PI                  # φ(x)
+    dx *= x
+    dx += cache.cdf                     # Φ(x) + x φ(x)
+    dx *= dy
+    return dx
 
 
 # --- sigmoid, tanh ---

@@ -155,9 +155,7 @@ def symmetric_cross_entropy_forward(a, b, temperature):
 
     Derivation: docs/math.md §10 (worked by hand: §0.2).
     """
-    xp = get_array_module(a)
-    S = a @ b.T
-    xp.divide(S, temperature, out=S)
+    S = (a / temperature) @ b.T         # 1/τ on a B × D factor, not on the B × B product
     loss, cache_logits = symmetric_cross_entropy_from_logits_forward(S)
     return loss, SymmetricCrossEntropyCache(a, b, temperature, cache_logits)
 
@@ -169,7 +167,10 @@ def symmetric_cross_entropy_backward(dloss, cache):
     """
     a, b, temperature, cache_logits = cache
     dS = symmetric_cross_entropy_from_logits_backward(dloss, cache_logits)
-    return dS @ b / temperature, dS.T @ a / temperature
+    da, db = dS @ b, dS.T @ a
+    da /= temperature
+    db /= temperature
+    return da, db
 
 
 # --- orthogonal projection loss (OPL) ---
