@@ -95,20 +95,25 @@ def matmul_reference(dev, n, repeats):
 
 
 def timed_alternating(fn_a, fn_b, sync, repeats, warmup):
-    """Seconds of each call of ``fn_a`` and of ``fn_b``, called in turn
-    (a, b, a, b, ...), so that both see the same machine state."""
+    """Seconds of calls of ``fn_a`` and of ``fn_b`` taken in turn, so that both
+    see the same machine state (a drift in the machine's speed hits both).
+
+    Each timed call follows an untimed call of the same function (a, a*, b,
+    b*, a, a*, ...; * timed), as in training, where a step follows a step: the
+    other function's operands, tens of MB, would otherwise have pushed this
+    one's out of the caches (on the 2-core test machine that added about 7 ms
+    to the step)."""
     for _ in range(warmup):
         fn_a(), sync(), fn_b(), sync()
     times_a, times_b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn_a()
-        sync()
-        t1 = time.perf_counter()
-        fn_b()
-        sync()
-        times_a.append(t1 - t0)
-        times_b.append(time.perf_counter() - t1)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
     return times_a, times_b
 
 

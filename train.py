@@ -49,7 +49,7 @@ ABLATION_TABLES = [
      # not in the paper; c and τ: the lowest validation EER of c ∈ {0.05, 0.1} × τ ∈ {0.07, 0.1, 0.2}
      # on the synthetic world (seed 0; README "Poincaré distance alignment")
      ("Poincaré distance", "poincare",
-      dict(fusion="egff", alignment="poincare", curvature=0.1, temperature=0.1), (None, None))],
+      dict(fusion="egff", alignment="poincare", curvature=0.05, temperature=0.1), (None, None))],
     [("gate: sum", "gate-sum", dict(egff_gate="sum"), (24.4, None)),
      ("gate: concat", "gate-concat", dict(egff_gate="concat"), (24.0, None)),
      ("gate: product (PAEFF)", "gate-product", dict(egff_gate="product"), (22.9, 84.4))],

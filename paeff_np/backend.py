@@ -186,9 +186,9 @@ def keep_freed_memory():
     must map and zero every page again on first touch; after the free it gives
     the pages back. With both thresholds set, arrays up to 32 MiB come from the
     heap, and the heap keeps up to 1 GiB of freed memory, so the next step
-    reuses pages already mapped. On the 2-core test machine this took the
-    step (B = 1024, D = 256, float32) from about 94 to 83 ms, and made its time
-    stable from run to run (bench.py).
+    reuses pages already mapped. On the 2-core test machine, in runs taken one
+    after the other, the step (B = 1024, D = 256, float32) measured 94 and
+    102 ms without it, 83 and 85 ms with it.
 
     It changes the whole process's allocator, so the library never calls it by
     itself: train.py, eval.py and bench.py do, once, at start. Elsewhere than

@@ -201,16 +201,18 @@ def same_label_pairs(y):
     xp = get_array_module(y)
     labels = to_host(y)
     n = len(labels)
-    order = np.argsort(labels, kind="stable")
+    order = np.argsort(labels, kind="stable")           # the rows of one label side by side
     sorted_labels = labels[order]
-    starts_group = np.concatenate([[True], sorted_labels[1:] != sorted_labels[:-1]])
-    group = np.cumsum(starts_group) - 1                       # group of each sorted position
-    group_start = np.flatnonzero(starts_group)
+    new_group = np.concatenate([[True], sorted_labels[1:] != sorted_labels[:-1]])
+    group = np.cumsum(new_group) - 1                    # the group of each sorted position
+    group_start = np.flatnonzero(new_group)             # its first sorted position
     group_size = np.diff(np.append(group_start, n))
-    partners = group_size[group]                              # rows in my group, me included
-    first = np.repeat(np.arange(n), partners)                 # sorted position, once per partner
+    # each sorted position, once per member of its group (itself included),
+    # paired with those members counted off from the group's start
+    partners = group_size[group]
+    first = np.repeat(np.arange(n), partners)
     rank = np.arange(len(first)) - np.repeat(np.cumsum(partners) - partners, partners)
-    second = np.repeat(group_start[group], partners) + rank   # each partner of that position
+    second = group_start[group[first]] + rank
     distinct = first != second
     return xp.asarray(order[first[distinct]]), xp.asarray(order[second[distinct]])
 
@@ -233,7 +235,7 @@ def orthogonal_projection_forward(z, y, gamma):
     """
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
-    G = zhat @ zhat.copy().T            # not zhat @ zhat.T: see the note below
+    G = zhat @ zhat.copy().T            # not zhat @ zhat.T: see the docstring
     n = len(y)
     i, j = same_label_pairs(y)
     n_pos = xp.asarray(len(i), dtype=G.dtype)

@@ -5,8 +5,9 @@ import pytest
 from conftest import assert_gradcheck
 from paeff_np import check_layer
 from paeff_np.backend import to_host
+from paeff_np.layers import l2_normalize_backward
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
-                             softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+                             same_label_pairs, softmax_cross_entropy_backward, softmax_cross_entropy_forward,
                              symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
 
 
@@ -76,3 +77,28 @@ def test_orthogonal_projection_value_and_guards(xp):
     negs = np.abs(G * ~np.eye(5, dtype=bool)).sum() / (20 + 1e-6)
     assert abs(float(loss) - (1 + 0.7 * negs)) < 1e-14
     assert bool(xp.isfinite(orthogonal_projection_backward(1.0, cache)).all())
+
+
+@pytest.mark.parametrize("labels", [[3], [0, 0, 0, 0], [0, 1, 2, 3], [5, 1, 5, 5, 2, 1, 0, 5],
+                                    list(np.random.default_rng(0).integers(0, 40, 300))])
+def test_same_label_pairs_are_the_entries_of_the_mask(xp, labels):
+    """Every (i, j), i ≠ j, y_i = y_j exactly once, whatever the order of the labels."""
+    y = np.asarray(labels)
+    i, j = same_label_pairs(xp.asarray(y))
+    listed = sorted(zip(to_host(i).tolist(), to_host(j).tolist()))
+    mask = (y[:, None] == y[None, :]) & ~np.eye(len(y), dtype=bool)
+    assert listed == sorted(zip(*(a.tolist() for a in np.nonzero(mask))))
+
+
+def test_opl_gradient_bit_identical_to_the_masked_form():
+    """dG from the pair list equals the masked formula of the docstring, entry by entry."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((64, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    _, cache = orthogonal_projection_forward(z, y, 0.7)
+    G, w_pos, w_neg = cache.G, cache.w_pos, cache.w_neg
+    same = y[:, None] == y[None, :]
+    m_pos, m_neg = same & ~np.eye(64, dtype=bool), ~same
+    dG = np.sign(G) * m_neg * (0.7 * w_neg) - w_pos * m_pos
+    expected = 0.35 * l2_normalize_backward(2.0 * (dG.astype(np.float32) @ cache.zhat), cache.normalize)
+    np.testing.assert_array_equal(orthogonal_projection_backward(0.35, cache), expected)
