@@ -43,6 +43,7 @@ from paeff_np.atomic import write_json                   # noqa: E402
 from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
+from paeff_np.parallel import n_threads                  # noqa: E402
 from paeff_np.training import PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
@@ -397,6 +398,11 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH (atomically)")
     args = parser.parse_args(argv)
     log = lambda s="": print(s, flush=True)
+    try:
+        n_threads()
+    except ValueError as exc:           # PAEFF_ROW_THREADS set to something else than a number
+        print(f"bench.py: error: {exc}", file=sys.stderr)
+        return 2
 
     names, cupy, reason = devices_to_run(args.device)
     if "cuda" in names and cupy is None:
@@ -404,6 +410,7 @@ def main(argv=None):
         return 2
     env = envinfo.environment(cupy)
     env["keep_freed_memory"] = keep_freed_memory()      # as train.py and eval.py run
+    env["row_threads"] = n_threads()
     for line in envinfo.summary_lines(env):
         log(line)
     if reason is not None and args.device == "all":

@@ -72,3 +72,11 @@ def test_step_flops_of_the_gated_baseline_without_alignment():
     linears = (2 * (2 * B * D * F) + 2 * (2 * B * D * V) + 2 * 3 * (2 * B * D * D)
                + 3 * (2 * B * 2 * D * H) + 3 * (2 * B * H * D) + 3 * (2 * B * D * D) + 3 * (2 * B * D * K))
     assert total == linears + 2 * (2 * B * B * D) and len(rows) == 24
+
+
+def test_bench_refuses_a_bad_row_thread_count(monkeypatch, capsys):
+    import bench
+    monkeypatch.setenv("PAEFF_ROW_THREADS", "many")
+    assert bench.main(["--quick", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PAEFF_ROW_THREADS must be a whole number" in err
