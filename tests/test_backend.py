@@ -180,3 +180,19 @@ def test_the_command_lines_refuse_a_bad_row_thread_count(monkeypatch, capsys):
     assert cli.run(lambda: ran.append(1), "train.py") == 2 and ran == []
     err = capsys.readouterr().err
     assert err == "train.py: error: PAEFF_ROW_THREADS must be a whole number, got '0.5'\n"
+
+
+def test_gpu_check_script_stops_in_one_line_without_a_gpu(tmp_path):
+    """``bash .ci/gpu`` (README "GPU"): without a usable GPU, the probe's reason
+    in one line, exit 2, and no folder of results."""
+    if backend.probe_gpu()[0] is not None:
+        pytest.skip("a GPU is present: tests/test_gpu.py covers the real run")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("PAEFF_REQUIRE_GPU", None)
+    out = tmp_path / "checks"
+    proc = subprocess.run(["bash", os.path.join(root, ".ci", "gpu"), str(out)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(".ci/gpu: error: ") and proc.stderr.count("\n") == 1
+    assert not out.exists()
