@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paeff_np as pn                                    # noqa: E402
 from paeff_np import envinfo                             # noqa: E402
 from paeff_np.atomic import write_json                   # noqa: E402
-from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
+from paeff_np.cli import prepare_process                  # noqa: E402
+from paeff_np.backend import default_rng, probe_gpu      # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.parallel import n_threads                  # noqa: E402
@@ -398,10 +399,9 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH (atomically)")
     args = parser.parse_args(argv)
     log = lambda s="": print(s, flush=True)
-    try:
-        n_threads()
-    except ValueError as exc:           # PAEFF_ROW_THREADS set to something else than a number
-        print(f"bench.py: error: {exc}", file=sys.stderr)
+    kept_freed_memory, error = prepare_process("bench.py")     # as train.py and eval.py do
+    if error:
+        print(error, file=sys.stderr)
         return 2
 
     names, cupy, reason = devices_to_run(args.device)
@@ -409,7 +409,7 @@ def main(argv=None):
         print(f"bench.py: error: {reason}", file=sys.stderr)
         return 2
     env = envinfo.environment(cupy)
-    env["keep_freed_memory"] = keep_freed_memory()      # as train.py and eval.py run
+    env["keep_freed_memory"] = kept_freed_memory
     env["row_threads"] = n_threads()
     for line in envinfo.summary_lines(env):
         log(line)

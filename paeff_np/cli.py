@@ -25,16 +25,25 @@ USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingD
 SYNTHETIC_DEFAULT = dict(n_identities=300, seed=0)
 
 
-def run(main, prog):
-    """Call ``main()``; a user error becomes ``prog: error: ...`` and exit 2.
-
-    First, the allocator keeps freed memory for the next step (``keep_freed_memory``).
-    """
-    keep_freed_memory()
+def prepare_process(prog):
+    """What every command line does first: the allocator keeps freed memory for
+    the next step (``keep_freed_memory``), and ``PAEFF_ROW_THREADS``, when set,
+    must be a whole number. Returns ``(kept, error)``: whether glibc agreed,
+    and ``prog: error: ...`` or None."""
+    kept = keep_freed_memory()
     try:
         n_threads()
-    except ValueError as exc:           # PAEFF_ROW_THREADS set to something else than a number
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        return kept, f"{prog}: error: {exc}"
+    return kept, None
+
+
+def run(main, prog):
+    """Call ``main()`` after ``prepare_process``; a user error becomes
+    ``prog: error: ...`` and exit 2."""
+    _, error = prepare_process(prog)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     try:
         return main() or 0
