@@ -141,7 +141,7 @@ def to_device(x, device="cpu"):
     return array_module(device).asarray(x)
 
 
-def normal_cdf(x):
+def normal_cdf(x, out=None):
     """Φ(x), the standard normal CDF, elementwise: ``scipy.special.ndtr`` on
     NumPy, ``cupyx.scipy.special.ndtr`` (CUDA's ``normcdf``, ≤ 5 ulp) on CuPy.
 
@@ -151,9 +151,9 @@ def normal_cdf(x):
     """
     if is_cupy(x):
         import cupyx.scipy.special
-        return cupyx.scipy.special.ndtr(x)
+        return cupyx.scipy.special.ndtr(x, out=out)
     import scipy.special
-    return scipy.special.ndtr(x)
+    return scipy.special.ndtr(x, out=out)
 
 
 def default_rng(seed, xp=np):

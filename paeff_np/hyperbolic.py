@@ -9,6 +9,7 @@ import math
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
+from .layers import row_dot
 
 MIN_NORM = 1e-5          # ‖u‖ is clamped below at this before dividing by it
 TANH_ARG_MAX = 15.0      # tanh's argument is clamped to [−15, 15]
@@ -17,7 +18,7 @@ BALL_EPS = 1e-3          # the projection keeps points within radius (1 − 1e-3
 
 def _row_norm(x):
     xp = get_array_module(x)
-    return xp.sqrt((x * x).sum(axis=1, keepdims=True))
+    return xp.sqrt(row_dot(x, x))
 
 
 # --- exponential map at the origin ---
@@ -60,7 +61,7 @@ def expmap0_backward(dy, cache):
     """
     u, n, a, t, s, norm_active, tanh_active, sqrt_c = cache
     ds_dn = sqrt_c * (1.0 - t * t) * tanh_active / a - t / (a * n)
-    radial = (u * dy).sum(axis=1, keepdims=True) * ds_dn / n * norm_active
+    radial = row_dot(u, dy) * ds_dn / n * norm_active
     return s * dy + radial * u
 
 
@@ -105,7 +106,7 @@ def project_backward(dy, cache):
     xp = get_array_module(x)
     xhat = x / n
     # inside rows: ⟨x̂, dy⟩ := 0 and r/‖x‖ := 1, so dx = dy exactly (no where on B × D)
-    radial = xp.where(outside, (xhat * dy).sum(axis=1, keepdims=True), 0.0)
+    radial = xp.where(outside, row_dot(xhat, dy), 0.0)
     dx = xhat
     xp.multiply(xhat, radial, out=dx)
     xp.subtract(dy, dx, out=dx)
@@ -121,7 +122,7 @@ def riemannian_scale_forward(p, c):
 
     Derivation: docs/math.md §8.3.
     """
-    sq = (p * p).sum(axis=1, keepdims=True)
+    sq = row_dot(p, p)
     return p, (1.0 - c * sq) ** 2 / 4.0
 
 

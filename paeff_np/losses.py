@@ -17,37 +17,39 @@ from .parallel import for_row_blocks
 OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs gives 0, not 0/0
 
 
-def log_softmax(s, axis=1):
-    """``s − max − log Σ exp(s − max)`` along ``axis`` (stable for |s| ~ 1e4); ``s``: any shape.
-
-    Derivation: docs/math.md §9.
-    """
-    xp = get_array_module(s)
-    shifted = s - s.max(axis=axis, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
-
-
 # --- softmax cross-entropy ---
 
 class SoftmaxCrossEntropyCache(NamedTuple):
-    logp: Any           # B × K, log softmax(s)
+    probs: Any          # B × K, softmax(s)
     y: Any              # (B,) integer labels
 
 
 def softmax_cross_entropy_forward(s, y):
     """``L = −(1/B) Σ_i log softmax(s_i)[y_i]``; ``s``: B × K logits, ``y``: (B,) labels in 0..K−1.
 
+    Stable for |s| ~ 1e4, row by row: with ``m_i = max_k s_ik`` and
+    ``Z_i = Σ_k e^{s_ik − m_i}``, ``log softmax(s_i)[y_i] = (s_iy − m_i) − log Z_i``
+    and ``softmax(s_i) = e^{s_i − m_i}/Z_i``, kept for the backward. The B × K
+    work runs in row blocks (``for_row_blocks``).
+
     Derivation: docs/math.md §9.
     """
     xp = get_array_module(s)
-    logp = xp.empty_like(s)
+    n = s.shape[0]
+    probs = xp.empty_like(s)
+    row_max, log_z = xp.empty(n, s.dtype), xp.empty(n, s.dtype)
 
-    def block(rows):                    # B × K: row blocks on threads (for_row_blocks)
-        logp[rows] = log_softmax(s[rows])
+    def block(rows):
+        p = probs[rows]
+        m = s[rows].max(axis=1, keepdims=True)
+        xp.exp(xp.subtract(s[rows], m, out=p), out=p)
+        z = p.sum(axis=1, keepdims=True)
+        p /= z
+        row_max[rows], log_z[rows] = m[:, 0], xp.log(z[:, 0])
 
-    for_row_blocks(block, s.shape[0], s.shape[1], xp)
-    rows = xp.arange(s.shape[0])
-    return -logp[rows, y].mean(), SoftmaxCrossEntropyCache(logp, y)
+    for_row_blocks(block, n, s.shape[1], xp)
+    logp_y = (s[xp.arange(n), y] - row_max) - log_z
+    return -logp_y.mean(), SoftmaxCrossEntropyCache(probs, y)
 
 
 def softmax_cross_entropy_backward(dloss, cache):
@@ -55,26 +57,45 @@ def softmax_cross_entropy_backward(dloss, cache):
 
     Derivation: docs/math.md §9.
     """
-    logp, y = cache
-    xp = get_array_module(logp)
-    ds = xp.empty_like(logp)
+    probs, y = cache
+    xp = get_array_module(probs)
+    n = probs.shape[0]
+    ds = xp.empty_like(probs)
 
     def block(rows):
         d = ds[rows]
-        xp.exp(logp[rows], out=d)
-        d[xp.arange(d.shape[0]), y[rows]] -= 1.0
-        d /= logp.shape[0]
-        d *= dloss
+        xp.multiply(probs[rows], dloss / n, out=d)
+        d[xp.arange(d.shape[0]), y[rows]] -= dloss / n
 
-    for_row_blocks(block, logp.shape[0], logp.shape[1], xp)
+    for_row_blocks(block, n, probs.shape[1], xp)
     return ds
 
 
 # --- symmetric cross-entropy (CLIP) ---
 
+def shared_shift_spread(dtype):
+    """How far below S's overall max M every row max and every column max may
+    lie for the one shift M to serve both softmaxes:
+    ``T = log(1/tiny) − 27``, 60.3 for float32 and 681.4 for float64.
+
+    With the shift M, ``e^{S_ij − M}`` underflows (below ``tiny``) only when
+    ``S_ij − M < log(tiny)``. If row i's max r_i ≥ M − T, that needs
+    ``S_ij < r_i − 27``: such an entry weighs under ``e^{−27} ≈ 1.9e-12`` of the
+    row's largest one, so the B entries a row can lose change its sum by at
+    most ``B·1.9e-12`` (relative), below float32's rounding for B < 30 000.
+    The largest entry itself, ``e^{r_i − M} ≥ e^{−T}``, stays a normal number.
+    The same holds for the columns.
+
+    Derivation: docs/math.md §10.
+    """
+    return float(-np.log(np.finfo(dtype).tiny)) - 27.0
+
+
 class SymmetricCrossEntropyFromLogitsCache(NamedTuple):
-    softmax_rows: Any   # B × B, softmax of S over each row
-    softmax_cols: Any   # B × B, softmax of S over each column
+    exp_rows: Any       # B × B, e^{S − row shift}: softmax_row(S) = exp_rows / row_sum
+    row_sum: Any        # B × 1, Σ_j exp_rows
+    exp_cols: Any       # B × B, e^{S − column shift} (exp_rows itself when the shift is shared)
+    col_sum: Any        # (B,), Σ_i exp_cols
 
 
 def symmetric_cross_entropy_from_logits_forward(S):
@@ -85,16 +106,21 @@ def symmetric_cross_entropy_from_logits_forward(S):
     over rows (axis 1) and over columns (axis 0),
     ``L = −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
 
-    Stable as ``log_softmax``: each row (column) is shifted by its max before
-    ``exp``. The B × B work runs in row blocks (``for_row_blocks``): a column's
-    max and sum are combined from the blocks' partial ones.
+    Stable as ``softmax_cross_entropy_forward``: ``exp`` is taken of S minus a shift. When every
+    row and column max is within ``shared_shift_spread`` of S's overall max M
+    (dot-product logits always are: |S| ≤ ‖a‖‖b‖/τ), one ``E = e^{S − M}``
+    serves both softmaxes, ``softmax_row = E / row sums``, ``softmax_col = E /
+    column sums``; otherwise each row is shifted by its max and each column by
+    its own, two exponentials. The cache keeps the exponentials and their
+    sums, not the softmaxes. The B × B work runs in row blocks
+    (``for_row_blocks``): a column's max and sum are combined from the blocks'
+    partial ones.
 
     Derivation: docs/math.md §10 (on distance logits: §17.6).
     """
     xp = get_array_module(S)
     n = S.shape[0]
-    row_max, row_sum = xp.empty((n, 1), S.dtype), xp.empty((n, 1), S.dtype)
-    softmax_rows, softmax_cols = xp.empty_like(S), xp.empty_like(S)
+    row_max = xp.empty((n, 1), S.dtype)
 
     def max_of_rows(rows):              # max of each row, partial max of each column
         s = S[rows]
@@ -102,41 +128,58 @@ def symmetric_cross_entropy_from_logits_forward(S):
         return s.max(axis=0)
 
     col_max = functools.reduce(xp.maximum, for_row_blocks(max_of_rows, n, n, xp))
-    def exp_shifted(rows):              # e^{S − row max} (normalised here), e^{S − col max}
-        s, p, q = S[rows], softmax_rows[rows], softmax_cols[rows]
-        xp.exp(xp.subtract(s, row_max[rows], out=p), out=p)
-        row_sum[rows] = p.sum(axis=1, keepdims=True)
-        p /= row_sum[rows]
-        xp.exp(xp.subtract(s, col_max, out=q), out=q)
-        return q.sum(axis=0)            # partial column sums
+    overall_max = col_max.max()
+    lowest_max = xp.minimum(row_max.min(), col_max.min())
+    shared = bool(overall_max - lowest_max <= shared_shift_spread(S.dtype))   # one host read
+    row_shift = overall_max if shared else row_max
+    col_shift = overall_max if shared else col_max
+    row_sum = xp.empty((n, 1), S.dtype)
+    exp_rows = xp.empty_like(S)
+    exp_cols = exp_rows if shared else xp.empty_like(S)
+
+    def exp_shifted(rows):              # e^{S − shift}, row sums, partial column sums
+        s, e, f = S[rows], exp_rows[rows], exp_cols[rows]
+        xp.exp(xp.subtract(s, row_shift if shared else row_shift[rows], out=e), out=e)
+        row_sum[rows] = e.sum(axis=1, keepdims=True)
+        if not shared:
+            xp.exp(xp.subtract(s, col_shift, out=f), out=f)
+        return f.sum(axis=0)
 
     col_sum = sum(for_row_blocks(exp_shifted, n, n, xp))
-    for_row_blocks(lambda rows: xp.divide(softmax_cols[rows], col_sum, out=softmax_cols[rows]),
-                   n, n, xp)
-    # log softmax(S)_ii = (S_ii − max) − log Σ e^{S − max}, along the row and along the column
+    # log softmax(S)_ii = (S_ii − shift) − log Σ e^{S − shift}, along the row and along the column
     S_diag = xp.diagonal(S)
-    logp_rows_diag = (S_diag - row_max[:, 0]) - xp.log(row_sum[:, 0])
-    logp_cols_diag = (S_diag - col_max) - xp.log(col_sum)
+    row_shift_diag = row_shift if shared else row_shift[:, 0]
+    logp_rows_diag = (S_diag - row_shift_diag) - xp.log(row_sum[:, 0])
+    logp_cols_diag = (S_diag - col_shift) - xp.log(col_sum)
     loss = -0.5 * (logp_rows_diag.mean() + logp_cols_diag.mean())
-    return loss, SymmetricCrossEntropyFromLogitsCache(softmax_rows, softmax_cols)
+    return loss, SymmetricCrossEntropyFromLogitsCache(exp_rows, row_sum, exp_cols, col_sum)
 
 
 def symmetric_cross_entropy_from_logits_backward(dloss, cache):
-    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B.
+    """``dS = dloss · (softmax_row(S) + softmax_col(S) − 2I)/(2B)``: B × B,
+    with ``softmax_row = exp_rows / row_sum`` and ``softmax_col = exp_cols / col_sum``.
+    When the two exponentials are one E: ``dS = E ⊙ (w_row + w_col) − I·dloss/B``,
+    ``w_row = dloss/(2B·row_sum)`` (B × 1), ``w_col = dloss/(2B·col_sum)`` (1 × B).
 
     Derivation: docs/math.md §10.
     """
-    softmax_rows, softmax_cols = cache
-    xp = get_array_module(softmax_rows)
-    n = softmax_rows.shape[0]
-    dS = xp.empty_like(softmax_rows)
+    exp_rows, row_sum, exp_cols, col_sum = cache
+    xp = get_array_module(exp_rows)
+    n = exp_rows.shape[0]
+    w_row = (dloss / (2.0 * n)) / row_sum
+    w_col = (dloss / (2.0 * n)) / col_sum
+    dS = xp.empty_like(exp_rows)
 
     def block(rows):
         d = dS[rows]
-        xp.add(softmax_rows[rows], softmax_cols[rows], out=d)
+        if exp_cols is exp_rows:        # one exponential: E ⊙ (w_row + w_col)
+            xp.add(w_row[rows], w_col, out=d)
+            d *= exp_rows[rows]
+        else:
+            xp.multiply(exp_rows[rows], w_row[rows], out=d)
+            d += exp_cols[rows] * w_col
         i = xp.arange(rows.start, rows.stop)
-        d[i - rows.start, i] -= 2.0
-        d *= dloss / (2.0 * n)
+        d[i - rows.start, i] -= dloss / n
 
     for_row_blocks(block, n, n, xp)
     return dS

@@ -73,7 +73,10 @@ def for_row_blocks(fn, n_rows, row_size, xp=np):
     blocks = row_blocks(n_rows, row_size)
     if n_threads() == 1:
         return [fn(rows) for rows in blocks]
-    # each block runs in a copy of the caller's context: np.errstate (a context
-    # variable) holds in the threads as it does in the caller
-    contexts = [contextvars.copy_context() for _ in blocks]
-    return list(_pool().map(lambda ctx, rows: ctx.run(fn, rows), contexts, blocks))
+    # one hand-off per thread: thread t runs the t-th run of consecutive blocks,
+    # in a copy of the caller's context (np.errstate, a context variable, holds there)
+    k = n_threads()
+    groups = [blocks[t * len(blocks) // k:(t + 1) * len(blocks) // k] for t in range(k)]
+    run_group = lambda ctx, group: ctx.run(lambda: [fn(rows) for rows in group])
+    contexts = [contextvars.copy_context() for _ in groups]
+    return [r for part in _pool().map(run_group, contexts, groups) for r in part]

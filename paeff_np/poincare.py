@@ -16,6 +16,7 @@ derives every formula and every backward pass.
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
+from .layers import row_dot
 from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
                      symmetric_cross_entropy_from_logits_forward)
 
@@ -26,7 +27,7 @@ MIN_NUM_SQ = 1e-20     # ‖num‖² is clamped below at 1e-20 (‖num‖ ≥ 1e
 
 
 def _row_sq_norm(x):
-    return (x * x).sum(axis=1)
+    return row_dot(x, x)[:, 0]
 
 
 # --- feature clipping ----------------------------------------------------------
@@ -68,7 +69,7 @@ def feature_clip_backward(dout, cache):
     h, norm, factor, active = cache
     xp = get_array_module(h)
     safe_norm = xp.where(norm > 0, norm, 1.0)
-    radial = (h * dout).sum(axis=1, keepdims=True) / (safe_norm * (norm + CLIP_EPS))
+    radial = row_dot(h, dout) / (safe_norm * (norm + CLIP_EPS))
     return xp.where(active, factor * (dout - radial * h), dout)
 
 

@@ -260,9 +260,12 @@ _runtime = types.SimpleNamespace(
 cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 
 
-def ndtr(x):
+def ndtr(x, out=None):
     import scipy.special
-    return _wrap(scipy.special.ndtr(_unwrap(x)))
+    if out is None:
+        return _wrap(scipy.special.ndtr(_unwrap(x)))
+    scipy.special.ndtr(_unwrap(x), out=out._a)
+    return out
 
 
 def install(monkeypatch):

@@ -6,9 +6,12 @@ from conftest import assert_gradcheck
 from paeff_np import check_layer
 from paeff_np.backend import to_host
 from paeff_np.layers import l2_normalize_backward
+from paeff_np import losses
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
                              same_label_pairs, softmax_cross_entropy_backward, softmax_cross_entropy_forward,
-                             symmetric_cross_entropy_backward, symmetric_cross_entropy_forward)
+                             symmetric_cross_entropy_backward, symmetric_cross_entropy_forward,
+                             symmetric_cross_entropy_from_logits_backward,
+                             symmetric_cross_entropy_from_logits_forward)
 
 
 def test_softmax_cross_entropy_gradient(rand, xp):
@@ -49,6 +52,72 @@ def test_symmetric_cross_entropy_value(xp):
     loss, _ = symmetric_cross_entropy_forward(xp.asarray(a), xp.asarray(b), 0.5)
     # CuPy tolerance: exp/log ≤ 1 ulp, cuBLAS 3-term products, 4-term sums: ≲ 20 ulp of values ≈ 1 (4.4e-15)
     assert abs(float(loss) - 0.5 * (ce(S) + ce(S.T))) < 1e-14
+
+
+def symmetric_ce_reference(S):
+    """The CLIP loss and dS in float64 on the host, each softmax shifted by its own max."""
+    S = np.asarray(S, dtype=np.float64)
+    n = len(S)
+    log_rows = S - S.max(1, keepdims=True)
+    log_rows -= np.log(np.exp(log_rows).sum(1, keepdims=True))
+    log_cols = S - S.max(0, keepdims=True)
+    log_cols -= np.log(np.exp(log_cols).sum(0, keepdims=True))
+    loss = -0.5 * (np.diag(log_rows).mean() + np.diag(log_cols).mean())
+    return loss, (np.exp(log_rows) + np.exp(log_cols) - 2 * np.eye(n)) / (2 * n)
+
+
+def test_symmetric_ce_one_shift_equals_two(rand, xp, monkeypatch):
+    """Logits within ``shared_shift_spread`` take one exponential; forcing the
+    two-shift path gives the same loss and dS to rounding."""
+    S = rand(7, 7, seed=3, scale=3.0)
+    loss_one, cache_one = symmetric_cross_entropy_from_logits_forward(S)
+    assert cache_one.exp_cols is cache_one.exp_rows
+    dS_one = symmetric_cross_entropy_from_logits_backward(0.7, cache_one)
+    monkeypatch.setattr(losses, "shared_shift_spread", lambda dtype: -1.0)
+    loss_two, cache_two = symmetric_cross_entropy_from_logits_forward(S)
+    assert cache_two.exp_cols is not cache_two.exp_rows
+    dS_two = symmetric_cross_entropy_from_logits_backward(0.7, cache_two)
+    # CuPy tolerance: exp/log within 1–2 ulp on CUDA; both paths sum 7 terms ≈ 1e-15
+    np.testing.assert_allclose(float(loss_one), float(loss_two), rtol=1e-14)
+    np.testing.assert_allclose(to_host(dS_one), to_host(dS_two), rtol=1e-13, atol=1e-17)
+    ref_loss, ref_dS = symmetric_ce_reference(to_host(S))
+    np.testing.assert_allclose(float(loss_one), ref_loss, rtol=1e-14)
+    np.testing.assert_allclose(to_host(dS_one), 0.7 * ref_dS, rtol=1e-13, atol=1e-17)
+
+
+@pytest.mark.parametrize("dtype, offset", [(np.float64, 800.0), (np.float32, 100.0)])
+def test_symmetric_ce_wide_logits_take_two_shifts(xp, dtype, offset):
+    """One row far above the rest (``offset`` > ``shared_shift_spread``): under
+    the one shift M, the other rows' sums would underflow. The guard takes two
+    shifts and the loss stays exact."""
+    S = np.random.default_rng(4).standard_normal((6, 6))
+    S[2] += offset
+    assert offset > losses.shared_shift_spread(dtype)
+    loss, cache = symmetric_cross_entropy_from_logits_forward(xp.asarray(S.astype(dtype)))
+    assert cache.exp_cols is not cache.exp_rows
+    ref_loss, ref_dS = symmetric_ce_reference(S.astype(dtype))
+    rtol = 1e-13 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=rtol)
+    dS = to_host(symmetric_cross_entropy_from_logits_backward(1.0, cache))
+    np.testing.assert_allclose(dS, ref_dS, rtol=rtol, atol=rtol * 1e-3)
+
+
+def test_symmetric_ce_wide_logits_would_fail_with_one_shift(monkeypatch):
+    """The guard matters: forced to one shift, float32 logits 100 apart lose rows to underflow."""
+    S = np.random.default_rng(4).standard_normal((6, 6))
+    S[2] += 100.0
+    monkeypatch.setattr(losses, "shared_shift_spread", lambda dtype: np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss, _ = symmetric_cross_entropy_from_logits_forward(S.astype(np.float32))
+    ref_loss, _ = symmetric_ce_reference(S)
+    assert not abs(float(loss) - ref_loss) < 1e-5 * abs(ref_loss)
+
+
+def test_symmetric_ce_wide_logits_gradient(xp):
+    S = np.random.default_rng(5).standard_normal((5, 5))
+    S[:, 1] -= 900.0                    # a column far below: two shifts in float64 too
+    assert_gradcheck(check_layer(symmetric_cross_entropy_from_logits_forward,
+                                 symmetric_cross_entropy_from_logits_backward, [xp.asarray(S)]))
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 0], [0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1]])
