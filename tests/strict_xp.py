@@ -260,12 +260,9 @@ _runtime = types.SimpleNamespace(
 cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 
 
-def ndtr(x, out=None):
+def ndtr(x):
     import scipy.special
-    if out is None:
-        return _wrap(scipy.special.ndtr(_unwrap(x)))
-    scipy.special.ndtr(_unwrap(x), out=out._a)
-    return out
+    return _wrap(scipy.special.ndtr(_unwrap(x)))
 
 
 def install(monkeypatch):

@@ -1,5 +1,6 @@
 """The backend: generators, host/device moves, and the one device probe with
 its one-line errors (tested here without a GPU, through fake CuPy modules)."""
+import math
 import os
 import subprocess
 import sys
@@ -196,3 +197,44 @@ def test_gpu_check_script_stops_in_one_line_without_a_gpu(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith(".ci/gpu: error: ") and proc.stderr.count("\n") == 1
     assert not out.exists()
+
+
+# --- Φ, the normal CDF of the exact GELU ---
+
+def _ulp_error(y, reference):
+    return np.abs(y.astype(np.float64) - reference) / np.spacing(np.abs(y)).astype(np.float64)
+
+
+def test_normal_cdf_series_on_float32_unit_inputs(monkeypatch):
+    """float32 inputs within ±1 take the nine-term series, not SciPy: within
+    0.51 ulp of the float64 Φ, and SciPy's float32 value at ≥ 99.9% of a grid."""
+    import scipy.special
+    grid = np.linspace(-1.0, 1.0, 200_001).astype(np.float32)
+    reference = scipy.special.ndtr(grid.astype(np.float64))
+    scipy_float32 = scipy.special.ndtr(grid)
+
+    def refuse(x):
+        raise AssertionError("SciPy's ndtr was called for float32 inputs within ±1")
+    monkeypatch.setattr(scipy.special, "ndtr", refuse)
+    y = backend.normal_cdf(grid)
+    assert y.dtype == np.float32
+    assert _ulp_error(y, reference).max() < 0.51
+    assert (y == scipy_float32).mean() > 0.999
+    assert backend.normal_cdf(np.float32([1.0, -1.0, 0.0]))[2] == 0.5
+
+
+def test_normal_cdf_series_truncation_bound():
+    """The first term the series leaves out bounds its error (the docstring's 1.1e-10)."""
+    n = len(backend.NORMAL_CDF_SERIES)
+    first_left_out = 1 / (math.sqrt(2 * math.pi) * 2 ** n * math.factorial(n) * (2 * n + 1))
+    assert first_left_out < 1.2e-10
+    assert first_left_out < 0.02 * np.spacing(np.float32(0.158)) / 2
+
+
+@pytest.mark.parametrize("x", [np.float32([-1.5, 0.2, 3.0]), np.float32([np.nan, 0.1]),
+                               np.linspace(-1, 1, 101), np.float64([-40.0, 0.5])],
+                         ids=["float32-beyond-1", "float32-nan", "float64-unit", "float64-tail"])
+def test_normal_cdf_outside_the_series_is_scipy(x):
+    """Anything else (a float32 input beyond ±1, NaN, float64) is SciPy's ndtr, bit for bit."""
+    import scipy.special
+    np.testing.assert_array_equal(backend.normal_cdf(x), scipy.special.ndtr(x))
