@@ -204,16 +204,15 @@ def symmetric_cross_entropy_forward(a, b, temperature):
 
 
 def symmetric_cross_entropy_backward(dloss, cache):
-    """``dS`` from the logits' backward, then ``da = dS b/τ``, ``db = dSᵀ a/τ``.
+    """``da = dS b/τ``, ``db = dSᵀ a/τ`` with ``dS`` from the logits' backward;
+    the 1/τ rides on that backward's weight (``dloss/τ``), which scales dS as
+    it is formed, so no pass over a or b is spent on it.
 
     Derivation: docs/math.md §10.
     """
     a, b, temperature, cache_logits = cache
-    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache_logits)
-    da, db = dS @ b, dS.T @ a
-    da /= temperature
-    db /= temperature
-    return da, db
+    dS_over_tau = symmetric_cross_entropy_from_logits_backward(dloss / temperature, cache_logits)
+    return dS_over_tau @ b, dS_over_tau.T @ a
 
 
 # --- orthogonal projection loss (OPL) ---
