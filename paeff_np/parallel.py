@@ -15,10 +15,14 @@ its passes while it stays in cache, and keeps the temporaries block-sized::
 The blocks depend only on the array's shape, so the results are the same bits
 however the blocks are run. By default they run one after the other on the
 calling thread. ``PAEFF_ROW_THREADS=N`` hands them to N threads (NumPy
-releases the GIL inside its loops); on the 2-core machine this was measured
-slower, 110 ms per step against 98 ms, because OpenBLAS's worker keeps
-spinning on the second core after each matrix product and the hand-offs cost
-more than the blocks gain.
+releases the GIL inside its loops), each a run of consecutive blocks, so one
+hand-off per thread and call. On the 2-core machine of the README it does
+not pay: OpenBLAS's idle worker keeps spinning on the second core for a while
+after each matrix product, and with it put to sleep at once
+(``OPENBLAS_THREAD_TIMEOUT=1``) the passes, bound by memory, still scale
+little (an exp over 4 Mi float32 numbers: 1.95 ms on one thread, 1.29 ms on
+two). Steps timed in turn in one process, serial against 2 threads,
+measured 77.4 against 78.3 ms and 79.7 against 78.6 ms.
 
 Rules for ``fn``: it writes only its own rows, calls no matrix product (that
 would fight BLAS's threads) and no ``for_row_blocks`` (the pool is shared).
