@@ -106,8 +106,9 @@ def symmetric_cross_entropy_from_logits_forward(S):
     over rows (axis 1) and over columns (axis 0),
     ``L = −(1/2B) Σ_i [log softmax_row(S)_ii + log softmax_col(S)_ii]``.
 
-    Stable as ``softmax_cross_entropy_forward``: ``exp`` is taken of S minus a shift. When every
-    row and column max is within ``shared_shift_spread`` of S's overall max M
+    Stable as ``softmax_cross_entropy_forward``: ``exp`` is taken of S minus
+    a shift. When every row and column max is within ``shared_shift_spread``
+    of S's overall max M
     (dot-product logits always are: |S| ≤ ‖a‖‖b‖/τ), one ``E = e^{S − M}``
     serves both softmaxes, ``softmax_row = E / row sums``, ``softmax_col = E /
     column sums``; otherwise each row is shifted by its max and each column by
@@ -131,15 +132,15 @@ def symmetric_cross_entropy_from_logits_forward(S):
     overall_max = col_max.max()
     lowest_max = xp.minimum(row_max.min(), col_max.min())
     shared = bool(overall_max - lowest_max <= shared_shift_spread(S.dtype))   # one host read
-    row_shift = overall_max if shared else row_max
-    col_shift = overall_max if shared else col_max
+    row_shift = xp.broadcast_to(overall_max, (n, 1)) if shared else row_max     # B × 1
+    col_shift = xp.broadcast_to(overall_max, (n,)) if shared else col_max       # (B,)
     row_sum = xp.empty((n, 1), S.dtype)
     exp_rows = xp.empty_like(S)
     exp_cols = exp_rows if shared else xp.empty_like(S)
 
     def exp_shifted(rows):              # e^{S − shift}, row sums, partial column sums
         s, e, f = S[rows], exp_rows[rows], exp_cols[rows]
-        xp.exp(xp.subtract(s, row_shift if shared else row_shift[rows], out=e), out=e)
+        xp.exp(xp.subtract(s, row_shift[rows], out=e), out=e)
         row_sum[rows] = e.sum(axis=1, keepdims=True)
         if not shared:
             xp.exp(xp.subtract(s, col_shift, out=f), out=f)
@@ -148,8 +149,7 @@ def symmetric_cross_entropy_from_logits_forward(S):
     col_sum = sum(for_row_blocks(exp_shifted, n, n, xp))
     # log softmax(S)_ii = (S_ii − shift) − log Σ e^{S − shift}, along the row and along the column
     S_diag = xp.diagonal(S)
-    row_shift_diag = row_shift if shared else row_shift[:, 0]
-    logp_rows_diag = (S_diag - row_shift_diag) - xp.log(row_sum[:, 0])
+    logp_rows_diag = (S_diag - row_shift[:, 0]) - xp.log(row_sum[:, 0])
     logp_cols_diag = (S_diag - col_shift) - xp.log(col_sum)
     loss = -0.5 * (logp_rows_diag.mean() + logp_cols_diag.mean())
     return loss, SymmetricCrossEntropyFromLogitsCache(exp_rows, row_sum, exp_cols, col_sum)
