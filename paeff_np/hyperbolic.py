@@ -78,7 +78,8 @@ def ball_radius(c):
 class ProjectCache(NamedTuple):
     x: Any              # B × D, the input
     n: Any              # B × 1, max(‖x‖, MIN_NORM)
-    outside: Any        # B × 1, n > r: the row is pulled back to the sphere of radius r
+    outside: Any        # B × 1, n > r: the row is pulled back to the sphere of radius r;
+                        # None when no row is (P is then the identity)
     r: float
 
 
@@ -92,6 +93,8 @@ def project_forward(x, c):
     r = ball_radius(c)
     n = xp.maximum(_row_norm(x), MIN_NORM)
     outside = n > r
+    if not bool(outside.any()):                 # one host read: every row inside, P(x) = x
+        return x, ProjectCache(x, n, None, r)   # (always so for unit rows through expmap0, §16)
     y = x * xp.where(outside, r / n, 1.0)      # the factor per row: x · 1 is x itself
     return y, ProjectCache(x, n, outside, r)
 
@@ -103,6 +106,8 @@ def project_backward(dy, cache):
     Derivation: docs/math.md §8.2.
     """
     x, n, outside, r = cache
+    if outside is None:                 # every row inside: dx = dy
+        return dy
     xp = get_array_module(x)
     xhat = x / n
     # inside rows: ⟨x̂, dy⟩ := 0 and r/‖x‖ := 1, so dx = dy exactly (no where on B × D)

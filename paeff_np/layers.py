@@ -109,7 +109,7 @@ def batchnorm_forward(x, gamma, beta, state, train,
         n = x.shape[0]
         mean = x.mean(axis=0)
         xc = x - mean
-        var = (xc * xc).mean(axis=0)
+        var = get_array_module(x).einsum("ij,ij->j", xc, xc) / n
         new_state = BatchNormState((1 - momentum) * running_mean + momentum * mean,
                                    (1 - momentum) * running_var + momentum * var * (n / (n - 1)))
     else:
@@ -126,21 +126,25 @@ def batchnorm_forward(x, gamma, beta, state, train,
 def batchnorm_backward(dy, cache):
     """Returns ``dx, dγ, dβ``; ``dy``: B × D.
 
-    Train (μ, σ² depend on x): ``dx = inv_std · (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))``
-    with ``dx̂ = γ ⊙ dy``. Eval: ``dx = γ ⊙ inv_std ⊙ dy``.
+    ``dγ = Σ_rows dy ⊙ x̂``, ``dβ = Σ_rows dy``. Train (μ, σ² depend on x):
+    ``dx = inv_std · (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))`` with ``dx̂ = γ ⊙ dy``,
+    and since ``mean(dx̂) = γ dβ/B``, ``mean(dx̂ ⊙ x̂) = γ dγ/B``:
+    ``dx = γ ⊙ inv_std ⊙ (dy − dβ/B − x̂ ⊙ dγ/B)``. Eval: ``dx = γ ⊙ inv_std ⊙ dy``.
 
     Derivation: docs/math.md §2.
     """
     xhat, inv_std = cache.xhat, cache.inv_std
-    dgamma = (dy * xhat).sum(axis=0)
+    xp = get_array_module(dy)
+    n = dy.shape[0]
+    dgamma = xp.einsum("ij,ij->j", dy, xhat)
     dbeta = dy.sum(axis=0)
-    dxhat = dy * cache.gamma
     if cache.train:                    # in place, in the order of the formula
-        dx = dxhat - dxhat.mean(axis=0)
-        dx -= xhat * (dxhat * xhat).mean(axis=0)
-        dx *= inv_std
+        dx = xhat * (dgamma / n)
+        xp.subtract(dy, dx, out=dx)
+        dx -= dbeta / n
+        dx *= cache.gamma * inv_std
     else:
-        dx = dxhat * inv_std
+        dx = dy * (cache.gamma * inv_std)
     return dx, dgamma, dbeta
 
 

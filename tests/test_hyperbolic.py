@@ -55,12 +55,24 @@ def test_expmap0_stays_in_ball(xp):
     assert (norms <= 1 / np.sqrt(C)).all() and np.isfinite(norms).all()
 
 
-@pytest.mark.parametrize("scale", [0.5, 3.0])      # inside the ball / outside (r ≈ 4.47)
-def test_project_gradient(rand, xp, scale):
+@pytest.mark.parametrize("scale, rows_outside", [(0.5, 0), (1.5, 3), (3.0, 5)],
+                         ids=["inside", "mixed", "outside"])    # r ≈ 4.47
+def test_project_gradient(rand, xp, scale, rows_outside):
     x = rand(5, 4)
     x = x / xp.sqrt((x * x).sum(1, keepdims=True)) * scale * ball_radius(C) * xp.asarray(
         np.linspace(0.5, 1.0, 5))[:, None]
+    _, cache = project_forward(x, C)
+    assert (0 if cache.outside is None else int(cache.outside.sum())) == rows_outside
     assert_gradcheck(check_layer(project_forward, project_backward, [x], c=C))
+
+
+def test_project_inside_is_the_identity_both_ways(rand, xp):
+    """No row outside: P returns its input and the backward its dy, no pass over B × D."""
+    x = rand(6, 4) * 0.1
+    y, cache = project_forward(x, C)
+    assert y is x and cache.outside is None
+    dy = rand(6, 4, seed=3)
+    assert project_backward(dy, cache) is dy
 
 
 def test_project_keeps_inside_and_clips_outside(xp):
