@@ -142,8 +142,8 @@ def to_device(x, device="cpu"):
 
 
 # Φ(x) = ½ + x·Σ_n NORMAL_CDF_SERIES[n]·x²ⁿ: the Taylor series of ½ erf(x/√2), nine terms
-NORMAL_CDF_SERIES = tuple((-1) ** n / (math.sqrt(2.0 * math.pi) * 2 ** n * math.factorial(n) * (2 * n + 1))
-                          for n in range(9))
+NORMAL_CDF_SERIES = tuple((-1) ** n / (math.sqrt(2.0 * math.pi) * 2 ** n * math.factorial(n)
+                                        * (2 * n + 1)) for n in range(9))
 NORMAL_CDF_SERIES_MAX = 1.0     # |x| up to which the series serves float32 inputs
 
 
@@ -160,8 +160,9 @@ def normal_cdf(x):
       alternate and shrink, so the first one left out bounds the error:
       0.399/(2⁹·9!·19) = 1.1e-10, under 2% of float32's half-ulp anywhere
       Φ ≥ Φ(−1) = 0.159. On a grid of 2·10⁶ points of [−1, 1] it returns
-      SciPy's float32 ndtr exactly at 99.98% of them and one ulp away (a
-      rounding tie) at the rest; it is 3.4× as fast (0.82 against 2.78 ms at
+      SciPy's float32 ndtr exactly at 99.98% of them and the neighbouring
+      float32 at the rest (where Φ lies within 1.1e-10 of a rounding tie;
+      0.507 ulp at worst); it is 3.4× as fast (0.82 against 2.78 ms at
       1024 × 256).
     - NumPy otherwise: ``scipy.special.ndtr`` (Cephes): ``½ + ½ erf(x/√2)``
       for |x| < 1 and ``½ erfc(|x|/√2)`` beyond (``1 −`` that for x > 0), in
@@ -173,7 +174,9 @@ def normal_cdf(x):
     if is_cupy(x):
         import cupyx.scipy.special
         return cupyx.scipy.special.ndtr(x)
-    if x.dtype == np.float32 and x.size and -NORMAL_CDF_SERIES_MAX <= x.min() and x.max() <= NORMAL_CDF_SERIES_MAX:
+    series_serves = (x.dtype == np.float32 and x.size > 0
+                     and -NORMAL_CDF_SERIES_MAX <= x.min() and x.max() <= NORMAL_CDF_SERIES_MAX)
+    if series_serves:
         x64 = x.astype(np.float64)
         z = x64 * x64
         total = np.full_like(z, NORMAL_CDF_SERIES[-1])
