@@ -9,16 +9,11 @@ import math
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
-from .layers import row_dot
+from .layers import row_dot, row_norm
 
 MIN_NORM = 1e-5          # ‖u‖ is clamped below at this before dividing by it
 TANH_ARG_MAX = 15.0      # tanh's argument is clamped to [−15, 15]
 BALL_EPS = 1e-3          # the projection keeps points within radius (1 − 1e-3)/√c
-
-
-def _row_norm(x):
-    xp = get_array_module(x)
-    return xp.sqrt(row_dot(x, x))
 
 
 # --- exponential map at the origin ---
@@ -44,7 +39,7 @@ def expmap0_forward(u, c):
     """
     xp = get_array_module(u)
     sqrt_c = c ** 0.5
-    norm = _row_norm(u)
+    norm = row_norm(u)
     n = xp.maximum(norm, MIN_NORM)
     a = sqrt_c * n
     t = xp.tanh(xp.clip(a, -TANH_ARG_MAX, TANH_ARG_MAX))
@@ -91,7 +86,7 @@ def project_forward(x, c):
     """
     xp = get_array_module(x)
     r = ball_radius(c)
-    n = xp.maximum(_row_norm(x), MIN_NORM)
+    n = xp.maximum(row_norm(x), MIN_NORM)
     outside = n > r
     if not bool(outside.any()):                 # one host read: every row inside, P(x) = x
         return x, ProjectCache(x, n, None, r)   # (always so for unit rows through expmap0, §16)

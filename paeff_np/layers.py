@@ -46,6 +46,14 @@ def row_dot(x, y):
     return get_array_module(x).einsum("ij,ij->i", x, y)[:, None]
 
 
+def row_norm(x):
+    """``‖x_i‖ = √⟨x_i, x_i⟩`` for each row i, as a column: B × D → B × 1.
+
+    See docs/math.md §4.
+    """
+    return get_array_module(x).sqrt(row_dot(x, x))
+
+
 # --- linear ---
 
 class LinearCache(NamedTuple):
@@ -207,7 +215,7 @@ def l2_normalize_forward(x, eps=NORMALIZE_EPS):
     Derivation: docs/math.md §4.
     """
     xp = get_array_module(x)
-    norm = xp.sqrt(row_dot(x, x))
+    norm = row_norm(x)
     active = norm > eps
     denom = xp.maximum(norm, eps)
     e = x / denom

@@ -16,7 +16,7 @@ derives every formula and every backward pass.
 from typing import Any, NamedTuple
 
 from .backend import get_array_module
-from .layers import row_dot
+from .layers import row_dot, row_norm
 from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
                      symmetric_cross_entropy_from_logits_forward)
 
@@ -24,10 +24,6 @@ CLIP_EPS = 1e-5        # h̃ = h · min(1, r/(‖h‖ + 1e-5)): no division by z
 MOBIUS_EPS = 1e-5      # hyptorch's mobius_add divides by (denominator + 1e-5)
 ARTANH_EPS = 1e-5      # artanh's argument is clamped to [−1 + 1e-5, 1 − 1e-5]
 MIN_NUM_SQ = 1e-20     # ‖num‖² is clamped below at 1e-20 (‖num‖ ≥ 1e-10) before the √
-
-
-def _row_sq_norm(x):
-    return row_dot(x, x)[:, 0]
 
 
 # --- feature clipping ----------------------------------------------------------
@@ -50,7 +46,7 @@ def feature_clip_forward(h, radius):
     Derivation: docs/math.md §17.1.
     """
     xp = get_array_module(h)
-    norm = xp.sqrt(_row_sq_norm(h))[:, None]
+    norm = row_norm(h)
     ratio = radius / (norm + CLIP_EPS)
     active = ratio < 1.0
     factor = xp.where(active, ratio, 1.0)
@@ -112,8 +108,8 @@ def distance_matrix_forward(x, y, c):
     """
     xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
-    sq_x = _row_sq_norm(x)[:, None]
-    sq_y = _row_sq_norm(y)[None, :]
+    sq_x = row_dot(x, x)              # B × 1
+    sq_y = row_dot(y, y).T            # 1 × B′
     gram = x @ y.T
     coef_b = 1.0 - c * sq_x
     # B × B work in place, one pass per line (the B × 1 and 1 × B terms broadcast)
