@@ -54,6 +54,7 @@ def open_checkpoint(path):
     best_path = os.path.join(path, BEST_NAME)
     if rule != "last" and os.path.exists(best_path):
         best = ckpt.load(best_path)
+        ckpt.check_same_run(best, run_state)
         if best.epoch == epoch:
             best.config = {**best.config, "data": run_state.config["data"]}   # the run's record decides
             return best, (f"evaluating {best.path}: epoch {epoch}, selected by rule {rule} "
@@ -142,17 +143,17 @@ def main(argv=None):
     array_module(device)                   # the GPU probe, before the checkpoint and data are read
     if args.plot:
         check_plot_folder(args.plot)
-    checkpoint, note = open_checkpoint(args.checkpoint)
+    checkpoint, which_file = open_checkpoint(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     tests = load_tests(args, checkpoint)
-    for note in protocol_notes(tests):
-        print(note, file=sys.stderr, flush=True)
+    for protocol_note in protocol_notes(tests):
+        print(protocol_note, file=sys.stderr, flush=True)
     results = evaluate(params, buffers, checkpoint.cfg, tests, seed=args.seed, curves=bool(args.plot))
     written = plot(results, args.plot) if args.plot else []
     for r in results.values():
         r.pop("curves", None)
-    print(f"note: {note}", file=sys.stderr, flush=True)     # which file: said once it has worked
+    print(f"note: {which_file}", file=sys.stderr, flush=True)     # said once it has worked
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -27,7 +27,7 @@ from paeff_np.data.split import SplitError, split_validation
 from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
 from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
-                               write_metrics_log)
+                               checkpoint_settings, write_metrics_log)
 from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
@@ -68,7 +68,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seed", type=int)
     device_flag(p)
-    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--out", help="folder of a new run (default runs/<timestamp>); a resumed "
+                   "run stays in its own folder")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (folder or "
                    "checkpoint.npz) up to --epochs (default: the run's own total)")
     p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop after N epochs of "
@@ -133,11 +134,7 @@ def carve_validation(dataset, settings):
 
 def resumed_settings(args, checkpoint):
     """The run's own settings, with a new --epochs if given (refused below the epochs done)."""
-    try:
-        saved = TrainSettings.from_dict(checkpoint.config["train"])
-    except ValueError as exc:
-        raise ckpt.CheckpointError(f"{checkpoint.path}: {exc}") from None
-    settings = settings_from(args, saved.to_dict())
+    settings = settings_from(args, checkpoint_settings(checkpoint).to_dict())
     if settings.epochs < checkpoint.epoch:
         raise UsageError(f"--epochs {settings.epochs} is fewer than the {checkpoint.epoch} epochs "
                          f"already done in {checkpoint.path}")
@@ -172,7 +169,11 @@ def start_run(args):
         if os.path.basename(ckpt.resolve(args.resume)[0]) == BEST_NAME:
             raise UsageError(f"--resume {args.resume}: a run continues from its checkpoint.npz; "
                              f"{BEST_NAME} keeps the selected model only (give the run folder)")
-        remove_leftovers(os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0])))
+        run_dir = os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0]))
+        if args.out is not None and os.path.realpath(args.out) != os.path.realpath(run_dir):
+            raise UsageError(f"--resume continues the run in its own folder ({run_dir}); drop --out "
+                             f"(to branch the run, copy its folder and resume the copy)")
+        remove_leftovers(run_dir)
         checkpoint = ckpt.load(args.resume)
         changed = [k for k in config_overrides(args)] + [
             k for k in ("lr", "batch_size", "seed", *SELECTION_FLAGS) if getattr(args, k) is not None]
@@ -191,7 +192,7 @@ def start_run(args):
         if checkpoint.label_values is not None and \
                 list(dataset.train.label_values) != list(checkpoint.label_values):
             raise DataError("the training labels differ from those the checkpoint was trained on")
-        out = args.out or os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0]))
+        out = run_dir
         trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
         trainer.restore(checkpoint)
         write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint

@@ -38,6 +38,9 @@ OPTIMIZER_FIELDS = ("t", "lr", "betas", "eps", "weight_decay")
 FIRST_WEIGHT = BRANCHES[0] + "0.weight"    # (embed_dim, face_dim): checked before building a model
 
 
+ZIP_MAGIC = b"PK\x03\x04"     # how an .npz (a zip archive) begins
+
+
 class CheckpointError(Exception):
     """A missing, corrupt or mismatched checkpoint: one line naming the file."""
 
@@ -90,14 +93,21 @@ def resolve(path):
 
 def load(path):
     """Read a checkpoint written by ``save``; raise CheckpointError on any problem."""
+    if not path:
+        raise CheckpointError("the checkpoint path is empty: give a run folder or a .npz file")
     npz_path, json_path = resolve(path)
     if not os.path.isfile(npz_path):
         raise CheckpointError(f"{npz_path}: no such file")
+    with open(npz_path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
     try:
+        if head != ZIP_MAGIC:
+            raise ValueError("an empty file" if not head else "not an .npz archive")
         with np.load(npz_path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({exc})") from None
+        why = "an entry holds pickled objects, never loaded" if "pickle" in str(exc) else exc
+        raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({why})") from None
     if "config" in arrays:
         where = npz_path
         config = _json_entry(arrays, "config", npz_path)
@@ -121,6 +131,22 @@ def load(path):
         _check_history(history, config["epoch"], npz_path)
     return Checkpoint(cfg, params, buffers, optimizer, label_values, config["epoch"], config,
                       history, npz_path)
+
+
+def check_same_run(best, run):
+    """Refuse a ``best`` (a loaded best.npz) that another run wrote: its model
+    configuration, its labels and its records of epochs 1..k must be those of
+    ``run`` (the run's loaded checkpoint.npz). The records hold each epoch's
+    losses and timings, which no other run repeats."""
+    same_labels = (best.label_values is None) == (run.label_values is None) and (
+        best.label_values is None or np.array_equal(best.label_values, run.label_values))
+    checks = [("model configuration", best.cfg == run.cfg), ("labels", same_labels),
+              ("training records", best.history is None or run.history is None
+               or best.history == run.history[:best.epoch])]
+    differing = [what for what, same in checks if not same]
+    if differing:
+        raise CheckpointError(f"{best.path}: not from the run in {os.path.dirname(run.path)}: "
+                              f"its {' and '.join(differing)} differ from {CHECKPOINT_NAME}'s")
 
 
 def _json_entry(arrays, key, npz_path):

@@ -75,7 +75,8 @@ def protocol_notes(tests, n_cs=range(2, 11)):
         wanted = list(n_cs) if key.endswith("/random") else []
         if wanted and fitting != wanted:
             runs = f"runs for n_c = {', '.join(map(str, fitting))} only" if fitting else "is skipped"
-            notes.append(f"note: {key} has {n // 2} positive pairs, too few distinct identities for "
+            pairs = f"{n // 2} positive pair{'s' if n // 2 != 1 else ''}"
+            notes.append(f"note: {key} has {pairs}, too few distinct identities for "
                          f"1-of-{max(wanted)} matching: matching {runs}")
     return notes
 

@@ -186,17 +186,19 @@ class Trainer:
         self.history = list(checkpoint.history if checkpoint.history is not None
                             else read_metrics_log(self.out_dir, checkpoint.epoch))
         self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
-        self._restore_best()
+        self._restore_best(checkpoint)
 
     @property
     def best_path(self):
         return os.path.join(self.out_dir, BEST_NAME)
 
-    def _restore_best(self):
-        """Find best.npz's epoch; rewrite it from the restored checkpoint when a kill left it
-        one selection behind (see the module doc)."""
+    def _restore_best(self, checkpoint):
+        """Find best.npz's epoch; rewrite it from the restored ``checkpoint`` when a kill
+        left it one selection behind (see the module doc)."""
         if os.path.exists(self.best_path):      # a damaged one (never a kill: see atomic.py) is refused
-            self.best_saved_epoch = ckpt.load(self.best_path).epoch
+            best = ckpt.load(self.best_path)
+            ckpt.check_same_run(best, checkpoint)
+            self.best_saved_epoch = best.epoch
         best = self.selected_epoch()
         if self.settings.select == "last" or best is None or best == self.best_saved_epoch:
             return
@@ -294,7 +296,7 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(
                 f"the loss became {record['loss']} in epoch {epoch + 1} (is --lr {settings.lr:g} "
-                f"too high?); {untouched}")
+                f"too high, or a --loss-weights value too large?); {untouched}")
         state = [*self.params.values(), *self.buffers.values()]
         if not bool(xp.stack([xp.isfinite(a).all() for a in state]).all()):   # one sync
             bad = next(k for k, a in [*self.params.items(), *self.buffers.items()]
@@ -385,14 +387,23 @@ class Trainer:
         return out
 
 
+def checkpoint_settings(checkpoint):
+    """The ``TrainSettings`` recorded in a loaded checkpoint; a damaged field raises
+    ``CheckpointError`` naming the file and the field."""
+    try:
+        return TrainSettings.from_dict(checkpoint.config["train"])
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"{checkpoint.path}: {exc}") from None
+
+
 def checkpoint_selection(checkpoint):
     """``(rule, epoch)``: the rule a loaded checkpoint's run selects by, and the epoch its
     records pick (None before the first epoch)."""
-    train = checkpoint.config.get("train", {})
-    rule = train.get("select", "last")
+    settings = checkpoint_settings(checkpoint)
+    rule = settings.select
     pairs = (checkpoint.config.get("validation") or {}).get("pairs", {})
     val_key = f"val/{'unseen' if 'unseen' in pairs else 'seen'}/eer" if pairs else None
-    key = f"{train.get('monitor')}/eer" if rule == "test" else val_key
+    key = f"{settings.monitor}/eer" if rule == "test" else val_key
     history = checkpoint.history or [{"epoch": e + 1} for e in range(checkpoint.epoch)]
     return rule, selected_epoch(history, rule, key)
 

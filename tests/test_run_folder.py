@@ -117,15 +117,61 @@ TRAIN_CASES = [
     ("unknown device", _set("train", "device", "tpu"), ["train.device"]),
     ("unknown setting", _set("train", "warmup", 3), ["train.warmup", "unknown field"]),
     ("epochs zero", _set("train", "epochs", 0), ["train.epochs", ">= 1"]),
+    ("unknown rule", _set("train", "select", "bogus"), ["train.select", "val or last or test"]),
+    ("batch size zero", _set("train", "batch_size", 0), ["train.batch_size", ">= 1"]),
 ]
 
 
 @pytest.mark.parametrize("change,words", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
-def test_damaged_training_settings_are_one_line_from_resume(copy, capsys, change, words):
+def test_damaged_training_settings_are_one_line_from_eval_and_resume(copy, data_dir, capsys,
+                                                                     change, words):
     edit_metadata(copy, change)
     capsys.readouterr()
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2     # eval reads the rule
+    one_line_error(capsys, "checkpoint.npz", *words)
     assert train("--resume", copy) == 2
     one_line_error(capsys, "checkpoint.npz", *words)
+
+
+def _edit_best_history(folder):
+    npz = os.path.join(folder, "best.npz")
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    history = json.loads(str(arrays["history"]))
+    history[0]["loss"] += 1e-3
+    arrays["history"] = np.array(json.dumps(history))
+    np.savez(npz, **arrays)
+
+
+def test_a_best_npz_from_another_run_is_refused(copy, data_dir, tmp_path, capsys):
+    other = str(tmp_path / "other")
+    assert train("--data-dir", data_dir, *TINY_RUN, "--egff-kernel", "3", "--out", other) == 0
+    shutil.copy(os.path.join(copy, "checkpoint.npz"), os.path.join(tmp_path, "kept.npz"))
+    shutil.copy(os.path.join(other, "best.npz"), os.path.join(copy, "best.npz"))
+    capsys.readouterr()
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "best.npz", "not from the run", "model configuration")
+    assert train("--resume", copy, "--epochs", "4") == 2
+    one_line_error(capsys, "best.npz", "not from the run", "model configuration")
+    with open(os.path.join(copy, "checkpoint.npz"), "rb") as now, \
+            open(os.path.join(tmp_path, "kept.npz"), "rb") as before:
+        assert now.read() == before.read()                 # the refused resume wrote nothing
+
+
+def test_a_best_npz_with_other_records_is_refused(copy, data_dir, capsys):
+    _edit_best_history(copy)              # same model and labels: only the records tell
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "best.npz", "not from the run", "training records")
+
+
+def test_resume_keeps_the_run_in_its_own_folder(copy, data_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert train("--resume", copy, "--epochs", "4", "--out", other) == 2
+    one_line_error(capsys, "--resume", "own folder", "drop --out")
+    assert os.listdir(other) == ["notes.txt"] and (other / "notes.txt").read_text() == "mine"
+    assert train("--resume", copy, "--epochs", "4", "--out", copy + os.sep) == 0   # its own: fine
 
 
 def _retype(key, dtype):
@@ -276,3 +322,38 @@ def test_eval_says_when_the_recorded_data_folder_is_gone(copy, tmp_path, capsys)
     edit_metadata(copy, _set("data", "data_dir", str(tmp_path / "gone")))
     assert evaluate("--checkpoint", copy) == 2
     one_line_error(capsys, "gone")
+
+
+@pytest.mark.parametrize("content,words", [(b"label,f1\n1,0.5\n", "not an .npz archive"),
+                                           (b"", "an empty file")], ids=["a CSV", "empty"])
+def test_a_file_that_is_not_an_npz_is_named_so(tmp_path, capsys, content, words):
+    path = tmp_path / "model.npz"
+    path.write_bytes(content)
+    assert evaluate("--checkpoint", path) == 2
+    line = one_line_error(capsys, str(path), "not a checkpoint", words)
+    assert "allow_pickle" not in line
+
+
+def test_a_pickled_entry_is_refused_without_advice_to_unpickle(tmp_path, capsys):
+    path = str(tmp_path / "model.npz")
+    np.savez(path, a=np.array([{"x": 1}], dtype=object))
+    assert evaluate("--checkpoint", path) == 2
+    line = one_line_error(capsys, path, "pickled objects, never loaded")
+    assert "allow_pickle" not in line
+
+
+def test_an_empty_checkpoint_path_is_named(capsys):
+    assert evaluate("--checkpoint", "") == 2
+    one_line_error(capsys, "checkpoint path is empty")
+
+
+def test_eval_says_which_file_it_evaluated_after_the_protocol_notes(run_dir, tmp_path, capsys):
+    from paeff_np.data.synth import save_dir
+    short = tmp_path / "short"          # lists of 2 rows: every protocol note is printed
+    save_dir(make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=2), short)
+    capsys.readouterr()
+    assert evaluate("--checkpoint", run_dir, "--data-dir", short) == 0
+    notes = capsys.readouterr().err.splitlines()
+    assert notes[-1].startswith(f"note: evaluating {os.path.join(run_dir, 'best.npz')}")
+    assert len(notes) == len(set(notes)) and not any(n.startswith("note: note:") for n in notes)
+    assert any("has 1 positive pair, " in n for n in notes)
