@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paeff_np as pn                                    # noqa: E402
 from paeff_np import envinfo                             # noqa: E402
 from paeff_np.atomic import write_json                   # noqa: E402
-from paeff_np.cli import prepare_process                  # noqa: E402
-from paeff_np.backend import default_rng, probe_gpu      # noqa: E402
+from paeff_np.cli import UsageError, describe_error, run  # noqa: E402
+from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.parallel import n_threads                  # noqa: E402
@@ -291,7 +291,7 @@ def compare_alignments(dev, B, repeats, warmup):
 def measure_cases(dev, args, peak_flops):
     """The main case, the B × D scaling rows and AdamW alone."""
     quick = args.quick
-    repeats = args.repeats or (5 if quick else 30)
+    repeats = (5 if quick else 30) if args.repeats is None else args.repeats
     sizes = dict(face_dim=MAIN["face_dim"], voice_dim=MAIN["voice_dim"], K=MAIN["n_classes"])
     main = bench_case(dev, 256 if quick else MAIN["batch"], MAIN["embed_dim"], repeats=repeats,
                       warmup=1 if quick else 3, peak_flops=peak_flops, with_floor=True, **sizes)
@@ -381,12 +381,12 @@ def devices_to_run(choice):
     return ["cpu"] + (["cuda"] if cupy is not None else []), cupy, reason
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="cpu (NumPy), cuda (CuPy eager) or all that are present (default)")
-    parser.add_argument("--repeats", type=int, help="timed steps per case (default 30; --quick 5)")
+    parser.add_argument("--repeats", type=int, help="timed steps per case, >= 1 (default 30; --quick 5)")
     parser.add_argument("--quick", action="store_true",
                         help="a few repeats and only B=256 rows (a smoke test)")
     parser.add_argument("--e2e", action="store_true",
@@ -394,22 +394,58 @@ def main(argv=None):
                              f"B={PAPER_RECIPE['batch_size']}, D={PAPER_RECIPE['embed_dim']}, lr {PAPER_RECIPE['lr']:g}) "
                              f"on a VoxCeleb1-size synthetic set, evaluation included")
     parser.add_argument("--e2e-epochs", type=int,
-                        help="epochs actually run for --e2e (default: 1 on the CPU, where the total "
-                             "is then estimated; all of them on CUDA)")
+                        help=f"epochs actually run for --e2e, 1..{PAPER_RECIPE['epochs']} (default: 1 on the "
+                             f"CPU, where the total is then estimated; all of them on CUDA)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH (atomically)")
-    args = parser.parse_args(argv)
-    log = lambda s="": print(s, flush=True)
-    kept_freed_memory, error = prepare_process("bench.py")     # as train.py and eval.py do
-    if error:
-        print(error, file=sys.stderr)
-        return 2
+    return parser.parse_args(argv)
 
+
+def check_args(args):
+    """Refuse, before anything is timed, the flags the run would fail on (or quietly
+    change) minutes later: UsageError, one line naming the flag."""
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: must be a whole number >= 1")
+    epochs = PAPER_RECIPE["epochs"]
+    if args.e2e_epochs is not None:
+        if not 1 <= args.e2e_epochs <= epochs:
+            raise UsageError(f"--e2e-epochs {args.e2e_epochs}: must be a whole number in 1..{epochs} "
+                             f"(the paper recipe's epochs)")
+        if not args.e2e:
+            raise UsageError(f"--e2e-epochs {args.e2e_epochs} is for --e2e: add --e2e, or leave it out")
+    if args.json is not None:
+        check_json_path(args.json)
+
+
+def check_json_path(path):
+    """--json must name a file this process can write: not a folder nor a device,
+    in a folder where a file can be created (a folder still missing is made by
+    ``write_json`` at the end, so the nearest existing one above it is tried)."""
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise UsageError(f"--json {path}: is a folder, not a file: give a file name, "
+                         f"e.g. --json {os.path.join(path, 'bench.json')}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"--json {path}: is not a regular file: give the name of a file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot create a file in {folder} ({exc.strerror or exc}): "
+                         f"choose another path") from None
+
+
+def bench(args):
+    """The whole run, after ``run``'s ``prepare_process``: the checks, the environment,
+    every device, the end to end, the JSON. A user error is raised (``run`` prints it)."""
+    check_args(args)
+    log = lambda s="": print(s, flush=True)
     names, cupy, reason = devices_to_run(args.device)
     if "cuda" in names and cupy is None:
-        print(f"bench.py: error: {reason}", file=sys.stderr)
-        return 2
+        raise UsageError(reason)
     env = envinfo.environment(cupy)
-    env["keep_freed_memory"] = kept_freed_memory
+    env["keep_freed_memory"] = keep_freed_memory()     # set by prepare_process; asked again, same answer
     env["row_threads"] = n_threads()
     for line in envinfo.summary_lines(env):
         log(line)
@@ -422,15 +458,25 @@ def main(argv=None):
             results["devices"].append(run_device(Device(name, cupy), args, log))
         if args.e2e:
             for name in names:
-                epochs = min(args.e2e_epochs or (1 if name == "cpu" else PAPER_RECIPE["epochs"]), PAPER_RECIPE["epochs"])
+                default = 1 if name == "cpu" else PAPER_RECIPE["epochs"]
+                epochs = default if args.e2e_epochs is None else args.e2e_epochs
                 log(f"\n== end to end on {name}: paper recipe ({PAPER_RECIPE['epochs']} epochs, B={PAPER_RECIPE['batch_size']}, "
                     f"D={PAPER_RECIPE['embed_dim']}, lr {PAPER_RECIPE['lr']:g}), {epochs} epoch(s) run ==")
                 results["e2e"].append(end_to_end(name, epochs, log))
                 report_e2e(results["e2e"][-1], log)
-    if args.json:
-        write_json(args.json, results)
+    if args.json is not None:
+        try:
+            write_json(args.json, results)
+        except OSError as exc:          # checked at the start, yet e.g. the disk filled up
+            raise UsageError(f"{describe_error(exc)}; the figures are printed above but were not "
+                             f"saved") from None
         log(f"\nwrote {args.json}")
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run(lambda: bench(args), "bench.py")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Smoke test of bench.py: it runs and reports; no timing is asserted. And
 the FLOP count (paeff_np.model.step_flops) and environment record it uses."""
+import errno
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import strict_xp
 import paeff_np as pn
 from paeff_np import envinfo
@@ -80,3 +82,85 @@ def test_bench_refuses_a_bad_row_thread_count(monkeypatch, capsys):
     assert bench.main(["--quick", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "PAEFF_ROW_THREADS must be a whole number" in err
+
+
+def _no_benchmark(monkeypatch):
+    """bench.py with the timing replaced by a failure: a check must fire before it."""
+    import bench
+
+    def started(*args):
+        raise AssertionError("the benchmark started")
+    monkeypatch.setattr(bench, "run_device", started)
+    monkeypatch.setattr(bench, "end_to_end", started)
+    return bench
+
+
+def _one_error_line(capsys, *words):
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("bench.py: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--repeats", "-3"], ["--repeats -3", ">= 1"]),
+    (["--repeats", "0"], ["--repeats 0", ">= 1"]),
+    (["--e2e", "--e2e-epochs", "-1"], ["--e2e-epochs -1", "1..50"]),
+    (["--e2e", "--e2e-epochs", "0"], ["--e2e-epochs 0", "1..50"]),
+    (["--e2e", "--e2e-epochs", "51"], ["--e2e-epochs 51", "1..50"]),
+    (["--e2e-epochs", "2"], ["--e2e-epochs 2", "add --e2e"]),
+])
+def test_bench_refuses_bad_counts_before_running(monkeypatch, capsys, flags, words):
+    bench = _no_benchmark(monkeypatch)
+    assert bench.main(["--quick", "--device", "cpu"] + flags) == 2
+    _one_error_line(capsys, *words)
+
+
+def test_bench_refuses_a_json_path_it_cannot_write_before_running(monkeypatch, capsys, tmp_path):
+    bench = _no_benchmark(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept\n")
+    cases = [(tmp_path, "is a folder"), (a_file / "x.json", "Not a directory")]
+    if os.path.isdir("/proc"):
+        cases.append(("/proc/x.json", "cannot create a file in /proc"))
+    if os.path.exists("/dev/null"):
+        cases.append(("/dev/null", "is not a regular file"))
+    for path, why in cases:
+        assert bench.main(["--quick", "--device", "cpu", "--json", str(path)]) == 2
+        _one_error_line(capsys, f"--json {path}", why)
+    assert a_file.read_text() == "kept\n"
+
+
+def test_bench_repeats_default_only_when_not_given(monkeypatch):
+    import argparse
+    import bench
+    seen = []
+    monkeypatch.setattr(bench, "bench_case", lambda *a, repeats, **k: seen.append(repeats) or {"batch": 256})
+    monkeypatch.setattr(bench, "adamw_compare", lambda dev, repeats: {})
+    monkeypatch.setattr(bench, "compare_alignments", lambda *a, **k: {})
+    for quick, repeats, expected in ((True, None, 5), (False, None, 30), (True, 1, 1)):
+        seen.clear()
+        bench.measure_cases(None, argparse.Namespace(quick=quick, repeats=repeats), 1.0)
+        assert set(seen) == {expected}
+
+
+def test_bench_makes_a_missing_json_folder(monkeypatch, capsys, tmp_path):
+    import bench
+    monkeypatch.setattr(bench, "run_device", lambda dev, args, log: {"device": dev.name})
+    out = tmp_path / "new" / "bench.json"
+    assert bench.main(["--quick", "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["devices"] == [{"device": "cpu"}]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_bench_says_so_when_the_final_write_fails(monkeypatch, capsys, tmp_path):
+    import bench
+    monkeypatch.setattr(bench, "run_device", lambda dev, args, log: {"device": dev.name})
+
+    def disk_full(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(bench, "write_json", disk_full)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--device", "cpu", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(out) in err and "No space left on device" in err and "printed above" in err
