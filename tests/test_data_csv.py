@@ -470,3 +470,189 @@ def test_semicolon_separated_train_file_is_named(tmp_path):
     face, voice = write_train(tmp_path, features(2, 3), features(2, 2), ["a", "b"])
     face.write_text(face.read_text().replace(",", ";"))
     assert "faceTrain.csv: values are separated by ';', expected commas" in data_error(read_train, face, voice, cache=False)
+
+
+# --- a damaged cache is rebuilt, not trusted ------------------------------------
+
+
+def cached_array_path(path, suffix=".npy"):
+    return path.parent / CACHE_DIR_NAME / f"{path.name}{suffix}"
+
+
+def damage_cached_array(path, change, suffix=".npy"):
+    """Replace the cached array of path by change(array), keeping its stamp (np.load, modify, np.save)."""
+    array_path = cached_array_path(path, suffix)
+    array = np.array(np.load(array_path))
+    array_path.unlink()  # np.save to a fresh file, as a user would
+    np.save(array_path, change(array))
+
+
+def assert_rebuilt_once(path, read, expected, capsys, monkeypatch):
+    """read() gives the CSV's values with a one-line note naming the file; the next read uses the new cache."""
+    capsys.readouterr()
+    np.testing.assert_array_equal(read(), expected)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: cache {path.name}" in err and "rebuilding it from the CSV" in err
+    forbid_parsing(monkeypatch)
+    np.testing.assert_array_equal(read(), expected)
+    assert capsys.readouterr().err == ""
+    return err
+
+
+def test_emptied_cache_file_is_rebuilt(tmp_path, capsys, monkeypatch):
+    face, voice = features(4, 7), features(4, 3)
+    face_path, voice_path = write_train(tmp_path, face, voice, ["b", "a", "b", "c"])
+    read_train(face_path, voice_path)
+    cached_array_path(face_path).write_bytes(b"")  # : > faceTrain.csv.npy
+    err = assert_rebuilt_once(face_path, lambda: read_train(face_path, voice_path).face, face, capsys, monkeypatch)
+    assert "cannot be loaded" in err
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e20])
+def test_non_finite_value_in_cached_features_is_rebuilt(tmp_path, capsys, monkeypatch, value):
+    face, voice = features(4, 7), features(4, 3)
+    face_path, voice_path = write_train(tmp_path, face, voice, ["b", "a", "b", "c"])
+    read_train(face_path, voice_path)
+
+    def poison(array):
+        array[2, 5] = value
+        return array
+
+    damage_cached_array(face_path, poison)
+    err = assert_rebuilt_once(face_path, lambda: read_train(face_path, voice_path).face, face, capsys, monkeypatch)
+    assert f"row 3, column 6 is {value:g}" in err
+
+
+def test_inf_in_a_cached_test_list_is_rebuilt(tmp_path, capsys, monkeypatch):
+    matrix = features(4, 3)
+    face_path, voice_path = write_test_pair(tmp_path, "unseenunheard", "random", matrix, matrix)
+    read_test_list(face_path, voice_path)
+
+    def poison(array):
+        array[1, 0] = np.inf
+        return array
+
+    damage_cached_array(voice_path, poison)
+    assert_rebuilt_once(voice_path, lambda: read_test_list(face_path, voice_path).voice, matrix, capsys, monkeypatch)
+
+
+def test_cached_features_cut_to_fewer_columns_are_rebuilt(tmp_path, capsys, monkeypatch):
+    face, voice = features(4, 16), features(4, 3)
+    face_path, voice_path = write_train(tmp_path, face, voice, ["b", "a", "b", "c"])
+    read_train(face_path, voice_path)
+    damage_cached_array(face_path, lambda array: np.ascontiguousarray(array[:, :5]))
+    err = assert_rebuilt_once(face_path, lambda: read_train(face_path, voice_path).face, face, capsys, monkeypatch)
+    assert "(4, 5)" in err and "(4, 16)" in err
+
+
+@pytest.mark.parametrize("change", [lambda a: a.astype(np.float64), lambda a: a[:3], lambda a: a.reshape(2, -1)],
+                         ids=["dtype", "rows", "reshaped"])
+def test_cached_matrix_of_another_shape_or_dtype_is_rebuilt(tmp_path, capsys, monkeypatch, change):
+    matrix = features(4, 6)
+    path = write_csv(tmp_path / "m.csv", matrix.tolist())
+    read_matrix(path)
+    damage_cached_array(path, change)
+    assert_rebuilt_once(path, lambda: read_matrix(path), matrix, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("change", [lambda a: np.where(np.arange(len(a)) == 1, "", a), lambda a: a[:3],
+                                    lambda a: np.arange(len(a))], ids=["empty-label", "rows", "dtype"])
+def test_damaged_cached_labels_are_rebuilt(tmp_path, capsys, monkeypatch, change):
+    face, voice = features(4, 7), features(4, 3)
+    face_path, voice_path = write_train(tmp_path, face, voice, ["b", "a", "b", "c"])
+    expected = read_train(face_path, voice_path).labels
+    damage_cached_array(face_path, change, ".labels.npy")
+    assert_rebuilt_once(face_path, lambda: read_train(face_path, voice_path).labels, expected, capsys, monkeypatch)
+
+
+def test_a_stale_or_missing_cache_is_rebuilt_quietly(tmp_path, capsys):
+    import json
+    path = write_csv(tmp_path / "m.csv", features(2, 3).tolist())
+    read_matrix(path)
+    stamp_path = cached_array_path(path, ".json")
+    stamp = json.loads(stamp_path.read_text())
+    assert stamp["arrays"] == {"features": {"shape": [2, 3], "dtype": "<f4"}}
+    stamp["version"] = 2  # a cache written by an older version: a plain miss, no note
+    stamp_path.write_text(json.dumps(stamp))
+    np.testing.assert_array_equal(read_matrix(path), features(2, 3))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("entry", [5, None, {"shape": 7, "dtype": []}, {"shape": [2, 3], "dtype": "<f8"}])
+def test_a_stamp_whose_array_entry_is_damaged_is_rebuilt(tmp_path, capsys, monkeypatch, entry):
+    import json
+    path = write_csv(tmp_path / "m.csv", features(2, 3).tolist())
+    read_matrix(path)
+    stamp_path = cached_array_path(path, ".json")
+    stamp = json.loads(stamp_path.read_text())
+    stamp["arrays"]["features"] = entry
+    stamp_path.write_text(json.dumps(stamp))
+    assert_rebuilt_once(path, lambda: read_matrix(path), features(2, 3), capsys, monkeypatch)
+
+
+def test_finite_check_finds_the_first_bad_cell_across_blocks(monkeypatch):
+    from paeff_np.data import csv as csv_module
+    monkeypatch.setattr(csv_module, "_FINITE_BLOCK_BYTES", 3 * 4 * 4)  # 3 rows of 4 float32 per block
+    matrix = features(10, 4)
+    assert csv_module._first_bad_value(matrix) is None
+    matrix[7, 2], matrix[8, 0] = 2e12, np.nan
+    row, column, value = csv_module._first_bad_value(matrix)
+    assert (row, column, float(value)) == (7, 2, float(np.float32(2e12)))
+
+
+# --- labels: empty cells, cells written as floats ------------------------------
+
+
+def float_labels(labels):
+    """Labels as np.savetxt writes them ("%f")."""
+    return [f"{label:f}" for label in labels]
+
+
+def test_float_labels_with_one_bad_cell_name_its_row(tmp_path):
+    labels = [3, 1, 3, 2, 1, 2]
+    face_labels = float_labels(labels)
+    face_labels[4] = "abc"
+    paths = write_train(tmp_path, features(6, 3), features(6, 2), face_labels, float_labels(labels))
+    message = data_error(read_train, *paths, cache=False)
+    assert message == (f"{paths[0]}: row 5 has label 'abc' but {paths[1]} row 5 has label '1.000000'")
+
+
+def test_mismatch_shows_the_cells_as_written(tmp_path):
+    paths = write_train(tmp_path, features(4, 3), features(4, 2), ["3.000000", "1.000000", "2.5", "1"],
+                        ["3", "1", "2.50", "1"])
+    message = data_error(read_train, *paths, cache=False)
+    assert message == f"{paths[0]}: row 3 has label '2.5' but {paths[1]} row 3 has label '2.50'"
+
+
+def test_integral_labels_agree_cell_by_cell(tmp_path):
+    """"3.000000" is the label 3 even where the file also holds a text label."""
+    paths = write_train(tmp_path, features(5, 3), features(5, 2), ["3.000000", "abc", "3", "4.0", "+4"],
+                        ["3", "abc", "3.0", "4", "4.000000"])
+    train = read_train(*paths, cache=False)
+    assert train.label_values.tolist() == ["3", "4", "abc"]
+    assert train.labels.tolist() == [0, 2, 0, 1, 1]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_empty_label_is_refused(tmp_path, cache):
+    paths = write_train(tmp_path, features(6, 3), features(6, 2), ["a", "b", "a", "b", "", "a"])
+    # as sed -i '5s/,[0-9]*$/,/' faceTrain.csv voiceTrain.csv leaves them
+    assert paths[0].read_text().splitlines()[4].endswith(",")
+    assert data_error(read_train, *paths, cache=cache) == f"{paths[0]}: row 5: empty label"
+    assert not (tmp_path / CACHE_DIR_NAME / "faceTrain.csv.npy").exists()
+
+
+def test_empty_label_of_one_file_only_is_refused(tmp_path):
+    labels = float_labels([1, 2, 1, 2, 1, 2])
+    voice_labels = list(labels)
+    voice_labels[4] = "  "
+    paths = write_train(tmp_path, features(6, 3), features(6, 2), labels, voice_labels)
+    assert data_error(read_train, *paths, cache=False) == f"{paths[1]}: row 5: empty label"
+
+
+def test_row_numbers_are_lines_of_the_file_when_it_has_blank_lines(tmp_path):
+    face_path, voice_path = write_train(tmp_path, features(4, 3), features(4, 2), ["a", "b", "", "b"],
+                                        ["a", "b", "a", "b"])
+    lines = face_path.read_text().splitlines()
+    face_path.write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")  # np.loadtxt skips the empty line
+    assert data_error(read_train, face_path, voice_path, cache=False) == f"{face_path}: row 4: empty label"

@@ -9,7 +9,13 @@ Each parsed CSV is cached as `.npy` in `<csv dir>/.paeff_cache/`, so later runs
 memory-map it instead of parsing again. A JSON stamp decides whether the cache is
 still valid: the source's size, mtime_ns, ctime_ns and inode, and a SHA-256 of its
 first and last blocks, so an edit that keeps size and mtime (`cp -p`, `touch -r`)
-still invalidates it. Arrays read from the cache are read-only memory maps.
+still invalidates it. The stamp also records the shape and dtype of each array the
+parse gave; a cached array that cannot be loaded, differs from them, or fails the
+checks applied to a parse (NaN/Inf/|x| > FEATURE_LIMIT, empty labels) is a damaged
+cache: a one-line note goes to stderr and the CSV is parsed again. The cached values
+are not compared with the CSV (that would mean parsing it); the finite check reads
+them once (about 0.1 s per GB in the page cache; a cold file costs its disk read).
+Arrays read from the cache are read-only memory maps.
 
 Before parsing, the first bytes are checked for what is not a plain FOP CSV (gzip or
 zip data, a byte-order mark, a `;`, tab or space separator, a header or comment line,
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import sys
 import time
 import warnings
@@ -33,7 +41,7 @@ from ..atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 CACHE_DIR_NAME = ".paeff_cache"
-CACHE_VERSION = 2  # 2: fingerprinted stamp; features checked against FEATURE_LIMIT
+CACHE_VERSION = 3  # 2: fingerprinted stamp; 3: the stamp records each array's shape and dtype
 
 # Cached arrays of each kind of parsed file, with the suffix of their cache file.
 _CACHED_ARRAYS = {
@@ -41,7 +49,7 @@ _CACHED_ARRAYS = {
     "train": {"features": ".npy", "labels": ".labels.npy"},
 }
 _READ_CHUNK_BYTES = 1 << 26  # bytes per read when counting delimiters
-_FINITE_BLOCK_ROWS = 4096  # rows per block when looking for NaN/Inf
+_FINITE_BLOCK_BYTES = 4 << 20  # bytes per block when looking for NaN/Inf (two passes stay in cache)
 _FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a file for the cache stamp
 _SNIFF_BYTES = 1 << 16  # bytes read to recognise the file's format
 
@@ -67,27 +75,30 @@ def read_matrix(path, *, cache=True):
 def read_train(face_path, voice_path, *, cache=True):
     """Read the training pairs: features of each file, identity label in the last column.
 
-    Labels are compared as text, except that labels which are all integral numbers are
-    written as integers first, so "7.0" (a file saved from floats) and "7" agree.
-    Class indices follow the sorted order of those label strings.
+    A label may be any non-empty text (surrounding spaces are dropped); an empty one is
+    an error. Each cell that is an integral number stands for that integer, so "7",
+    "7.0" and "7.000000" (np.savetxt's way) are one label in either file; any other
+    cell is compared as text ("id7" and "7" differ, "3.5" and "3.50" too). The labels
+    of row i of both files must agree under that rule. label_values holds the labels
+    so written ("7", never "7.0"), sorted as strings; class indices follow that order.
     """
-    face, face_labels = _read_train_file(Path(face_path), cache)
-    voice, voice_labels = _read_train_file(Path(voice_path), cache)
+    face_path, voice_path = Path(face_path), Path(voice_path)
+    face, face_labels = _read_train_file(face_path, cache)
+    voice, voice_labels = _read_train_file(voice_path, cache)
     if len(face) != len(voice):
         raise DataError(
             f"{face_path} has {len(face)} rows but {voice_path} has {len(voice)}; "
             "row i of both files must be one face-voice pair"
         )
-    face_labels = _normalise_labels(face_labels)
-    voice_labels = _normalise_labels(voice_labels)
-    mismatches = np.flatnonzero(face_labels != voice_labels)
+    face_keys = _normalise_labels(face_labels)
+    mismatches = np.flatnonzero(face_keys != _normalise_labels(voice_labels))
     if mismatches.size:
         row = mismatches[0]
         raise DataError(
-            f"{face_path}: row {row + 1} has label {_excerpt(str(face_labels[row]))!r} "
-            f"but {voice_path} row {row + 1} has label {_excerpt(str(voice_labels[row]))!r}"
+            f"{face_path}: row {_line_number(face_path, row)} has label {_excerpt(str(face_labels[row]))!r} "
+            f"but {voice_path} row {_line_number(voice_path, row)} has label {_excerpt(str(voice_labels[row]))!r}"
         )
-    label_values, labels = np.unique(face_labels, return_inverse=True)
+    label_values, labels = np.unique(face_keys, return_inverse=True)
     if len(label_values) < 2:
         raise DataError(
             f"{face_path}: every row has the label {_excerpt(str(label_values[0]))!r}; training needs "
@@ -171,7 +182,11 @@ def _parse(path, kind):
     labels = _loadtxt(path, n_features, usecols=[n_features], dtype=str, what="labels")[:, 0]
     # Reading selected columns lets longer rows pass unnoticed; count the delimiters.
     _check_row_widths(path, len(features), n_columns)
-    return {"features": features, "labels": np.char.strip(labels)}
+    labels = np.char.strip(labels)
+    empty = _first_empty_label(labels)
+    if empty is not None:
+        raise DataError(f"{path}: row {_line_number(path, empty)}: empty label")
+    return {"features": features, "labels": labels}
 
 
 def _load_features(path, n_features=None):
@@ -320,18 +335,57 @@ def _check_row_widths(path, n_rows, n_columns):
 
 
 def _check_values(path, features):
-    """Raise on the first NaN, Inf or |value| > FEATURE_LIMIT, in blocks of rows to keep memory small."""
-    for start in range(0, len(features), _FINITE_BLOCK_ROWS):
-        block = features[start : start + _FINITE_BLOCK_ROWS]
-        bad = ~(np.abs(block) <= FEATURE_LIMIT)  # NaN compares False
-        if bad.any():
-            row, column = np.argwhere(bad)[0]
-            value = block[row, column]
-            where = f"{path}: row {start + row + 1}, column {column + 1} is {value:g}"
-            if not np.isfinite(value):
-                raise DataError(f"{where}; features must be finite float32 numbers")
-            raise DataError(f"{where}; features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 "
-                            "arithmetic (BatchNorm squares them): rescale the features")
+    """Raise on the first NaN, Inf or |value| > FEATURE_LIMIT (see _first_bad_value)."""
+    bad = _first_bad_value(features)
+    if bad is None:
+        return
+    row, column, value = bad
+    where = f"{path}: row {_line_number(path, row)}, column {column + 1} is {value:g}"
+    if not np.isfinite(value):
+        raise DataError(f"{where}; features must be finite float32 numbers")
+    raise DataError(f"{where}; features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 "
+                    "arithmetic (BatchNorm squares them): rescale the features")
+
+
+def _first_bad_value(features):
+    """(row, column, value) of the first NaN, Inf or |value| > FEATURE_LIMIT, 0-based; None if none.
+
+    Blocks of rows keep memory small; a block's min and max (NaN propagates through
+    both) clear it in two passes that stay in the CPU cache, and only a block that
+    fails is searched cell by cell.
+    """
+    block_rows = max(1, _FINITE_BLOCK_BYTES // max(1, features[:1].nbytes))
+    for start in range(0, len(features), block_rows):
+        block = features[start : start + block_rows]
+        if block.size == 0 or (block.min() >= -FEATURE_LIMIT and block.max() <= FEATURE_LIMIT):
+            continue
+        row, column = np.argwhere(~(np.abs(block) <= FEATURE_LIMIT))[0]  # NaN compares False
+        return start + int(row), int(column), block[row, column]
+    return None
+
+
+def _first_empty_label(labels):
+    """0-based row of the first empty label (labels already stripped); None if none."""
+    empty = np.flatnonzero(labels == "")
+    return int(empty[0]) if empty.size else None
+
+
+def _line_number(path, row):
+    """1-based line of the file holding table row `row` (0-based): np.loadtxt skips empty lines.
+
+    Only called on the way to an error message, so it may read the file.
+    """
+    try:
+        with open(path, "rb") as lines:
+            seen = -1
+            for number, line in enumerate(lines, start=1):
+                if line.rstrip(b"\r\n"):
+                    seen += 1
+                    if seen == row:
+                        return number
+    except OSError:
+        pass
+    return row + 1
 
 
 def _first_columns(path, matrix, width, modality):
@@ -342,16 +396,29 @@ def _first_columns(path, matrix, width, modality):
     return matrix[:, :width]
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _normalise_labels(labels):
-    """Write labels as integers ("7.0" -> "7") when all are integral numbers; else keep the text."""
-    try:
-        values = labels.astype(np.float64)
-    except ValueError:
-        return labels
-    integral = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2**53)
-    if not integral.all():
-        return labels
-    return values.astype(np.int64).astype(str)
+    """The label each cell stands for: an integral number as an integer ("7.0" -> "7"), else the text.
+
+    Cell by cell, so a cell's label does not depend on the other rows ("3.000000" is "3"
+    in a file that also holds "abc"). Each distinct text is converted once.
+    """
+    texts, inverse = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    keys = np.array([_label_key(text) for text in texts.tolist()] or [""], dtype=str)
+    return keys[inverse.reshape(-1)]
+
+
+def _label_key(text):
+    if _INTEGER.fullmatch(text):
+        return str(int(text))  # exact, however long
+    if _DECIMAL.fullmatch(text):
+        value = float(text)
+        if math.isfinite(value) and value == math.floor(value) and abs(value) < 2**53:
+            return str(int(value))
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +426,7 @@ def _normalise_labels(labels):
 
 
 def _read_cached(path, kind, cache):
-    """Return the parsed arrays of a CSV, from the cache when its stamp matches the source."""
+    """Return the parsed arrays of a CSV, from the cache when it is valid for the source."""
     try:
         status = path.stat()
     except FileNotFoundError:
@@ -367,7 +434,7 @@ def _read_cached(path, kind, cache):
     cache_dir = path.parent / CACHE_DIR_NAME
     if cache:
         stamp = _stamp(path, status, kind)
-        arrays = _load_cache(cache_dir, path.name, kind, stamp)
+        arrays = _load_cache(path, cache_dir, kind, stamp)
         if arrays is not None:
             return arrays
     arrays = _parse(path, kind)
@@ -396,20 +463,63 @@ def _stamp(path, status, kind):
             "ends_sha256": digest.hexdigest()}
 
 
-def _load_cache(cache_dir, name, kind, stamp):
+def _load_cache(path, cache_dir, kind, stamp):
+    """The cached arrays of `path`, or None to parse it again.
+
+    No cache, or a stamp for another version of the source, is a plain miss. A stamp
+    that matches the source but arrays that do not match the stamp (unreadable, another
+    shape or dtype) or fail the checks a parse applies is a damaged cache: noted on stderr.
+    """
+    stamp_path = cache_dir / f"{path.name}.json"
     try:
-        if json.loads((cache_dir / f"{name}.json").read_text()) != stamp:
-            return None
-        return {
-            key: np.load(cache_dir / f"{name}{suffix}", mmap_mode="r", allow_pickle=False)
-            for key, suffix in _CACHED_ARRAYS[kind].items()
-        }
-    except (OSError, ValueError):  # no cache yet, or a damaged one: parse again
+        saved = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):  # no cache yet, or an unreadable stamp
         return None
+    if not isinstance(saved, dict) or {key: saved.get(key) for key in stamp} != stamp:
+        return None  # the source changed (or the cache format did)
+    shapes = saved.get("arrays")
+    arrays = {}
+    for key, suffix in _CACHED_ARRAYS[kind].items():
+        array_path = cache_dir / f"{path.name}{suffix}"
+        expected = shapes.get(key) if isinstance(shapes, dict) else None
+        try:
+            array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            return _damaged(path, array_path, f"cannot be loaded: {str(error) or type(error).__name__}")
+        found = {"shape": list(array.shape), "dtype": array.dtype.str}
+        if found != expected:
+            return _damaged(path, array_path, f"holds {_describe(found)} where the stamp says {_describe(expected)}")
+        arrays[key] = array
+    bad = _first_bad_value(arrays["features"])
+    if bad is not None:
+        row, column, value = bad
+        return _damaged(path, cache_dir / f"{path.name}.npy", f"row {row + 1}, column {column + 1} is {value:g}")
+    if "labels" in arrays and (empty := _first_empty_label(arrays["labels"])) is not None:
+        return _damaged(path, cache_dir / f"{path.name}.labels.npy", f"row {empty + 1}: empty label")
+    return arrays
+
+
+def _describe(entry):
+    """An array's entry of the stamp as "<f4 (rows, columns)" (whatever a damaged stamp holds)."""
+    if isinstance(entry, dict) and isinstance(entry.get("shape"), list):
+        return f"{entry.get('dtype')} {tuple(entry['shape'])}"
+    return repr(entry)
+
+
+def _damaged(path, array_path, problem):
+    """Say on stderr that a cache entry is not used, and return None (parse the CSV again)."""
+    print(f"{path}: cache {array_path.name} is damaged ({_excerpt(problem)}); "
+          "rebuilding it from the CSV", file=sys.stderr, flush=True)
+    return None
 
 
 def _save_cache(cache_dir, name, kind, stamp, arrays):
-    """Write the arrays, then the stamp that validates them; skip silently if we cannot write."""
+    """Write the arrays, then the stamp that validates them; skip silently if we cannot write.
+
+    The stamp holds the source's facts (see _stamp) and each array's shape and dtype.
+    """
+    stamp = {**stamp, "arrays": {key: {"shape": list(arrays[key].shape), "dtype": arrays[key].dtype.str}
+                                 for key in _CACHED_ARRAYS[kind]}}
     try:
         cache_dir.mkdir(exist_ok=True)
         stamp_path = cache_dir / f"{name}.json"
