@@ -9,7 +9,6 @@ it says which file it used. ``--checkpoint`` may name either file.
     python eval.py --checkpoint runs/x/checkpoint.npz --data-dir feats/ --json
     python eval.py --checkpoint runs/x --plot plots/
 """
-import argparse
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
 from paeff_np.atomic import write_atomically
-from paeff_np.cli import UsageError, check_widths, device_flag, load_data, run
+from paeff_np.cli import ArgumentParser, UsageError, check_widths, device_flag, load_data, run
 from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
 from paeff_np.training import BEST_NAME, checkpoint_selection
 
@@ -28,7 +27,7 @@ from paeff_np.validate import validate_hyperparameters
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a PAEFF checkpoint on face–voice test lists.")
+    p = ArgumentParser(prog="eval.py", description="Evaluate a PAEFF checkpoint on face–voice test lists.")
     p.add_argument("--checkpoint", required=True, help="run folder (its selected model: best.npz "
                    "when it has one), or a checkpoint.npz or best.npz")
     p.add_argument("--data-dir", help="folder with face_/voice_veriflist_test_*.csv; default: the "

@@ -20,7 +20,7 @@ import time
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module
 from paeff_np.atomic import write_atomically, write_json
-from paeff_np.cli import (UsageError, add_config_flags, check_widths, config_overrides, device_flag,
+from paeff_np.cli import (ArgumentParser, UsageError, add_config_flags, check_widths, config_overrides, device_flag,
                           load_data, make_config, positive_int, remove_leftovers, run)
 from paeff_np.data import DataError, Dataset
 from paeff_np.data.split import SplitError, split_validation
@@ -57,7 +57,7 @@ ABLATION_TABLES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train PAEFF face–voice association in NumPy/CuPy.")
+    p = ArgumentParser(prog="train.py", description="Train PAEFF face–voice association in NumPy/CuPy.")
     p.add_argument("--data-dir", help="folder of FOP CSV files (faceTrain.csv, voiceTrain.csv, "
                    "face_/voice_veriflist_test_*.csv); default: the built-in synthetic world")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -269,6 +269,10 @@ def train_one(args):
     print(describe(trainer), flush=True)
     for note in protocol_notes(trainer.dataset.tests):
         print(note, file=sys.stderr, flush=True)
+    if not trainer.dataset.tests:
+        print(f"note: the data has no test lists: the run is trained and saved, not tested "
+              f"(later: python eval.py --checkpoint {trainer.out_dir} --data-dir DIR)",
+              file=sys.stderr, flush=True)
     if trainer.settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
     if trainer.epoch == 0:
@@ -288,7 +292,8 @@ def train_one(args):
     print(format_selection(results["selection"], trainer.epoch, trainer.out_dir))
     if trainer.settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}")
-    print(format_results({k: r for k, r in results.items() if k != "selection"}))
+    tested = {k: r for k, r in results.items() if k != "selection"}
+    print(format_results(tested) if tested else "no test lists: nothing was tested")
     print(f"\ntotal time {time.perf_counter() - started:.1f}s; results in "
           f"{os.path.join(trainer.out_dir, 'metrics.json')}")
 

@@ -114,3 +114,20 @@ def test_a_test_list_too_short_for_a_protocol_is_noted_before_training_and_skipp
     results = json.loads((out / "metrics.json").read_text())
     assert set(results["unseenunheard/random"]) == {"eer", "auc", "matching"}
     assert set(results["seenheard/G"]) == {"eer", "auc"}
+
+
+@pytest.mark.parametrize("script_name,argv,words", [
+    ("train.py", ["--epochs", "0"], ["argument --epochs", "must be >= 1"]),
+    ("train.py", ["--lr", "fast"], ["argument --lr", "invalid float value"]),
+    ("eval.py", [], ["--checkpoint", "required"]),
+    ("bench.py", ["--repeats", "x"], ["argument --repeats", "invalid int value"]),
+])
+def test_a_flag_argparse_refuses_is_one_line_too(script_name, argv, words, capsys):
+    """Not the whole usage block first: one line, as for every other user error."""
+    script = load_script(script_name)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script_name}: error: "), lines
+    assert lines[0].endswith("(see --help)") and all(w in lines[0] for w in words), lines[0]

@@ -357,3 +357,14 @@ def test_eval_says_which_file_it_evaluated_after_the_protocol_notes(run_dir, tmp
     assert notes[-1].startswith(f"note: evaluating {os.path.join(run_dir, 'best.npz')}")
     assert len(notes) == len(set(notes)) and not any(n.startswith("note: note:") for n in notes)
     assert any("has 1 positive pair, " in n for n in notes)
+
+
+def test_training_data_without_test_lists_says_so(data_dir, tmp_path, capsys):
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    for name in ("faceTrain.csv", "voiceTrain.csv"):
+        shutil.copy(os.path.join(data_dir, name), train_only / name)
+    assert train("--data-dir", train_only, *TINY_RUN, "--out", tmp_path / "r") == 0
+    out, err = capsys.readouterr()
+    assert "note: the data has no test lists" in err and "eval.py --checkpoint" in err
+    assert "no test lists: nothing was tested" in out
