@@ -92,6 +92,23 @@ def test_missing_file(tmp_path):
     assert "absent.csv" in message and "not found" in message
 
 
+@pytest.mark.parametrize("content,where", [
+    (b"1.0,2.0\n\xff\xfe\x00garbage\n", "byte 9 is not UTF-8 text"),
+    (b"1.0,2.0\n3.0\x00,4.0\n", "byte 12 is a NUL byte"),
+], ids=["not UTF-8", "NUL"])
+def test_binary_data_is_not_called_a_header(tmp_path, content, where):
+    (tmp_path / "binary.csv").write_bytes(content)
+    message = data_error(read_matrix, tmp_path / "binary.csv", cache=False)
+    assert "binary.csv: not a text file" in message and where in message and "header" not in message
+
+
+def test_a_character_cut_by_the_sniffed_bytes_is_not_binary(tmp_path, monkeypatch):
+    import paeff_np.data.csv as csv_module
+    monkeypatch.setattr(csv_module, "_SNIFF_BYTES", 9)      # cuts the 2-byte "é" of row 2 in half
+    (tmp_path / "m.csv").write_text("1.0,2.0\n\u00e9,3\n", encoding="utf-8")
+    assert "not a text file" not in data_error(read_matrix, tmp_path / "m.csv", cache=False)
+
+
 def test_empty_file(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     message = data_error(read_matrix, tmp_path / "empty.csv", cache=False)

@@ -262,7 +262,16 @@ def _check_format(path, kind):
         raise DataError(f"{path}: UTF-16 text; save it as plain UTF-8")
     if head.startswith(b"\xef\xbb\xbf"):
         raise DataError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM")
-    text = head.decode("utf-8", errors="replace")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:         # (a character cut by the end of `head` is fine)
+        if error.start < len(head) - 3:
+            raise DataError(f"{path}: not a text file (byte {error.start + 1} is not UTF-8 text); "
+                            "FOP CSV files are plain comma-separated numbers") from None
+        text = head[:error.start].decode("utf-8")
+    if "\x00" in text:
+        raise DataError(f"{path}: not a text file (byte {text.index(chr(0)) + 1} is a NUL byte); "
+                        "FOP CSV files are plain comma-separated numbers")
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if line:
