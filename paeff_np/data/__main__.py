@@ -9,10 +9,10 @@ are never overwritten: if DIR holds any of them, nothing is written.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from ..cli import ArgumentParser
 from .dataset import test_file_names, train_file_names
 from .synth import make_world, save_dir
 
@@ -26,7 +26,7 @@ def _file_names(dataset):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m paeff_np.data", description="Face-voice data tools.")
+    parser = ArgumentParser(prog="python -m paeff_np.data", description="Face-voice data tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     synth = commands.add_parser(
         "synth",

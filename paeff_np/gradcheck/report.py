@@ -7,7 +7,6 @@ checked input, exit 0 only if every row is ok.
     python -m paeff_np.gradcheck --dtype float32   the same table in float32: why float64 is needed
     python -m paeff_np.gradcheck --device cuda     on the GPU, through CuPy
 """
-import argparse
 import sys
 import time
 from typing import NamedTuple
@@ -15,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import GPUUnavailable, cupy_module
+from ..cli import ArgumentParser
 from .cases import CASES, LossCase, select, tolerance_of
 
 PROG = "python -m paeff_np.gradcheck"
@@ -75,14 +75,8 @@ def run(cases, xp=np, dtype=np.float64, out=None, detail=False):
     return rows
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    parser = _Parser(prog=PROG, description="Gradient check of every op of paeff_np and of the "
+    parser = ArgumentParser(prog=PROG, description="Gradient check of every op of paeff_np and of the "
                      "whole loss of each Config variant: float64 finite differences (4th-order "
                      "stencil, h = 1e-5) against the hand-written backward passes.")
     parser.add_argument("--op", metavar="NAME",
