@@ -63,6 +63,8 @@ def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
     Derivation: docs/math.md §12.
     """
     xp = get_array_module(e_f)
+    if mix not in EGFF_MIXES:
+        raise ValueError(f"egff mix must be one of {EGFF_MIXES}, got {mix!r}")
     f_hat, cache_gelu_f = gelu_forward(e_f)
     v_hat, cache_gelu_v = gelu_forward(e_v)
     if gate == "product":

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_host
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
                      gated_fusion_forward)
 from .hyperbolic import (ToBallCache, to_ball_backward, to_ball_forward, unit_row_ball_norm,
@@ -468,10 +468,12 @@ def check_inputs(params, face, voice, labels, cfg):
     """Chainer's ``check_type_forward``, once, where arrays enter the model.
 
     ``face``: B × cfg.face_dim and ``voice``: B × cfg.voice_dim, both of the
-    parameters' float dtype; ``labels`` (None for ``embed``): (B,) integers;
-    the parameters' widths match ``cfg``. Raises ``ValueError`` naming the
-    array, its shape and the expected one. Reads shapes and dtypes only: no
-    device synchronisation.
+    parameters' float dtype, B ≥ 1; ``labels`` (None for ``embed``): (B,)
+    integers in 0..n_classes−1, and then B ≥ 2 (a train-mode BatchNorm divides
+    by B − 1, docs/math.md §2); the parameters' widths match ``cfg``. Raises
+    ``ValueError`` naming the array, its shape and the expected one. Reads
+    shapes and dtypes, and the labels' range (a host read of B integers, as
+    OPL's ``same_label_pairs`` makes too).
 
     See docs/math.md §14.
     """
@@ -487,18 +489,32 @@ def check_inputs(params, face, voice, labels, cfg):
             raise ValueError(f"params[{key!r}] has shape {tuple(params[key].shape)}; "
                              f"expected {shape} = {meaning} of the Config")
     dtype = params["res_mix.weight"].dtype
-    B = face.shape[0] if face.ndim >= 1 else None
+    for name, x in [("face", face), ("voice", voice), ("labels", labels)]:
+        if x is not None and not hasattr(x, "shape"):
+            raise ValueError(f"{name} is a {type(x).__name__}, not an array (give np.asarray(...))")
+    B = face.shape[0] if face.ndim == 2 else None
     for name, x, width, meaning in [("face", face, cfg.face_dim, "(batch, face_dim)"),
                                     ("voice", voice, cfg.voice_dim, "(batch, voice_dim)")]:
         if x.ndim != 2 or tuple(x.shape) != (B, width):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {(B, width)} = {meaning}")
+            expected = f"({'batch' if B is None else B}, {width})"
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {expected} = {meaning}")
         if x.dtype != dtype:
             raise ValueError(f"{name} has dtype {x.dtype}; expected {dtype}, the parameters' dtype")
+    if B < 1:
+        raise ValueError("face and voice have no rows; a batch needs at least one")
     if labels is not None:
         if tuple(labels.shape) != (B,):
             raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {(B,)} = (batch,)")
         if labels.dtype.kind not in "iu":
             raise ValueError(f"labels has dtype {labels.dtype}; expected integers")
+        if B < 2:
+            raise ValueError("a training batch needs at least 2 rows: BatchNorm's running variance "
+                             "divides by B − 1 (PyTorch refuses B = 1 too)")
+        host = to_host(labels)
+        if host.min() < 0 or host.max() >= cfg.n_classes:
+            bad = host[(host < 0) | (host >= cfg.n_classes)]
+            raise ValueError(f"labels holds {bad[0]}; expected class indices 0..{cfg.n_classes - 1} "
+                             f"(n_classes = {cfg.n_classes})")
 
 
 def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):

@@ -75,3 +75,11 @@ def test_gated_fusion_formula(rand, xp):
     np.testing.assert_allclose(to_host(m), expected, rtol=1e-12)
     # CuPy tolerance: CUDA's tanh ≤ 2 ulp + NumPy's ≤ 1 ulp = 6.7e-16
     np.testing.assert_allclose(to_host(f_t), np.tanh(to_host(e_f)), rtol=1e-14)
+
+
+@pytest.mark.parametrize("setting", [dict(gate="max"), dict(mix="activate")])
+def test_egff_refuses_an_unknown_gate_or_mix(setting):
+    """A misspelt mix would otherwise run as "raw" without a word."""
+    e = np.ones((2, 4))
+    with pytest.raises(ValueError, match="egff (gate|mix) must be one of"):
+        egff_forward(e, e, np.ones((1, 1, 1)), np.zeros(1), **setting)

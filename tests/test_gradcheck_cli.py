@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from paeff_np.gradcheck import TOLERANCE
@@ -154,7 +155,8 @@ def test_registry_covers_every_op_and_variant():
     assert seen("fusion", "egff") == {"egff", "gated"}
     assert seen("egff_gate", "product") == {"product", "sum", "concat"}
     assert seen("egff_mix", "activated") == {"activated", "raw"}
-    assert seen("alignment", "hyperbolic") == {"hyperbolic", "euclidean", "none"}
+    from paeff_np.model import ALIGNMENTS
+    assert seen("alignment", "hyperbolic") == set(ALIGNMENTS)
     assert seen("riemannian_grad", True) == {True, False}
     assert seen("dropout", 0.4) == {0.4, 0.0}
     assert [c.name for c in select("egff")] == [n for n in CASES if n.startswith("egff[")]
@@ -171,3 +173,49 @@ def test_every_op_case_passes_in_float64():
 def test_list_prints_every_name(capsys):
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split("\n")[:-1] == list(CASES)
+
+
+# --- the checker as a Python utility --------------------------------------------------
+
+def _gelu_inputs():
+    return [np.random.default_rng(0).standard_normal((4, 5))]
+
+
+def test_tol_passes_a_right_backward_and_names_a_wrong_one():
+    from paeff_np.gradcheck import TOLERANCE, check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    assert check_layer(gelu_forward, gelu_backward, _gelu_inputs(), tol=TOLERANCE)[0] < TOLERANCE
+    off_by_1e_6 = lambda dy, cache: gelu_backward(dy, cache) * (1 + 1e-6)
+    with pytest.raises(AssertionError, match=r"tolerance 1e-07\): input 0: relative error 1\.0\de-06"):
+        check_layer(gelu_forward, off_by_1e_6, _gelu_inputs(), tol=TOLERANCE)
+
+
+def test_a_nan_gradient_is_an_infinite_error_not_a_pass():
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    nan_backward = lambda dy, cache: gelu_backward(dy, cache) * np.nan
+    assert check_layer(gelu_forward, nan_backward, _gelu_inputs()) == {0: float("inf")}
+    with pytest.raises(AssertionError, match="inf"):
+        check_layer(gelu_forward, nan_backward, _gelu_inputs(), tol=1e-7)
+
+
+@pytest.mark.parametrize("make,error,words", [
+    (lambda x: x.tolist(), TypeError, "is a list, not an array"),
+    (lambda x: np.float64(1.0), TypeError, "not an array of at least one axis"),
+    (lambda x: np.arange(20).reshape(4, 5), TypeError, "dtype int64; finite differences need floats"),
+    (lambda x: x.astype(np.float32), TypeError, "needs float64 inputs"),
+    (lambda x: np.broadcast_to(x, x.shape), ValueError, "read-only; the check perturbs it in place"),
+], ids=["list", "scalar", "integers", "float32", "read-only"])
+def test_bad_inputs_are_named_before_any_difference_is_taken(make, error, words):
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    x = make(_gelu_inputs()[0])
+    with pytest.raises(error, match=words):
+        check_layer(gelu_forward, gelu_backward, [x])
+
+
+def test_the_step_must_be_positive():
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    with pytest.raises(ValueError, match="step h must be a positive number"):
+        check_layer(gelu_forward, gelu_backward, _gelu_inputs(), h=0)

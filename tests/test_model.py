@@ -189,6 +189,9 @@ def test_entry_check_names_the_array_and_both_shapes():
         r"labels has shape \(7,\); expected \(8,\)": dict(labels=labels[:7]),
         r"labels has dtype float64; expected integers": dict(labels=labels.astype(float)),
         r"face has dtype float32; expected float64": dict(face=face.astype(np.float32)),
+        r"face has shape \(7,\); expected \(batch, 7\) = \(batch, face_dim\)": dict(face=face[0]),
+        r"voice is a list, not an array": dict(voice=voice.tolist()),
+        r"face and voice have no rows": dict(face=face[:0], voice=voice[:0], labels=labels[:0]),
         r"params\['voice_branch.fc1.0.weight'\] has shape \(6, 4\); expected \(6, 5\)":
             dict(params={**params, "voice_branch.fc1.0.weight": params["voice_branch.fc1.0.weight"][:, :4]}),
     }
@@ -199,6 +202,23 @@ def test_entry_check_names_the_array_and_both_shapes():
         if "labels" not in change:
             with pytest.raises(ValueError, match=message):
                 pn.embed(args["params"], buffers, args["face"], args["voice"], cfg)
+
+
+def test_labels_outside_the_classes_and_a_batch_of_one_are_refused():
+    """A label of −1 would silently index the last class; 3 of 3 classes would be an
+    IndexError deep in the cross-entropy; a training batch of 1 would divide by B − 1 = 0."""
+    cfg = pn.Config(**SMALL, dropout=0.0)
+    params, buffers = pn.init_params(cfg, seed=0, dtype=np.float64)
+    face, voice, labels = small_batch(np)
+    K = cfg.n_classes
+    for bad_label in (-1, K, K + 100):
+        bad = labels.copy()
+        bad[3] = bad_label
+        with pytest.raises(ValueError, match=rf"labels holds {bad_label}; expected class indices 0\.\.{K - 1}"):
+            pn.loss_and_grads(params, buffers, face, voice, bad, cfg)
+    with pytest.raises(ValueError, match="a training batch needs at least 2 rows"):
+        pn.loss_and_grads(params, buffers, face[:1], voice[:1], labels[:1], cfg)
+    assert pn.embed(params, buffers, face[:1], voice[:1], cfg)[0].shape == (1, cfg.embed_dim)   # eval: fine
 
 
 def test_named_caches():

@@ -17,6 +17,8 @@ anywhere in the array still shows at full size.
 loss of every Config variant in one command (``cases.py`` holds the list,
 ``report.py`` prints the table).
 """
+import math
+
 import numpy as np
 
 from ..backend import get_array_module, to_host
@@ -44,7 +46,8 @@ def numerical_gradient(fun, x, h=1e-5):
 
 
 def relative_error(analytic, numeric, tiny=1e-30):
-    """``max|a − n| / max(max|a|, max|n|, tiny)``.
+    """``max|a − n| / max(max|a|, max|n|, tiny)``; ``inf`` when either holds a NaN
+    or an infinity, so that no comparison with a tolerance can pass it.
 
     Derivation: docs/math.md Appendix A.
     """
@@ -52,32 +55,56 @@ def relative_error(analytic, numeric, tiny=1e-30):
     n = np.asarray(to_host(numeric), dtype=np.float64)
     if a.shape != n.shape:
         raise ValueError(f"gradient shape {a.shape} != expected {n.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(n).all()):
+        return math.inf
     scale = max(np.abs(a).max(initial=0.0), np.abs(n).max(initial=0.0), tiny)
     return float(np.abs(a - n).max(initial=0.0) / scale)
 
 
-def gradcheck(fun, inputs, analytic, h=1e-5, float64_only=True):
+def _check_perturbable(key, x, float64_only):
+    """``x`` must be an array of floats that the stencil can change in place."""
+    if not hasattr(x, "dtype") or getattr(x, "ndim", 0) == 0:
+        raise TypeError(f"gradcheck: input {key!r} is a {type(x).__name__}, not an array "
+                        f"(give np.array(..., dtype=np.float64); a scalar as a 1-element array)")
+    if x.dtype.kind != "f":
+        raise TypeError(f"gradcheck: input {key!r} has dtype {x.dtype}; finite differences need floats")
+    if float64_only and x.dtype != np.float64:
+        raise TypeError(f"gradcheck needs float64 inputs; {key} is {x.dtype}")
+    if not getattr(x, "flags", None) or not x.flags.writeable:
+        raise ValueError(f"gradcheck: input {key!r} is read-only; the check perturbs it in place "
+                         f"(pass a copy)")
+
+
+def gradcheck(fun, inputs, analytic, h=1e-5, float64_only=True, tol=None):
     """Compare analytic gradients with finite differences.
 
     ``fun()``: a scalar computed from the float64 arrays in the dict ``inputs``;
     ``analytic``: a dict of gradients for some or all of those keys.
-    Returns ``{key: worst relative error}``. A gradient that is exactly zero
-    in exact arithmetic (e.g. a bias feeding a train-mode BatchNorm) has no
-    meaningful relative error: check its size instead. ``float64_only=False``
-    lets float32 through, only to show how its finite differences fail.
+    Returns ``{key: worst relative error}``; with ``tol`` (e.g. ``TOLERANCE``,
+    1e-7) it also raises ``AssertionError`` naming every input whose error is
+    above ``tol`` (a NaN or an infinity counts as ``inf``). A gradient that is
+    exactly zero in exact arithmetic (e.g. a bias feeding a train-mode
+    BatchNorm) has no meaningful relative error: check its size instead.
+    ``float64_only=False`` lets float32 through, only to show how its finite
+    differences fail.
 
     Derivation: docs/math.md Appendix A.
     """
+    if not (h > 0 and math.isfinite(h)):
+        raise ValueError(f"gradcheck: the step h must be a positive number, got {h}")
     report = {}
     for key, grad in analytic.items():
         x = inputs[key]
-        if float64_only and x.dtype != np.float64:
-            raise TypeError(f"gradcheck needs float64 inputs; {key} is {x.dtype}")
+        _check_perturbable(key, x, float64_only)
         report[key] = relative_error(grad, numerical_gradient(fun, x, h))
+    failed = {k: e for k, e in report.items() if tol is not None and not e <= tol}
+    if failed:
+        raise AssertionError(f"gradient check failed (tolerance {tol:g}): "
+                             + ", ".join(f"input {k!r}: relative error {e:.2e}" for k, e in failed.items()))
     return report
 
 
-def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_only=True):
+def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_only=True, tol=None):
     """Gradient check of one forward/backward pair.
 
     ``forward(*inputs)`` returns an array or a tuple of arrays;
@@ -87,12 +114,16 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_onl
     gradient with respect to ``out_k`` is ``R_k``. ``no_grads``: indices of
     inputs not to check (a gradient that is exactly zero in exact arithmetic,
     say, has no meaningful relative error: test its size instead);
-    ``float64_only``: as in ``gradcheck``.
+    ``float64_only``, ``tol``: as in ``gradcheck``.
     Returns ``{input index: worst relative error}``.
 
     Derivation: docs/math.md Appendix A.
     """
     inputs = list(inputs)
+    for i, x in enumerate(inputs):
+        if not hasattr(x, "dtype") or x.ndim == 0:
+            raise TypeError(f"check_op: input {i} is a {type(x).__name__}, not an array of at least "
+                            f"one axis (give np.asarray(..., dtype=np.float64))")
     xp = get_array_module(*inputs)
     outs = forward(*inputs)
     single = not isinstance(outs, tuple)
@@ -111,11 +142,11 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_onl
         raise ValueError(f"backward returned {len(grads)} gradients for {len(inputs)} inputs")
     named = {i: x for i, x in enumerate(inputs)}
     checked = {i: g for i, g in enumerate(grads) if g is not None and i not in no_grads}
-    return gradcheck(scalar, named, checked, h, float64_only)
+    return gradcheck(scalar, named, checked, h, float64_only, tol)
 
 
 def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_only=True,
-                **settings):
+                tol=None, **settings):
     """``check_op`` for a pair that follows the op protocol of ``layers.py``:
     ``forward(*inputs, **settings)`` returns ``(out, cache)``, or
     ``(out, new_state, cache)`` for an op with state (the state is passed in
@@ -140,4 +171,4 @@ def check_layer(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_
     def backward_grads(dout):   # check_op calls it right after the first, unperturbed forward
         grads = backward(dout, cache)
         return grads if isinstance(grads, tuple) else (grads,)
-    return check_op(forward_out, backward_grads, inputs, seed, h, no_grads, float64_only)
+    return check_op(forward_out, backward_grads, inputs, seed, h, no_grads, float64_only, tol)

@@ -256,6 +256,7 @@ LOSS_VARIANTS = [
     dict(egff_gate="concat", egff_mix="raw"),
     dict(alignment="euclidean"),
     dict(alignment="none"),
+    dict(alignment="poincare", riemannian_grad=False),         # with it, the gradient is no derivative
     dict(fusion="gated"),
     dict(fusion="gated", alignment="euclidean"),
 ]
