@@ -192,6 +192,11 @@ def start_run(args):
         if checkpoint.label_values is not None and \
                 list(dataset.train.label_values) != list(checkpoint.label_values):
             raise DataError("the training labels differ from those the checkpoint was trained on")
+        recorded = data.get("train_sha256")
+        if recorded is not None and data_meta.get("train_sha256") != recorded:
+            raise DataError(f"{data_meta.get('data_dir', 'the data')}: the training pairs differ from "
+                            f"those {checkpoint.path} was trained on (their fingerprint changed): "
+                            f"a resumed run must see the same data")
         out = run_dir
         trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
         trainer.restore(checkpoint)

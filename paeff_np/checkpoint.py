@@ -272,6 +272,10 @@ def _check_data(data, where):
         _fail(where, "data.source", f"expected one of {DATA_SOURCES}, got {json.dumps(source)[:40]}")
     if source == "dir" and not isinstance(data.get("data_dir"), str):
         _fail(where, "data.data_dir", f"expected a folder name, got {json.dumps(data.get('data_dir'))[:40]}")
+    digest = data.get("train_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(ch in "0123456789abcdef" for ch in digest)):
+        _fail(where, "data.train_sha256", f"expected 64 hex digits, got {json.dumps(digest)[:40]}")
     if source == "synthetic":
         knobs = data.get("synthetic")
         if not isinstance(knobs, dict):

@@ -123,11 +123,15 @@ def make_config(train_set, overrides, base=None):
 
 
 def load_data(data_dir=None, synthetic=None, face_dim=None, voice_dim=None, need_train=True):
-    """``(dataset, data_meta)``: the FOP CSV folder, or the synthetic world."""
+    """``(dataset, data_meta)``: the FOP CSV folder, or the synthetic world. For a
+    folder, ``data_meta`` records the training pairs' fingerprint (``train_sha256``)."""
     if data_dir is not None:
         remove_leftovers(os.path.join(data_dir, CACHE_DIR_NAME))
         dataset = load_dir(data_dir, face_dim=face_dim, voice_dim=voice_dim, need_train=need_train)
-        return dataset, {"source": "dir", "data_dir": os.path.abspath(data_dir)}
+        meta = {"source": "dir", "data_dir": os.path.abspath(data_dir)}
+        if dataset.train is not None:       # what --resume checks the data against
+            meta["train_sha256"] = dataset.train.fingerprint()
+        return dataset, meta
     synthetic = dict(SYNTHETIC_DEFAULT, **(synthetic or {}))
     return make_synthetic(**synthetic), {"source": "synthetic", "synthetic": synthetic}
 

@@ -368,3 +368,19 @@ def test_training_data_without_test_lists_says_so(data_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "note: the data has no test lists" in err and "eval.py --checkpoint" in err
     assert "no test lists: nothing was tested" in out
+
+
+def test_resume_refuses_training_pairs_that_changed(data_dir, tmp_path, capsys):
+    data = shutil.copytree(data_dir, tmp_path / "data", ignore=shutil.ignore_patterns(".paeff_cache"))
+    out = tmp_path / "run"
+    assert train("--data-dir", data, *TINY_RUN, "--stop-after", "1", "--out", out) == 0
+    moved = shutil.copytree(data, tmp_path / "moved")          # the same pairs elsewhere: fine
+    face = data / "faceTrain.csv"
+    lines = face.read_text().splitlines()
+    cells = lines[5].split(",")
+    cells[0] = repr(float(cells[0]) + 0.25)                   # one value; labels and split unchanged
+    face.write_text("\n".join(lines[:5] + [",".join(cells)] + lines[6:]) + "\n")
+    capsys.readouterr()
+    assert train("--resume", out) == 2
+    one_line_error(capsys, str(data), "training pairs differ", "fingerprint")
+    assert train("--resume", out, "--data-dir", moved, "--stop-after", "1") == 0
