@@ -20,7 +20,7 @@ from paeff_np.backend import array_module, to_device
 from paeff_np.atomic import write_atomically
 from paeff_np.cli import ArgumentParser, UsageError, check_widths, device_flag, load_data, run
 from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
-from paeff_np.training import BEST_NAME, checkpoint_selection
+from paeff_np.training import BEST_NAME, checkpoint_selection, checkpoint_settings
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
 from paeff_np.validate import validate_hyperparameters
@@ -47,6 +47,7 @@ def open_checkpoint(path):
     commits of a save leaves best.npz one selection behind) or the rule is last."""
     if not os.path.isdir(path):
         checkpoint = ckpt.load(path)
+        checkpoint_settings(checkpoint)           # its damaged train section is named, as for a folder
         return checkpoint, f"evaluating {checkpoint.path} (epoch {checkpoint.epoch}), the file named"
     run_state = ckpt.load(path)
     rule, epoch = checkpoint_selection(run_state)
@@ -59,6 +60,10 @@ def open_checkpoint(path):
             return best, (f"evaluating {best.path}: epoch {epoch}, selected by rule {rule} "
                           f"({ckpt.CHECKPOINT_NAME} holds epoch {run_state.epoch})")
     if rule != "last" and epoch is not None and epoch != run_state.epoch:
+        if not os.path.exists(best_path):
+            raise ckpt.CheckpointError(f"{best_path} is missing, but the run selects epoch {epoch} "
+                                       f"(rule {rule}), whose model is in neither file "
+                                       f"(was {BEST_NAME} deleted?)")
         raise ckpt.CheckpointError(f"{best_path}: the run selects epoch {epoch} (rule {rule}), "
                                    f"which this file does not hold")
     why = "the last epoch" if rule == "last" or epoch is None else f"selected by rule {rule}"

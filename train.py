@@ -100,6 +100,8 @@ def settings_from(args, base):
 def fresh_out_dir(out):
     """The folder of a new run: new, or empty. It is created by the first save, so a
     start refused before it leaves nothing behind."""
+    if out is not None and not out:
+        raise UsageError("--out is empty: give a folder name, or leave --out out for runs/<timestamp>")
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(os.path.join(out, ckpt.CHECKPOINT_NAME)):
         raise UsageError(f"{out} already holds a run: continue it with --resume {out}, "
@@ -165,16 +167,23 @@ def change_epochs(trainer, old_epochs):
 
 def start_run(args):
     """A new Trainer from the flags, or one restored from --resume."""
-    if args.resume:
-        if os.path.basename(ckpt.resolve(args.resume)[0]) == BEST_NAME:
+    if args.resume is not None:
+        if not args.resume:
+            raise UsageError("--resume: the path is empty; give the run folder")
+        npz = os.path.realpath(ckpt.resolve(args.resume)[0])     # a link resumes where it points
+        if os.path.basename(npz) == BEST_NAME:
             raise UsageError(f"--resume {args.resume}: a run continues from its checkpoint.npz; "
                              f"{BEST_NAME} keeps the selected model only (give the run folder)")
-        run_dir = os.path.dirname(os.path.abspath(ckpt.resolve(args.resume)[0]))
-        if args.out is not None and os.path.realpath(args.out) != os.path.realpath(run_dir):
+        if os.path.basename(npz) != ckpt.CHECKPOINT_NAME:
+            raise UsageError(f"--resume {args.resume}: a run continues from the {ckpt.CHECKPOINT_NAME} "
+                             f"of its folder; give the run folder (a copy of a checkpoint would "
+                             f"write over the epochs its folder saved since)")
+        run_dir = os.path.dirname(npz)
+        if args.out is not None and os.path.realpath(args.out) != run_dir:
             raise UsageError(f"--resume continues the run in its own folder ({run_dir}); drop --out "
                              f"(to branch the run, copy its folder and resume the copy)")
         remove_leftovers(run_dir)
-        checkpoint = ckpt.load(args.resume)
+        checkpoint = ckpt.load(npz)
         changed = [k for k in config_overrides(args)] + [
             k for k in ("lr", "batch_size", "seed", *SELECTION_FLAGS) if getattr(args, k) is not None]
         if changed or args.preset != "quick":
@@ -319,7 +328,7 @@ def first_save(trainer):
 
 
 def train_ablation(args):
-    if args.resume:
+    if args.resume is not None:
         raise UsageError("--ablation starts fresh runs; it cannot --resume")
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()

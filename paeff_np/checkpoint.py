@@ -97,7 +97,8 @@ def load(path):
         raise CheckpointError("the checkpoint path is empty: give a run folder or a .npz file")
     npz_path, json_path = resolve(path)
     if not os.path.isfile(npz_path):
-        raise CheckpointError(f"{npz_path}: no such file")
+        what = "not a regular file" if os.path.exists(npz_path) else "no such file"
+        raise CheckpointError(f"{npz_path}: {what}")
     with open(npz_path, "rb") as f:
         head = f.read(len(ZIP_MAGIC))
     try:
@@ -108,6 +109,9 @@ def load(path):
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         why = "an entry holds pickled objects, never loaded" if "pickle" in str(exc) else exc
         raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({why})") from None
+    if "config" not in arrays and not any(k.startswith("params/") for k in arrays):
+        raise CheckpointError(f"{npz_path}: an .npz archive, but not a paeff_np checkpoint "
+                              f"(no config and no params/ entries)")
     if "config" in arrays:
         where = npz_path
         config = _json_entry(arrays, "config", npz_path)
@@ -216,6 +220,7 @@ def _check_config(config, where):
         _check_optimizer(optimizer, where)
     _section(config, "train", where)              # its fields: training.TrainSettings.from_dict
     _check_data(_section(config, "data", where), where)
+    _check_validation(config.get("validation"), where)
     return cfg
 
 
@@ -270,7 +275,7 @@ def _check_data(data, where):
     source = data.get("source")
     if data and source not in DATA_SOURCES:       # {}: a library run that named no data
         _fail(where, "data.source", f"expected one of {DATA_SOURCES}, got {json.dumps(source)[:40]}")
-    if source == "dir" and not isinstance(data.get("data_dir"), str):
+    if source == "dir" and not (isinstance(data.get("data_dir"), str) and data.get("data_dir")):
         _fail(where, "data.data_dir", f"expected a folder name, got {json.dumps(data.get('data_dir'))[:40]}")
     digest = data.get("train_sha256")
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64
@@ -291,6 +296,21 @@ def _check_history(history, epoch, where):
     for i, record in enumerate(history):
         if not isinstance(record, dict) or record.get("epoch") != i + 1:
             _fail(where, f"history[{i}]", f"expected the record of epoch {i + 1}")
+        for key, value in record.items():      # the figures model selection compares
+            if not (value is None or _is_number(value)):
+                _fail(where, f"history[{i}].{key}", f"expected a finite number, got {json.dumps(value)[:40]}")
+
+
+def _check_validation(validation, where):
+    """The record of the validation split: None (no split) or an object whose
+    ``pairs`` counts the pairs of each part."""
+    if validation is None:
+        return
+    if not isinstance(validation, dict):
+        _fail(where, "validation", f"expected an object or null, got {json.dumps(validation)[:40]}")
+    pairs = validation.get("pairs", {})
+    if not (isinstance(pairs, dict) and all(_is_int(n) for n in pairs.values())):
+        _fail(where, "validation.pairs", f"expected pair counts per part, got {json.dumps(pairs)[:40]}")
 
 
 def _check_arrays(params, buffers, cfg, where):

@@ -490,7 +490,7 @@ def check_inputs(params, face, voice, labels, cfg):
                              f"expected {shape} = {meaning} of the Config")
     dtype = params["res_mix.weight"].dtype
     for name, x in [("face", face), ("voice", voice), ("labels", labels)]:
-        if x is not None and not hasattr(x, "shape"):
+        if (x is not None or name != "labels") and not hasattr(x, "shape"):
             raise ValueError(f"{name} is a {type(x).__name__}, not an array (give np.asarray(...))")
     B = face.shape[0] if face.ndim == 2 else None
     for name, x, width, meaning in [("face", face, cfg.face_dim, "(batch, face_dim)"),
@@ -523,6 +523,8 @@ def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):
 
     Derivation: docs/math.md §14.
     """
+    if labels is None:
+        raise ValueError("labels is None; a training step needs (B,) integer labels")
     check_inputs(params, face, voice, labels, cfg)
     (loss, terms), new_buffers, cache = forward(params, buffers, face, voice, labels, cfg,
                                                 train=True, rng=rng)

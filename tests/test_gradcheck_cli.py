@@ -201,11 +201,12 @@ def test_a_nan_gradient_is_an_infinite_error_not_a_pass():
 
 @pytest.mark.parametrize("make,error,words", [
     (lambda x: x.tolist(), TypeError, "is a list, not an array"),
-    (lambda x: np.float64(1.0), TypeError, "not an array of at least one axis"),
+    (lambda x: np.float64(1.0), TypeError, "has no axis"),
+    (lambda x: np.array(1.0), TypeError, "has no axis"),
     (lambda x: np.arange(20).reshape(4, 5), TypeError, "dtype int64; finite differences need floats"),
     (lambda x: x.astype(np.float32), TypeError, "needs float64 inputs"),
     (lambda x: np.broadcast_to(x, x.shape), ValueError, "read-only; the check perturbs it in place"),
-], ids=["list", "scalar", "integers", "float32", "read-only"])
+], ids=["list", "scalar", "0-d", "integers", "float32", "read-only"])
 def test_bad_inputs_are_named_before_any_difference_is_taken(make, error, words):
     from paeff_np.gradcheck import check_layer
     from paeff_np.layers import gelu_backward, gelu_forward
@@ -219,3 +220,29 @@ def test_the_step_must_be_positive():
     from paeff_np.layers import gelu_backward, gelu_forward
     with pytest.raises(ValueError, match="step h must be a positive number"):
         check_layer(gelu_forward, gelu_backward, _gelu_inputs(), h=0)
+
+
+def test_nothing_checked_is_an_error_not_a_pass():
+    from paeff_np.gradcheck import check_op, gradcheck
+    x = _gelu_inputs()[0]
+    with pytest.raises(ValueError, match="no gradient to check"):
+        check_op(np.tanh, lambda dout: None, [x], tol=1e-7)
+    with pytest.raises(ValueError, match="no gradient to check"):
+        gradcheck(lambda: float(np.tanh(x).sum()), {"x": x}, {}, tol=1e-7)
+    with pytest.raises(ValueError, match="a gradient for 'y', which is not one of the inputs"):
+        gradcheck(lambda: float(np.tanh(x).sum()), {"x": x}, {"y": x})
+
+
+@pytest.mark.parametrize("tol", ["1e-7", float("nan"), -1.0, 0.0])
+def test_tol_must_be_a_positive_number(tol):
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        check_layer(gelu_forward, gelu_backward, _gelu_inputs(), tol=tol)
+
+
+def test_one_array_for_inputs_is_named():
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.layers import gelu_backward, gelu_forward
+    with pytest.raises(TypeError, match=r"inputs is one array; give a list of arrays, e.g. \[x\]"):
+        check_layer(gelu_forward, gelu_backward, _gelu_inputs()[0])

@@ -191,6 +191,7 @@ def test_entry_check_names_the_array_and_both_shapes():
         r"face has dtype float32; expected float64": dict(face=face.astype(np.float32)),
         r"face has shape \(7,\); expected \(batch, 7\) = \(batch, face_dim\)": dict(face=face[0]),
         r"voice is a list, not an array": dict(voice=voice.tolist()),
+        r"face is a NoneType, not an array": dict(face=None),
         r"face and voice have no rows": dict(face=face[:0], voice=voice[:0], labels=labels[:0]),
         r"params\['voice_branch.fc1.0.weight'\] has shape \(6, 4\); expected \(6, 5\)":
             dict(params={**params, "voice_branch.fc1.0.weight": params["voice_branch.fc1.0.weight"][:, :4]}),
@@ -216,6 +217,8 @@ def test_labels_outside_the_classes_and_a_batch_of_one_are_refused():
         bad[3] = bad_label
         with pytest.raises(ValueError, match=rf"labels holds {bad_label}; expected class indices 0\.\.{K - 1}"):
             pn.loss_and_grads(params, buffers, face, voice, bad, cfg)
+    with pytest.raises(ValueError, match="labels is None; a training step needs"):
+        pn.loss_and_grads(params, buffers, face, voice, None, cfg)
     with pytest.raises(ValueError, match="a training batch needs at least 2 rows"):
         pn.loss_and_grads(params, buffers, face[:1], voice[:1], labels[:1], cfg)
     assert pn.embed(params, buffers, face[:1], voice[:1], cfg)[0].shape == (1, cfg.embed_dim)   # eval: fine

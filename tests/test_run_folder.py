@@ -97,6 +97,9 @@ METADATA_CASES = [
     ("betas not a pair", _set("optimizer", "betas", [0.9]), ["optimizer.betas"]),
     ("unknown data source", _set("data", "source", "s3"), ["data.source"]),
     ("data folder a number", _set("data", "data_dir", 5), ["data.data_dir"]),
+    ("data folder empty", _set("data", "data_dir", ""), ["data.data_dir"]),
+    ("validation a string", _set(None, "validation", "x"), ["validation", "an object or null"]),
+    ("validation pairs a number", _set("validation", "pairs", 5), ["validation.pairs"]),
 ]
 
 
@@ -384,3 +387,76 @@ def test_resume_refuses_training_pairs_that_changed(data_dir, tmp_path, capsys):
     assert train("--resume", out) == 2
     one_line_error(capsys, str(data), "training pairs differ", "fingerprint")
     assert train("--resume", out, "--data-dir", moved, "--stop-after", "1") == 0
+
+
+def test_a_damaged_history_figure_is_one_line_from_eval_and_resume(copy, data_dir, capsys):
+    def change(arrays):
+        history = json.loads(str(arrays["history"]))
+        history[0]["val/unseen/eer"] = "abc"
+        arrays["history"] = np.array(json.dumps(history))
+    edit_arrays(copy, change)
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "checkpoint.npz", "history[0].val/unseen/eer", "finite number")
+    assert train("--resume", copy) == 2
+    one_line_error(capsys, "checkpoint.npz", "history[0].val/unseen/eer")
+
+
+def test_eval_of_a_named_file_checks_its_training_settings(copy, data_dir, capsys):
+    edit_metadata(copy, _set("train", "select", "bogus"))
+    assert evaluate("--checkpoint", os.path.join(copy, "checkpoint.npz"), "--data-dir", data_dir) == 2
+    one_line_error(capsys, "checkpoint.npz", "train.select")
+
+
+def test_eval_says_when_best_npz_is_missing(copy, data_dir, capsys):
+    def select_epoch_1(arrays):          # epoch 1 the best: its model only best.npz could hold
+        history = json.loads(str(arrays["history"]))
+        for key in [k for k in history[0] if k.startswith("val/") and k.endswith("/eer")]:
+            history[0][key] = 0.0
+        arrays["history"] = np.array(json.dumps(history))
+    edit_arrays(copy, select_epoch_1)
+    os.remove(os.path.join(copy, "best.npz"))
+    assert evaluate("--checkpoint", copy, "--data-dir", data_dir) == 2
+    one_line_error(capsys, "best.npz is missing", "selects epoch 1", "deleted?")
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda p: np.savez(p, a=np.arange(3)), "not a paeff_np checkpoint"),
+], ids=["plain npz"])
+def test_an_npz_that_is_no_checkpoint_is_named(tmp_path, capsys, make, words):
+    path = str(tmp_path / "plain.npz")
+    make(path)
+    assert evaluate("--checkpoint", path) == 2
+    one_line_error(capsys, "plain.npz", words)
+
+
+def test_a_device_file_is_not_called_missing(capsys):
+    if not os.path.exists(os.devnull):
+        pytest.skip("no null device")
+    assert evaluate("--checkpoint", os.devnull) == 2
+    one_line_error(capsys, os.devnull, "not a regular file")
+
+
+def test_resume_names_its_folder_not_a_copy_or_a_link(copy, tmp_path, capsys):
+    snapshot = os.path.join(copy, "snapshot.npz")
+    shutil.copy(os.path.join(copy, "checkpoint.npz"), snapshot)
+    assert train("--resume", snapshot, "--epochs", "4") == 2
+    one_line_error(capsys, "snapshot.npz", "give the run folder")
+    link = tmp_path / "link.npz"
+    link.symlink_to(os.path.join(copy, "checkpoint.npz"))
+    assert train("--resume", link, "--epochs", "4") == 0          # resumes where the link points
+    assert ckpt.load(copy).epoch == 4 and sorted(os.listdir(tmp_path)) == ["copy", "link.npz"]
+    capsys.readouterr()
+    assert train("--resume", "") == 2
+    one_line_error(capsys, "--resume", "path is empty")
+
+
+def test_an_empty_out_is_refused(data_dir, capsys):
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", "") == 2
+    one_line_error(capsys, "--out is empty")
+
+
+def test_synth_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
+    from paeff_np.data.__main__ import main as data_main
+    monkeypatch.chdir(tmp_path)
+    assert data_main(["synth", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err and os.listdir(tmp_path) == []

@@ -45,6 +45,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if not args.out:
+        print("error: --out is empty: give the folder to write", file=sys.stderr)
+        return 2
     try:
         world = make_world(args.identities, seed=args.seed, test_rows=args.test_rows)
     except ValueError as error:

@@ -69,7 +69,8 @@ def _check_perturbable(key, x, float64_only):
     if x.dtype.kind != "f":
         raise TypeError(f"gradcheck: input {key!r} has dtype {x.dtype}; finite differences need floats")
     if float64_only and x.dtype != np.float64:
-        raise TypeError(f"gradcheck needs float64 inputs; {key} is {x.dtype}")
+        raise TypeError(f"gradcheck needs float64 inputs; input {key!r} is {x.dtype} "
+                        f"(float64_only=False lets it through, to show how it fails)")
     if not getattr(x, "flags", None) or not x.flags.writeable:
         raise ValueError(f"gradcheck: input {key!r} is read-only; the check perturbs it in place "
                          f"(pass a copy)")
@@ -90,10 +91,18 @@ def gradcheck(fun, inputs, analytic, h=1e-5, float64_only=True, tol=None):
 
     Derivation: docs/math.md Appendix A.
     """
-    if not (h > 0 and math.isfinite(h)):
-        raise ValueError(f"gradcheck: the step h must be a positive number, got {h}")
+    if not (isinstance(h, (int, float)) and h > 0 and math.isfinite(h)):
+        raise ValueError(f"gradcheck: the step h must be a positive number, got {h!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"gradcheck: tol must be a positive number, got {tol!r}")
+    if not analytic:
+        raise ValueError("gradcheck: no gradient to check (from check_op or check_layer: the "
+                         "backward returned None for every input, or no_grads skips them all)")
     report = {}
     for key, grad in analytic.items():
+        if key not in inputs:
+            raise ValueError(f"gradcheck: a gradient for {key!r}, which is not one of the inputs "
+                             f"{list(inputs)}")
         x = inputs[key]
         _check_perturbable(key, x, float64_only)
         report[key] = relative_error(grad, numerical_gradient(fun, x, h))
@@ -119,11 +128,16 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_onl
 
     Derivation: docs/math.md Appendix A.
     """
+    if hasattr(inputs, "dtype"):
+        raise TypeError("check_op: inputs is one array; give a list of arrays, e.g. [x]")
     inputs = list(inputs)
     for i, x in enumerate(inputs):
-        if not hasattr(x, "dtype") or x.ndim == 0:
-            raise TypeError(f"check_op: input {i} is a {type(x).__name__}, not an array of at least "
-                            f"one axis (give np.asarray(..., dtype=np.float64))")
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"check_op: input {i} is a {type(x).__name__}, not an array "
+                            f"(give np.asarray(..., dtype=np.float64))")
+        if x.ndim == 0:
+            raise TypeError(f"check_op: input {i} has no axis (a scalar); give an array of at "
+                            f"least one axis, e.g. np.array([value])")
     xp = get_array_module(*inputs)
     outs = forward(*inputs)
     single = not isinstance(outs, tuple)
