@@ -420,6 +420,8 @@ def check_json_path(path):
     """--json must name a file this process can write: not a folder nor a device,
     in a folder where a file can be created (a folder still missing is made by
     ``write_json`` at the end, so the nearest existing one above it is tried)."""
+    if not path:
+        raise UsageError("--json is empty: give the name of a file to write")
     if os.path.isdir(path) or not os.path.basename(path):
         raise UsageError(f"--json {path}: is a folder, not a file: give a file name, "
                          f"e.g. --json {os.path.join(path, 'bench.json')}")

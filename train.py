@@ -209,9 +209,14 @@ def start_run(args):
         out = run_dir
         trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
         trainer.restore(checkpoint)
+        old_epochs = checkpoint.config["train"]["epochs"]
+        if settings.epochs != old_epochs and settings.epochs > checkpoint.epoch and trainer.patience_exhausted():
+            raise UsageError(f"--epochs {settings.epochs}: the run stopped early at epoch "
+                             f"{checkpoint.epoch} (--patience {settings.patience}: no better "
+                             f"validation EER since); it would stop again at once: start a new run "
+                             f"to train longer")
         write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint
         print(f"resuming {out} at epoch {checkpoint.epoch}/{settings.epochs}")
-        old_epochs = checkpoint.config["train"]["epochs"]
         if settings.epochs != old_epochs:
             change_epochs(trainer, old_epochs)
         return trainer

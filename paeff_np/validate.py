@@ -7,7 +7,8 @@ every domain: each check is written so that a comparison with NaN is False.
 
 The domains (docs/spec.md §2–§4):
 
-* ``--lr`` > 0, ``--temperature`` τ > 0, ``--curvature`` c > 0, all finite;
+* ``--lr`` > 0, ``--temperature`` τ > 0, ``--curvature`` c > 0, ``--clip-radius`` r > 0,
+  all finite;
 * ``--opl-gamma`` γ ≥ 0 and finite (OPL = 1 − s_pos + γ·|s_neg|);
 * ``--dropout`` p in [0, 1);
 * ``--loss-weights`` α₁ α₂ α₃ ≥ 0, finite, not all zero;
@@ -57,7 +58,8 @@ def validate_hyperparameters(args, memory_bytes=None):
     """
     given = lambda name: getattr(args, name, None)
 
-    for name, what in (("lr", "the learning rate"), ("temperature", "τ"), ("curvature", "c")):
+    for name, what in (("lr", "the learning rate"), ("temperature", "τ"), ("curvature", "c"),
+                       ("clip_radius", "the clipping radius r")):
         value = given(name)
         if value is not None and not (math.isfinite(value) and value > 0):
             _refuse(name, value, f"{what} must be a finite number > 0")

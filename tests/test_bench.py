@@ -128,6 +128,8 @@ def test_bench_refuses_a_json_path_it_cannot_write_before_running(monkeypatch, c
         assert bench.main(["--quick", "--device", "cpu", "--json", str(path)]) == 2
         _one_error_line(capsys, f"--json {path}", why)
     assert a_file.read_text() == "kept\n"
+    assert bench.main(["--quick", "--device", "cpu", "--json", ""]) == 2
+    _one_error_line(capsys, "--json is empty")
 
 
 def test_bench_repeats_default_only_when_not_given(monkeypatch):

@@ -673,3 +673,22 @@ def test_row_numbers_are_lines_of_the_file_when_it_has_blank_lines(tmp_path):
     lines = face_path.read_text().splitlines()
     face_path.write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")  # np.loadtxt skips the empty line
     assert data_error(read_train, face_path, voice_path, cache=False) == f"{face_path}: row 4: empty label"
+
+
+def test_non_utf8_bytes_past_the_sniffed_head_name_the_row(tmp_path, monkeypatch):
+    import paeff_np.data.csv as csv_module
+    monkeypatch.setattr(csv_module, "_SNIFF_BYTES", 16)        # the bad byte lies past the head
+    rows = [",".join(["0.5"] * 3)] * 6
+    (tmp_path / "late.csv").write_bytes(("\n".join(rows) + "\n").encode() + b"0.5,0.5,0\xe9\n")
+    message = data_error(read_matrix, tmp_path / "late.csv", cache=False)
+    assert "late.csv: row 7 is not UTF-8 text (its byte 10)" in message and "codec" not in message
+
+
+def test_an_empty_first_label_is_named_as_a_possible_empty_label(tmp_path):
+    face, voice = features(3, 2), features(3, 2, 100.0)
+    face_path, voice_path = write_train(tmp_path, face, voice, ["1", "2", "1"])
+    lines = face_path.read_text().splitlines()
+    lines[0] = lines[0].rsplit(",", 1)[0] + ","                 # row 1: label emptied
+    face_path.write_text("\n".join(lines) + "\n")
+    message = data_error(read_train, face_path, voice_path, cache=False)
+    assert "row 1 ends with a comma: an empty label, or a trailing comma on every row" in message

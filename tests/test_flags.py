@@ -36,6 +36,7 @@ def refused(script, prog, argv, capsys):
 
 
 BAD_FLAGS = [
+    (["--clip-radius", "-1"], "--clip-radius -1"),
     (["--lr", "0"], "--lr 0"),
     (["--lr=-1e-3"], "--lr -0.001"),
     (["--lr", "nan"], "--lr nan"),

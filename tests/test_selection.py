@@ -229,6 +229,12 @@ def test_patience_stops_the_run_and_a_resume_stops_there_too(data_dir, tmp_path,
     assert (selection["epoch"], selection["epochs_run"], selection["stopped_early"]) == (2, 4, True)
     assert train("--resume", out) == 0                                  # a finished run stays finished
     assert [r["epoch"] for r in log_of(out)] == [1, 2, 3, 4]
+    saved = open(os.path.join(out, "checkpoint.npz"), "rb").read()
+    capsys.readouterr()
+    assert train("--resume", out, "--epochs", "8") == 2                 # more epochs would not run
+    err = capsys.readouterr().err
+    assert "--epochs 8: the run stopped early at epoch 4 (--patience 2" in err and "new run" in err
+    assert open(os.path.join(out, "checkpoint.npz"), "rb").read() == saved
     # stopped by --stop-after before patience ran out, the resumed run stops where this one did
     out2 = str(tmp_path / "patience2")
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out2, "--patience", "2", "--stop-after", "3") == 0

@@ -208,7 +208,7 @@ def test_cli_unwritable_output_is_one_line_and_exit_2(tmp_path):
     blocker.write_text("not a directory\n")
     result = run_cli("synth", "--out", str(blocker / "sub"), "--identities", "9", "--test-rows", "2")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("python -m paeff_np.data synth: error:")
     assert str(blocker) in result.stderr
 
 

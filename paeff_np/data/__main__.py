@@ -25,6 +25,9 @@ def _file_names(dataset):
     return names
 
 
+PROG = "python -m paeff_np.data synth"
+
+
 def build_parser():
     parser = ArgumentParser(prog="python -m paeff_np.data", description="Face-voice data tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,17 +49,17 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.out:
-        print("error: --out is empty: give the folder to write", file=sys.stderr)
+        print(f"{PROG}: error: --out is empty: give the folder to write", file=sys.stderr)
         return 2
     try:
         world = make_world(args.identities, seed=args.seed, test_rows=args.test_rows)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     dataset = world.dataset
     for name in _file_names(dataset):       # never overwrite: refused before writing anything
         if (Path(args.out) / name).exists():
-            print(f"error: {Path(args.out) / name} already exists: choose another --out", file=sys.stderr)
+            print(f"{PROG}: error: {Path(args.out) / name} already exists: choose another --out", file=sys.stderr)
             return 2
 
     def report(path):
@@ -65,13 +68,13 @@ def main(argv=None):
     try:
         paths = save_dir(dataset, args.out, report=report)
     except FileExistsError as error:
-        print(f"error: {error.filename} already exists; choose another --out (nothing was written)",
+        print(f"{PROG}: error: {error.filename} already exists; choose another --out (nothing was written)",
               file=sys.stderr)
         return 2
     except OSError as error:
         reason = error.strerror or str(error)
         where = error.filename if error.filename is not None else args.out
-        print(f"error: cannot write {where}: {reason}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write {where}: {reason}", file=sys.stderr)
         return 2
     train = dataset.train
     print(f"{len(paths)} files in {args.out}: {len(train)} training pairs of {train.n_classes} identities, "

@@ -211,6 +211,8 @@ def _loadtxt(path, n_numeric, what="rows", **kwargs):
                 table = _loadtxt_in_blocks(path, size, what, kwargs)
             else:
                 table = np.loadtxt(path, **kwargs)
+    except UnicodeDecodeError:             # past the bytes _check_format looked at
+        raise DataError(_first_non_utf8_row(path)) from None
     except ValueError as error:
         raise DataError(_find_bad_row(path, n_numeric) or f"{path}: {_excerpt(str(error))}") from None
     except OSError as error:
@@ -290,14 +292,29 @@ def _check_format(path, kind):
     if separator:
         raise DataError(f"{path}: values are separated by {separator}, expected commas ({quoted!r})")
     if cells[-1].strip() == "":
-        role = "; the label would be read as a feature" if kind == "train" else ""
-        raise DataError(f"{path}: row {number} ends with a comma (an empty last column{role}); "
+        if kind == "train":
+            raise DataError(f"{path}: row {number} ends with a comma: an empty label, or a trailing "
+                            "comma on every row (the label would be read as a feature; remove "
+                            "them, e.g. sed -i 's/,$//' " + path.name + ")")
+        raise DataError(f"{path}: row {number} ends with a comma (an empty last column); "
                         "remove the trailing commas, e.g. sed -i 's/,$//' " + path.name)
     try:
         float(cells[0])
     except ValueError:
         raise DataError(f"{path}: row {number} is a header line ({quoted!r}); "
                         "FOP CSV files have no header: remove it") from None
+
+
+def _first_non_utf8_row(path):
+    """Name the first row that is not UTF-8 text."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (f"{path}: row {number} is not UTF-8 text (its byte {error.start + 1}); "
+                        "FOP CSV files are plain comma-separated numbers")
+    return f"{path}: not UTF-8 text"
 
 
 def _find_bad_row(path, n_numeric):
@@ -494,7 +511,8 @@ def _load_cache(path, cache_dir, kind, stamp):
         try:
             array = np.load(array_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
-            return _damaged(path, array_path, f"cannot be loaded: {str(error) or type(error).__name__}")
+            why = "not a NumPy array file" if "pickle" in str(error) else str(error) or type(error).__name__
+            return _damaged(path, array_path, f"cannot be loaded: {why}")
         found = {"shape": list(array.shape), "dtype": array.dtype.str}
         if found != expected:
             return _damaged(path, array_path, f"holds {_describe(found)} where the stamp says {_describe(expected)}")
