@@ -148,3 +148,14 @@ def test_validation_and_best_npz_through_the_double_match_the_cpu(cupy, tmp_path
     assert epoch == cpu_epoch == ckpt.load(str(tmp_path / "cuda" / "best.npz")).epoch
     for k in cpu_params:
         np.testing.assert_array_equal(params[k], cpu_params[k], err_msg=k)
+
+
+def test_the_gradient_table_runs_through_the_double(cupy):
+    """`python -m paeff_np.gradcheck --device cuda` on the double: every op case and
+    one whole loss, with no host/device leak in the checker itself."""
+    import io
+    from paeff_np.gradcheck.cases import CASES, OP_CASES
+    from paeff_np.gradcheck.report import run
+    rows = run(OP_CASES + [CASES["loss[default]"]], xp=cupy, out=io.StringIO())
+    failed = [row for row in rows if not row.ok]
+    assert rows and not failed, failed

@@ -71,7 +71,7 @@ def _check_perturbable(key, x, float64_only):
     if float64_only and x.dtype != np.float64:
         raise TypeError(f"gradcheck needs float64 inputs; input {key!r} is {x.dtype} "
                         f"(float64_only=False lets it through, to show how it fails)")
-    if not getattr(x, "flags", None) or not x.flags.writeable:
+    if not getattr(x.flags, "writeable", True):      # (CuPy's arrays are always writeable)
         raise ValueError(f"gradcheck: input {key!r} is read-only; the check perturbs it in place "
                          f"(pass a copy)")
 
