@@ -27,7 +27,7 @@ from paeff_np.data.split import SplitError, split_validation
 from paeff_np.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
 from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
-                               checkpoint_settings, write_metrics_log)
+                               checkpoint_settings, resume_command, write_metrics_log)
 from paeff_np.validate import validate_hyperparameters
 
 PRESETS = {
@@ -300,11 +300,11 @@ def train_one(args):
         trainer.train(stop_after=args.stop_after)
     except KeyboardInterrupt:
         print(f"\nthe checkpoint of epoch {trainer.saved_epoch} is intact; continue with "
-              f"python train.py --resume {trainer.out_dir}", file=sys.stderr)
+              f"{resume_command(trainer.out_dir)}", file=sys.stderr)
         raise
     if not trainer.finished:
         print(f"stopped after epoch {trainer.epoch}/{trainer.settings.epochs}; continue with "
-              f"python train.py --resume {trainer.out_dir}")
+              f"{resume_command(trainer.out_dir)}")
         return
     results = finish(trainer)
     print()
@@ -335,6 +335,11 @@ def first_save(trainer):
 def train_ablation(args):
     if args.resume is not None:
         raise UsageError("--ablation starts fresh runs; it cannot --resume")
+    row_flags = [flag for flag in ("fusion", "alignment", "egff_gate") if getattr(args, flag) is not None]
+    if row_flags or args.stop_after is not None:
+        drop = ", ".join("--" + f.replace("_", "-") for f in row_flags + ["stop_after"] * (args.stop_after is not None))
+        raise UsageError(f"--ablation sets fusion, alignment and gate row by row and trains every row "
+                         f"to the end; drop {drop}")
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()
     dataset, data_meta = load_data(args.data_dir)

@@ -7,7 +7,7 @@ metrics run on the host.
 import numpy as np
 
 from .backend import get_array_module, to_host
-from .metrics import (OFFICIAL_FOLDS, matching_sizes_that_fit, matching_table, official_protocol_fits,
+from .metrics import (OFFICIAL_FOLDS, OFFICIAL_MIN_PAIRS, matching_sizes_that_fit, matching_table, official_protocol_fits,
                       pair_distances, verification, verification_curves)
 from .model import embed
 
@@ -70,8 +70,9 @@ def protocol_notes(tests, n_cs=range(2, 11)):
         official, fitting = protocols_that_fit(tests[key], n_cs if key.endswith("/random") else None)
         n = len(tests[key])
         if not official:
-            notes.append(f"note: {key} has {n} pairs, fewer than the {OFFICIAL_FOLDS} of the official "
-                         f"protocol: its EER*/AUC* are skipped")
+            notes.append(f"note: {key} has {n} pairs, fewer than the {OFFICIAL_MIN_PAIRS} of the official "
+                         f"protocol (a positive and a negative pair in each of its {OFFICIAL_FOLDS} folds): "
+                         f"its EER*/AUC* are skipped")
         wanted = list(n_cs) if key.endswith("/random") else []
         if wanted and fitting != wanted:
             runs = f"runs for n_c = {', '.join(map(str, fitting))} only" if fitting else "is skipped"

@@ -157,7 +157,8 @@ def verification(dist, same, official=True):
     vectors); distances of 4 or more are never predicted "same".
 
     official=False leaves out the official figures (a list shorter than
-    ``OFFICIAL_FOLDS`` pairs cannot run that protocol: see `official_protocol_fits`).
+    ``OFFICIAL_FOLDS`` pairs cannot run that protocol; the evaluation asks for
+    ``OFFICIAL_MIN_PAIRS``: see `official_protocol_fits`).
     """
     curves = verification_curves(dist, same, official)
     result = {
@@ -170,9 +171,19 @@ def verification(dist, same, official=True):
     return result
 
 
+OFFICIAL_MIN_PAIRS = 2 * OFFICIAL_FOLDS
+"""Pairs the official protocol needs: two consecutive pairs of a list that alternates
+positive and negative hold one of each, so every fold has both rates. With fewer, some
+fold holds one pair, its other rate is set to 0, and EER*/AUC* lose their meaning
+(AUC* at most 25% on 10 pairs)."""
+
+
 def official_protocol_fits(n_pairs):
-    """True when a list of ``n_pairs`` pairs can be split into the official ``OFFICIAL_FOLDS`` folds."""
-    return n_pairs >= OFFICIAL_FOLDS
+    """True when a list of ``n_pairs`` pairs gives every official fold a positive and a
+    negative pair: ``n_pairs >= OFFICIAL_MIN_PAIRS``. The evaluation reports EER*/AUC*
+    only then; ``verification`` itself computes them from ``OFFICIAL_FOLDS`` pairs on,
+    as the authors' code does."""
+    return n_pairs >= OFFICIAL_MIN_PAIRS
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ straight one did.
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -268,7 +269,7 @@ class Trainer:
         except ckpt.CheckpointError:
             return f"no checkpoint was written in {self.out_dir}"
         return (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact: free space, then "
-                f"continue with python train.py --resume {self.out_dir}")
+                f"continue with {resume_command(self.out_dir)}")
 
     def run_epoch(self):
         """One pass over the shuffled training set; returns the epoch's log record."""
@@ -296,7 +297,8 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(
                 f"the loss became {record['loss']} in epoch {epoch + 1} (is --lr {settings.lr:g} "
-                f"too high, or a --loss-weights value too large?); {untouched}")
+                f"too high, or --temperature, --curvature, --opl-gamma or --loss-weights "
+                f"too extreme?); {untouched}")
         state = [*self.params.values(), *self.buffers.values()]
         if not bool(xp.stack([xp.isfinite(a).all() for a in state]).all()):   # one sync
             bad = next(k for k, a in [*self.params.items(), *self.buffers.items()]
@@ -385,6 +387,12 @@ class Trainer:
             out.update(test_list=settings.monitor, test_eer=record.get(f"{settings.monitor}/eer"),
                        warning=OPTIMISM_WARNING)
         return out
+
+
+def resume_command(out_dir):
+    """``python train.py --resume DIR``, ready to paste: quoted for the shell, and a
+    folder name that begins with "-" written as ./-name, which no flag parser misreads."""
+    return f"python train.py --resume {shlex.quote(('./' if out_dir.startswith('-') else '') + out_dir)}"
 
 
 def checkpoint_settings(checkpoint):

@@ -107,7 +107,8 @@ def test_a_test_list_too_short_for_a_protocol_is_noted_before_training_and_skipp
     assert proc.returncode == 0, proc.stdout
     assert "Traceback" not in proc.stdout
     lines = proc.stdout.splitlines()
-    note = ("note: unseenunheard/random has 8 pairs, fewer than the 10 of the official protocol: "
+    note = ("note: unseenunheard/random has 8 pairs, fewer than the 20 of the official protocol "
+            "(a positive and a negative pair in each of its 10 folds): "
             "its EER*/AUC* are skipped")
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch   1/1"))
     assert note in lines[:first_epoch]

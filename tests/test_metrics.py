@@ -370,7 +370,7 @@ def test_matching_table_directions_and_reproducibility():
 def test_verification_without_the_official_protocol_runs_on_a_short_list():
     from paeff_np.metrics import official_protocol_fits
     dist, same = np.array([0.1, 0.9, 0.2, 0.8]), np.tile([T, F], 2)
-    assert not official_protocol_fits(len(dist)) and official_protocol_fits(10)
+    assert not official_protocol_fits(len(dist)) and not official_protocol_fits(19) and official_protocol_fits(20)
     result = verification(dist, same, official=False)
     assert set(result) == {"eer", "auc"}
     full = np.tile(dist, 3)
@@ -415,10 +415,12 @@ def test_evaluate_skips_what_a_short_list_cannot_run_and_says_so_in_advance():
 
     notes = protocol_notes(lists)
     assert notes == [
-        "note: unseenunheard/random has 8 pairs, fewer than the 10 of the official protocol: its EER*/AUC* are skipped",
+        "note: unseenunheard/random has 8 pairs, fewer than the 20 of the official protocol "
+        "(a positive and a negative pair in each of its 10 folds): its EER*/AUC* are skipped",
         "note: unseenunheard/random has 4 positive pairs, too few distinct identities for 1-of-10 matching: "
         "matching runs for n_c = 2, 3, 4 only",
-        "note: unseenunheard/G has 6 pairs, fewer than the 10 of the official protocol: its EER*/AUC* are skipped",
+        "note: unseenunheard/G has 6 pairs, fewer than the 20 of the official protocol "
+        "(a positive and a negative pair in each of its 10 folds): its EER*/AUC* are skipped",
     ]
     results = evaluate(params, buffers, cfg, lists)
     assert set(results["unseenunheard/random"]) == {"eer", "auc", "matching"}

@@ -460,3 +460,24 @@ def test_synth_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert data_main(["synth", "--out", ""]) == 2
     assert "--out is empty" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags,named", [(["--fusion", "gated"], "--fusion"),
+                                         (["--egff-gate", "sum"], "--egff-gate"),
+                                         (["--alignment", "none"], "--alignment"),
+                                         (["--stop-after", "1"], "--stop-after")])
+def test_ablation_refuses_the_flags_its_rows_set(data_dir, tmp_path, capsys, flags, named):
+    """Else every row would silently train with them, under the rows' labels."""
+    out = tmp_path / "ablation"
+    assert train("--ablation", "--data-dir", data_dir, *TINY_RUN, *flags, "--out", out) == 2
+    one_line_error(capsys, "--ablation", f"drop {named}")
+    assert not out.exists()
+
+
+def test_the_resume_hint_can_be_pasted(data_dir, tmp_path, monkeypatch, capsys):
+    from paeff_np.training import resume_command
+    assert resume_command("runs/a b") == "python train.py --resume 'runs/a b'"
+    assert resume_command("-run") == "python train.py --resume ./-run"
+    monkeypatch.chdir(tmp_path)
+    assert train("--data-dir", data_dir, *TINY_RUN, "--stop-after", "1", "--out", "my run") == 0
+    assert "continue with python train.py --resume 'my run'" in capsys.readouterr().out
