@@ -12,6 +12,7 @@ lists; the epoch with the lowest validation EER is kept in best.npz and the
 test lists are evaluated once, on it.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import time
 
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module
-from paeff_np.atomic import write_atomically, write_json
+from paeff_np.atomic import LOCK_NAME, folder_lock, write_atomically, write_json
 from paeff_np.cli import (ArgumentParser, UsageError, add_config_flags, check_widths, config_overrides, device_flag,
                           load_data, make_config, positive_int, remove_leftovers, run)
 from paeff_np.data import DataError, Dataset
@@ -110,7 +111,7 @@ def fresh_out_dir(out):
         if not os.path.isdir(out):
             raise UsageError(f"{out} is a file, not a folder: choose another --out")
         remove_leftovers(out)
-        if os.listdir(out):
+        if set(os.listdir(out)) - {LOCK_NAME}:      # a live lock is refused by folder_lock
             raise UsageError(f"{out} is not empty: a new run needs a new or empty folder; "
                              f"choose another --out")
     return out
@@ -165,8 +166,10 @@ def change_epochs(trainer, old_epochs):
         print(f"note: the results of the {old_epochs}-epoch run are kept in {kept}")
 
 
-def start_run(args):
-    """A new Trainer from the flags, or one restored from --resume."""
+def start_run(args, hold):
+    """A new Trainer from the flags, or one restored from --resume; ``hold`` keeps a
+    resumed run's folder lock (``atomic.folder_lock``) until the command ends (a new
+    run takes it at its first save: a start refused or killed before leaves no folder)."""
     if args.resume is not None:
         if not args.resume:
             raise UsageError("--resume: the path is empty; give the run folder")
@@ -182,6 +185,8 @@ def start_run(args):
         if args.out is not None and os.path.realpath(args.out) != run_dir:
             raise UsageError(f"--resume continues the run in its own folder ({run_dir}); drop --out "
                              f"(to branch the run, copy its folder and resume the copy)")
+        if os.path.isfile(npz):              # (a missing one is named by load, nothing made)
+            hold(folder_lock(run_dir))       # before its leftovers are looked at
         remove_leftovers(run_dir)
         checkpoint = ckpt.load(npz)
         changed = [k for k in config_overrides(args)] + [
@@ -282,9 +287,9 @@ def format_selection(selection, epochs_run, out_dir):
             f"({os.path.join(out_dir, where)})")
 
 
-def train_one(args):
+def train_one(args, hold):
     started = time.perf_counter()
-    trainer = start_run(args)
+    trainer = start_run(args, hold)
     print(describe(trainer), flush=True)
     for note in protocol_notes(trainer.dataset.tests):
         print(note, file=sys.stderr, flush=True)
@@ -295,6 +300,7 @@ def train_one(args):
     if trainer.settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
     if trainer.epoch == 0:
+        hold(folder_lock(trainer.out_dir))   # one writer from the first save on
         first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
         trainer.train(stop_after=args.stop_after)
@@ -332,7 +338,7 @@ def first_save(trainer):
         raise
 
 
-def train_ablation(args):
+def train_ablation(args, hold):
     if args.resume is not None:
         raise UsageError("--ablation starts fresh runs; it cannot --resume")
     row_flags = [flag for flag in ("fusion", "alignment", "egff_gate") if getattr(args, flag) is not None]
@@ -353,6 +359,7 @@ def train_ablation(args):
                 for table in ABLATION_TABLES for _, slug, overrides, _ in table}
     for one in row_args.values():         # every row's flags checked before the first trains
         make_config(dataset.train, {"embed_dim": PRESETS[one.preset]["embed_dim"], **config_overrides(one)})
+    hold(folder_lock(base_out))          # one writer from the first row on
     tables, trained = [], {}
     for table in ABLATION_TABLES:
         rows = []
@@ -399,10 +406,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     validate_hyperparameters(args)
     array_module(args.device or "cpu")     # the GPU probe, before any data is parsed or folder made
-    if args.ablation:
-        train_ablation(args)
-    else:
-        train_one(args)
+    with contextlib.ExitStack() as locks:    # the run folder's lock, held to the end
+        (train_ablation if args.ablation else train_one)(args, locks.enter_context)
 
 
 if __name__ == "__main__":

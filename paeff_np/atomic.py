@@ -10,6 +10,7 @@ names say who wrote them: ``.<name>.<host>-<pid>.<random>.partial``.
 is no longer running; ``train.py`` and ``eval.py`` call it at their start for
 the run folder and the data cache. A live writer's file is never touched.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -100,3 +101,63 @@ def _is_running(pid):
     except PermissionError:                  # someone else's live process
         return True
     return True
+
+
+# --- one writer per run folder ---------------------------------------------------------
+
+LOCK_NAME = ".paeff.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold ``folder/.paeff.lock`` (``<host>-<pid>``) while this process writes the
+    run in ``folder``, so that a second ``train.py`` into it is refused instead of
+    interleaving its saves with the first one's. The folder is created if missing
+    and removed again, when empty, on the way out. A lock whose holder (this
+    host) is no longer running, killed with ``kill -9`` say, is taken over.
+    """
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    _take_lock(path, folder)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if created:
+            try:
+                os.rmdir(folder)             # only when empty: a refused start leaves nothing
+            except OSError:
+                pass
+
+
+def _take_lock(path, folder):
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, pid = f.read().strip().split("-")
+                pid = int(pid)
+            except (OSError, ValueError):
+                host, pid = None, None       # unreadable: a holder killed mid-write
+            if host == _HOST and pid is not None and pid != os.getpid() and _is_running(pid):
+                raise FolderInUse(f"{folder} is in use by process {pid} of this machine (another "
+                                  f"train.py?); wait for it to end") from None
+            if host not in (_HOST, None):
+                raise FolderInUse(f"{folder} is in use by a process of another machine; if none "
+                                  f"is running, remove {path}") from None
+            os.unlink(path)                  # its holder is gone: take the lock over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_HOST}-{os.getpid()}\n")
+        return
+    raise FolderInUse(f"{folder}: could not take {path}")

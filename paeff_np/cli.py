@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from .atomic import remove_stale_temporaries
+from .atomic import FolderInUse, remove_stale_temporaries
 from .backend import GPUUnavailable, keep_freed_memory
 from .parallel import n_threads
 from .checkpoint import CheckpointError
@@ -28,7 +28,7 @@ class UsageError(Exception):
     """Flags or settings the run cannot take (e.g. a batch larger than the training set)."""
 
 
-USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingDiverged, OSError)
+USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingDiverged, FolderInUse, OSError)
 
 # The synthetic world that `python train.py` uses when no --data-dir is given.
 SYNTHETIC_DEFAULT = dict(n_identities=300, seed=0)

@@ -481,3 +481,52 @@ def test_the_resume_hint_can_be_pasted(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train("--data-dir", data_dir, *TINY_RUN, "--stop-after", "1", "--out", "my run") == 0
     assert "continue with python train.py --resume 'my run'" in capsys.readouterr().out
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(data_dir, tmp_path, capsys):
+    """Two train.py into one folder would interleave their saves: whichever comes second,
+    a fresh start (which sees only the lock of one that has not saved yet) or a resume,
+    is refused at once, and the holder's folder is left as it was."""
+    import subprocess
+    from paeff_np.atomic import _HOST, LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        (out / LOCK_NAME).write_text(f"{_HOST}-{holder.pid}\n")
+        assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 2
+        one_line_error(capsys, str(out), f"in use by process {holder.pid}")
+        assert os.listdir(out) == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_resume_of_a_folder_in_use_is_refused(copy, capsys):
+    import subprocess
+    from paeff_np.atomic import _HOST, LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(copy, LOCK_NAME), "w") as f:
+            f.write(f"{_HOST}-{holder.pid}\n")
+        before = open(os.path.join(copy, "checkpoint.npz"), "rb").read()
+        assert train("--resume", copy, "--epochs", "4") == 2
+        one_line_error(capsys, copy, "in use by process")
+        assert open(os.path.join(copy, "checkpoint.npz"), "rb").read() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train("--resume", copy, "--epochs", "4") == 0       # its holder gone: taken over
+    assert not os.path.exists(os.path.join(copy, LOCK_NAME))
+
+
+def test_a_lock_of_a_process_that_is_gone_is_taken_over(data_dir, tmp_path):
+    import subprocess
+    from paeff_np.atomic import _HOST, LOCK_NAME
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(f"{_HOST}-{gone.pid}\n")
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--stop-after", "1") == 0
+    assert ckpt.load(str(out)).epoch == 1 and not (out / LOCK_NAME).exists()
