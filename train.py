@@ -360,7 +360,7 @@ def train_ablation(args, hold):
     for one in row_args.values():         # every row's flags checked before the first trains
         make_config(dataset.train, {"embed_dim": PRESETS[one.preset]["embed_dim"], **config_overrides(one)})
     hold(folder_lock(base_out))          # one writer from the first row on
-    tables, trained = [], {}
+    tables, trained, finished_rows = [], {}, []
     for table in ABLATION_TABLES:
         rows = []
         for name, slug, _, paper in table:
@@ -368,9 +368,18 @@ def train_ablation(args, hold):
             key = json.dumps(trainer.cfg.to_dict(), sort_keys=True)
             if key not in trained:      # "gate: product" is the PAEFF row: trained once
                 print(f"\n== {name} ==\n{describe(trainer)}", flush=True)
-                first_save(trainer)
-                trainer.train()
+                try:
+                    first_save(trainer)
+                    trainer.train()
+                except BaseException:   # Ctrl-C, NaN, a full disk: say what is kept
+                    done = ", ".join(sorted({os.path.basename(t) for t in finished_rows})) or "none"
+                    print(f"\nthe ablation stopped in row {name!r}; finished rows kept in {base_out}: "
+                          f"{done}. It cannot be resumed: run it again with a new --out (each row's "
+                          f"folder can be resumed alone: {resume_command(trainer.out_dir)})",
+                          file=sys.stderr, flush=True)
+                    raise
                 trained[key] = finish(trainer)
+                finished_rows.append(trainer.out_dir)
             rows.append((name, trained[key], paper))
         tables.append(rows)
     table = format_ablation(tables, settings.select)

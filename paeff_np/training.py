@@ -456,7 +456,8 @@ def format_progress(r, total, seconds_left, val_key=None, monitor=None, best=Fal
         eer_text += f"  {monitor} EER {100 * r[f'{monitor}/eer']:4.1f}%"
     if best:
         eer_text += " (best)"
-    return (f"epoch {r['epoch']:>3}/{total}  loss {r['loss']:.4f} (align {r['align']:.3f} "
-            f"opl {r['opl']:.3f} ce {r['ce']:.3f})  lr {r['lr']:.2e}  "
+    fixed = lambda x, places: f"{x:.{places}f}" if abs(x) < 1e6 else f"{x:.{places}e}"
+    return (f"epoch {r['epoch']:>3}/{total}  loss {fixed(r['loss'], 4)} (align {fixed(r['align'], 3)} "
+            f"opl {fixed(r['opl'], 3)} ce {fixed(r['ce'], 3)})  lr {r['lr']:.2e}  "
             f"{r['samples_per_s']:,.0f} samples/s{eer_text}  {r['seconds']:.1f}s, "
             f"~{seconds_left:.0f}s left")

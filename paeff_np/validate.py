@@ -7,7 +7,7 @@ every domain: each check is written so that a comparison with NaN is False.
 
 The domains (docs/spec.md §2–§4):
 
-* ``--lr`` > 0, ``--temperature`` τ > 0, ``--curvature`` c > 0, ``--clip-radius`` r > 0,
+* ``--lr`` > η_min = 1e-8 (the cosine schedule's floor), ``--temperature`` τ > 0, ``--curvature`` c > 0, ``--clip-radius`` r > 0,
   all finite;
 * ``--opl-gamma`` γ ≥ 0 and finite (OPL = 1 − s_pos + γ·|s_neg|);
 * ``--dropout`` p in [0, 1);
@@ -29,7 +29,9 @@ import math
 import os
 
 from .cli import UsageError
+from .training import TrainSettings
 
+COSINE_ETA_MIN = TrainSettings.eta_min  # the cosine schedule's floor
 BYTES_PER_SQUARED_WIDTH = 3 * 4 * 4   # three D×D matrices × (param, grad, m, v) × float32
 
 
@@ -63,6 +65,10 @@ def validate_hyperparameters(args, memory_bytes=None):
         value = given(name)
         if value is not None and not (math.isfinite(value) and value > 0):
             _refuse(name, value, f"{what} must be a finite number > 0")
+    lr = given("lr")
+    if lr is not None and lr <= COSINE_ETA_MIN:
+        _refuse("lr", lr, f"the learning rate must be above the cosine schedule's floor "
+                          f"η_min = {COSINE_ETA_MIN:g}, or it would rise instead of decay")
     gamma = given("opl_gamma")
     if gamma is not None and not (math.isfinite(gamma) and gamma >= 0):
         _refuse("opl_gamma", gamma, "γ must be a finite number >= 0")

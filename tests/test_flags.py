@@ -37,6 +37,7 @@ def refused(script, prog, argv, capsys):
 
 BAD_FLAGS = [
     (["--clip-radius", "-1"], "--clip-radius -1"),
+    (["--lr", "1e-9"], "--lr 1e-09"),
     (["--lr", "0"], "--lr 0"),
     (["--lr=-1e-3"], "--lr -0.001"),
     (["--lr", "nan"], "--lr nan"),
@@ -77,7 +78,7 @@ def test_eval_refuses_a_negative_seed(capsys, tmp_path):
 
 
 def test_boundary_values_are_accepted():
-    args = argparse.Namespace(lr=1e-9, temperature=1e-3, curvature=1.0, opl_gamma=0.0, dropout=0.0,
+    args = argparse.Namespace(lr=2e-8, temperature=1e-3, curvature=1.0, opl_gamma=0.0, dropout=0.0,
                               loss_weights=[0.0, 0.0, 1.0], batch_size=2, seed=0, egff_kernel=5,
                               embed_dim=1024)
     validate_hyperparameters(args, memory_bytes=1 << 30)

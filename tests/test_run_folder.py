@@ -530,3 +530,20 @@ def test_a_lock_of_a_process_that_is_gone_is_taken_over(data_dir, tmp_path):
     (out / LOCK_NAME).write_text(f"{_HOST}-{gone.pid}\n")
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--stop-after", "1") == 0
     assert ckpt.load(str(out)).epoch == 1 and not (out / LOCK_NAME).exists()
+
+
+def test_an_interrupted_ablation_says_what_it_kept(data_dir, tmp_path, monkeypatch, capsys):
+    real_train, calls = Trainer.train, []
+
+    def train_then_interrupt(self, *args, **kwargs):
+        calls.append(self.out_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "train", train_then_interrupt)
+    out = tmp_path / "ablation"
+    assert train("--ablation", "--data-dir", data_dir, *TINY_RUN, "--out", out) == 130
+    err = capsys.readouterr().err
+    assert f"the ablation stopped in row '+ EGFF'; finished rows kept in {out}: gated." in err
+    assert f"python train.py --resume {out / 'egff'}" in err
+    assert not (out / ".paeff.lock").exists()
