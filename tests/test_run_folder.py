@@ -547,3 +547,10 @@ def test_an_interrupted_ablation_says_what_it_kept(data_dir, tmp_path, monkeypat
     assert f"the ablation stopped in row '+ EGFF'; finished rows kept in {out}: gated." in err
     assert f"python train.py --resume {out / 'egff'}" in err
     assert not (out / ".paeff.lock").exists()
+
+
+def test_a_huge_loss_prints_in_scientific_notation():
+    from paeff_np.training import format_progress
+    record = dict(epoch=1, loss=4.7e30, align=1.0, opl=0.5, ce=2e7, lr=1e-3, samples_per_s=10.0, seconds=1.0)
+    line = format_progress(record, 3, 2.0)
+    assert "loss 4.7000e+30 (align 1.000 opl 0.500 ce 2.000e+07)" in line
