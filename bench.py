@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paeff_np as pn                                    # noqa: E402
 from paeff_np import envinfo                             # noqa: E402
 from paeff_np.atomic import write_json                   # noqa: E402
-from paeff_np.cli import ArgumentParser, UsageError, describe_error, run  # noqa: E402
+from paeff_np.cli import ArgumentParser, UsageError, check_can_create_in, describe_error, run  # noqa: E402
 from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
@@ -427,15 +427,7 @@ def check_json_path(path):
                          f"e.g. --json {os.path.join(path, 'bench.json')}")
     if os.path.exists(path) and not os.path.isfile(path):
         raise UsageError(f"--json {path}: is not a regular file: give the name of a file to write")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--json {path}: cannot create a file in {folder} ({exc.strerror or exc}): "
-                         f"choose another path") from None
+    check_can_create_in(os.path.dirname(os.path.abspath(path)), f"--json {path}")
 
 
 def bench(args):

@@ -18,7 +18,7 @@ import numpy as np
 from paeff_np import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
 from paeff_np.atomic import write_atomically
-from paeff_np.cli import ArgumentParser, UsageError, check_widths, device_flag, load_data, run
+from paeff_np.cli import ArgumentParser, UsageError, check_can_create_in, check_widths, device_flag, load_data, run
 from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
 from paeff_np.training import BEST_NAME, checkpoint_selection, checkpoint_settings
 
@@ -95,9 +95,12 @@ def check_plot_folder(out_dir):
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--plot {out_dir}: is a file, not a folder: choose a folder for the plots")
     for name in PLOT_FILES:
         if os.path.exists(os.path.join(out_dir, name)):
             raise UsageError(f"{os.path.join(out_dir, name)} already exists: choose another --plot folder")
+    check_can_create_in(out_dir, f"--plot {out_dir}")
 
 
 def plot(results, out_dir):

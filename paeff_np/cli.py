@@ -1,8 +1,10 @@
 """What ``train.py`` and ``eval.py`` share: the Config flags, loading the data,
 and turning user errors into one line on stderr with exit code 2."""
 import argparse
+import errno
 import os
 import sys
+import tempfile
 
 from .atomic import FolderInUse, remove_stale_temporaries
 from .backend import GPUUnavailable, keep_freed_memory
@@ -77,6 +79,24 @@ def remove_leftovers(folder):
     if removed:
         print(f"note: removed {len(removed)} temporary file(s) left in {folder} by an "
               f"interrupted write", file=sys.stderr)
+
+
+def check_can_create_in(folder, flag):
+    """Refuse (``UsageError`` naming ``flag``) a folder where no file can be created, tried
+    by creating one: for root, permission bits say yes where the file system says no. A
+    folder still missing is judged by the nearest existing one above it, where the
+    writers (``atomic.write_atomically``, ``os.makedirs``) will make it."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot create a file in {folder} ({exc.strerror or exc}): "
+                         f"choose another path") from None
 
 
 def add_config_flags(parser):

@@ -554,3 +554,14 @@ def test_a_huge_loss_prints_in_scientific_notation():
     record = dict(epoch=1, loss=4.7e30, align=1.0, opl=0.5, ce=2e7, lr=1e-3, samples_per_s=10.0, seconds=1.0)
     line = format_progress(record, 3, 2.0)
     assert "loss 4.7000e+30 (align 1.000 opl 0.500 ce 2.000e+07)" in line
+
+
+def test_plot_into_a_file_or_an_unwritable_place_is_refused_before_evaluating(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    assert evaluate("--checkpoint", run_dir, "--plot", a_file) == 2
+    one_line_error(capsys, f"--plot {a_file}: is a file, not a folder")
+    assert evaluate("--checkpoint", run_dir, "--plot", a_file / "sub") == 2
+    one_line_error(capsys, f"--plot {a_file / 'sub'}: cannot create a file in {a_file}")
+    assert a_file.read_text() == "kept"
