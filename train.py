@@ -105,7 +105,7 @@ def fresh_out_dir(out):
         raise UsageError("--out is empty: give a folder name, or leave --out out for runs/<timestamp>")
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(os.path.join(out, ckpt.CHECKPOINT_NAME)):
-        raise UsageError(f"{out} already holds a run: continue it with --resume {out}, "
+        raise UsageError(f"{out} already holds a run: continue it with {resume_command(out)}, "
                          f"or choose another --out")
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -324,7 +324,8 @@ def train_one(args, hold):
 
 
 def first_save(trainer):
-    """Save epoch 0; if that fails, remove the run folder this start created (when empty)."""
+    """Save epoch 0; if that fails, remove the run folder this start created (when empty).
+    (A single run's folder is made by its ``folder_lock``, which removes it the same way.)"""
     created = not os.path.exists(trainer.out_dir)
     try:
         trainer.save()
@@ -341,11 +342,11 @@ def first_save(trainer):
 def train_ablation(args, hold):
     if args.resume is not None:
         raise UsageError("--ablation starts fresh runs; it cannot --resume")
-    row_flags = [flag for flag in ("fusion", "alignment", "egff_gate") if getattr(args, flag) is not None]
-    if row_flags or args.stop_after is not None:
-        drop = ", ".join("--" + f.replace("_", "-") for f in row_flags + ["stop_after"] * (args.stop_after is not None))
+    refused = [flag for flag in ("fusion", "alignment", "egff_gate", "stop_after")
+               if getattr(args, flag) is not None]
+    if refused:                           # the rows set the first three; every row runs to its end
         raise UsageError(f"--ablation sets fusion, alignment and gate row by row and trains every row "
-                         f"to the end; drop {drop}")
+                         f"to the end; drop {', '.join('--' + f.replace('_', '-') for f in refused)}")
     base_out = fresh_out_dir(args.out)
     started = time.perf_counter()
     dataset, data_meta = load_data(args.data_dir)

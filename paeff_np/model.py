@@ -489,8 +489,9 @@ def check_inputs(params, face, voice, labels, cfg):
             raise ValueError(f"params[{key!r}] has shape {tuple(params[key].shape)}; "
                              f"expected {shape} = {meaning} of the Config")
     dtype = params["res_mix.weight"].dtype
-    for name, x in [("face", face), ("voice", voice), ("labels", labels)]:
-        if (x is not None or name != "labels") and not hasattr(x, "shape"):
+    given = [("face", face), ("voice", voice)] + ([("labels", labels)] if labels is not None else [])
+    for name, x in given:
+        if not hasattr(x, "shape"):
             raise ValueError(f"{name} is a {type(x).__name__}, not an array (give np.asarray(...))")
     B = face.shape[0] if face.ndim == 2 else None
     for name, x, width, meaning in [("face", face, cfg.face_dim, "(batch, face_dim)"),

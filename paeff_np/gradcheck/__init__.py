@@ -61,11 +61,19 @@ def relative_error(analytic, numeric, tiny=1e-30):
     return float(np.abs(a - n).max(initial=0.0) / scale)
 
 
+def _check_array(key, x):
+    """``x`` must be an array (NumPy or CuPy) of at least one axis."""
+    if not hasattr(x, "dtype"):
+        raise TypeError(f"gradcheck: input {key!r} is a {type(x).__name__}, not an array "
+                        f"(give np.asarray(..., dtype=np.float64))")
+    if x.ndim == 0:
+        raise TypeError(f"gradcheck: input {key!r} has no axis (a scalar); give an array of at "
+                        f"least one axis, e.g. np.array([value])")
+
+
 def _check_perturbable(key, x, float64_only):
     """``x`` must be an array of floats that the stencil can change in place."""
-    if not hasattr(x, "dtype") or getattr(x, "ndim", 0) == 0:
-        raise TypeError(f"gradcheck: input {key!r} is a {type(x).__name__}, not an array "
-                        f"(give np.array(..., dtype=np.float64); a scalar as a 1-element array)")
+    _check_array(key, x)
     if x.dtype.kind != "f":
         raise TypeError(f"gradcheck: input {key!r} has dtype {x.dtype}; finite differences need floats")
     if float64_only and x.dtype != np.float64:
@@ -129,15 +137,10 @@ def check_op(forward, backward, inputs, seed=0, h=1e-5, no_grads=(), float64_onl
     Derivation: docs/math.md Appendix A.
     """
     if hasattr(inputs, "dtype"):
-        raise TypeError("check_op: inputs is one array; give a list of arrays, e.g. [x]")
+        raise TypeError("gradcheck: inputs is one array; give a list of arrays, e.g. [x]")
     inputs = list(inputs)
-    for i, x in enumerate(inputs):
-        if not hasattr(x, "dtype"):
-            raise TypeError(f"check_op: input {i} is a {type(x).__name__}, not an array "
-                            f"(give np.asarray(..., dtype=np.float64))")
-        if x.ndim == 0:
-            raise TypeError(f"check_op: input {i} has no axis (a scalar); give an array of at "
-                            f"least one axis, e.g. np.array([value])")
+    for i, x in enumerate(inputs):      # before the forward meets them
+        _check_array(i, x)
     xp = get_array_module(*inputs)
     outs = forward(*inputs)
     single = not isinstance(outs, tuple)
