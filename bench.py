@@ -38,14 +38,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paeff_np as pn                                    # noqa: E402
-from paeff_np import envinfo                             # noqa: E402
-from paeff_np.atomic import write_json                   # noqa: E402
-from paeff_np.cli import ArgumentParser, UsageError, check_can_create_in, describe_error, run  # noqa: E402
+from paeff_np.run import envinfo                             # noqa: E402
+from paeff_np.run.atomic import write_json                   # noqa: E402
+from paeff_np.run.cli import check_can_create_in, describe_error, run  # noqa: E402
+from paeff_np.usage import ArgumentParser, UsageError  # noqa: E402
 from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.parallel import n_threads                  # noqa: E402
-from paeff_np.training import PAPER_RECIPE               # noqa: E402
+from paeff_np.run.training import PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
 SCALING_B = (256, 1024, 4096)
@@ -217,8 +218,8 @@ def adamw_compare(dev, repeats):
 def end_to_end(dev_name, epochs_to_run, log):
     """The paper recipe on a VoxCeleb1-size synthetic set, through ``Trainer``."""
     from paeff_np.data.synth import make_synthetic
-    from paeff_np.evaluation import evaluate
-    from paeff_np.training import Trainer, TrainSettings
+    from paeff_np.run.evaluation import evaluate
+    from paeff_np.run.training import Trainer, TrainSettings
 
     t0 = time.perf_counter()
     dataset = make_synthetic(seed=0, **VOXCELEB1)

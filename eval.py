@@ -15,15 +15,16 @@ import sys
 
 import numpy as np
 
-from paeff_np import checkpoint as ckpt
+from paeff_np.run import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
-from paeff_np.atomic import write_atomically
-from paeff_np.cli import ArgumentParser, UsageError, check_can_create_in, check_widths, device_flag, load_data, run
-from paeff_np.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
-from paeff_np.training import BEST_NAME, checkpoint_selection, checkpoint_settings
+from paeff_np.run.atomic import write_atomically
+from paeff_np.run.cli import check_can_create_in, check_widths, device_flag, load_data, run
+from paeff_np.usage import ArgumentParser, UsageError
+from paeff_np.run.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
+from paeff_np.run.training import BEST_NAME, checkpoint_selection, checkpoint_settings
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
-from paeff_np.validate import validate_hyperparameters
+from paeff_np.run.validate import validate_hyperparameters
 
 
 def parse_args(argv):

@@ -18,18 +18,19 @@ import os
 import sys
 import time
 
-from paeff_np import checkpoint as ckpt
+from paeff_np.run import checkpoint as ckpt
 from paeff_np.backend import array_module
-from paeff_np.atomic import LOCK_NAME, folder_lock, write_atomically, write_json
-from paeff_np.cli import (ArgumentParser, UsageError, add_config_flags, check_widths, config_overrides, device_flag,
-                          load_data, make_config, positive_int, remove_leftovers, run)
+from paeff_np.run.atomic import LOCK_NAME, folder_lock, write_atomically, write_json
+from paeff_np.run.cli import (add_config_flags, check_widths, config_overrides, device_flag, load_data, make_config,
+                              positive_int, remove_leftovers, run)
+from paeff_np.usage import ArgumentParser, UsageError
 from paeff_np.data import DataError, Dataset
 from paeff_np.data.split import SplitError, split_validation
-from paeff_np.evaluation import evaluate, format_results, protocol_notes
+from paeff_np.run.evaluation import evaluate, format_results, protocol_notes
 from paeff_np.optim import cosine_lr
-from paeff_np.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
-                               checkpoint_settings, resume_command, write_metrics_log)
-from paeff_np.validate import validate_hyperparameters
+from paeff_np.run.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
+                                   checkpoint_settings, resume_command, write_metrics_log)
+from paeff_np.run.validate import validate_hyperparameters
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about 12 s on 2 cores

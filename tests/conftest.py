@@ -56,11 +56,11 @@ def tiny_run(tmp_path):
     """``tiny_run(device, dropout=0.0, name="run")``: on TINY_WORLD, epoch 1,
     save, load the checkpoint into a new Trainer, epoch 2, evaluate. Returns
     ``(records, host params, results, run folder)``."""
-    from paeff_np import checkpoint as ckpt
+    from paeff_np.run import checkpoint as ckpt
     from paeff_np.data.synth import make_synthetic
-    from paeff_np.evaluation import evaluate
+    from paeff_np.run.evaluation import evaluate
     from paeff_np.model import Config
-    from paeff_np.training import Trainer, TrainSettings
+    from paeff_np.run.training import Trainer, TrainSettings
 
     def run(device, dropout=0.0, name="run"):
         dataset = make_synthetic(**TINY_WORLD)

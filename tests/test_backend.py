@@ -168,14 +168,14 @@ def test_keep_freed_memory_where_glibc_has_mallopt():
 
 
 def test_the_command_lines_keep_freed_memory(monkeypatch):
-    from paeff_np import cli
+    from paeff_np.run import cli
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
     assert cli.run(lambda: 0, "x.py") == 0 and calls == [1]
 
 
 def test_the_command_lines_refuse_a_bad_row_thread_count(monkeypatch, capsys):
-    from paeff_np import cli
+    from paeff_np.run import cli
     monkeypatch.setenv("PAEFF_ROW_THREADS", "0.5")
     ran = []
     assert cli.run(lambda: ran.append(1), "train.py") == 2 and ran == []

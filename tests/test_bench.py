@@ -9,7 +9,7 @@ import sys
 import pytest
 import strict_xp
 import paeff_np as pn
-from paeff_np import envinfo
+from paeff_np.run import envinfo
 from paeff_np.model import GATED_HIDDEN, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

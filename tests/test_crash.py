@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from paeff_np import checkpoint as ckpt
-from paeff_np.atomic import TEMPORARY_SUFFIX
+from paeff_np.run import checkpoint as ckpt
+from paeff_np.run.atomic import TEMPORARY_SUFFIX
 from paeff_np.data.synth import make_synthetic, save_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from paeff_np.cli import run
-from paeff_np.validate import validate_hyperparameters
+from paeff_np.run.cli import run
+from paeff_np.run.validate import validate_hyperparameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_boundary_values_are_accepted():
 
 
 def test_embedding_width_is_checked_against_the_memory_given():
-    from paeff_np.cli import UsageError
+    from paeff_np.usage import UsageError
     with pytest.raises(UsageError, match=r"--embed-dim 8192: .* more than this machine's 1 GiB"):
         validate_hyperparameters(argparse.Namespace(embed_dim=8192), memory_bytes=1 << 30)
 

@@ -401,7 +401,7 @@ def test_matching_sizes_that_fit_are_exactly_those_matching_accuracy_runs(ids, f
 
 def test_evaluate_skips_what_a_short_list_cannot_run_and_says_so_in_advance():
     from paeff_np.data import TestList
-    from paeff_np.evaluation import evaluate, format_results, protocol_notes
+    from paeff_np.run.evaluation import evaluate, format_results, protocol_notes
     from paeff_np.model import Config, init_params
 
     cfg = Config(face_dim=6, voice_dim=4, embed_dim=8, n_classes=3)

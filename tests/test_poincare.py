@@ -487,7 +487,8 @@ def test_poincare_adds_no_parameters():
 
 
 def test_cli_flags():
-    from paeff_np.cli import UsageError, add_config_flags, config_overrides, make_config
+    from paeff_np.usage import UsageError
+    from paeff_np.run.cli import add_config_flags, config_overrides, make_config
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     train_set = SimpleNamespace(face_dim=7, voice_dim=5, n_classes=3)

@@ -3,7 +3,7 @@
 The fixture ``torch-reference/adamw_cosine.npz`` (made by
 ``tests/fixtures/make_fixtures.py``) holds a PAEFF model before training, its
 data, and what PyTorch did with it: 4 epochs of 3 fixed batches, the cosine
-schedule stepped once per epoch (as ``paeff_np.training`` steps it), the real
+schedule stepped once per epoch (as ``paeff_np.run.training`` steps it), the real
 gradients of the whole loss, float64. Here ``paeff_np`` replays the same
 steps with ``loss_and_grads``, ``AdamW`` and ``cosine_lr``.
 
@@ -55,7 +55,7 @@ def group(data, prefix):
 
 
 def replay(xp, meta, data, flat):
-    """The steps of ``make_fixtures.make_adamw_case``, in paeff_np; as ``paeff_np.training`` runs them."""
+    """The steps of ``make_fixtures.make_adamw_case``, in paeff_np; as ``paeff_np.run.training`` runs them."""
     cfg, s, B = pn.Config(**meta["config"]), meta["optimizer"], meta["batch_size"]
     params = {k: xp.asarray(v) for k, v in group(data, "params/").items()}
     if flat:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error
-from paeff_np import checkpoint as ckpt
-from paeff_np.cli import run as run_cli
+from paeff_np.run import checkpoint as ckpt
+from paeff_np.run.cli import run as run_cli
 from paeff_np.data.synth import make_synthetic
 from paeff_np.model import Config
-from paeff_np.training import Trainer, TrainingDiverged, TrainSettings
+from paeff_np.run.training import Trainer, TrainingDiverged, TrainSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -475,7 +475,7 @@ def test_ablation_refuses_the_flags_its_rows_set(data_dir, tmp_path, capsys, fla
 
 
 def test_the_resume_hint_can_be_pasted(data_dir, tmp_path, monkeypatch, capsys):
-    from paeff_np.training import resume_command
+    from paeff_np.run.training import resume_command
     assert resume_command("runs/a b") == "python train.py --resume 'runs/a b'"
     assert resume_command("-run") == "python train.py --resume ./-run"
     monkeypatch.chdir(tmp_path)
@@ -488,7 +488,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(data_dir, tmp_path, capsys):
     a fresh start (which sees only the lock of one that has not saved yet) or a resume,
     is refused at once, and the holder's folder is left as it was."""
     import subprocess
-    from paeff_np.atomic import _HOST, LOCK_NAME
+    from paeff_np.run.atomic import _HOST, LOCK_NAME
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out = tmp_path / "run"
@@ -504,7 +504,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(data_dir, tmp_path, capsys):
 
 def test_a_resume_of_a_folder_in_use_is_refused(copy, capsys):
     import subprocess
-    from paeff_np.atomic import _HOST, LOCK_NAME
+    from paeff_np.run.atomic import _HOST, LOCK_NAME
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with open(os.path.join(copy, LOCK_NAME), "w") as f:
@@ -522,7 +522,7 @@ def test_a_resume_of_a_folder_in_use_is_refused(copy, capsys):
 
 def test_a_lock_of_a_process_that_is_gone_is_taken_over(data_dir, tmp_path):
     import subprocess
-    from paeff_np.atomic import _HOST, LOCK_NAME
+    from paeff_np.run.atomic import _HOST, LOCK_NAME
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     out = tmp_path / "run"
@@ -550,7 +550,7 @@ def test_an_interrupted_ablation_says_what_it_kept(data_dir, tmp_path, monkeypat
 
 
 def test_a_huge_loss_prints_in_scientific_notation():
-    from paeff_np.training import format_progress
+    from paeff_np.run.training import format_progress
     record = dict(epoch=1, loss=4.7e30, align=1.0, opl=0.5, ce=2e7, lr=1e-3, samples_per_s=10.0, seconds=1.0)
     line = format_progress(record, 3, 2.0)
     assert "loss 4.7000e+30 (align 1.000 opl 0.500 ce 2.000e+07)" in line

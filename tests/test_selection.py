@@ -14,12 +14,12 @@ import pytest
 
 from conftest import one_line_error
 
-from paeff_np import checkpoint as ckpt
-from paeff_np.cli import run as run_cli
+from paeff_np.run import checkpoint as ckpt
+from paeff_np.run.cli import run as run_cli
 from paeff_np.data import TrainSet
 from paeff_np.data.split import MIN_VALIDATION_PAIRS, SplitError, split_validation
 from paeff_np.data.synth import make_synthetic
-from paeff_np.training import Trainer, TrainSettings, selected_epoch
+from paeff_np.run.training import Trainer, TrainSettings, selected_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -185,7 +185,7 @@ def test_last_is_todays_behaviour(data_dir, tmp_path, monkeypatch, capsys):
         settings.pop(k)
     legacy = str(tmp_path / "legacy")
     os.makedirs(legacy)
-    from paeff_np.cli import load_data
+    from paeff_np.run.cli import load_data
     dataset, meta = load_data(data_dir)
     trainer = Trainer(dataset, saved.cfg, TrainSettings(**settings), legacy, meta, log=lambda line: None)
     trainer.train()
@@ -319,7 +319,7 @@ def test_the_split_is_recorded_and_resume_keeps_the_settings(data_dir, tmp_path,
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--stop-after", "1",
                  "--val-identities", "0.2", "--patience", "3") == 0
     saved = ckpt.load(out)
-    from paeff_np.cli import load_data
+    from paeff_np.run.cli import load_data
     dataset, _ = load_data(data_dir)
     assert saved.config["validation"] == split_validation(dataset.train, 0.2, 0.05, 0).record
     assert saved.config["train"]["val_identities"] == 0.2 and saved.config["train"]["patience"] == 3

@@ -91,10 +91,10 @@ def test_trainer_resume_and_evaluate_through_the_double_match_the_cpu(cupy, tiny
 def test_resume_with_dropout_through_the_double_is_exact(cupy, tiny_run, tmp_path, capsys):
     """With dropout (CuPy's generator, seeded per epoch) a resumed run equals
     an uninterrupted one, and eval.py evaluates its checkpoint on the device."""
-    from paeff_np import checkpoint as ckpt
-    from paeff_np.cli import run
+    from paeff_np.run import checkpoint as ckpt
+    from paeff_np.run.cli import run
     from paeff_np.data.synth import make_synthetic
-    from paeff_np.training import Trainer, TrainSettings
+    from paeff_np.run.training import Trainer, TrainSettings
     records, params, results, out = tiny_run("cuda", dropout=0.4)
     saved = ckpt.load(out)
     dataset = make_synthetic(**saved.config["data"]["synthetic"])
@@ -117,12 +117,12 @@ def test_resume_with_dropout_through_the_double_is_exact(cupy, tiny_run, tmp_pat
 def test_validation_and_best_npz_through_the_double_match_the_cpu(cupy, tmp_path):
     """The selection path on the device: validation lists held there, embedded in chunks,
     only distances copied back; best.npz written from device arrays and read back."""
-    from paeff_np import checkpoint as ckpt
+    from paeff_np.run import checkpoint as ckpt
     from paeff_np.data import Dataset
     from paeff_np.data.split import split_validation
     from paeff_np.data.synth import make_synthetic
     from paeff_np.model import Config
-    from paeff_np.training import Trainer, TrainSettings
+    from paeff_np.run.training import Trainer, TrainSettings
     from conftest import TINY_WORLD
 
     dataset = make_synthetic(**TINY_WORLD)

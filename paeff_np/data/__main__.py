@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..usage import ArgumentParser
 from .dataset import test_file_names, train_file_names
 from .synth import make_world, save_dir
 

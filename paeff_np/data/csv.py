@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_atomically
+from ..run.atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 CACHE_DIR_NAME = ".paeff_cache"

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_atomically
+from ..run.atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
 ATTRIBUTES = ("gender", "nationality", "age_group")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import GPUUnavailable, cupy_module
-from ..cli import ArgumentParser
+from ..usage import ArgumentParser
 from .cases import CASES, LossCase, select, tolerance_of
 
 PROG = "python -m paeff_np.gradcheck"

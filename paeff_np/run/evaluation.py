@@ -6,10 +6,10 @@ metrics run on the host.
 """
 import numpy as np
 
-from .backend import get_array_module, to_host
-from .metrics import (OFFICIAL_FOLDS, OFFICIAL_MIN_PAIRS, matching_sizes_that_fit, matching_table, official_protocol_fits,
+from ..backend import get_array_module, to_host
+from ..metrics import (OFFICIAL_FOLDS, OFFICIAL_MIN_PAIRS, matching_sizes_that_fit, matching_table, official_protocol_fits,
                       pair_distances, verification, verification_curves)
-from .model import embed
+from ..model import embed
 
 EMBED_CHUNK = 4096
 DIRECTION_LABELS = {"voice_to_face": "V→F", "face_to_voice": "F→V"}   # probe → gallery

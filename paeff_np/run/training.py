@@ -42,12 +42,12 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
-from .backend import array_module, default_rng, to_device
+from ..backend import array_module, default_rng, to_device
 from .evaluation import embed_rows, validation_figures
-from .flat import flatten
-from .metrics import pair_distances, verification
-from .model import init_params, loss_and_grads
-from .optim import AdamW, cosine_lr
+from ..flat import flatten
+from ..metrics import pair_distances, verification
+from ..model import init_params, loss_and_grads
+from ..optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
 BEST_NAME = "best.npz"

@@ -28,7 +28,7 @@ The domains (docs/spec.md §2–§4):
 import math
 import os
 
-from .cli import UsageError
+from ..usage import UsageError
 from .training import TrainSettings
 
 COSINE_ETA_MIN = TrainSettings.eta_min  # the cosine schedule's floor

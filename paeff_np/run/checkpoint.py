@@ -27,8 +27,8 @@ import zipfile
 import numpy as np
 
 from .atomic import write_atomically, write_json
-from .backend import to_host
-from .model import BRANCHES, Config
+from ..backend import to_host
+from ..model import BRANCHES, Config
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CONFIG_NAME = "config.json"
@@ -319,7 +319,7 @@ def _check_arrays(params, buffers, cfg, where):
     if first is None or first.shape != (cfg.embed_dim, cfg.face_dim):   # before allocating a model
         _fail(where, FIRST_WEIGHT, f"shape {None if first is None else first.shape}, "
               f"the config needs {(cfg.embed_dim, cfg.face_dim)}")
-    from .model import init_params
+    from ..model import init_params
     expected_params, expected_buffers = init_params(cfg, seed=0, dtype=np.float32)
     for kind, got, want in (("parameter", params, expected_params), ("buffer", buffers, expected_buffers)):
         missing = sorted(set(want) - set(got))

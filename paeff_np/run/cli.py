@@ -7,28 +7,16 @@ import sys
 import tempfile
 
 from .atomic import FolderInUse, remove_stale_temporaries
-from .backend import GPUUnavailable, keep_freed_memory
-from .parallel import n_threads
+from ..backend import GPUUnavailable, keep_freed_memory
+from ..parallel import n_threads
 from .checkpoint import CheckpointError
 from .training import TrainingDiverged
-from .data import DataError, load_dir
-from .data.csv import CACHE_DIR_NAME
-from .data.synth import make_synthetic
-from .model import ALIGNMENTS, FUSIONS, Config
-from .fusion import EGFF_GATES, EGFF_MIXES
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, with a bad flag reported in one line like every other user
-    error (``train.py: error: argument --epochs: must be >= 1, got 0 (see --help)``,
-    exit 2) instead of after the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class UsageError(Exception):
-    """Flags or settings the run cannot take (e.g. a batch larger than the training set)."""
-
+from ..data import DataError, load_dir
+from ..data.csv import CACHE_DIR_NAME
+from ..data.synth import make_synthetic
+from ..model import ALIGNMENTS, FUSIONS, Config
+from ..fusion import EGFF_GATES, EGFF_MIXES
+from ..usage import UsageError
 
 USER_ERRORS = (DataError, CheckpointError, GPUUnavailable, UsageError, TrainingDiverged, FolderInUse, OSError)
 
