@@ -128,6 +128,20 @@ def _bn_buffer_keys(prefix):
     return prefix + "running_mean", prefix + "running_var", prefix + "num_batches_tracked"
 
 
+def _bn_state(buffers, prefix):
+    """The running statistics of the BatchNorm1d at ``prefix``, as a ``BatchNormState``."""
+    mean_key, var_key, _ = _bn_buffer_keys(prefix)
+    return BatchNormState(buffers[mean_key], buffers[var_key])
+
+
+def _bn_buffers(buffers, prefix, new_state, train):
+    """The buffers of the BatchNorm1d at ``prefix`` after one forward: the new
+    running statistics, and the batch counter one higher in train mode."""
+    mean_key, var_key, count_key = _bn_buffer_keys(prefix)
+    return {mean_key: new_state.running_mean, var_key: new_state.running_var,
+            count_key: buffers[count_key] + (1 if train else 0)}
+
+
 def batchnorm_prefixes(cfg):
     """Key prefixes of every BatchNorm1d in the model.
 
@@ -208,17 +222,14 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
     Derivation: docs/math.md §14.
     """
     P = lambda name: params[prefix + name]
-    mean_key, var_key, count_key = _bn_buffer_keys(prefix + "1.")
     h0, cache_lin0 = linear_forward(x, P("0.weight"), P("0.bias"))
-    h1, (new_mean, new_var), cache_bn = batchnorm_forward(
-        h0, P("1.weight"), P("1.bias"), BatchNormState(buffers[mean_key], buffers[var_key]), train)
+    h1, new_state, cache_bn = batchnorm_forward(h0, P("1.weight"), P("1.bias"),
+                                                _bn_state(buffers, prefix + "1."), train)
     h2, cache_relu = relu_forward(h1)
     h3, cache_drop = dropout_forward(h2, dropout if train else 0.0, rng)
     h4, cache_lin4 = linear_forward(h3, P("4.weight"), P("4.bias"))
-    new_buffers = {mean_key: new_mean, var_key: new_var,
-                   count_key: buffers[count_key] + (1 if train else 0)}
     cache = BranchCache(prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4)
-    return h4, new_buffers, cache
+    return h4, _bn_buffers(buffers, prefix + "1.", new_state, train), cache
 
 
 def branch_backward(dh4, cache):
@@ -227,15 +238,14 @@ def branch_backward(dh4, cache):
 
     Derivation: docs/math.md §14.
     """
-    prefix, cache_lin0, cache_bn, cache_relu, cache_drop, cache_lin4 = cache
-    dh3, dW4, db4 = linear_backward(dh4, cache_lin4)
-    dh2 = dropout_backward(dh3, cache_drop)
-    dh1 = relu_backward(dh2, cache_relu)
-    dh0, dgamma, dbeta = batchnorm_backward(dh1, cache_bn)
-    _, dW0, db0 = linear_backward(dh0, cache_lin0, need_dx=False)
+    dh3, dW4, db4 = linear_backward(dh4, cache.lin4)
+    dh2 = dropout_backward(dh3, cache.drop)
+    dh1 = relu_backward(dh2, cache.relu)
+    dh0, dgamma, dbeta = batchnorm_backward(dh1, cache.bn)
+    _, dW0, db0 = linear_backward(dh0, cache.lin0, need_dx=False)
     grads = {"0.weight": dW0, "0.bias": db0, "1.weight": dgamma, "1.bias": dbeta,
              "4.weight": dW4, "4.bias": db4}
-    return {prefix + k: v for k, v in grads.items()}
+    return {cache.prefix + k: v for k, v in grads.items()}
 
 
 # --- fusion: EGFF or FOP's gated fusion ---
@@ -260,13 +270,10 @@ def fusion_forward(params, buffers, e_f, e_v, cfg, train):
             e_f, e_v, params["fusion_layer.conv.weight"], params["fusion_layer.conv.bias"],
             cfg.egff_gate, cfg.egff_mix)
         return out, {}, FusionCache(cfg.fusion, cache)
-    mean_key, var_key, count_key = _bn_buffer_keys(GATED + "0.block.1.")
-    out, (new_mean, new_var), cache = gated_fusion_forward(
-        e_f, e_v, *(params[GATED + key] for key in GATED_KEYS),
-        BatchNormState(buffers[mean_key], buffers[var_key]), train)
-    new_buffers = {mean_key: new_mean, var_key: new_var,
-                   count_key: buffers[count_key] + (1 if train else 0)}
-    return out, new_buffers, FusionCache(cfg.fusion, cache)
+    bn_prefix = GATED + "0.block.1."
+    out, new_state, cache = gated_fusion_forward(
+        e_f, e_v, *(params[GATED + key] for key in GATED_KEYS), _bn_state(buffers, bn_prefix), train)
+    return out, _bn_buffers(buffers, bn_prefix, new_state, train), FusionCache(cfg.fusion, cache)
 
 
 def fusion_backward(dm, cache):
@@ -282,6 +289,73 @@ def fusion_backward(dm, cache):
     return de_f, de_v, {GATED + key: g for key, g in zip(GATED_KEYS, dparams)}
 
 
+# --- alignment of the two modalities: L_A ---
+
+class AlignmentCache(NamedTuple):
+    alignment: str              # cfg.alignment: which backward to run
+    clip_f: FeatureClipCache    # h̃ = clip(h); None unless the alignment is poincare
+    clip_v: FeatureClipCache
+    ball_f: ToBallCache         # p = P(expmap0(·)); None unless hyperbolic or poincare
+    ball_v: ToBallCache
+    loss: Any                   # SymmetricCrossEntropyCache or PoincareAlignmentCache; None for none
+    h_f: Any                    # B × D: every gradient has its shape and dtype
+
+
+def alignment_forward(h_f, h_v, e_f, e_v, cfg):
+    """The alignment loss L_A, 0-d; ``h_f``, ``h_v``: B × D, the branches'
+    outputs, ``e_f``, ``e_v``: B × D, their normalised rows. By ``cfg.alignment``:
+
+    - hyperbolic (PAEFF): symmetric CE of ``p_f p_vᵀ/τ``, ``p = P(expmap0(e))``;
+    - euclidean: symmetric CE of ``e_f e_vᵀ/τ``;
+    - poincare: symmetric CE of ``−d_c(p_f, p_v)/τ``, ``p = P(expmap0(clip(h)))``;
+    - none: 0.
+
+    Returns ``(L_A, cache)``.
+
+    Derivation: docs/math.md §14 (the table), §10, §8, §17.7.
+    """
+    clip_f = clip_v = ball_f = ball_v = cache_loss = None
+    if cfg.alignment == "none":
+        loss = get_array_module(h_f).zeros((), dtype=h_f.dtype)
+    elif cfg.alignment == "poincare":   # from h, not e: S_ij = −d_c(p_f,i, p_v,j)/τ
+        g_f, clip_f = feature_clip_forward(h_f, cfg.clip_radius)
+        g_v, clip_v = feature_clip_forward(h_v, cfg.clip_radius)
+        p_f, ball_f = to_ball_forward(g_f, cfg.curvature, cfg.riemannian_grad)
+        p_v, ball_v = to_ball_forward(g_v, cfg.curvature, cfg.riemannian_grad)
+        loss, cache_loss = poincare_alignment_forward(p_f, p_v, cfg.curvature, cfg.temperature)
+    else:                               # dot products of e, in the ball (hyperbolic) or not
+        p_f, p_v = e_f, e_v
+        if cfg.alignment == "hyperbolic":
+            p_f, ball_f = to_ball_forward(e_f, cfg.curvature, cfg.riemannian_grad)
+            p_v, ball_v = to_ball_forward(e_v, cfg.curvature, cfg.riemannian_grad)
+        loss, cache_loss = symmetric_cross_entropy_forward(p_f, p_v, cfg.temperature)
+    return loss, AlignmentCache(cfg.alignment, clip_f, clip_v, ball_f, ball_v, cache_loss, h_f)
+
+
+def alignment_backward(dloss, cache):
+    """The mirror of ``alignment_forward``: ``dh_f, dh_v, de_f, de_v`` (B × D
+    each) of ``dloss · L_A``, ``dloss`` the alignment's weight; zeros for the
+    inputs the alignment does not read.
+
+    Derivation: docs/math.md §14, §10, §8.3, §17.7.
+    """
+    zeros = lambda: get_array_module(cache.h_f).zeros_like(cache.h_f)
+    if cache.alignment == "none":
+        return zeros(), zeros(), zeros(), zeros()
+    if cache.alignment == "poincare":
+        dp_f, dp_v = poincare_alignment_backward(dloss, cache.loss)
+        dg_f = to_ball_backward(dp_f, cache.ball_f)
+        dg_v = to_ball_backward(dp_v, cache.ball_v)
+        dh_f = feature_clip_backward(dg_f, cache.clip_f)
+        dh_v = feature_clip_backward(dg_v, cache.clip_v)
+        return dh_f, dh_v, zeros(), zeros()
+    dp_f, dp_v = symmetric_cross_entropy_backward(dloss, cache.loss)
+    if cache.alignment == "hyperbolic":
+        dp_f = to_ball_backward(dp_f, cache.ball_f)
+        dp_v = to_ball_backward(dp_v, cache.ball_v)
+    return zeros(), zeros(), dp_f, dp_v
+
+
 # --- the whole network and its loss ---
 
 class LossOutput(NamedTuple):
@@ -295,11 +369,7 @@ class ModelCache(NamedTuple):
     voice: BranchCache
     norm_f: L2NormalizeCache    # e = normalize(h)
     norm_v: L2NormalizeCache
-    clip_f: FeatureClipCache    # None unless the alignment is poincare
-    clip_v: FeatureClipCache
-    ball_f: ToBallCache         # None unless the alignment is hyperbolic or poincare
-    ball_v: ToBallCache
-    align: Any                  # SymmetricCrossEntropyCache, PoincareAlignmentCache, or None
+    align: AlignmentCache
     fusion: FusionCache
     res: LinearCache
     tanh: Any                   # B × D, z
@@ -313,40 +383,25 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     ``labels``: (B,) in 0..n_classes−1. Returns
     ``(LossOutput(loss, terms), new_buffers, cache)``.
 
-    branches h → e = normalize(h) → alignment (hyperbolic: p = P(expmap0(e));
-    poincare: p = P(expmap0(clip(h)))) → fusion of e → head
-    ``z = tanh(m W_rᵀ + b_r)``, ``s = z W_lᵀ + b_l`` → ``L = α₁L_A + α₂L_OP + α₃L_CE``.
+    branches h → e = normalize(h) → alignment L_A (of e; poincare: of h) →
+    fusion of e → head ``z = tanh(m W_rᵀ + b_r)``, ``s = z W_lᵀ + b_l`` →
+    ``L = α₁L_A + α₂L_OP + α₃L_CE``.
 
     Derivation: docs/math.md §14 (quoted there), §0.1.
     """
-    xp = get_array_module(face)
+    # branches
     h_f, buf_f, cache_face = branch_forward(params, buffers, BRANCHES[0], face,
                                             train, cfg.dropout, rng)
     h_v, buf_v, cache_voice = branch_forward(params, buffers, BRANCHES[1], voice,
                                              train, cfg.dropout, rng)
+    # normalisation: e = h/‖h‖
     e_f, cache_norm_f = l2_normalize_forward(h_f)
     e_v, cache_norm_v = l2_normalize_forward(h_v)
-    # alignment of the two modalities (symmetric cross-entropy)
-    cache_clip_f = cache_clip_v = cache_ball_f = cache_ball_v = cache_align = None
-    if cfg.alignment == "hyperbolic":
-        p_f, cache_ball_f = to_ball_forward(e_f, cfg.curvature, cfg.riemannian_grad)
-        p_v, cache_ball_v = to_ball_forward(e_v, cfg.curvature, cfg.riemannian_grad)
-    elif cfg.alignment == "poincare":   # from h, not e: S_ij = −d_c(p_f,i, p_v,j)/τ
-        g_f, cache_clip_f = feature_clip_forward(h_f, cfg.clip_radius)
-        g_v, cache_clip_v = feature_clip_forward(h_v, cfg.clip_radius)
-        p_f, cache_ball_f = to_ball_forward(g_f, cfg.curvature, cfg.riemannian_grad)
-        p_v, cache_ball_v = to_ball_forward(g_v, cfg.curvature, cfg.riemannian_grad)
-    else:
-        p_f, p_v = e_f, e_v
-    if cfg.alignment == "none":
-        loss_align = xp.zeros((), dtype=face.dtype)
-    elif cfg.alignment == "poincare":
-        loss_align, cache_align = poincare_alignment_forward(p_f, p_v, cfg.curvature,
-                                                             cfg.temperature)
-    else:
-        loss_align, cache_align = symmetric_cross_entropy_forward(p_f, p_v, cfg.temperature)
-    # fusion and head
+    # alignment of the two modalities
+    loss_align, cache_align = alignment_forward(h_f, h_v, e_f, e_v, cfg)
+    # fusion
     fused, buf_fusion, cache_fusion = fusion_forward(params, buffers, e_f, e_v, cfg, train)
+    # head
     r, cache_res = linear_forward(fused.m, params["res_mix.weight"], params["res_mix.bias"])
     z, cache_tanh = tanh_forward(r)
     s, cache_logits = linear_forward(z, params["logits_layer.weight"], params["logits_layer.bias"])
@@ -357,9 +412,10 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     loss = a1 * loss_align + a2 * loss_opl + a3 * loss_ce
     terms = {"align": loss_align, "opl": loss_opl, "ce": loss_ce}
     new_buffers = {**buffers, **buf_f, **buf_v, **buf_fusion}
-    cache = ModelCache(cfg, cache_face, cache_voice, cache_norm_f, cache_norm_v,
-                       cache_clip_f, cache_clip_v, cache_ball_f, cache_ball_v, cache_align,
-                       cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce)
+    cache = ModelCache(cfg=cfg, face=cache_face, voice=cache_voice,
+                       norm_f=cache_norm_f, norm_v=cache_norm_v, align=cache_align,
+                       fusion=cache_fusion, res=cache_res, tanh=cache_tanh,
+                       logits=cache_logits, opl=cache_opl, ce=cache_ce)
     return LossOutput(loss, terms), new_buffers, cache
 
 
@@ -369,42 +425,26 @@ def backward(dloss, cache):
 
     Derivation: docs/math.md §14 (quoted there).
     """
-    (cfg, cache_face, cache_voice, cache_norm_f, cache_norm_v,
-     cache_clip_f, cache_clip_v, cache_ball_f, cache_ball_v, cache_align,
-     cache_fusion, cache_res, cache_tanh, cache_logits, cache_opl, cache_ce) = cache
-    a1, a2, a3 = cfg.loss_weights
+    a1, a2, a3 = cache.cfg.loss_weights
     grads = {}
     # losses
-    ds = softmax_cross_entropy_backward(dloss * a3, cache_ce)
-    dz = orthogonal_projection_backward(dloss * a2, cache_opl)
+    ds = softmax_cross_entropy_backward(dloss * a3, cache.ce)
+    dz = orthogonal_projection_backward(dloss * a2, cache.opl)
     # head
-    dz_logits, grads["logits_layer.weight"], grads["logits_layer.bias"] = linear_backward(ds, cache_logits)
-    dr = tanh_backward(dz + dz_logits, cache_tanh)
-    dm, grads["res_mix.weight"], grads["res_mix.bias"] = linear_backward(dr, cache_res)
+    dz_logits, grads["logits_layer.weight"], grads["logits_layer.bias"] = linear_backward(ds, cache.logits)
+    dr = tanh_backward(dz + dz_logits, cache.tanh)
+    dm, grads["res_mix.weight"], grads["res_mix.bias"] = linear_backward(dr, cache.res)
     # fusion
-    de_f, de_v, grads_fusion = fusion_backward(dm, cache_fusion)
+    de_f, de_v, grads_fusion = fusion_backward(dm, cache.fusion)
     grads.update(grads_fusion)
-    # alignment (its weight dloss·α₁ is applied after the ball maps)
-    if cfg.alignment in ("hyperbolic", "euclidean"):
-        dp_f, dp_v = symmetric_cross_entropy_backward(1.0, cache_align)
-        if cfg.alignment == "hyperbolic":
-            dp_f = to_ball_backward(dp_f, cache_ball_f)
-            dp_v = to_ball_backward(dp_v, cache_ball_v)
-        de_f, de_v = de_f + dloss * a1 * dp_f, de_v + dloss * a1 * dp_v
-    elif cfg.alignment == "poincare":
-        dp_f, dp_v = poincare_alignment_backward(1.0, cache_align)
-        dg_f = to_ball_backward(dp_f, cache_ball_f)
-        dg_v = to_ball_backward(dp_v, cache_ball_v)
-        dh_align_f = dloss * a1 * feature_clip_backward(dg_f, cache_clip_f)
-        dh_align_v = dloss * a1 * feature_clip_backward(dg_v, cache_clip_v)
-    # normalisation: h reaches the loss through e, and for poincare also directly
-    dh_f = l2_normalize_backward(de_f, cache_norm_f)
-    dh_v = l2_normalize_backward(de_v, cache_norm_v)
-    if cfg.alignment == "poincare":
-        dh_f, dh_v = dh_f + dh_align_f, dh_v + dh_align_v
+    # alignment of the two modalities
+    dh_align_f, dh_align_v, de_align_f, de_align_v = alignment_backward(dloss * a1, cache.align)
+    # normalisation: h reaches the loss through e (fusion, alignment) and, for poincare, directly
+    dh_f = l2_normalize_backward(de_f + de_align_f, cache.norm_f) + dh_align_f
+    dh_v = l2_normalize_backward(de_v + de_align_v, cache.norm_v) + dh_align_v
     # branches
-    grads.update(branch_backward(dh_v, cache_voice))
-    grads.update(branch_backward(dh_f, cache_face))
+    grads.update(branch_backward(dh_v, cache.voice))
+    grads.update(branch_backward(dh_f, cache.face))
     return grads
 
 

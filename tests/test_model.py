@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import paeff_np as pn
-from conftest import SMALL, TOL, pre_batchnorm_biases, small_batch, to_xp
+from conftest import SMALL, TOL, assert_gradcheck, pre_batchnorm_biases, small_batch, to_xp
 from paeff_np.gradcheck import relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # made by fixtures/make_fixtures.py
@@ -47,6 +47,39 @@ def test_whole_loss_gradient(xp, variant, dropout):
     assert report[worst] < TOL, (worst, report[worst])
     for k in zero:
         assert float(xp.abs(grads[k]).max()) < 1e-13
+
+
+ALIGNMENT_READS = {"hyperbolic": (2, 3), "euclidean": (2, 3), "poincare": (0, 1), "none": ()}
+
+
+@pytest.mark.parametrize("alignment", sorted(ALIGNMENT_READS))
+def test_alignment_pair_gradient(xp, alignment):
+    """``alignment_forward``/``alignment_backward`` as one op of inputs
+    ``h_f, h_v, e_f, e_v``: finite differences for the inputs it reads
+    (Riemannian scaling off: not a derivative), exact zeros for the others,
+    and the weight ``dloss`` scales every gradient."""
+    from paeff_np.gradcheck import check_layer
+    from paeff_np.model import alignment_backward, alignment_forward
+    assert set(ALIGNMENT_READS) == set(pn.model.ALIGNMENTS)
+    cfg = pn.Config(**SMALL, alignment=alignment, riemannian_grad=False, temperature=0.2)
+    rng = np.random.default_rng(4)
+    h_f, h_v = (xp.asarray(rng.standard_normal((5, 6)) * 1.5) for _ in range(2))
+    e_f, e_v = (xp.asarray(rng.standard_normal((5, 6)) * 0.4) for _ in range(2))
+    inputs = [h_f, h_v, e_f, e_v]
+    reads = ALIGNMENT_READS[alignment]
+    if reads:
+        report = check_layer(alignment_forward, alignment_backward, inputs, cfg=cfg,
+                             no_grads=tuple(i for i in range(4) if i not in reads))
+        assert sorted(report) == list(reads)
+        assert_gradcheck(report)
+    loss, cache = alignment_forward(*inputs, cfg)
+    grads = alignment_backward(1.0, cache)
+    weighted = alignment_backward(0.3, cache)
+    assert (float(loss) == 0.0) == (alignment == "none")
+    for i, (g, g_weighted) in enumerate(zip(grads, weighted)):
+        assert g.shape == inputs[i].shape
+        assert (i in reads) == bool(xp.any(g != 0)), i
+        assert relative_error(g_weighted, 0.3 * g) < 1e-14, i
 
 
 def test_riemannian_scaling_only_changes_what_feeds_the_alignment():
@@ -234,7 +267,8 @@ def test_named_caches():
     assert cache.cfg is cfg and cache.face.prefix == "face_branch.fc1."
     np.testing.assert_array_equal(cache.face.lin0.x, face)
     assert cache.fusion.fusion == "egff" and cache.fusion.op.gate == "product"
-    assert bool(cache.ball_f.expmap0.norm_active.all())
+    assert cache.align.alignment == "hyperbolic" and cache.align.clip_f is None
+    assert bool(cache.align.ball_f.expmap0.norm_active.all())
     assert cache.tanh.shape == (8, SMALL["embed_dim"])               # z, the head's output
     assert float(loss) == pytest.approx(sum(w * float(terms[k]) for w, k in
                                             zip(cfg.loss_weights, ("align", "opl", "ce"))))
