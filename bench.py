@@ -46,7 +46,7 @@ from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: 
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.parallel import n_threads                  # noqa: E402
-from paeff_np.run.training import PAPER_RECIPE               # noqa: E402
+from paeff_np.run.training import NO_SELECTION, PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
 SCALING_B = (256, 1024, 4096)
@@ -231,7 +231,7 @@ def end_to_end(dev_name, epochs_to_run, log):
     cfg = pn.Config(face_dim=train.face_dim, voice_dim=train.voice_dim,
                     embed_dim=PAPER_RECIPE["embed_dim"], n_classes=train.n_classes)
     settings = TrainSettings(epochs=PAPER_RECIPE["epochs"], lr=PAPER_RECIPE["lr"], batch_size=PAPER_RECIPE["batch_size"],
-                             device=dev_name)
+                             device=dev_name, **NO_SELECTION)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(dataset, cfg, settings, out, log=lambda s: None)
         t0 = time.perf_counter()

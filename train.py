@@ -38,9 +38,7 @@ PRESETS = {
     "paper": PAPER_RECIPE,           # docs/spec.md §4
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
-SELECTION_FLAGS = ("val_identities", "val_rows", "select", "patience")
-# the command line's model selection (TrainSettings' own defaults are no split, "last")
-SELECTION_DEFAULTS = dict(val_identities=0.1, val_rows=0.05, select="val", patience=0)
+SELECTION_FLAGS = ("val_identities", "val_rows", "select", "patience")   # their defaults: TrainSettings'
 
 # Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7), one list per table
 ABLATION_TABLES = [
@@ -235,7 +233,7 @@ def new_trainer(args, dataset, data_meta, out, split=None):
     """A Trainer for a fresh run; ``split``: the validation split of ``dataset``, when
     already carved (the ablation carves it once for all rows)."""
     preset = PRESETS[args.preset]
-    settings = settings_from(args, {**preset, **SELECTION_DEFAULTS})
+    settings = settings_from(args, preset)
     if split is None:
         dataset, split = carve_validation(dataset, settings)
     else:
@@ -353,7 +351,7 @@ def train_ablation(args, hold):
     dataset, data_meta = load_data(args.data_dir)
     for note in protocol_notes(dataset.tests):
         print(note, file=sys.stderr, flush=True)
-    settings = settings_from(args, {**PRESETS[args.preset], **SELECTION_DEFAULTS})
+    settings = settings_from(args, PRESETS[args.preset])
     if settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
     _, split = carve_validation(dataset, settings)     # one split for every row

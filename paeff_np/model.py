@@ -12,12 +12,14 @@ place of arrays: ``branch_forward`` and ``fusion_forward`` return
 cache)`` returns a dict of gradients keyed like the parameters.
 """
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .backend import get_array_module, to_host
+from .domains import (BOOLEAN, FRACTION, NON_NEGATIVE, ODD_INTEGER, POSITIVE, JointRule, check_fields,
+                      check_known, integer, numbers_of, one_of)
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
                      gated_fusion_forward)
 from .hyperbolic import (ToBallCache, to_ball_backward, to_ball_forward, unit_row_ball_norm,
@@ -64,27 +66,30 @@ class Config:
     opl_gamma: float = 0.7
     loss_weights: tuple = (0.3, 0.35, 0.35)   # (align, opl, ce)
 
+    # each field's domain and the rules that join fields: the one home of these checks
+    # (paeff_np/domains.py); the command lines and the checkpoint reader call the same
+    DOMAINS = {
+        **{k: integer(1) for k in ("face_dim", "voice_dim", "embed_dim", "n_classes")},
+        "fusion": one_of(FUSIONS), "egff_gate": one_of(EGFF_GATES), "egff_mix": one_of(EGFF_MIXES),
+        "alignment": one_of(ALIGNMENTS), "egff_kernel": ODD_INTEGER,
+        "curvature": POSITIVE, "temperature": POSITIVE, "clip_radius": POSITIVE,
+        "riemannian_grad": BOOLEAN, "dropout": FRACTION, "opl_gamma": NON_NEGATIVE,
+        "loss_weights": numbers_of(3, NON_NEGATIVE),
+    }
+    JOINT_RULES = (
+        JointRule(("loss_weights",), lambda v: any(w > 0 for w in v["loss_weights"]),
+                  "{loss_weights}: at least one weight (align, opl, ce) must be > 0, or nothing is trained"),
+        JointRule(("loss_weights", "alignment"),
+                  lambda v: v["alignment"] != "none" or any(w > 0 for w in v["loss_weights"][1:]),
+                  "{loss_weights} with {alignment}: the alignment term is off, so the OPL or the CE "
+                  "weight must be > 0, or nothing is trained"),
+    )
+
     def __post_init__(self):
+        check_fields(self.__dict__, self.DOMAINS, self.JOINT_RULES, where="Config")
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
-        checks = [
-            (all(int(getattr(self, k)) == getattr(self, k) and getattr(self, k) >= 1
-                 for k in ("face_dim", "voice_dim", "embed_dim", "n_classes")),
-             "face_dim, voice_dim, embed_dim and n_classes must be positive integers"),
-            (self.fusion in FUSIONS, f"fusion must be one of {FUSIONS}"),
-            (self.egff_gate in EGFF_GATES, f"egff_gate must be one of {EGFF_GATES}"),
-            (self.egff_mix in EGFF_MIXES, f"egff_mix must be one of {EGFF_MIXES}"),
-            (self.alignment in ALIGNMENTS, f"alignment must be one of {ALIGNMENTS}"),
-            (self.egff_kernel >= 1 and self.egff_kernel % 2 == 1,
-             "egff_kernel must be a positive odd integer"),
-            (self.curvature > 0, "curvature must be > 0"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (0 < self.clip_radius < math.inf, "clip_radius must be > 0 and finite"),
-            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (len(self.loss_weights) == 3, "loss_weights must have three values (align, opl, ce)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"Config: {message}")
+        for k in ("face_dim", "voice_dim", "embed_dim", "n_classes", "egff_kernel"):
+            object.__setattr__(self, k, int(getattr(self, k)))
 
     def to_dict(self):
         d = asdict(self)
@@ -92,11 +97,10 @@ class Config:
         return d
 
     @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Config: unknown fields {sorted(unknown)}")
+    def from_dict(cls, d, where="Config"):
+        """A Config from its ``to_dict`` form (e.g. a checkpoint's ``model`` section):
+        every field there, none unknown, each in its domain; else ``FieldError``."""
+        check_known(d, cls.DOMAINS, where)
         return cls(**d)
 
 

@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from .backend import elementwise_kernel, get_array_module, to_device, to_host
+from .domains import FRACTION, NON_NEGATIVE, POSITIVE, Domain, check_fields, integer, numbers_of
 from .flat import FlatViews, flat_like, gather_into
 from .parallel import for_row_blocks
 
@@ -80,7 +81,15 @@ class AdamW:
     Derivation: docs/math.md §15.
     """
 
+    # the domain of each number of the state (paeff_np/domains.py): checked here, and by
+    # the checkpoint reader on a saved state (state_dict)
+    STATE_DOMAINS = {"t": integer(0), "lr": POSITIVE,
+                     "betas": Domain(lambda b: numbers_of(2, FRACTION).test(b), "two numbers in [0, 1)"),
+                     "eps": POSITIVE, "weight_decay": NON_NEGATIVE}
+
     def __init__(self, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        check_fields(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), self.STATE_DOMAINS,
+                     where="AdamW")
         self.lr = lr
         self.betas = tuple(betas)
         self.eps = eps

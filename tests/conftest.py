@@ -60,14 +60,14 @@ def tiny_run(tmp_path):
     from paeff_np.data.synth import make_synthetic
     from paeff_np.run.evaluation import evaluate
     from paeff_np.model import Config
-    from paeff_np.run.training import Trainer, TrainSettings
+    from paeff_np.run.training import NO_SELECTION, Trainer, TrainSettings
 
     def run(device, dropout=0.0, name="run"):
         dataset = make_synthetic(**TINY_WORLD)
         train = dataset.train
         cfg = Config(face_dim=train.face_dim, voice_dim=train.voice_dim, embed_dim=32,
                      n_classes=train.n_classes, dropout=dropout)
-        settings = TrainSettings(epochs=2, lr=1e-3, batch_size=64, device=device)
+        settings = TrainSettings(epochs=2, lr=1e-3, batch_size=64, device=device, **NO_SELECTION)
         meta = {"source": "synthetic", "synthetic": TINY_WORLD}
         out = str(tmp_path / name)
         os.makedirs(out)

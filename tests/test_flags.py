@@ -59,6 +59,9 @@ BAD_FLAGS = [
     (["--embed-dim", "0"], "--embed-dim 0"),
     (["--embed-dim", "1000000"], "--embed-dim 1000000"),
     (["--egff-kernel", "4"], "--egff-kernel 4"),
+    (["--alignment", "none", "--loss-weights", "1", "0", "0"], "--loss-weights 1 0 0 with --alignment none"),
+    (["--val-identities", "0", "--val-rows", "0"], "--select val needs a validation split"),
+    (["--patience", "2", "--select", "last", "--val-identities", "0", "--val-rows", "0"], "--patience 2 watches"),
 ]
 
 
@@ -68,13 +71,13 @@ def test_train_refuses_a_hyperparameter_outside_its_domain_before_reading_data(
     out = tmp_path / "run"
     line = refused(train_script, "train.py", ["--data-dir", str(tmp_path / "no-such-folder"),
                                               "--out", str(out), *flags], capsys)
-    assert line.startswith(f"train.py: error: {named}: "), line
+    assert line.startswith(f"train.py: error: {named}"), line
     assert not out.exists()
 
 
 def test_eval_refuses_a_negative_seed(capsys, tmp_path):
     line = refused(load_script("eval.py"), "eval.py", ["--checkpoint", str(tmp_path), "--seed", "-1"], capsys)
-    assert line.startswith("eval.py: error: --seed -1: must be >= 0")
+    assert line.startswith("eval.py: error: --seed -1: must be an integer >= 0")
 
 
 def test_boundary_values_are_accepted():
@@ -134,3 +137,20 @@ def test_a_flag_argparse_refuses_is_one_line_too(script_name, argv, words, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script_name}: error: "), lines
     assert lines[0].endswith("(see --help)") and all(w in lines[0] for w in words), lines[0]
+
+
+def test_the_command_line_checks_the_settings_own_tables(monkeypatch):
+    """One home for each rule: a domain changed in Config's or TrainSettings' table is
+    what the flags are checked by, and the same rule refuses the library call."""
+    from paeff_np.domains import Domain, FieldError
+    from paeff_np.model import Config
+    from paeff_np.run.training import TrainSettings
+    from paeff_np.usage import UsageError
+    monkeypatch.setitem(Config.DOMAINS, "temperature", Domain(lambda v: v >= 1, "at least 1 (a test's rule)"))
+    with pytest.raises(UsageError, match=r"^--temperature 0.5: must be at least 1 \(a test's rule\)$"):
+        validate_hyperparameters(argparse.Namespace(temperature=0.5))
+    with pytest.raises(FieldError, match=r"^Config: temperature = 0.5: must be at least 1"):
+        Config(temperature=0.5)
+    monkeypatch.setitem(TrainSettings.DOMAINS, "seed", Domain(lambda v: v < 10, "below 10 (a test's rule)"))
+    with pytest.raises(UsageError, match=r"^--seed 12: must be below 10"):
+        validate_hyperparameters(argparse.Namespace(seed=12))

@@ -470,11 +470,12 @@ def test_clip_radius_is_validated(radius):
         pn.Config(alignment="poincare", clip_radius=radius)
 
 
-def test_config_without_clip_radius_loads():
-    """A config.json written before the field existed still loads (the default)."""
+def test_config_from_dict_needs_every_field():
+    """0.1.0 reads only its own format: a Config dict without clip_radius is refused by name."""
     d = pn.Config().to_dict()
     del d["clip_radius"]
-    assert pn.Config.from_dict(d) == pn.Config()
+    with pytest.raises(ValueError, match="^Config: clip_radius: missing$"):
+        pn.Config.from_dict(d)
     assert pn.Config.from_dict(pn.Config(alignment="poincare", clip_radius=1.5).to_dict()).clip_radius == 1.5
 
 
@@ -495,7 +496,7 @@ def test_cli_flags():
     cfg = make_config(train_set, config_overrides(args))
     assert cfg.alignment == "poincare" and cfg.clip_radius == 1.5
     assert make_config(train_set, config_overrides(parser.parse_args([]))).clip_radius == 2.3
-    with pytest.raises(UsageError, match="clip_radius must be > 0"):
+    with pytest.raises(UsageError, match="clip_radius = 0: must be a finite number > 0"):
         make_config(train_set, config_overrides(parser.parse_args(["--clip-radius", "0"])))
 
 

@@ -17,7 +17,7 @@ from paeff_np.run import checkpoint as ckpt
 from paeff_np.run.cli import run as run_cli
 from paeff_np.data.synth import make_synthetic
 from paeff_np.model import Config
-from paeff_np.run.training import Trainer, TrainingDiverged, TrainSettings
+from paeff_np.run.training import NO_SELECTION, Trainer, TrainingDiverged, TrainSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -91,7 +91,7 @@ METADATA_CASES = [
     ("curvature a string", _set("model", "curvature", "0.05"), ["model.curvature", "number"]),
     ("embed_dim a float", _set("model", "embed_dim", 16.5), ["model.embed_dim", "integer"]),
     ("unknown model field", _set("model", "depth", 3), ["model.depth", "unknown field"]),
-    ("fusion unknown", _set("model", "fusion", "attention"), ["model", "fusion must be one of"]),
+    ("fusion unknown", _set("model", "fusion", "attention"), ["model.fusion = attention", "egff or gated"]),
     ("optimizer step a string", _set("optimizer", "t", "x"), ["optimizer.t", "integer"]),
     ("unknown optimizer field", _set("optimizer", "momentum", 0.9), ["optimizer.momentum", "unknown field"]),
     ("betas not a pair", _set("optimizer", "betas", [0.9]), ["optimizer.betas"]),
@@ -121,7 +121,7 @@ TRAIN_CASES = [
     ("unknown setting", _set("train", "warmup", 3), ["train.warmup", "unknown field"]),
     ("epochs zero", _set("train", "epochs", 0), ["train.epochs", ">= 1"]),
     ("unknown rule", _set("train", "select", "bogus"), ["train.select", "val or last or test"]),
-    ("batch size zero", _set("train", "batch_size", 0), ["train.batch_size", ">= 1"]),
+    ("batch size zero", _set("train", "batch_size", 0), ["train.batch_size", ">= 2"]),
 ]
 
 
@@ -267,7 +267,7 @@ def test_non_finite_batchnorm_statistics_stop_training():
     dataset = make_synthetic(n_identities=24, seed=5, face_dim=32, voice_dim=16, test_rows=40)
     dataset.train.face[:] = dataset.train.face * np.float32(1e30)
     cfg = Config(face_dim=32, voice_dim=16, embed_dim=16, n_classes=dataset.train.n_classes)
-    trainer = Trainer(dataset, cfg, TrainSettings(epochs=2, lr=1e-3, batch_size=32), "unused", log=None)
+    trainer = Trainer(dataset, cfg, TrainSettings(epochs=2, lr=1e-3, batch_size=32, **NO_SELECTION), "unused", log=None)
     with pytest.raises(TrainingDiverged, match="running_var became NaN or Inf in epoch 1.*last good checkpoint"):
         trainer.run_epoch()
     assert trainer.epoch == 0

@@ -19,7 +19,7 @@ from paeff_np.run.cli import run as run_cli
 from paeff_np.data import TrainSet
 from paeff_np.data.split import MIN_VALIDATION_PAIRS, SplitError, split_validation
 from paeff_np.data.synth import make_synthetic
-from paeff_np.run.training import Trainer, TrainSettings, selected_epoch
+from paeff_np.run.training import NO_SELECTION, Trainer, TrainSettings, selected_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -170,9 +170,9 @@ def test_val_selects_the_best_validation_epoch_and_keeps_it_in_best_npz(data_dir
     assert f"checkpoint {os.path.join(out, 'best.npz')} (epoch 2" in capsys.readouterr().out
 
 
-def test_last_is_todays_behaviour(data_dir, tmp_path, monkeypatch, capsys):
-    """--select last without a split trains and reports exactly what a Trainer with
-    TrainSettings' defaults (the behaviour before selection) does; no best.npz."""
+def test_last_is_the_plain_run(data_dir, tmp_path, monkeypatch, capsys):
+    """--select last without a split trains and reports exactly what a library Trainer
+    with NO_SELECTION does; no best.npz."""
     out = str(tmp_path / "last")
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--select", "last",
                  "--val-identities", "0", "--val-rows", "0") == 0
@@ -180,14 +180,13 @@ def test_last_is_todays_behaviour(data_dir, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(os.path.join(out, "best.npz"))
     saved = ckpt.load(out)
     assert "validation" not in saved.config
-    settings = dict(saved.config["train"])
-    for k in ("val_identities", "val_rows", "select", "patience"):
-        settings.pop(k)
-    legacy = str(tmp_path / "legacy")
-    os.makedirs(legacy)
+    settings = {**saved.config["train"], **NO_SELECTION}
+    assert settings == saved.config["train"]
+    plain = str(tmp_path / "plain")
+    os.makedirs(plain)
     from paeff_np.run.cli import load_data
     dataset, meta = load_data(data_dir)
-    trainer = Trainer(dataset, saved.cfg, TrainSettings(**settings), legacy, meta, log=lambda line: None)
+    trainer = Trainer(dataset, saved.cfg, TrainSettings(**settings), plain, meta, log=lambda line: None)
     trainer.train()
     for k in saved.params:
         np.testing.assert_array_equal(saved.params[k], trainer.params[k])
@@ -332,9 +331,9 @@ def test_the_split_is_recorded_and_resume_keeps_the_settings(data_dir, tmp_path,
     assert ckpt.load(out).config["validation"] == saved.config["validation"]
 
 
-def test_a_checkpoint_from_before_selection_resumes_as_last(data_dir, tmp_path, capsys):
-    """A checkpoint whose settings lack the selection fields (written before them) reads
-    as no split and rule last: its run continues as it was."""
+def test_a_checkpoint_without_the_selection_fields_is_refused_by_name(data_dir, tmp_path, capsys):
+    """0.1.0 has no old-run defaults: settings that lack a field are a damaged checkpoint,
+    named in one line, not read as another rule."""
     out = str(tmp_path / "old")
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--stop-after", "1",
                  "--select", "last", "--val-identities", "0", "--val-rows", "0") == 0
@@ -346,8 +345,10 @@ def test_a_checkpoint_from_before_selection_resumes_as_last(data_dir, tmp_path, 
         del config["train"][k]
     arrays["config"] = np.array(json.dumps(config))
     np.savez(npz, **arrays)
-    assert train("--resume", out) == 0
-    assert json.load(open(os.path.join(out, "metrics.json")))["selection"]["rule"] == "last"
+    capsys.readouterr()
+    assert train("--resume", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.npz: train.val_identities: missing" in err[0], err
 
 
 # --- bad input: one line, exit 2, before training ----------------------------------------
@@ -356,9 +357,9 @@ def test_a_checkpoint_from_before_selection_resumes_as_last(data_dir, tmp_path, 
     (["--val-identities", "1"], ["--val-identities 1", "[0, 1)"]),
     (["--val-rows", "-0.5"], ["--val-rows -0.5", "[0, 1)"]),
     (["--val-rows", "nan"], ["--val-rows nan", "[0, 1)"]),
-    (["--val-identities", "0", "--val-rows", "0"], ["--select val", "both 0"]),
+    (["--val-identities", "0", "--val-rows", "0"], ["--select val", "it is off"]),
     (["--val-identities", "0", "--val-rows", "0", "--select", "test", "--patience", "2"],
-     ["--patience 2", "both 0"]),
+     ["--patience 2", "the split is off"]),
     (["--val-identities", "0.95"], ["--val-identities 0.95", "training needs two"]),
     (["--val-identities", "0.02"], ["--val-identities 0.02", "0 pairs", "needs 20 pairs"]),
     (["--val-rows", "0.001"], ["--val-rows 0.001", "seen validation part"]),

@@ -16,11 +16,11 @@ the checkpoint on resume. The same ``save``/``load`` serve any second file of
 a run (e.g. a ``best.npz``): its readable copy is ``best.json``.
 
 Loading validates every field (``allow_pickle=False``; one line naming the
-file and the field on any problem). Format 1 (metadata only in
-``config.json``, epoch in both files) is still read.
+file and the field on any problem): the model and training settings by the
+domains of ``Config`` and ``TrainSettings`` themselves (``paeff_np/domains.py``).
+Only this format (2) is read: 0.1.0 reads no earlier one.
 """
 import json
-import math
 import os
 import zipfile
 
@@ -28,13 +28,14 @@ import numpy as np
 
 from .atomic import write_atomically, write_json
 from ..backend import to_host
+from ..domains import FieldError, check_fields, check_known, is_integer, is_number, named
 from ..model import BRANCHES, Config
+from ..optim import AdamW
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 2
 DATA_SOURCES = ("dir", "synthetic")
-OPTIMIZER_FIELDS = ("t", "lr", "betas", "eps", "weight_decay")
 FIRST_WEIGHT = BRANCHES[0] + "0.weight"    # (embed_dim, face_dim): checked before building a model
 
 
@@ -76,7 +77,7 @@ def save(out_dir, params, buffers, cfg, *, epoch, optimizer=None, label_values=N
 class Checkpoint:
     """What ``load`` returns: ``cfg``, ``params``, ``buffers`` (NumPy),
     ``optimizer`` (``(meta, arrays)`` or None), ``label_values``, ``epoch``,
-    ``config`` (the metadata), ``history`` (records, None for format 1), ``path``."""
+    ``config`` (the metadata), ``history`` (the per-epoch records), ``path``."""
 
     def __init__(self, cfg, params, buffers, optimizer, label_values, epoch, config, history, path):
         self.cfg, self.params, self.buffers = cfg, params, buffers
@@ -112,13 +113,12 @@ def load(path):
     if "config" not in arrays and not any(k.startswith("params/") for k in arrays):
         raise CheckpointError(f"{npz_path}: an .npz archive, but not a paeff_np checkpoint "
                               f"(no config and no params/ entries)")
-    if "config" in arrays:
-        where = npz_path
-        config = _json_entry(arrays, "config", npz_path)
-        history = _json_entry(arrays, "history", npz_path)
-    else:
-        where, config, history = json_path, _read_format1_config(arrays, npz_path, json_path), None
-    cfg = _check_config(config, where)
+    if "config" not in arrays:
+        raise CheckpointError(f"{npz_path}: no metadata entry 'config' (a checkpoint of an earlier "
+                              f"format, which 0.1.0 does not read, or a damaged one)")
+    config = _json_entry(arrays, "config", npz_path)
+    history = _json_entry(arrays, "history", npz_path)
+    cfg = _check_config(config, npz_path)
     group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     params, buffers = group("params/"), group("buffers/")
     _check_arrays(params, buffers, cfg, npz_path)
@@ -131,8 +131,7 @@ def load(path):
                                      or len(label_values) != cfg.n_classes):
         raise CheckpointError(f"{npz_path}: label_values must be {cfg.n_classes} strings "
                               f"(model.n_classes), got {label_values.dtype} {label_values.shape}")
-    if history is not None:
-        _check_history(history, config["epoch"], npz_path)
+    _check_history(history, config["epoch"], npz_path)
     return Checkpoint(cfg, params, buffers, optimizer, label_values, config["epoch"], config,
                       history, npz_path)
 
@@ -163,35 +162,10 @@ def _json_entry(arrays, key, npz_path):
         raise CheckpointError(f"{npz_path}: entry {key!r} is damaged ({exc})") from None
 
 
-def _read_format1_config(arrays, npz_path, json_path):
-    """Format 1 kept the metadata in config.json; both files carried the epoch."""
-    if not os.path.isfile(json_path):
-        raise CheckpointError(f"{json_path}: no such file")
-    try:
-        with open(json_path) as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{json_path}: not a paeff_np config ({exc})") from None
-    epoch = int(arrays["epoch"]) if "epoch" in arrays and arrays["epoch"].shape == () else -1
-    if not isinstance(config, dict) or epoch != config.get("epoch"):
-        raise CheckpointError(f"{npz_path}: epoch {epoch} does not match {json_path} "
-                              f"(epoch {config.get('epoch') if isinstance(config, dict) else None}); "
-                              f"the two files are from different saves")
-    return config
-
-
 # --- field-by-field validation of the metadata ----------------------------------------
 
 def _fail(where, field, problem):
     raise CheckpointError(f"{where}: {field}: {problem}")
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _section(config, key, where, allow_none=False):
@@ -210,9 +184,10 @@ def _check_config(config, where):
     if not isinstance(config, dict):
         _fail(where, "metadata", "expected a JSON object")
     version = config.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        _fail(where, "format_version", f"expected 1 or {FORMAT_VERSION}, got {json.dumps(version)[:40]}")
-    if not _is_int(config.get("epoch")) or config["epoch"] < 0:
+    if version != FORMAT_VERSION:
+        _fail(where, "format_version", f"expected {FORMAT_VERSION}, got {json.dumps(version)[:40]}"
+              + (" (an earlier format, which 0.1.0 does not read)" if version == 1 else ""))
+    if not is_integer(config.get("epoch")) or config["epoch"] < 0:
         _fail(where, "epoch", f"expected an integer >= 0, got {json.dumps(config.get('epoch'))[:40]}")
     cfg = _check_model(_section(config, "model", where), where)
     optimizer = _section(config, "optimizer", where, allow_none=True)
@@ -225,50 +200,30 @@ def _check_config(config, where):
 
 
 def _check_model(model, where):
-    known = {f.name: f.default for f in Config.__dataclass_fields__.values()}
-    for key in model:
-        if key not in known:
-            _fail(where, f"model.{key}", "unknown field")
-    for key, default in known.items():
-        if key not in model:
-            _fail(where, f"model.{key}", "missing")
-        value = model[key]
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = _is_int(value), "an integer"
-        elif isinstance(default, float):
-            ok, want = _is_number(value), "a finite number"
-        elif isinstance(default, str):
-            ok, want = isinstance(value, str), "a string"
-        else:                                     # loss_weights
-            ok = isinstance(value, list) and len(value) == len(default) and all(map(_is_number, value))
-            want = f"a list of {len(default)} finite numbers"
-        if not ok:
-            _fail(where, f"model.{key}", f"expected {want}, got {json.dumps(value)[:40]}")
+    """The ``model`` section as a Config: every field, each in Config's own domain."""
     try:
-        return Config.from_dict(model)
-    except ValueError as exc:
-        _fail(where, "model", str(exc))
+        return Config.from_dict(model, where="")
+    except FieldError as exc:
+        raise CheckpointError(f"{where}: {exc.describe(named(lambda field: f'model.{field}'))}") from None
+
+
+def check_settings(checkpoint_path, train):
+    """The ``train`` section as ``TrainSettings`` (checked by its own domains); a
+    damaged field raises CheckpointError naming the file and the field."""
+    from .training import TrainSettings
+    try:
+        return TrainSettings.from_dict(train, where="")
+    except FieldError as exc:
+        raise CheckpointError(f"{checkpoint_path}: {exc.describe(named(lambda field: f'train.{field}'))}") from None
 
 
 def _check_optimizer(optimizer, where):
-    for key in optimizer:
-        if key not in OPTIMIZER_FIELDS:
-            _fail(where, f"optimizer.{key}", f"unknown field (AdamW keeps {', '.join(OPTIMIZER_FIELDS)})")
-    rules = {
-        "t": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-        "betas": (lambda v: isinstance(v, list) and len(v) == 2
-                  and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-        "eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-        "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    }
-    for key, (ok, want) in rules.items():
-        if key not in optimizer:
-            _fail(where, f"optimizer.{key}", "missing")
-        if not ok(optimizer[key]):
-            _fail(where, f"optimizer.{key}", f"expected {want}, got {json.dumps(optimizer[key])[:40]}")
+    """The ``optimizer`` section: AdamW's state numbers, each in AdamW's own domain."""
+    try:
+        check_known(optimizer, AdamW.STATE_DOMAINS)
+        check_fields(optimizer, AdamW.STATE_DOMAINS)
+    except FieldError as exc:
+        raise CheckpointError(f"{where}: {exc.describe(named(lambda field: f'optimizer.{field}'))}") from None
 
 
 def _check_data(data, where):
@@ -286,7 +241,7 @@ def _check_data(data, where):
         if not isinstance(knobs, dict):
             _fail(where, "data.synthetic", "expected an object")
         for key, value in knobs.items():
-            if not _is_number(value):
+            if not is_number(value):
                 _fail(where, f"data.synthetic.{key}", f"expected a number, got {json.dumps(value)[:40]}")
 
 
@@ -297,7 +252,7 @@ def _check_history(history, epoch, where):
         if not isinstance(record, dict) or record.get("epoch") != i + 1:
             _fail(where, f"history[{i}]", f"expected the record of epoch {i + 1}")
         for key, value in record.items():      # the figures model selection compares
-            if not (value is None or _is_number(value)):
+            if not (value is None or is_number(value)):
                 _fail(where, f"history[{i}].{key}", f"expected a finite number, got {json.dumps(value)[:40]}")
 
 
@@ -309,7 +264,7 @@ def _check_validation(validation, where):
     if not isinstance(validation, dict):
         _fail(where, "validation", f"expected an object or null, got {json.dumps(validation)[:40]}")
     pairs = validation.get("pairs", {})
-    if not (isinstance(pairs, dict) and all(_is_int(n) for n in pairs.values())):
+    if not (isinstance(pairs, dict) and all(is_integer(n) for n in pairs.values())):
         _fail(where, "validation.pairs", f"expected pair counts per part, got {json.dumps(pairs)[:40]}")
 
 

@@ -36,13 +36,15 @@ import math
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
 from ..backend import array_module, default_rng, to_device
+from ..domains import (FRACTION, NON_NEGATIVE, POSITIVE, STRING, JointRule, check_fields, check_known, integer,
+                       one_of)
 from .evaluation import embed_rows, validation_figures
 from ..flat import flatten
 from ..metrics import pair_distances, verification
@@ -59,6 +61,10 @@ OPTIMISM_WARNING = ("the test list chooses the model it then scores (the authors
 PAPER_RECIPE = dict(epochs=50, lr=2e-5, batch_size=1024, embed_dim=256)
 
 
+# settings for a plain run: no validation split, the last epoch is the model
+NO_SELECTION = dict(val_identities=0.0, val_rows=0.0, select="last")
+
+
 class TrainingDiverged(Exception):
     """The loss, a parameter or a BatchNorm statistic became NaN or Inf; the last
     good checkpoint is left as it was."""
@@ -66,6 +72,9 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class TrainSettings:
+    """How a run trains and selects its model. The defaults are the command line's:
+    the paper's recipe (``train.py --preset paper``) with a validation split of 10% of
+    the identities and 5% of the other rows, selected by its EER (``select="val"``)."""
     epochs: int = PAPER_RECIPE["epochs"]
     lr: float = PAPER_RECIPE["lr"]
     batch_size: int = PAPER_RECIPE["batch_size"]
@@ -74,49 +83,46 @@ class TrainSettings:
     eta_min: float = 1e-8
     device: str = "cpu"
     dtype: str = "float32"
-    monitor: str = "unseenunheard/random"   # the test list that --select test selects on
-    # model selection; these defaults are the behaviour before it existed (train.py's
-    # flags default to a 10% / 5% split and "val")
-    val_identities: float = 0.0   # fraction of the identities held out (unseen part)
-    val_rows: float = 0.0         # fraction of the other identities' rows held out (seen part)
-    select: str = "last"          # SELECTION_RULES
+    monitor: str = "unseenunheard/random"   # the test list that select="test" selects on
+    val_identities: float = 0.1   # fraction of the identities held out (unseen part); 0: off
+    val_rows: float = 0.05        # fraction of the other identities' rows held out (seen part); 0: off
+    select: str = "val"           # SELECTION_RULES
     patience: int = 0             # stop after this many epochs without a better validation EER; 0: never
+
+    # each field's domain and the rules that join fields (paeff_np/domains.py): the one
+    # home of these checks, read by the command lines and the checkpoint reader too
+    DOMAINS = {
+        "epochs": integer(1), "lr": POSITIVE, "batch_size": integer(2), "seed": integer(0),
+        "weight_decay": NON_NEGATIVE, "eta_min": NON_NEGATIVE,
+        "device": one_of(("cpu", "cuda")), "dtype": one_of(("float32", "float64")), "monitor": STRING,
+        "val_identities": FRACTION, "val_rows": FRACTION, "select": one_of(SELECTION_RULES),
+        "patience": integer(0),
+    }
+    JOINT_RULES = (
+        JointRule(("lr", "eta_min"), lambda v: v["lr"] > v["eta_min"],
+                  "{lr}: the learning rate must be above the cosine schedule's floor {eta_min}, "
+                  "or it would rise instead of decay"),
+        JointRule(("select", "val_identities", "val_rows"),
+                  lambda v: v["select"] != "val" or v["val_identities"] > 0 or v["val_rows"] > 0,
+                  "{select} needs a validation split, but it is off ({val_identities}, {val_rows}): "
+                  "turn one on, or choose another selection rule"),
+        JointRule(("patience", "val_identities", "val_rows"),
+                  lambda v: not v["patience"] or v["val_identities"] > 0 or v["val_rows"] > 0,
+                  "{patience} watches the validation EER, but the split is off ({val_identities}, "
+                  "{val_rows}): turn one on"),
+    )
+
+    def __post_init__(self):
+        check_fields(self.__dict__, self.DOMAINS, self.JOINT_RULES, where="TrainSettings")
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
-        """Settings read back from a checkpoint; a ValueError names the first bad field.
-
-        A checkpoint written before model selection existed lacks its four fields:
-        they take the defaults, which are that run's behaviour (no split, "last")."""
-        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "float64"), "select": SELECTION_RULES}
-        at_least_one = ("epochs", "batch_size")
-        fractions = ("val_identities", "val_rows")
-        d = {**{k: getattr(cls, k) for k in ("val_identities", "val_rows", "select", "patience")}, **d}
-        for key in d:
-            if key not in cls.__dataclass_fields__:
-                raise ValueError(f"train.{key}: unknown field")
-        for field in fields(cls):
-            if field.name not in d:
-                raise ValueError(f"train.{field.name}: missing")
-            value = d[field.name]
-            if isinstance(field.default, str):
-                ok = isinstance(value, str) and value in choices.get(field.name, (value,))
-                want = " or ".join(choices.get(field.name, ("a string",)))
-            elif isinstance(field.default, int):
-                ok = (isinstance(value, int) and not isinstance(value, bool)
-                      and value >= (1 if field.name in at_least_one else 0))
-                want = f"an integer >= {1 if field.name in at_least_one else 0}"
-            else:
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value) and (value > 0 if field.name == "lr" else value >= 0)
-                      and (value < 1 or field.name not in fractions))
-                want = ("a number in [0, 1)" if field.name in fractions else
-                        "a finite number " + ("> 0" if field.name == "lr" else ">= 0"))
-            if not ok:
-                raise ValueError(f"train.{field.name}: expected {want}, got {json.dumps(value)[:40]}")
+    def from_dict(cls, d, where="TrainSettings"):
+        """Settings read back from a checkpoint's ``train`` section: every field there,
+        none unknown, each in its domain; else ``FieldError``."""
+        check_known(d, cls.DOMAINS, where)
         return cls(**d)
 
 
@@ -145,12 +151,10 @@ class Trainer:
             raise ValueError(f"the training set has {len(train)} pairs, fewer than one batch "
                              f"of {settings.batch_size}: lower --batch-size")
         lists = validation.lists if validation is not None else {}
-        if settings.select not in SELECTION_RULES:
-            raise ValueError(f"--select {settings.select}: expected one of {', '.join(SELECTION_RULES)}")
         if not lists and (settings.select == "val" or settings.patience):
-            flag = "--select val" if settings.select == "val" else f"--patience {settings.patience}"
-            raise ValueError(f"{flag} needs a validation split, but --val-identities and --val-rows "
-                             f"are both 0")
+            field = "select = val" if settings.select == "val" else f"patience = {settings.patience}"
+            raise ValueError(f"{field} needs a validation split, but none was given "
+                             f"(data.split.split_validation makes one from the settings' fractions)")
         if settings.select == "test" and settings.monitor not in dataset.tests:
             raise ValueError(f"--select test selects on the test list {settings.monitor}, "
                              f"which the data does not have")
@@ -398,10 +402,7 @@ def resume_command(out_dir):
 def checkpoint_settings(checkpoint):
     """The ``TrainSettings`` recorded in a loaded checkpoint; a damaged field raises
     ``CheckpointError`` naming the file and the field."""
-    try:
-        return TrainSettings.from_dict(checkpoint.config["train"])
-    except ValueError as exc:
-        raise ckpt.CheckpointError(f"{checkpoint.path}: {exc}") from None
+    return ckpt.check_settings(checkpoint.path, checkpoint.config["train"])
 
 
 def checkpoint_selection(checkpoint):
