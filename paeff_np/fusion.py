@@ -90,22 +90,20 @@ def egff_backward(dm, cache):
 
     Derivation: docs/math.md §12.
     """
-    (gate, mix, f_hat, v_hat, g, mix_f, mix_v,
-     cache_gelu_f, cache_gelu_v, cache_conv, cache_sigmoid) = cache
-    dg, dmix_f, dmix_v = _mix_backward(dm, g, mix_f, mix_v)
-    du = sigmoid_backward(dg, cache_sigmoid)
-    da, dconv_w, dconv_b = conv1d_backward(du, cache_conv)
-    if gate == "product":
-        df_hat, dv_hat = da[:, 0] * v_hat, da[:, 0] * f_hat
-    elif gate == "sum":
+    dg, dmix_f, dmix_v = _mix_backward(dm, cache.g, cache.mix_f, cache.mix_v)
+    du = sigmoid_backward(dg, cache.sigmoid)
+    da, dconv_w, dconv_b = conv1d_backward(du, cache.conv)
+    if cache.gate == "product":
+        df_hat, dv_hat = da[:, 0] * cache.v_hat, da[:, 0] * cache.f_hat
+    elif cache.gate == "sum":
         df_hat, dv_hat = da[:, 0], da[:, 0]
     else:  # concat
         df_hat, dv_hat = da[:, 0], da[:, 1]
-    if mix == "activated":
+    if cache.mix == "activated":
         df_hat, dv_hat = df_hat + dmix_f, dv_hat + dmix_v
-    de_f = gelu_backward(df_hat, cache_gelu_f)
-    de_v = gelu_backward(dv_hat, cache_gelu_v)
-    if mix == "raw":
+    de_f = gelu_backward(df_hat, cache.gelu_f)
+    de_v = gelu_backward(dv_hat, cache.gelu_v)
+    if cache.mix == "raw":
         de_f, de_v = de_f + dmix_f, de_v + dmix_v
     return de_f, de_v, dconv_w, dconv_b
 
@@ -158,15 +156,13 @@ def gated_fusion_backward(dm, cache):
 
     Derivation: docs/math.md §13.
     """
-    (att, f_tilde, v_tilde, cache_lin1, cache_bn, cache_relu,
-     cache_lin2, cache_sigmoid, cache_tanh_f, cache_tanh_v) = cache
-    datt, df_tilde, dv_tilde = _mix_backward(dm, att, f_tilde, v_tilde)
-    de_f = tanh_backward(df_tilde, cache_tanh_f)
-    de_v = tanh_backward(dv_tilde, cache_tanh_v)
-    dh4 = sigmoid_backward(datt, cache_sigmoid)
-    dh3, dW2, db2 = linear_backward(dh4, cache_lin2)
-    dh2 = relu_backward(dh3, cache_relu)
-    dh1, dbn_weight, dbn_bias = batchnorm_backward(dh2, cache_bn)
-    dx, dW1, db1 = linear_backward(dh1, cache_lin1)
+    datt, df_tilde, dv_tilde = _mix_backward(dm, cache.att, cache.f_tilde, cache.v_tilde)
+    de_f = tanh_backward(df_tilde, cache.tanh_f)
+    de_v = tanh_backward(dv_tilde, cache.tanh_v)
+    dh4 = sigmoid_backward(datt, cache.sigmoid)
+    dh3, dW2, db2 = linear_backward(dh4, cache.lin2)
+    dh2 = relu_backward(dh3, cache.relu)
+    dh1, dbn_weight, dbn_bias = batchnorm_backward(dh2, cache.bn)
+    dx, dW1, db1 = linear_backward(dh1, cache.lin1)
     D = de_f.shape[1]
     return de_f + dx[:, :D], de_v + dx[:, D:], dW1, db1, dbn_weight, dbn_bias, dW2, db2

@@ -54,10 +54,10 @@ def expmap0_backward(dy, cache):
 
     Derivation: docs/math.md §8.1.
     """
-    u, n, a, t, s, norm_active, tanh_active, sqrt_c = cache
-    ds_dn = sqrt_c * (1.0 - t * t) * tanh_active / a - t / (a * n)
-    radial = row_dot(u, dy) * ds_dn / n * norm_active
-    return s * dy + radial * u
+    n, a, t = cache.n, cache.a, cache.t
+    ds_dn = cache.sqrt_c * (1.0 - t * t) * cache.tanh_active / a - t / (a * n)
+    radial = row_dot(cache.u, dy) * ds_dn / n * cache.norm_active
+    return cache.s * dy + radial * cache.u
 
 
 # --- projection into the ball ---
@@ -100,17 +100,17 @@ def project_backward(dy, cache):
 
     Derivation: docs/math.md §8.2.
     """
-    x, n, outside, r = cache
+    outside, n = cache.outside, cache.n
     if outside is None:                 # every row inside: dx = dy
         return dy
-    xp = get_array_module(x)
-    xhat = x / n
+    xp = get_array_module(dy)
+    xhat = cache.x / n
     # inside rows: ⟨x̂, dy⟩ := 0 and r/‖x‖ := 1, so dx = dy exactly (no where on B × D)
     radial = xp.where(outside, row_dot(xhat, dy), 0.0)
     dx = xhat
     xp.multiply(xhat, radial, out=dx)
     xp.subtract(dy, dx, out=dx)
-    dx *= xp.where(outside, r / n, 1.0)
+    dx *= xp.where(outside, cache.r / n, 1.0)
     return dx
 
 

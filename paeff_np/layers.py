@@ -365,7 +365,7 @@ def conv1d_backward(dy, cache):
 
     Derivation: docs/math.md §7.
     """
-    xpad, w, D = cache
+    xpad, w, D = cache.xpad, cache.w, cache.D
     xp = get_array_module(dy)
     C, k = w.shape[1], w.shape[2]
     pad = (k - 1) // 2

@@ -57,7 +57,7 @@ def softmax_cross_entropy_backward(dloss, cache):
 
     Derivation: docs/math.md §9.
     """
-    probs, y = cache
+    probs, y = cache.probs, cache.y
     xp = get_array_module(probs)
     n = probs.shape[0]
     ds = xp.empty_like(probs)
@@ -163,11 +163,11 @@ def symmetric_cross_entropy_from_logits_backward(dloss, cache):
 
     Derivation: docs/math.md §10.
     """
-    exp_rows, row_sum, exp_cols, col_sum = cache
+    exp_rows, exp_cols = cache.exp_rows, cache.exp_cols
     xp = get_array_module(exp_rows)
     n = exp_rows.shape[0]
-    w_row = (dloss / (2.0 * n)) / row_sum
-    w_col = (dloss / (2.0 * n)) / col_sum
+    w_row = (dloss / (2.0 * n)) / cache.row_sum
+    w_col = (dloss / (2.0 * n)) / cache.col_sum
     dS = xp.empty_like(exp_rows)
 
     def block(rows):
@@ -210,9 +210,9 @@ def symmetric_cross_entropy_backward(dloss, cache):
 
     Derivation: docs/math.md §10.
     """
-    a, b, temperature, cache_logits = cache
-    dS_over_tau = symmetric_cross_entropy_from_logits_backward(dloss / temperature, cache_logits)
-    return dS_over_tau @ b, dS_over_tau.T @ a
+    dS_over_tau = symmetric_cross_entropy_from_logits_backward(dloss / cache.temperature,
+                                                                cache.logits)
+    return dS_over_tau @ cache.b, dS_over_tau.T @ cache.a
 
 
 # --- orthogonal projection loss (OPL) ---
@@ -303,11 +303,11 @@ def orthogonal_projection_backward(dloss, cache):
 
     Derivation: docs/math.md §11.
     """
-    zhat, G, (i, j), w_pos, w_neg, gamma, cache_norm = cache
-    xp = get_array_module(zhat)
-    dG = xp.sign(G)
-    dG *= gamma * w_neg
-    dG[i, j] = -w_pos
+    xp = get_array_module(cache.zhat)
+    i, j = cache.pairs
+    dG = xp.sign(cache.G)
+    dG *= cache.gamma * cache.w_neg
+    dG[i, j] = -cache.w_pos
     xp.fill_diagonal(dG, 0.0)
-    dzhat = 2.0 * (dG @ zhat)
-    return dloss * l2_normalize_backward(dzhat, cache_norm)
+    dzhat = 2.0 * (dG @ cache.zhat)
+    return dloss * l2_normalize_backward(dzhat, cache.normalize)

@@ -62,11 +62,11 @@ def feature_clip_backward(dout, cache):
 
     Derivation: docs/math.md §17.1.
     """
-    h, norm, factor, active = cache
+    h, norm = cache.h, cache.norm
     xp = get_array_module(h)
     safe_norm = xp.where(norm > 0, norm, 1.0)
     radial = row_dot(h, dout) / (safe_norm * (norm + CLIP_EPS))
-    return xp.where(active, factor * (dout - radial * h), dout)
+    return xp.where(cache.active, cache.factor * (dout - radial * h), dout)
 
 
 # --- the geodesic distance matrix ---------------------------------------------
@@ -153,8 +153,8 @@ def distance_matrix_backward(dD, cache):
 
     Derivation: docs/math.md §17.5.
     """
-    (x, y, sq_x, sq_y, gram, coef_a, coef_b, num_norm, num_active, den,
-     artanh_arg, artanh_active, c) = cache
+    x, y, c, artanh_arg = cache.x, cache.y, cache.c, cache.artanh_arg
+    sq_x, sq_y, gram, coef_a, coef_b = cache.sq_x, cache.sq_y, cache.gram, cache.coef_a, cache.coef_b
     xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
     # B × B work in place, one pass per line. dmob = √c dz = 2 dD/(1 − a²)·[clamp off];
@@ -162,15 +162,15 @@ def distance_matrix_backward(dD, cache):
     half_dmob_over_den = artanh_arg * artanh_arg
     xp.subtract(1.0, half_dmob_over_den, out=half_dmob_over_den)
     xp.divide(dD, half_dmob_over_den, out=half_dmob_over_den)
-    half_dmob_over_den *= artanh_active
-    half_dmob_over_den /= den
+    half_dmob_over_den *= cache.artanh_active
+    half_dmob_over_den /= cache.den
     # dden = −dmob‖num‖/den² = −2·(dmob/(2den))·a/√c (a = √c‖num‖/den where dmob ≠ 0)
     dden = half_dmob_over_den * artanh_arg
     dden *= -2.0 / sqrt_c
     # ds = dmob/(2 den ‖num‖)·[‖num‖² > MIN_NUM_SQ]
     ds = half_dmob_over_den
-    ds *= num_active
-    ds /= num_norm
+    ds *= cache.num_active
+    ds /= cache.num_norm
     da = coef_a * sq_x
     da -= coef_b * gram
     da *= ds

@@ -166,3 +166,19 @@ def test_conv1d_matches_direct_sum(xp):
                         expected[n, d] += w[0, c, j] * x[n, c, i]
     # CuPy tolerance: ≤ 10 IEEE products summed in another order: ≤ 10 ulp × the sum's cancellation
     np.testing.assert_allclose(to_host(y), expected, rtol=1e-13)
+
+
+@pytest.mark.parametrize("module", ["layers", "hyperbolic", "poincare", "losses", "fusion", "model"])
+def test_backwards_read_caches_by_field_name(module):
+    """The protocol of ``layers.py``: a cache is read by field name
+    (``cache.x``), never unpacked by position (``x, W = cache``), so that a
+    field added to a cache cannot shift the others."""
+    import ast
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "paeff_np", module + ".py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    unpacked = [f"line {node.lineno}" for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name)
+                and "cache" in node.value.id and isinstance(node.targets[0], ast.Tuple)]
+    assert not unpacked, f"{module}.py unpacks a cache by position at {', '.join(unpacked)}"
