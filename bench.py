@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paeff_np as pn                                    # noqa: E402
 from paeff_np.run import envinfo                             # noqa: E402
 from paeff_np.run.atomic import write_json                   # noqa: E402
-from paeff_np.run.cli import check_can_create_in, describe_error, run  # noqa: E402
+from paeff_np.run.cli import check_can_write_file, describe_error, run  # noqa: E402
 from paeff_np.usage import ArgumentParser, UsageError  # noqa: E402
 from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
@@ -414,21 +414,7 @@ def check_args(args):
         if not args.e2e:
             raise UsageError(f"--e2e-epochs {args.e2e_epochs} is for --e2e: add --e2e, or leave it out")
     if args.json is not None:
-        check_json_path(args.json)
-
-
-def check_json_path(path):
-    """--json must name a file this process can write: not a folder nor a device,
-    in a folder where a file can be created (a folder still missing is made by
-    ``write_json`` at the end, so the nearest existing one above it is tried)."""
-    if not path:
-        raise UsageError("--json is empty: give the name of a file to write")
-    if os.path.isdir(path) or not os.path.basename(path):
-        raise UsageError(f"--json {path}: is a folder, not a file: give a file name, "
-                         f"e.g. --json {os.path.join(path, 'bench.json')}")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise UsageError(f"--json {path}: is not a regular file: give the name of a file to write")
-    check_can_create_in(os.path.dirname(os.path.abspath(path)), f"--json {path}")
+        check_can_write_file(args.json, "--json")
 
 
 def bench(args):
@@ -440,7 +426,7 @@ def bench(args):
     if "cuda" in names and cupy is None:
         raise UsageError(reason)
     env = envinfo.environment(cupy)
-    env["keep_freed_memory"] = keep_freed_memory()     # set by prepare_process; asked again, same answer
+    env["keep_freed_memory"] = keep_freed_memory()     # prepare_process's answer (cached)
     env["row_threads"] = n_threads()
     for line in envinfo.summary_lines(env):
         log(line)

@@ -12,6 +12,7 @@ array or ``device="cuda"`` is asked for, so the library runs on a machine
 without it.
 """
 import ctypes
+import functools
 import math
 import sys
 
@@ -211,6 +212,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20     # the largest glibc accepts on 64-bit: array
 TRIM_THRESHOLD_BYTES = 1 << 30      # free memory at the top of the heap is returned to the OS above 1 GiB
 
 
+@functools.cache
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for the next allocation; True if it agreed.
 
@@ -226,7 +228,8 @@ def keep_freed_memory():
 
     It changes the whole process's allocator, so the library never calls it by
     itself: train.py, eval.py and bench.py do, once, at start. Elsewhere than
-    glibc (macOS, musl) it does nothing and returns False.
+    glibc (macOS, musl) it does nothing and returns False. Asked again, it gives the
+    first answer without a second call.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

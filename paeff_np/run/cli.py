@@ -87,6 +87,19 @@ def check_can_create_in(folder, flag):
                          f"choose another path") from None
 
 
+def check_can_write_file(path, flag):
+    """Refuse (``UsageError`` naming ``flag``) a path that a later write could not
+    replace with a file: empty, a folder, something other than a regular file, or in
+    a place where no file can be created (``check_can_create_in``)."""
+    if not path:
+        raise UsageError(f"{flag} is empty: give the name of a file to write")
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file: give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: is not a regular file: give the name of a file to write")
+    check_can_create_in(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
+
+
 def add_config_flags(parser):
     """One flag per Config field; defaults None so that only given flags override."""
     g = parser.add_argument_group("model (Config) — defaults are PAEFF's")
