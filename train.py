@@ -99,10 +99,26 @@ def settings_from(args, base):
 
 def fresh_out_dir(out):
     """The folder of a new run: new, or empty. It is created by the first save, so a
-    start refused before it leaves nothing behind."""
+    start refused before it leaves nothing behind. Checked here, before any data is
+    read, and again (``check_fresh``) once its lock is held."""
     if out is not None and not out:
         raise UsageError("--out is empty: give a folder name, or leave --out out for runs/<timestamp>")
-    out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = out or default_out_dir()
+    check_fresh(out)
+    return out
+
+
+def default_out_dir():
+    """``runs/<date>-<time>-<pid>``: the process id keeps runs started in one second apart."""
+    return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def check_fresh(out):
+    """Refuse an ``out`` that holds a run or anything else (its own lock aside).
+
+    Called again with the folder's lock held: a run that another train.py started
+    into the same folder meanwhile (and may have finished) is then seen, and this
+    one stops before its first save instead of replacing it."""
     if os.path.exists(os.path.join(out, ckpt.CHECKPOINT_NAME)):
         raise UsageError(f"{out} already holds a run: continue it with {resume_command(out)}, "
                          f"or choose another --out")
@@ -113,7 +129,6 @@ def fresh_out_dir(out):
         if set(os.listdir(out)) - {LOCK_NAME}:      # a live lock is refused by folder_lock
             raise UsageError(f"{out} is not empty: a new run needs a new or empty folder; "
                              f"choose another --out")
-    return out
 
 
 def make_trainer(dataset, cfg, settings, out, data_meta, validation=None):
@@ -298,8 +313,9 @@ def train_one(args, hold):
               file=sys.stderr, flush=True)
     if trainer.settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
-    if trainer.epoch == 0:
+    if args.resume is None:
         hold(folder_lock(trainer.out_dir))   # one writer from the first save on
+        check_fresh(trainer.out_dir)         # as it is now, with the lock held
         first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
         trainer.train(stop_after=args.stop_after)
@@ -360,6 +376,7 @@ def train_ablation(args, hold):
     for one in row_args.values():         # every row's flags checked before the first trains
         make_config(dataset.train, {"embed_dim": PRESETS[one.preset]["embed_dim"], **config_overrides(one)})
     hold(folder_lock(base_out))          # one writer from the first row on
+    check_fresh(base_out)                # as it is now, with the lock held
     tables, trained, finished_rows = [], {}, []
     for table in ABLATION_TABLES:
         rows = []

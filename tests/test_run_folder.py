@@ -483,17 +483,27 @@ def test_the_resume_hint_can_be_pasted(data_dir, tmp_path, monkeypatch, capsys):
     assert "continue with python train.py --resume 'my run'" in capsys.readouterr().out
 
 
+def lock_holder(folder):
+    """A process that holds ``folder``'s run lock (``atomic.folder_lock``) until killed."""
+    import subprocess
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from paeff_np.run.atomic import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(60)", str(folder)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
 def test_a_second_writer_of_a_run_folder_is_refused(data_dir, tmp_path, capsys):
     """Two train.py into one folder would interleave their saves: whichever comes second,
     a fresh start (which sees only the lock of one that has not saved yet) or a resume,
     is refused at once, and the holder's folder is left as it was."""
-    import subprocess
-    from paeff_np.run.atomic import _HOST, LOCK_NAME
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    from paeff_np.run.atomic import LOCK_NAME
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = lock_holder(out)
     try:
-        out = tmp_path / "run"
-        out.mkdir()
-        (out / LOCK_NAME).write_text(f"{_HOST}-{holder.pid}\n")
         assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 2
         one_line_error(capsys, str(out), f"in use by process {holder.pid}")
         assert os.listdir(out) == [LOCK_NAME]
@@ -503,24 +513,21 @@ def test_a_second_writer_of_a_run_folder_is_refused(data_dir, tmp_path, capsys):
 
 
 def test_a_resume_of_a_folder_in_use_is_refused(copy, capsys):
-    import subprocess
-    from paeff_np.run.atomic import _HOST, LOCK_NAME
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    from paeff_np.run.atomic import LOCK_NAME
+    holder = lock_holder(copy)
     try:
-        with open(os.path.join(copy, LOCK_NAME), "w") as f:
-            f.write(f"{_HOST}-{holder.pid}\n")
         before = open(os.path.join(copy, "checkpoint.npz"), "rb").read()
         assert train("--resume", copy, "--epochs", "4") == 2
-        one_line_error(capsys, copy, "in use by process")
+        one_line_error(capsys, copy, f"in use by process {holder.pid}")
         assert open(os.path.join(copy, "checkpoint.npz"), "rb").read() == before
     finally:
         holder.kill()
         holder.wait()
-    assert train("--resume", copy, "--epochs", "4") == 0       # its holder gone: taken over
+    assert train("--resume", copy, "--epochs", "4") == 0       # its holder gone (kill -9): free
     assert not os.path.exists(os.path.join(copy, LOCK_NAME))
 
 
-def test_a_lock_of_a_process_that_is_gone_is_taken_over(data_dir, tmp_path):
+def test_a_lock_file_of_a_process_that_is_gone_is_taken_over(data_dir, tmp_path):
     import subprocess
     from paeff_np.run.atomic import _HOST, LOCK_NAME
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -11,12 +11,14 @@ is no longer running; ``train.py`` and ``eval.py`` call it at their start for
 the run folder and the data cache. A live writer's file is never touched.
 """
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
 import tempfile
+import time
 
 TEMPORARY_SUFFIX = ".partial"
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
@@ -106,6 +108,7 @@ def _is_running(pid):
 # --- one writer per run folder ---------------------------------------------------------
 
 LOCK_NAME = ".paeff.lock"
+_HOLDER_READS = 20           # tries at reading a holder's pid, 10 ms apart (it writes it after locking)
 
 
 class FolderInUse(RuntimeError):
@@ -114,16 +117,22 @@ class FolderInUse(RuntimeError):
 
 @contextlib.contextmanager
 def folder_lock(folder):
-    """Hold ``folder/.paeff.lock`` (``<host>-<pid>``) while this process writes the
-    run in ``folder``, so that a second ``train.py`` into it is refused instead of
-    interleaving its saves with the first one's. The folder is created if missing
-    and removed again, when empty, on the way out. A lock whose holder (this
-    host) is no longer running, killed with ``kill -9`` say, is taken over.
+    """Hold ``folder/.paeff.lock`` while this process writes the run in ``folder``, so
+    that a second ``train.py`` into it is refused instead of interleaving its saves
+    with the first one's. The folder is created if missing and removed again, when
+    empty, on the way out.
+
+    The lock is the operating system's (``flock``, exclusive, on the open file), so
+    exactly one process holds it, and a holder killed with ``kill -9`` holds nothing:
+    its file is simply locked again. The file's text (``<host>-<pid>``) only names
+    the holder in the refusal. Its path is removed while still locked; a process that
+    locked the removed file meanwhile sees that the path no longer leads to its file
+    and tries again (``_take_lock``).
     """
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
-    _take_lock(path, folder)
+    fd = _take_lock(path, folder)
     try:
         yield
     finally:
@@ -131,6 +140,7 @@ def folder_lock(folder):
             os.unlink(path)
         except OSError:
             pass
+        os.close(fd)                         # releases the lock
         if created:
             try:
                 os.rmdir(folder)             # only when empty: a refused start leaves nothing
@@ -139,25 +149,50 @@ def folder_lock(folder):
 
 
 def _take_lock(path, folder):
-    for _ in range(2):
+    """Lock ``path`` (created if missing) and write this process into it; return its fd."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    host, pid = f.read().strip().split("-")
-                pid = int(pid)
-            except (OSError, ValueError):
-                host, pid = None, None       # unreadable: a holder killed mid-write
-            if host == _HOST and pid is not None and pid != os.getpid() and _is_running(pid):
-                raise FolderInUse(f"{folder} is in use by process {pid} of this machine (another "
-                                  f"train.py?); wait for it to end") from None
-            if host not in (_HOST, None):
-                raise FolderInUse(f"{folder} is in use by a process of another machine; if none "
-                                  f"is running, remove {path}") from None
-            os.unlink(path)                  # its holder is gone: take the lock over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{_HOST}-{os.getpid()}\n")
-        return
-    raise FolderInUse(f"{folder}: could not take {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise FolderInUse(_in_use_message(folder, holder)) from None
+        except OSError as exc:               # a file system without locks
+            os.close(fd)
+            raise FolderInUse(f"{folder}: cannot lock {path} ({exc.strerror or exc}); "
+                              f"write runs on a local disk") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                         # locked a file its holder had just removed
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{_HOST}-{os.getpid()}\n".encode())
+    return fd
+
+
+def _read_holder(fd):
+    """``(host, pid)`` written in a locked file; ``(None, None)`` while its holder has
+    not written it yet (or never will)."""
+    for _ in range(_HOLDER_READS):
+        try:
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            host, pid = text.split("-")
+            return host, int(pid)
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return None, None
+
+
+def _in_use_message(folder, holder):
+    host, pid = holder
+    if host is None:
+        who = "another process"
+    elif host == _HOST:
+        who = f"process {pid} of this machine"
+    else:
+        who = f"process {pid} of another machine"
+    return f"{folder} is in use by {who} (another train.py?); wait for it to end"
