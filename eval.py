@@ -8,6 +8,8 @@ it says which file it used. ``--checkpoint`` may name either file.
     python eval.py --checkpoint runs/20261125-101500
     python eval.py --checkpoint runs/x/checkpoint.npz --data-dir feats/ --json
     python eval.py --checkpoint runs/x --plot plots/
+    python eval.py --checkpoint runs/x --scores scores.txt          # every trial's distance
+    python eval.py --checkpoint fame/English --faces F.csv --voices V.csv --trials L.txt --scores S.txt
 """
 import json
 import os
@@ -20,7 +22,9 @@ from paeff_np.backend import array_module, to_device
 from paeff_np.run.atomic import write_atomically
 from paeff_np.run.cli import check_can_create_in, check_widths, device_flag, load_data, run
 from paeff_np.usage import ArgumentParser, UsageError
-from paeff_np.run.evaluation import DIRECTION_LABELS, evaluate, format_results, protocol_notes
+from paeff_np.data import DataError
+from paeff_np.fame.protocol import format_scores, read_test_features, read_trial_list
+from paeff_np.run.evaluation import DIRECTION_LABELS, evaluate, format_results, l2_scores, protocol_notes
 from paeff_np.run.training import BEST_NAME, checkpoint_selection, checkpoint_settings
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
@@ -36,8 +40,54 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write ROC curves and the matching curve as PNGs")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching galleries")
+    p.add_argument("--scores", metavar="FILE", help="write the score of every trial, '<id> <L2 distance>' "
+                   "per line (the FAME submission's format); ids '<split>/<kind>/<row>' for the test lists, "
+                   "or those of --trials (a new file: never overwritten)")
+    p.add_argument("--faces", metavar="CSV", help="with --voices: one unlabelled list of paired rows "
+                   "(row i of both files is trial i), scored instead of the test lists; needs --scores")
+    p.add_argument("--voices", metavar="CSV")
+    p.add_argument("--trials", metavar="LIST", help="a FAME trial list ('<id> <voice path> <face path>' "
+                   "per line, row i = trial i) naming the rows of --faces/--voices (default: 0, 1, ...)")
     device_flag(p)
     return p.parse_args(argv)
+
+
+def check_scores_flags(args):
+    """--faces and --voices go together and need --scores; --trials needs them; FILE is new."""
+    if (args.faces is None) != (args.voices is None):
+        raise UsageError("--faces and --voices go together: give both CSV files of the list")
+    if args.trials is not None and args.faces is None:
+        raise UsageError("--trials names the rows of --faces/--voices: give those too")
+    if args.faces is not None and args.scores is None:
+        raise UsageError("--faces/--voices give a list without labels, which has no EER: give "
+                         "--scores FILE to write its scores")
+    if args.faces is not None and (args.data_dir is not None or args.plot or args.json):
+        raise UsageError("--faces/--voices score one unlabelled list: drop --data-dir, --plot and --json")
+    if args.scores is not None:
+        if os.path.exists(args.scores):
+            raise UsageError(f"--scores {args.scores}: already exists: choose another file")
+        check_can_create_in(os.path.dirname(os.path.abspath(args.scores)), f"--scores {args.scores}")
+
+
+def score_unlabelled_list(args, params, buffers, cfg):
+    """Score the rows of --faces/--voices (named by --trials) into --scores; no EER: no labels."""
+    face, voice = read_test_features(args.faces, args.voices, cfg.face_dim, cfg.voice_dim,
+                                     f"the checkpoint {args.checkpoint}")
+    ids = read_trial_list(args.trials) if args.trials else [str(i) for i in range(len(face))]
+    if len(ids) != len(face):
+        raise DataError(f"{args.trials} has {len(ids)} trials but {args.faces} has {len(face)} rows: "
+                        f"row i of the list is row i of its CSVs")
+    text = format_scores(ids, l2_scores(params, buffers, face, voice, cfg))
+    write_atomically(args.scores, lambda f: f.write(text), mode="w")
+    return len(ids)
+
+
+def write_list_scores(path, params, buffers, cfg, tests, keys):
+    """Every trial of the test lists ``keys``, ``<split>/<kind>/<row> <L2 distance>``, in that order."""
+    text = "".join(format_scores([f"{key}/{row}" for row in range(len(tests[key]))],
+                                 l2_scores(params, buffers, tests[key].face, tests[key].voice, cfg))
+                   for key in keys)
+    write_atomically(path, lambda f: f.write(text), mode="w")
 
 
 def open_checkpoint(path):
@@ -151,9 +201,15 @@ def main(argv=None):
     array_module(device)                   # the GPU probe, before the checkpoint and data are read
     if args.plot:
         check_plot_folder(args.plot)
+    check_scores_flags(args)
     checkpoint, which_file = open_checkpoint(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
+    if args.faces is not None:
+        n = score_unlabelled_list(args, params, buffers, checkpoint.cfg)
+        print(f"note: {which_file}", file=sys.stderr, flush=True)
+        print(f"wrote {n} scores to {args.scores} (a list without labels: no EER)")
+        return
     tests = load_tests(args, checkpoint)
     for protocol_note in protocol_notes(tests):
         print(protocol_note, file=sys.stderr, flush=True)
@@ -168,6 +224,9 @@ def main(argv=None):
         print(f"checkpoint {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.cfg.fusion}, "
               f"alignment {checkpoint.cfg.alignment})\n")
         print(format_results(results, n_cs_shown=range(2, 11)))
+    if args.scores:
+        write_list_scores(args.scores, params, buffers, checkpoint.cfg, tests, list(results))
+        written.append(args.scores)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 

@@ -29,6 +29,14 @@ def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
     return np.concatenate(out_f), np.concatenate(out_v)
 
 
+def l2_scores(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
+    """The score of each paired row: the L2 distance ||f_i - v_i|| of the evaluation embeddings
+    (``embed_rows``), lower for the same person: what FAME's score files and
+    ``eval.py --scores`` write (its square is what ``verification`` ranks: the same EER)."""
+    emb_f, emb_v = embed_rows(params, buffers, face, voice, cfg, chunk)
+    return np.sqrt(pair_distances(emb_f, emb_v))
+
+
 def validation_figures(params, buffers, face, voice, same, cfg, chunk=EMBED_CHUNK):
     """Exact EER and AUC of verification pairs held on the model's device.
 
