@@ -10,12 +10,14 @@ a smaller distance means "more likely the same identity".
   n_c items from the other modality, exactly one of which is the probe's
   identity.
 
-Everything runs on the host: inputs that are CuPy arrays are copied to NumPy.
+Everything runs on the host (inputs that are CuPy arrays are copied to
+NumPy) except ``pair_distances``, which runs where its arrays are, so that
+only the distances need to come to the host.
 """
 
 import numpy as np
 
-from .backend import to_host
+from .backend import get_array_module, to_host
 
 # Threshold grid of the official protocol: 0, 0.01, ..., 3.99 (400 values).
 OFFICIAL_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -27,19 +29,24 @@ OFFICIAL_FOLDS = 10
 # ---------------------------------------------------------------------------
 
 
+def _check_paired_rows(a, b, names):
+    """Both 2-D and of one shape (row i of each is one pair), else ValueError naming them."""
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be 2-D with the same shape, got "
+            f"{a.shape} and {b.shape}"
+        )
+
+
 def pair_distances(face_emb, voice_emb):
-    """Squared Euclidean distance of each (face, voice) row pair.
+    """Squared Euclidean distance of each (face, voice) row pair, on the
+    arrays' device (NumPy or CuPy, both the same).
 
     d_i = sum_k (f_ik - v_ik)^2
     """
-    face, voice = to_host(face_emb), to_host(voice_emb)
-    if face.shape != voice.shape or face.ndim != 2:
-        raise ValueError(
-            f"face_emb and voice_emb must be 2-D with the same shape, got "
-            f"{face.shape} and {voice.shape}"
-        )
-    diff = face - voice
-    return np.einsum("ij,ij->i", diff, diff)
+    _check_paired_rows(face_emb, voice_emb, ("face_emb", "voice_emb"))
+    diff = face_emb - voice_emb
+    return get_array_module(diff).einsum("ij,ij->i", diff, diff)
 
 
 def _check_pairs(dist, same):
@@ -227,11 +234,7 @@ def matching_accuracy(probe_emb, gallery_emb, n_c, rng, ids=None, trials=None):
     rng: a ``numpy.random.Generator``.
     """
     probe, gallery = to_host(probe_emb), to_host(gallery_emb)
-    if probe.shape != gallery.shape or probe.ndim != 2:
-        raise ValueError(
-            f"probe_emb and gallery_emb must be 2-D with the same shape, got "
-            f"{probe.shape} and {gallery.shape}"
-        )
+    _check_paired_rows(probe, gallery, ("probe_emb", "gallery_emb"))
     if n_c < 2:
         raise ValueError(f"n_c must be at least 2, got {n_c}")
     n = len(probe)

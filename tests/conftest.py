@@ -93,7 +93,10 @@ def rand(xp):
 
 # --- helpers shared by the test files ---
 
-TOL = 1e-7   # worst relative error accepted by every float64 gradient check
+# worst relative error accepted by every float64 gradient check, and a model small
+# enough for finite differences over every parameter: the gradient checker's own
+from paeff_np.gradcheck import TOLERANCE as TOL            # noqa: E402
+from paeff_np.gradcheck.cases import SMALL                 # noqa: E402
 
 
 def assert_gradcheck(report):
@@ -101,10 +104,6 @@ def assert_gradcheck(report):
     assert report, "nothing was checked"
     worst = max(report, key=report.get)
     assert report[worst] < TOL, (worst, report)
-
-
-# a model small enough for finite differences over every parameter
-SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 
 
 def pre_batchnorm_biases(cfg):

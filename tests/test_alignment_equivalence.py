@@ -13,10 +13,10 @@ import pytest
 
 import paeff_np as pn
 from paeff_np.hyperbolic import unit_row_ball_norm, unit_row_riemannian_factor
+from conftest import SMALL
 from paeff_np.model import euclidean_equivalent
 
-SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
-TOL = 1e-13          # measured worst ≈ 2e-15 (float64)
+EQUIVALENCE_TOL = 1e-13          # measured worst ≈ 2e-15 (float64)
 VARIANTS = [dict(), dict(egff_kernel=5, egff_mix="raw"), dict(egff_gate="concat"),
             dict(fusion="gated")]
 
@@ -51,20 +51,20 @@ def test_hyperbolic_alignment_is_rescaled_euclidean(variant, riemannian_grad, cu
                                                     rng=np.random.default_rng(3))
     # the alignment loss itself is the same number; the other terms do not see it
     for name in ("align", "opl", "ce"):
-        assert abs(float(terms_h[name]) - float(terms_e[name])) < TOL * max(1.0, abs(float(terms_h[name])))
+        assert abs(float(terms_h[name]) - float(terms_e[name])) < EQUIVALENCE_TOL * max(1.0, abs(float(terms_h[name])))
     # the total differs only by the loss weight the Riemannian factor moved into α₁
     a1 = cfg_h.loss_weights[0]
     expected_gap = (a1 - cfg_e.loss_weights[0]) * float(terms_h["align"])
-    assert abs(float(loss_h) - float(loss_e) - expected_gap) < TOL
+    assert abs(float(loss_h) - float(loss_e) - expected_gap) < EQUIVALENCE_TOL
     # every gradient, normwise against the largest gradient of the model
     assert grads_h.keys() == grads_e.keys()
     scale = max(np.abs(g).max() for g in grads_h.values())
     for name in grads_h:
         err = np.abs(grads_h[name] - grads_e[name]).max() / scale
-        assert err < TOL, f"{name}: {err:.1e}"
+        assert err < EQUIVALENCE_TOL, f"{name}: {err:.1e}"
         own = np.abs(grads_h[name]).max()
         if own > 1e-8 * scale:      # not a pre-BatchNorm bias (zero up to rounding, §2)
-            assert np.abs(grads_h[name] - grads_e[name]).max() / own < TOL, name
+            assert np.abs(grads_h[name] - grads_e[name]).max() / own < EQUIVALENCE_TOL, name
 
 
 def test_a_different_temperature_is_not_equivalent():

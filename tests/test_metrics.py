@@ -430,3 +430,15 @@ def test_evaluate_skips_what_a_short_list_cannot_run_and_says_so_in_advance():
     assert sorted(results["seenheard/random"]["matching"]["face_to_voice"]) == list(range(2, 11))
     table = format_results(results)
     assert "–" in table and "unseenunheard/G" in table
+
+
+def test_pair_distances_stay_on_the_device(monkeypatch):
+    """On CuPy arrays (the strict test double) the distances are computed there
+    and stay there: only they need to cross to the host."""
+    import strict_xp
+    cupy = strict_xp.install(monkeypatch)
+    face = cupy.asarray(np.array([[0.0, 0.0], [1.0, 2.0]]))
+    voice = cupy.asarray(np.array([[3.0, 4.0], [1.0, 0.0]]))
+    dist = pair_distances(face, voice)
+    assert isinstance(dist, cupy.ndarray)
+    np.testing.assert_array_equal(dist.get(), [25.0, 4.0])

@@ -15,15 +15,21 @@ EMBED_CHUNK = 4096
 DIRECTION_LABELS = {"voice_to_face": "V→F", "face_to_voice": "F→V"}   # probe → gallery
 
 
-def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
-    """Eval-mode embeddings of paired rows, ``chunk`` rows at a time; host arrays."""
+def embedded_chunks(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
+    """Eval-mode embeddings ``(emb_f, emb_v)`` of paired host rows, ``chunk``
+    rows at a time, on the model's device: one pair of arrays per chunk."""
     xp = get_array_module(*params.values())
     dtype = params["res_mix.weight"].dtype
-    out_f, out_v = [], []
     for start in range(0, len(face), chunk):
         f = xp.asarray(face[start:start + chunk], dtype=dtype)
         v = xp.asarray(voice[start:start + chunk], dtype=dtype)
-        emb_f, emb_v = embed(params, buffers, f, v, cfg)
+        yield embed(params, buffers, f, v, cfg)
+
+
+def embed_rows(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
+    """Eval-mode embeddings of paired rows, ``chunk`` rows at a time; host arrays."""
+    out_f, out_v = [], []
+    for emb_f, emb_v in embedded_chunks(params, buffers, face, voice, cfg, chunk):
         out_f.append(to_host(emb_f))
         out_v.append(to_host(emb_v))
     return np.concatenate(out_f), np.concatenate(out_v)
@@ -43,15 +49,8 @@ def validation_figures(params, buffers, face, voice, same, cfg, chunk=EMBED_CHUN
     The eval-mode embeddings and d_i = ||f_i - v_i||² are computed there,
     ``chunk`` rows at a time; only the distances come to the host, for the
     exact ROC (``metrics.verification``)."""
-    xp = get_array_module(*params.values())
-    dtype = params["res_mix.weight"].dtype
-    dist = []
-    for start in range(0, len(face), chunk):
-        f = xp.asarray(face[start:start + chunk], dtype=dtype)
-        v = xp.asarray(voice[start:start + chunk], dtype=dtype)
-        emb_f, emb_v = embed(params, buffers, f, v, cfg)
-        diff = emb_f - emb_v
-        dist.append(to_host((diff * diff).sum(axis=1)))
+    dist = [to_host(pair_distances(emb_f, emb_v))
+            for emb_f, emb_v in embedded_chunks(params, buffers, face, voice, cfg, chunk)]
     return verification(np.concatenate(dist), same, official=False)
 
 
