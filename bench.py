@@ -4,6 +4,13 @@ the ratio to one large matrix product measured in the same run on the same
 device.
 
     python bench.py [--device cpu|cuda|all] [--repeats N] [--quick] [--e2e] [--json PATH]
+    python bench.py --count-launches [--json PATH]
+
+``--count-launches`` times nothing and needs no GPU: it runs one PAEFF step and
+one Poincaré step at the main sizes (after a warm-up step) through the CuPy test
+double of tests/strict_xp.py and prints what CuPy would launch for them, by
+kind and by module, with every host sync and its source line (the model of
+CuPy it applies is written down in that file).
 
 A "step" is ``loss_and_grads`` + ``AdamW.step`` on float32, with the parameters
 in one flat buffer (``paeff_np.flat``), as the training loop runs it. Every
@@ -32,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -132,13 +140,13 @@ def make_matmul_floor(dev, cfg, B, seed=0):
     return lambda: [x @ y for x, y in products]
 
 
-def make_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic"):
+def make_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic", **config):
     """A training step on random data of these sizes: ``(cfg, step, parts)``,
     where ``step()`` runs one step and ``parts`` collects the (fwd+bwd, AdamW)
-    seconds of each call."""
+    seconds of each call; ``config``: further Config fields."""
     xp = dev.xp
     cfg = pn.Config(face_dim=face_dim, voice_dim=voice_dim, embed_dim=D, n_classes=K,
-                    alignment=alignment)
+                    alignment=alignment, **config)
     params, buffers = pn.init_params(cfg, seed=seed, dtype=np.float32)
     _, params = flatten({k: xp.asarray(v) for k, v in params.items()})
     state = {"buffers": {k: xp.asarray(v) for k, v in buffers.items()}}
@@ -211,6 +219,63 @@ def adamw_compare(dev, repeats):
         out[name] = 1e3 * statistics.median(timed(lambda: opt.step(p, grads), dev.sync, repeats, 3))
     out["n_params"] = int(sum(v.size for v in params.values()))
     return out
+
+
+# --- launches, counted through the CuPy test double ------------------------------------
+
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")
+
+
+def strict_double():
+    """tests/strict_xp.py, the CuPy test double that counts launches."""
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    import strict_xp
+    return strict_xp
+
+
+def count_step(cupy, B, D, face_dim, voice_dim, K, **config):
+    """The cost in CuPy calls of one training step (``loss_and_grads`` + AdamW on
+    the flat buffer, as ``make_step`` runs it), after one warm-up step, counted by
+    the double ``cupy`` (``strict_xp.installed()``): a ``LaunchCount``."""
+    double = sys.modules[type(cupy.asarray(np.zeros(1))).__module__]
+    dev = types.SimpleNamespace(xp=cupy, sync=lambda: None)
+    _, step, _ = make_step(dev, B, D, face_dim, voice_dim, K, **config)
+    step()
+    with double.counting() as count:
+        step()
+    return count
+
+
+def count_launches(log):
+    """``--count-launches``: the PAEFF and the Poincaré step at the main sizes."""
+    double = strict_double()
+    sizes = (MAIN["batch"], MAIN["embed_dim"], MAIN["face_dim"], MAIN["voice_dim"], MAIN["n_classes"])
+    results = {}
+    with double.installed() as cupy, np.errstate(all="ignore"):
+        for name, alignment in (("paeff", "hyperbolic"), ("poincare", "poincare")):
+            results[name] = count_step(cupy, *sizes, alignment=alignment).summary()
+    log(f"CuPy calls of one training step, counted through the test double (tests/strict_xp.py), "
+        f"B={sizes[0]}, D={sizes[1]}, face {sizes[2]} / voice {sizes[3]}, K={sizes[4]}:")
+    kinds = sorted({k for r in results.values() for k in r["by_kind"]})
+    modules = sorted({m for r in results.values() for m in r["by_module"]})
+    log(f"  {'':<22} {'PAEFF':>8} {'Poincaré':>9}")
+    rows = [("host calls", "host_calls"), ("kernels", "kernels"), ("host syncs", "syncs"),
+            ("host → device copies", "h2d")]
+    for label, key in rows:
+        log(f"  {label:<22} {results['paeff'][key]:>8} {results['poincare'][key]:>9}")
+    log("  host calls by kind:")
+    for kind in kinds:
+        log(f"    {kind:<20} {results['paeff']['by_kind'].get(kind, 0):>8} "
+            f"{results['poincare']['by_kind'].get(kind, 0):>9}")
+    log("  host calls by module:")
+    for module in modules:
+        log(f"    {module:<20} {results['paeff']['by_module'].get(module, 0):>8} "
+            f"{results['poincare']['by_module'].get(module, 0):>9}")
+    for name, r in results.items():
+        for line in r["sync_lines"]:
+            log(f"  sync ({name}): {line}")
+    return results
 
 
 # --- end to end --------------------------------------------------------------------
@@ -397,6 +462,9 @@ def parse_args(argv):
     parser.add_argument("--e2e-epochs", type=int,
                         help=f"epochs actually run for --e2e, 1..{PAPER_RECIPE['epochs']} (default: 1 on the "
                              f"CPU, where the total is then estimated; all of them on CUDA)")
+    parser.add_argument("--count-launches", action="store_true",
+                        help="time nothing: count what CuPy would launch for one PAEFF and one Poincaré "
+                             "step, through the test double of tests/strict_xp.py (no GPU needed)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH (atomically)")
     return parser.parse_args(argv)
 
@@ -422,6 +490,12 @@ def bench(args):
     every device, the end to end, the JSON. A user error is raised (``run`` prints it)."""
     check_args(args)
     log = lambda s="": print(s, flush=True)
+    if args.count_launches:
+        results = dict(launches=count_launches(log))
+        if args.json is not None:
+            write_json(args.json, results)
+            log(f"\nwrote {args.json}")
+        return 0
     names, cupy, reason = devices_to_run(args.device)
     if "cuda" in names and cupy is None:
         raise UsageError(reason)

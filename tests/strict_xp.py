@@ -20,6 +20,10 @@ which enforces what CuPy's arrays enforce:
 * ``float(a)``, ``int(a)``, ``bool(a)`` and ``a.item()`` on one element are
   allowed (in CuPy they synchronise and copy one number).
 
+With ``counting()`` active it also COUNTS what each call would cost CuPy
+(see "launch counting" below): kernels, host-side device calls, host syncs
+with their source lines, host → device copies.
+
 ``ElementwiseKernel`` interprets the kernel's CUDA C body (statements
 ``name = expression;`` of arithmetic and ``sqrt``) with NumPy, so the
 library's kernel source is what runs, not a copy of its formula.
@@ -90,6 +94,7 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
 
     # the explicit copy to the host, and what CuPy refuses
     def get(self):
+        _count_sync("get()")
         return self._a.copy()
 
     def __array__(self, *args, **kwargs):
@@ -98,6 +103,9 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
                         "(strict CuPy test double)")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _count("cublas" if ufunc is np.matmul else
+               "reduction" if method in ("reduce", "accumulate") else "elementwise",
+               size=_size_of(inputs[0]) if method == "reduce" and kwargs.get("axis", 0) is None else 0)
         out = kwargs.get("out")
         kwargs = _unwrap(kwargs)
         result = getattr(ufunc, method)(*_unwrap(inputs), **kwargs)
@@ -110,18 +118,23 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
 
     # one element to a Python number: allowed, as in CuPy (a synchronising copy)
     def __float__(self):
+        _count_sync("float()")
         return float(self._a)
 
     def __int__(self):
+        _count_sync("int()")
         return int(self._a)
 
     def __bool__(self):
+        _count_sync("bool()")
         return bool(self._a)
 
     def item(self):
+        _count_sync("item()")
         return self._a.item()
 
     def tolist(self):
+        _count_sync("tolist()")
         return self._a.tolist()
 
     # shape and views
@@ -140,9 +153,11 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         return (self[i] for i in range(len(self)))
 
     def __getitem__(self, index):
+        _count_indexing(index, None)
         return _wrap(self._a[_unwrap(index)], (self,))
 
     def __setitem__(self, index, value):
+        _count_indexing(index, value)
         self._a[_unwrap(index)] = _unwrap(value)
 
     def __getattr__(self, name):            # methods: sum, reshape, astype, copy, ...
@@ -151,7 +166,12 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         attr = getattr(self._a, name)
         if not callable(attr):
             return _wrap(attr, (self,))
-        return lambda *args, **kwargs: _wrap(attr(*_unwrap(args), **_unwrap(kwargs)), (self,))
+
+        def method(*args, **kwargs):
+            result = attr(*_unwrap(args), **_unwrap(kwargs))
+            _count_method(name, self, result, args, kwargs)
+            return _wrap(result, (self,))
+        return method
 
     def __repr__(self):
         return f"strict_xp.ndarray({self._a!r})"
@@ -159,8 +179,12 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
 
 def _function(np_func):
     """A module-level function of the double: NumPy's, on device arrays only."""
+    name = getattr(np_func, "__name__", "?")
+
     def device_function(*args, **kwargs):
-        return _wrap(np_func(*_unwrap(args), **_unwrap(kwargs)), args)
+        result = np_func(*_unwrap(args), **_unwrap(kwargs))
+        _count_function(name, np_func, args, kwargs, result)
+        return _wrap(result, args)
     return device_function
 
 
@@ -168,7 +192,11 @@ def _transfer(np_func):
     """``xp.asarray(x)``: the explicit copy of host data to the device."""
     def to_device(obj, *args, **kwargs):
         if isinstance(obj, ndarray):
-            return _wrap(np_func(obj._a, *args, **kwargs), (obj,))
+            result = np_func(obj._a, *args, **kwargs)
+            if result is not obj._a and not np.shares_memory(result, obj._a):
+                _count("elementwise")             # a dtype conversion or a copy on the device
+            return _wrap(result, (obj,))
+        _count("h2d")
         return ndarray(np.array(np_func(obj, *args, **kwargs)))   # device memory is its own
     return to_device
 
@@ -193,7 +221,11 @@ class _Generator:
 
     def __getattr__(self, name):
         method = getattr(self._rng, name)
-        return lambda *args, **kwargs: _wrap(method(*_unwrap(args), **_unwrap(kwargs)))
+
+        def draw(*args, **kwargs):
+            _count("random")
+            return _wrap(method(*_unwrap(args), **_unwrap(kwargs)))
+        return draw
 
 
 random = types.SimpleNamespace(default_rng=_Generator)
@@ -219,6 +251,7 @@ class ElementwiseKernel:
         self.name = name
 
     def __call__(self, *args):
+        _count("elementwise")
         n_in = len(self.in_names)
         if len(args) not in (n_in, n_in + len(self.out_names)):
             raise TypeError(f"{self.name}: wrong number of arguments ({len(args)})")
@@ -241,6 +274,236 @@ class ElementwiseKernel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+# --- launch counting: what each call would cost CuPy -------------------------------
+#
+# The model of CuPy (14.x) that ``counting()`` applies, one rule per kind of call.
+# Sources: CuPy's own code (cupy/_core/_routines_indexing.pyx, _reduction.pyx,
+# _routines_linalg.pyx, cupy/linalg/_einsum.py) and documentation (the
+# ElementwiseKernel/ReductionKernel reference; "CUB/cuTENSOR backend for
+# reduction routines" in the routines reference).
+#
+# * elementwise: a ufunc (``a + b``, ``xp.exp``, a comparison, ``out=`` or not),
+#   ``xp.where``/``clip``, ``astype`` to another dtype, ``fill``, ``xp.full``,
+#   ``xp.arange``, ``fill_diagonal``, an ``ElementwiseKernel`` call: one
+#   kernel, one host call each (CuPy's ElementwiseKernel machinery, one launch
+#   per call).
+# * reduction: ``sum``/``max``/``min``/``mean``/``any``/``all``/... and a
+#   ``ReductionKernel`` call: one host call. Over some axes one kernel; over the
+#   whole array of >= 128 elements two kernels, CUB's device reduction
+#   (``_ndarray_sum`` etc. try ``cub.cub_reduction`` first when CUB is among
+#   the accelerators; CUB's DeviceReduce is a two-pass algorithm).
+# * cublas: ``@``/``matmul``/``dot``/``tensordot``: one cuBLAS gemm.
+#   ``einsum`` of two operands goes through ``tensordot_core``/batched matmul
+#   (cupy/linalg/_einsum.py): ``"ij,ij->i"`` is a batch of B 1×1 products, one
+#   batched gemm; counted as one cublas call.
+# * fancy-index: ``a[idx]``/``a[idx] = v`` with one integer array: one take /
+#   scatter kernel (``_take``, ``_scatter_op_single``); with two or more
+#   integer arrays: four (``_prepare_multiple_array_indexing`` folds the index
+#   arrays into one flat index elementwise, then one take/scatter); a
+#   non-array value ``v`` is first made a device array (``core.array(value)``:
+#   a host → device copy). A boolean mask scans the mask and reads its last
+#   element back (``int(mask_scanned[-1])`` in ``_prepare_mask_indexing_single``):
+#   one sync.
+# * copy: ``a.copy()``, ``a[...] = b`` between device arrays, ``xp.asarray`` of a
+#   device array to another dtype: one device copy (``copy_from_device_async``
+#   or ``elementwise_copy``).
+# * memset: ``xp.zeros``/``zeros_like``: one ``cudaMemsetAsync``.
+# * random: one draw of a ``Generator``: one kernel.
+# * views cost nothing: ``empty``, slicing with ints and slices, ``reshape`` of
+#   a contiguous array, ``.T``, ``diagonal``, ``broadcast_to``.
+# * h2d: ``xp.asarray(host data)``: one host → device copy (one host call).
+# * sync: ``float``/``int``/``bool``/``.item()``/``.tolist()``/``.get()``/
+#   ``Device().synchronize()``: the host waits for the device; recorded with the
+#   library line that asked for it.
+#
+# The counts are this model's, exact for the code as it runs; what a launch
+# costs in host time is not modelled (bench.py on a GPU measures that).
+
+KERNEL_KINDS = ("elementwise", "reduction", "cublas", "fancy-index", "copy", "memset", "random")
+CUB_MIN_SIZE = 128          # a whole-array reduction at least this big takes CUB's two passes
+_FREE = {"empty", "empty_like", "broadcast_to", "reshape", "diagonal", "transpose", "ravel",
+         "expand_dims", "squeeze", "result_type", "shape", "ndim", "isscalar", "broadcast_shapes",
+         "atleast_1d", "swapaxes", "moveaxis", "may_share_memory", "shares_memory"}
+_ELEMENTWISE = {"where", "clip", "full", "full_like", "ones", "ones_like", "arange", "fill_diagonal",
+                "outer", "sign", "abs", "exp", "log", "sqrt", "tanh", "maximum", "minimum", "isfinite",
+                "isnan", "logaddexp", "nan_to_num", "power", "square", "linspace"}
+_REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "any", "all", "prod", "argmax", "argmin",
+               "count_nonzero", "trace", "var", "std", "nansum", "sort", "argsort", "cumsum"}
+_CUBLAS = {"matmul", "dot", "tensordot", "einsum", "inner", "vdot"}
+_COPIES = {"copy", "concatenate", "stack", "ascontiguousarray", "hstack", "vstack", "take", "tile"}
+_MEMSET = {"zeros", "zeros_like"}
+_SYNCING = {"nonzero", "flatnonzero", "argwhere", "unique", "repeat", "bincount", "searchsorted"}
+_METHOD_REDUCTIONS = {"sum", "mean", "max", "min", "any", "all", "prod", "argmax", "argmin", "var",
+                      "std", "cumsum", "sort", "argsort"}
+
+
+class LaunchCount:
+    """What one stretch of code would cost CuPy (rules above): ``events`` is a list of
+    ``(kind, kernels, module, line)``; syncs are events of kind ``"sync"``."""
+
+    def __init__(self):
+        self.events = []
+
+    def kernels(self):
+        return sum(k for kind, k, _, _ in self.events if kind in KERNEL_KINDS)
+
+    def host_calls(self):
+        """Host-side device calls: each eager kernel, cuBLAS call, copy (h2d included)
+        or graph launch counts one; a sync is not one (it is counted apart)."""
+        return sum(1 for kind, _, _, _ in self.events if kind != "sync")
+
+    def syncs(self):
+        return [line for kind, _, _, line in self.events if kind == "sync"]
+
+    def h2d(self):
+        return sum(1 for kind, _, _, _ in self.events if kind == "h2d")
+
+    def by_kind(self):
+        out = {}
+        for kind, _, _, _ in self.events:
+            if kind != "sync":
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def by_module(self):
+        out = {}
+        for kind, _, module, _ in self.events:
+            if kind != "sync":
+                out[module] = out.get(module, 0) + 1
+        return out
+
+    def summary(self):
+        return dict(host_calls=self.host_calls(), kernels=self.kernels(), syncs=len(self.syncs()),
+                    h2d=self.h2d(), by_kind=self.by_kind(), by_module=self.by_module(),
+                    sync_lines=self.syncs())
+
+
+_counter = []               # the active LaunchCount, innermost last
+
+
+class counting:
+    """``with counting() as c: ...`` records every call's cost into ``c`` (a LaunchCount)."""
+
+    def __enter__(self):
+        _counter.append(LaunchCount())
+        return _counter[-1]
+
+    def __exit__(self, *exc):
+        _counter.pop()
+
+
+_HERE = __file__
+
+
+def _caller():
+    """``(module, "path:line")`` of the first frame outside this double and NumPy:
+    the library line that made the call (module: ``losses``, ``run/training``, ...)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path != _HERE and "/numpy/" not in path:
+            break
+        frame = frame.f_back
+    if frame is None:
+        return "?", "?"
+    path = frame.f_code.co_filename.replace("\\", "/")
+    if "/paeff_np/" in path:
+        rel = path.rsplit("/paeff_np/", 1)[1]
+        return rel[:-3] if rel.endswith(".py") else rel, f"paeff_np/{rel}:{frame.f_lineno}"
+    return path.rsplit("/", 1)[-1], f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+
+
+def _count(kind, size=0, kernels=None):
+    if not _counter:
+        return
+    if kernels is None:
+        kernels = 2 if kind == "reduction" and size >= CUB_MIN_SIZE else 1
+    module, line = _caller()
+    _counter[-1].events.append((kind, kernels, module, line))
+
+
+def _count_sync(what):
+    if _counter:
+        module, line = _caller()
+        _counter[-1].events.append(("sync", 0, module, f"{line} {what}"))
+
+
+def _size_of(x):
+    return x.size if isinstance(x, (ndarray, np.ndarray)) else 1
+
+
+def _is_full(kwargs):
+    return kwargs.get("axis") is None
+
+
+def _count_function(name, np_func, args, kwargs, result):
+    if not _counter:
+        return
+    first = args[0] if args else None
+    if name in _FREE:
+        return
+    if name in _CUBLAS:
+        _count("cublas")
+    elif isinstance(np_func, np.ufunc) or name in _ELEMENTWISE:
+        _count("elementwise")
+    elif name in _REDUCTIONS:
+        _count("reduction", size=_size_of(first) if _is_full(kwargs) and len(args) < 2 else 0)
+    elif name in _COPIES:
+        for _ in (first if name in ("concatenate", "stack", "hstack", "vstack") else [first]):
+            _count("copy")
+    elif name in _MEMSET:
+        _count("memset")
+    elif name == "pad":
+        _count("memset")
+        _count("copy")
+    elif name in _SYNCING:
+        _count("elementwise")
+        _count_sync(f"{name}() (its length is read back)")
+    else:
+        _count("unmodelled:" + name)
+
+
+def _count_method(name, self, result, args, kwargs):
+    if not _counter:
+        return
+    if name in _METHOD_REDUCTIONS:
+        _count("reduction", size=self.size if _is_full(kwargs) and not args else 0)
+    elif name == "astype":
+        if isinstance(result, np.ndarray) and result is not self._a:
+            _count("elementwise" if result.dtype != self.dtype else "copy")
+    elif name == "copy":
+        _count("copy")
+    elif name == "fill":
+        _count("elementwise")
+    elif name in ("dot",):
+        _count("cublas")
+    elif name in ("reshape", "ravel", "view", "transpose", "squeeze", "swapaxes", "flatten"):
+        if isinstance(result, np.ndarray) and not np.shares_memory(result, self._a):
+            _count("copy")
+    else:
+        _count("unmodelled:." + name)
+
+
+def _count_indexing(index, value):
+    """``a[index]`` (value None) or ``a[index] = value``, by CuPy's indexing rules above."""
+    if not _counter:
+        return
+    parts = index if isinstance(index, tuple) else (index,)
+    arrays = [p for p in parts if isinstance(p, (ndarray, np.ndarray, list))]
+    masks = [p for p in arrays if getattr(p, "dtype", None) == np.bool_]
+    if masks:
+        _count("elementwise")               # the scan of the mask
+        _count_sync("a boolean mask index (its count is read back)")
+        _count("fancy-index")
+    elif arrays:
+        if value is not None and not isinstance(value, ndarray):
+            _count("h2d")                   # core.array(value)
+        for _ in range(1 if len(arrays) == 1 else 4):
+            _count("fancy-index")
+    elif value is not None:                 # basic indexing: a fill or a copy into the view
+        _count("copy" if isinstance(value, ndarray) else "elementwise")
+
+
 # --- the device ----------------------------------------------------------------
 
 class _Device:
@@ -249,7 +512,7 @@ class _Device:
         self.compute_capability = "00"
 
     def synchronize(self):
-        pass
+        _count_sync("Device.synchronize()")
 
 
 _runtime = types.SimpleNamespace(
@@ -263,6 +526,38 @@ cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 def ndtr(x):
     import scipy.special
     return _wrap(scipy.special.ndtr(_unwrap(x)))
+
+
+class _Patches:
+    """The two calls of pytest's monkeypatch that ``install`` makes, undone by ``undo``."""
+
+    def __init__(self):
+        self._undo = []
+
+    def setitem(self, mapping, key, value):
+        old = mapping.get(key, _Patches)
+        self._undo.append(lambda: mapping.pop(key) if old is _Patches else mapping.__setitem__(key, old))
+        mapping[key] = value
+
+    def setattr(self, obj, name, value):
+        old = getattr(obj, name)
+        self._undo.append(lambda: setattr(obj, name, old))
+        setattr(obj, name, value)
+
+    def undo(self):
+        while self._undo:
+            self._undo.pop()()
+
+
+class installed:
+    """``with installed() as cupy:`` ``install`` outside pytest (bench.py's count), undone on exit."""
+
+    def __enter__(self):
+        self._patches = _Patches()
+        return install(self._patches)
+
+    def __exit__(self, *exc):
+        self._patches.undo()
 
 
 def install(monkeypatch):
