@@ -99,13 +99,6 @@ from paeff_np.gradcheck import TOLERANCE as TOL            # noqa: E402
 from paeff_np.gradcheck.cases import SMALL                 # noqa: E402
 
 
-def assert_gradcheck(report):
-    """Every entry of a ``gradcheck``/``check_op`` report is below ``TOL``."""
-    assert report, "nothing was checked"
-    worst = max(report, key=report.get)
-    assert report[worst] < TOL, (worst, report)
-
-
 def pre_batchnorm_biases(cfg):
     """Biases feeding a train-mode BatchNorm: their gradient is exactly zero."""
     return {p[:-2] + "0.bias" for p in batchnorm_prefixes(cfg)}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import TOL, assert_gradcheck
+from conftest import TOL
 from paeff_np import check_layer
 from paeff_np.backend import to_host
 from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, conv1d_backward,
@@ -18,15 +18,15 @@ from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forwa
 
 def test_linear(rand):
     x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
-    assert_gradcheck(check_layer(linear_forward, linear_backward, [x, W, b]))
+    check_layer(linear_forward, linear_backward, [x, W, b])
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm(rand, xp, train):
     x, g, b = rand(6, 4, seed=1, scale=3.0) + 1.0, rand(4, seed=2), rand(4, seed=3)
     state = BatchNormState(rand(4, seed=4), xp.abs(rand(4, seed=5)) + 0.5)
-    assert_gradcheck(check_layer(batchnorm_forward, batchnorm_backward, [x, g, b],
-                                 state=state, train=train))
+    check_layer(batchnorm_forward, batchnorm_backward, [x, g, b],
+                settings=dict(state=state, train=train))
 
 
 def test_batchnorm_running_statistics_over_steps(xp):
@@ -59,14 +59,14 @@ def test_batchnorm_running_statistics_over_steps(xp):
 
 
 def test_relu(rand):
-    assert_gradcheck(check_layer(relu_forward, relu_backward, [rand(6, 5)]))
+    check_layer(relu_forward, relu_backward, [rand(6, 5)])
 
 
 def test_dropout(rand, xp):
     x = rand(50, 40)
     # the same seed at every call: the same mask, so the check is deterministic
     fwd = lambda x: dropout_forward(x, 0.4, xp.random.default_rng(7))
-    assert_gradcheck(check_layer(fwd, dropout_backward, [x[:4, :5]]))
+    check_layer(fwd, dropout_backward, [x[:4, :5]])
     y, mask = dropout_forward(x, 0.4, xp.random.default_rng(7))
     kept = to_host(mask) > 0
     assert 0.5 < kept.mean() < 0.7                                       # about 1 − p kept
@@ -78,7 +78,7 @@ def test_dropout(rand, xp):
 
 
 def test_l2_normalize(rand, xp):
-    assert_gradcheck(check_layer(l2_normalize_forward, l2_normalize_backward, [rand(5, 4)]))
+    check_layer(l2_normalize_forward, l2_normalize_backward, [rand(5, 4)])
     e, _ = l2_normalize_forward(rand(5, 4))
     # CuPy tolerance: IEEE-exact + × ÷ √ and 4-term sums: ≤ 8 ulp ≈ 1.8e-15
     np.testing.assert_allclose(to_host((e * e).sum(1)), 1.0, rtol=1e-14)
@@ -96,7 +96,7 @@ def test_l2_normalize_zero_row_is_guarded(rand, xp):
 
 
 def test_gelu(rand, xp):
-    assert_gradcheck(check_layer(gelu_forward, gelu_backward, [rand(6, 5, scale=2.0)]))
+    check_layer(gelu_forward, gelu_backward, [rand(6, 5, scale=2.0)])
     from scipy.stats import norm
     x = np.linspace(-6, 6, 25)
     # CuPy tolerance: CUDA's normcdf ≤ 5 ulp over its full range, then × (IEEE): ≤ 6 ulp ≈ 1.4e-15,
@@ -113,10 +113,9 @@ def test_gradient_checker_catches_a_wrong_gelu_backward(rand, xp, wrong):
             return 1.001 * gelu_backward(dy, cache)
         return dy * cache.cdf
     x = rand(6, 5, scale=2.0)
-    report = check_layer(gelu_forward, wrong_backward, [x])
-    assert report[0] > 1e-4, report
-    with pytest.raises(AssertionError):
-        assert_gradcheck(report)
+    with pytest.raises(AssertionError, match="input 0, shape"):
+        check_layer(gelu_forward, wrong_backward, [x])
+    assert check_layer(gelu_forward, wrong_backward, [x], raises=False).errors[0] > 1e-4
 
 
 def test_check_layer_no_grads_skips_only_those_inputs(rand):
@@ -125,16 +124,16 @@ def test_check_layer_no_grads_skips_only_those_inputs(rand):
         return dx, dW, 0.0 * db
 
     x, W, b = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, seed=3)
-    report = check_layer(linear_forward, backward_with_zero_db, [x, W, b])
-    assert report[2] == 1.0 and max(report[0], report[1]) < TOL     # the zero db is caught
+    report = check_layer(linear_forward, backward_with_zero_db, [x, W, b], raises=False)
+    errors = report.errors
+    assert errors[2] == 1.0 and max(errors[0], errors[1]) < TOL     # the zero db is caught
     report = check_layer(linear_forward, backward_with_zero_db, [x, W, b], no_grads=(2,))
-    assert set(report) == {0, 1}
-    assert_gradcheck(report)
+    assert set(report.errors) == {0, 1} and report.ok
 
 
 @pytest.mark.parametrize("pair", [(sigmoid_forward, sigmoid_backward), (tanh_forward, tanh_backward)])
 def test_sigmoid_tanh(rand, pair):
-    assert_gradcheck(check_layer(*pair, [rand(6, 5, scale=2.0)]))
+    check_layer(*pair, [rand(6, 5, scale=2.0)])
 
 
 def test_sigmoid_is_finite_at_extremes(xp):
@@ -148,7 +147,7 @@ def test_sigmoid_is_finite_at_extremes(xp):
 @pytest.mark.parametrize("channels,k", [(1, 1), (1, 3), (1, 5), (2, 1), (2, 3), (2, 5)])
 def test_conv1d(rand, channels, k):
     x, w, b = rand(4, channels, 7, seed=1), rand(1, channels, k, seed=2), rand(1, seed=3)
-    assert_gradcheck(check_layer(conv1d_forward, conv1d_backward, [x, w, b]))
+    check_layer(conv1d_forward, conv1d_backward, [x, w, b])
 
 
 def test_conv1d_matches_direct_sum(xp):
