@@ -270,7 +270,7 @@ def relative_error(analytic, numeric, tiny=1e-30):
     """``max|a − n| / max(max|a|, max|n|, tiny)``, the normwise distance of two
     arrays (NumPy or CuPy); ``inf`` when either holds a NaN or an infinity.
     The tests compare arrays with it; the checker's own figure adds the noise
-    floor (module docstring)."""
+    floor (module docstring; docs/math.md Appendix A)."""
     a = np.asarray(to_host(analytic), dtype=np.float64)
     n = np.asarray(to_host(numeric), dtype=np.float64)
     if a.shape != n.shape:
@@ -616,7 +616,7 @@ CHECK_OP_OPTIONS = ("no_grads", "tol", "fast", "samples", "directions", "dtype",
 def assert_gradients_ok(forward, backward, inputs, **options):
     """``check_layer`` for a test: passes silently, or fails with the
     checker's message and no traceback into the checker (pytest hides this
-    frame). Returns the ``GradientReport``."""
+    frame). Returns the ``GradientReport``. Method: docs/math.md Appendix A."""
     __tracebackhide__ = True
     report = check_layer(forward, backward, inputs, raises=False, **options)
     if not report.ok:
