@@ -27,8 +27,9 @@ def write_dataset(root, version="v3", languages=("English", "German"), unheard_n
                   extra_test_column=True):
     """Write the layout; ``unheard_names``: "unheard" (``<L>_faces_unheard_test.csv``) or "plain"
     (``<L>_faces_test.csv``, the organisers' test.py). English identities are labelled ``id0001``,
-    the other language's by integers. Test CSVs of the second language carry one extra column
-    (the command must ignore it) when ``extra_test_column``."""
+    the other language's by integers. With ``extra_test_column`` the command must ignore one
+    more column: numbers in the second language's test CSVs, text in the first language's
+    unheard copy."""
     rng = np.random.default_rng(seed)
     k = 6
     centre = rng.normal(size=(identities + test_people, k))
@@ -71,10 +72,13 @@ def write_dataset(root, version="v3", languages=("English", "German"), unheard_n
         _csv(os.path.join(folder, f"{language}_voices_train.csv"), voice(who, language), names)
         for test_language in languages:
             f_rows, v_rows = test_rows[test_language]
-            if extra_test_column and test_language == languages[1]:
+            tail = None
+            if extra_test_column and test_language == languages[1]:      # a numeric extra column
                 f_rows = np.hstack([f_rows, np.arange(len(f_rows))[:, None]])
                 v_rows = np.hstack([v_rows, np.arange(len(v_rows))[:, None]])
+            elif extra_test_column and test_language != language:       # a text one: the row's name
+                tail = [f"row{i}" for i in range(len(f_rows))]
             middle = "_" if test_language == language or unheard_names == "plain" else "_unheard_"
             for modality, matrix in (("faces", f_rows), ("voices", v_rows)):
-                _csv(os.path.join(folder, f"{test_language}_{modality}{middle}test.csv"), matrix)
+                _csv(os.path.join(folder, f"{test_language}_{modality}{middle}test.csv"), matrix, tail)
     return dict(feats=feats, lists=lists, labels=labels, version=version, languages=languages, truth=truth)

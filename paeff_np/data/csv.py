@@ -72,6 +72,29 @@ def read_matrix(path, *, cache=True):
     return _read_cached(Path(path), "matrix", cache)["features"]
 
 
+def read_features(path, *, cache=True):
+    """Read the feature columns of a CSV whose last column may be text (an id or a label, which
+    is dropped): all columns when the first row's last cell is a number, else all but the last."""
+    path = Path(path)
+    if _last_cell_is_text(path):
+        return _read_cached(path, "train", cache)["features"]
+    return read_matrix(path, cache=cache)
+
+
+def _last_cell_is_text(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            first = next((line.strip() for line in lines if line.strip()), "")
+    except OSError:
+        return False                   # reported by the reader
+    cell = first.rsplit(",", 1)[-1].strip()
+    try:
+        float(cell)
+    except ValueError:
+        return "," in first and cell != ""
+    return False
+
+
 def read_train(face_path, voice_path, *, cache=True):
     """Read the training pairs: features of each file, identity label in the last column.
 

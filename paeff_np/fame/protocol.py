@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data import DataError
-from ..data.csv import read_matrix, read_train
+from ..data.csv import read_features, read_train
 from ..metrics import verification
 
 # the two languages of each version (the organisers' computeScore.py; v2, English/Hindi, is FAME 2024's)
@@ -133,7 +133,7 @@ def read_test_features(face_path, voice_path, face_dim, voice_dim, widths_of):
     narrower ones refused."""
     out = []
     for path, width, modality in ((face_path, face_dim, "face"), (voice_path, voice_dim, "voice")):
-        matrix = read_matrix(path)
+        matrix = read_features(path)
         if matrix.shape[1] < width:
             raise DataError(f"{path}: {matrix.shape[1]} columns, but the {modality} features of "
                             f"{widths_of} are {width} wide: a width other than the training files'")
