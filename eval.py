@@ -1,15 +1,18 @@
 """Evaluate a trained checkpoint: verification (EER/AUC, exact and official
 protocol) and cross-modal matching (n_c = 2…10, both directions).
 
-Given a run folder, it evaluates the model the run selected: ``best.npz``
-when the run keeps one (``--select val`` or ``test``), else ``checkpoint.npz``;
-it says which file it used. ``--checkpoint`` may name either file.
+Given a run folder, it evaluates the model the run reports: ``best.npz``
+when the run keeps one (the refit's model, or the one selected on the split),
+else ``checkpoint.npz``; it says which file it used. ``--checkpoint`` may name
+either file. ``--curves PNG`` draws the run's training curves from its
+``metrics.jsonl`` instead (no test list is read).
 
     python eval.py --checkpoint runs/20261125-101500
     python eval.py --checkpoint runs/x/checkpoint.npz --data-dir feats/ --json
     python eval.py --checkpoint runs/x --plot plots/
     python eval.py --checkpoint runs/x --scores scores.txt          # every trial's distance
     python eval.py --checkpoint fame/English --faces F.csv --voices V.csv --trials L.txt --scores S.txt
+    python eval.py --checkpoint runs/x --curves curves.png
 """
 import json
 import os
@@ -24,8 +27,9 @@ from paeff_np.run.cli import check_can_create_in, check_widths, device_flag, loa
 from paeff_np.usage import ArgumentParser, UsageError
 from paeff_np.data import DataError
 from paeff_np.fame.protocol import format_scores, read_test_features, read_trial_list
-from paeff_np.run.evaluation import DIRECTION_LABELS, evaluate, format_results, l2_scores, protocol_notes
-from paeff_np.run.training import BEST_NAME, checkpoint_selection, checkpoint_settings
+from paeff_np.run.evaluation import (DIRECTION_LABELS, evaluate, format_results, l2_scores, list_name,
+                                     protocol_notes)
+from paeff_np.run.training import BEST_NAME, METRICS_LOG, REFIT_DIR, checkpoint_selection, checkpoint_settings
 
 PLOT_FILES = ("roc_seenheard.png", "roc_unseenunheard.png", "matching.png")   # what plot() writes
 from paeff_np.run.validate import validate_hyperparameters
@@ -39,6 +43,9 @@ def parse_args(argv):
                    "data folder or synthetic world the checkpoint was trained on")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write ROC curves and the matching curve as PNGs")
+    p.add_argument("--curves", metavar="PNG", help="draw the run's training curves (the loss terms, "
+                   "the validation EERs, the selected epoch; from its metrics.jsonl) into PNG and stop: "
+                   "no test list is evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching galleries")
     p.add_argument("--scores", metavar="FILE", help="write the score of every trial, '<id> <L2 distance>' "
                    "per line (the FAME submission's format); ids '<split>/<kind>/<row>' for the test lists, "
@@ -103,13 +110,27 @@ def open_checkpoint(path):
     run_state = ckpt.load(path)
     rule, epoch = checkpoint_selection(run_state)
     best_path = os.path.join(path, BEST_NAME)
-    if rule != "last" and os.path.exists(best_path):
-        best = ckpt.load(best_path)
+    best = ckpt.load(best_path) if os.path.exists(best_path) else None
+    refit = refit_state(path, epoch)
+    model = refit_model(refit, best, epoch) if refit is not None else None
+    if model is not None:
+        model.config = {**model.config, "data": run_state.config["data"]}   # the run's record decides
+        return model, (f"evaluating {model.path}: epoch {epoch}, selected by rule {rule} on the split "
+                       f"and trained again on every training row (the refit in "
+                       f"{os.path.join(path, REFIT_DIR)})")
+    if best is not None and best.config.get("refit_of") is not None and refit is None:
+        raise ckpt.CheckpointError(f"{best_path} holds a refit's model, but {os.path.join(path, REFIT_DIR)} "
+                                   f"holds no refit of epoch {epoch} (was it deleted?)")
+    unfinished = ""
+    if checkpoint_settings(run_state).refit:
+        unfinished = (f"; the refit on all training rows is not finished: this model did not train on "
+                      f"the validation rows (python train.py --resume {path} finishes it)")
+    if rule != "last" and best is not None:
         ckpt.check_same_run(best, run_state)
         if best.epoch == epoch:
             best.config = {**best.config, "data": run_state.config["data"]}   # the run's record decides
             return best, (f"evaluating {best.path}: epoch {epoch}, selected by rule {rule} "
-                          f"({ckpt.CHECKPOINT_NAME} holds epoch {run_state.epoch})")
+                          f"({ckpt.CHECKPOINT_NAME} holds epoch {run_state.epoch}){unfinished}")
     if rule != "last" and epoch is not None and epoch != run_state.epoch:
         if not os.path.exists(best_path):
             raise ckpt.CheckpointError(f"{best_path} is missing, but the run selects epoch {epoch} "
@@ -118,7 +139,36 @@ def open_checkpoint(path):
         raise ckpt.CheckpointError(f"{best_path}: the run selects epoch {epoch} (rule {rule}), "
                                    f"which this file does not hold")
     why = "the last epoch" if rule == "last" or epoch is None else f"selected by rule {rule}"
-    return run_state, f"evaluating {run_state.path}: epoch {run_state.epoch}, {why}"
+    return run_state, f"evaluating {run_state.path}: epoch {run_state.epoch}, {why}{unfinished}"
+
+
+def refit_state(run_dir, epoch):
+    """The loaded checkpoint of ``run_dir``'s refit when it is the refit of ``epoch``
+    (the epoch the run selects), else None."""
+    path = os.path.join(run_dir, REFIT_DIR, ckpt.CHECKPOINT_NAME)
+    if epoch is None or not os.path.exists(path):
+        return None
+    refit = ckpt.load(path)
+    of = refit.config.get("refit_of")
+    if not (isinstance(of, dict) and of.get("epoch") == epoch):
+        raise ckpt.CheckpointError(f"{path}: not the refit of epoch {epoch}, the epoch the run in "
+                                   f"{run_dir} selects (it records refit_of {json.dumps(of)[:60]})")
+    return refit
+
+
+def refit_model(refit, best, epoch):
+    """The refit's reported model: best.npz once committed; before that, when the refit's
+    checkpoint has reached ``epoch``, that checkpoint (its best.npz commit cut short); a
+    refit still short of it is reported on by the split run's model (None here)."""
+    if best is not None and best.config.get("refit_of") is not None:
+        ckpt.check_same_run(best, refit)
+        if best.epoch != epoch:
+            raise ckpt.CheckpointError(f"{best.path}: holds the refit's epoch {best.epoch}, the run "
+                                       f"selects epoch {epoch}")
+        return best
+    if refit.epoch == epoch:
+        return refit
+    return None
 
 
 def load_tests(args, checkpoint):
@@ -140,12 +190,97 @@ def load_tests(args, checkpoint):
     return dataset.tests
 
 
-def check_plot_folder(out_dir):
-    """--plot is refused before evaluating: without matplotlib, or where a plot exists."""
+def check_matplotlib(flag):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        raise UsageError(f"{flag} needs matplotlib: pip install matplotlib") from None
+
+
+def check_curves_file(png):
+    """--curves is refused before any work: without matplotlib, an existing file, or a
+    place where no file can be made."""
+    check_matplotlib("--curves")
+    if not png:
+        raise UsageError("--curves is empty: give the name of the PNG to write")
+    if os.path.exists(png):
+        raise UsageError(f"--curves {png}: already exists: choose another name")
+    check_can_create_in(os.path.dirname(os.path.abspath(png)), f"--curves {png}")
+
+
+def read_log(folder):
+    """The records of ``folder``'s metrics.jsonl (a list; empty when there is none)."""
+    path = os.path.join(folder, METRICS_LOG)
+    try:
+        return [json.loads(line) for line in open(path) if line.strip()]
+    except FileNotFoundError:
+        return []
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ckpt.CheckpointError(f"{path}: not a metrics log ({exc})") from None
+
+
+LOSS_TERMS = (("loss", "total (weighted)", "k-"), ("align", "alignment", "-"), ("opl", "OPL", "-"),
+              ("ce", "cross-entropy", "-"))
+
+
+def draw_curves(path, png):
+    """The training curves of the run in ``path`` from its metrics.jsonl: left, the three
+    loss terms (unweighted) and the weighted total per epoch, the refit's total dashed;
+    right, the validation EER of both parts (and the monitored test EER under rule
+    test); the selected epoch marked on both. Returns the PNG's path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    run_state = ckpt.load(folder)
+    rule, selected = checkpoint_selection(run_state)
+    records = read_log(folder)
+    if not records:
+        raise UsageError(f"{folder}: no {METRICS_LOG} records: nothing to draw (no epoch has finished)")
+    refit = read_log(os.path.join(folder, REFIT_DIR))
+    epochs = [r["epoch"] for r in records]
+    fig, (loss_ax, eer_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, style in LOSS_TERMS:
+        loss_ax.plot(epochs, [r[key] for r in records], style, marker=".", label=label)
+    if refit:
+        loss_ax.plot([r["epoch"] for r in refit], [r["loss"] for r in refit], "k--",
+                     label="total, refit on all rows")
+    loss_ax.set(xlabel="epoch", ylabel="loss (epoch mean)", title="training loss")
+    curves = [(f"val/{part}/eer", f"validation, {part} part") for part in ("unseen", "seen")]
+    settings = checkpoint_settings(run_state)
+    curves.append((f"{settings.monitor}/eer", f"test list {list_name(settings.monitor)}"))
+    drawn = 0
+    for key, label in curves:
+        points = [(r["epoch"], 100 * r[key]) for r in records if r.get(key) is not None]
+        if points:
+            eer_ax.plot(*zip(*points), marker=".", label=label)
+            drawn += 1
+    eer_ax.set(xlabel="epoch", ylabel="EER (%)", title="validation EER")
+    if not drawn:
+        eer_ax.text(0.5, 0.5, "no validation lists in this run", ha="center", va="center",
+                    transform=eer_ax.transAxes)
+    if selected is not None:
+        for ax in (loss_ax, eer_ax):
+            ax.axvline(selected, color="tab:red", ls=":", lw=1.2)
+        where = "the refit's model reported" if refit else "its model reported"
+        loss_ax.plot([], [], color="tab:red", ls=":", label=f"selected: epoch {selected} (rule {rule}; {where})")
+        key = {"test": f"{settings.monitor}/eer"}.get(rule, next((k for k, _ in curves[:2]
+                                                                 if records[0].get(k) is not None), None))
+        if key is not None and records[selected - 1].get(key) is not None:
+            eer_ax.plot([selected], [100 * records[selected - 1][key]], "o", color="tab:red", ms=8,
+                        mfc="none", mew=2)
+    loss_ax.legend(fontsize=8)
+    if drawn:
+        eer_ax.legend(fontsize=8)
+    for ax in (loss_ax, eer_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"training curves of {folder}", fontsize=9)
+    return _save(fig, png)
+
+
+def check_plot_folder(out_dir):
+    """--plot is refused before evaluating: without matplotlib, or where a plot exists."""
+    check_matplotlib("--plot")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--plot {out_dir}: is a file, not a folder: choose a folder for the plots")
     for name in PLOT_FILES:
@@ -169,7 +304,7 @@ def plot(results, out_dir):
             c = results[k]["curves"]
             ax.plot(c["fpr"], c["tpr"], label=f"{k.split('/')[1]} (EER {100 * results[k]['eer']:.1f}%)")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {split}")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {list_name(split)}")
         ax.legend(loc="lower right")
         written.append(_save(fig, os.path.join(out_dir, f"roc_{split}.png")))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -178,7 +313,7 @@ def plot(results, out_dir):
             for direction, style in (("voice_to_face", "-o"), ("face_to_voice", "--s")):
                 n = sorted(r["matching"][direction])
                 ax.plot(n, [100 * r["matching"][direction][i] for i in n], style,
-                        label=f"{k.split('/')[0]} {DIRECTION_LABELS[direction]}")
+                        label=f"{list_name(k.split('/')[0])} {DIRECTION_LABELS[direction]}")
     n = np.arange(2, 11)
     ax.plot(n, 100 / n, "k:", label="chance")
     ax.set(xlabel="gallery size $n_c$", ylabel="matching accuracy (%)", title="1-of-$n_c$ matching")
@@ -196,6 +331,10 @@ def _save(fig, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.curves is not None:
+        check_curves_file(args.curves)       # before any work
+        print(f"wrote {draw_curves(args.checkpoint, args.curves)}", file=sys.stderr)
+        return
     validate_hyperparameters(args)
     device = args.device or "cpu"
     array_module(device)                   # the GPU probe, before the checkpoint and data are read

@@ -8,15 +8,19 @@
 
 Model selection (README "Model selection"): by default 10% of the training
 identities and 5% of the other identities' rows are held out as validation
-lists; the epoch with the lowest validation EER is kept in best.npz and the
-test lists are evaluated once, on it.
+lists and the epoch e* with the lowest validation EER is chosen; then (the
+refit, default when the data has seen-heard lists) the same schedule is trained
+again on every training row, in RUN/refit/, and its epoch-e* model is kept in
+best.npz. The test lists are evaluated once, on it.
 """
 import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
+from dataclasses import replace
 
 from paeff_np.run import checkpoint as ckpt
 from paeff_np.backend import array_module
@@ -25,12 +29,15 @@ from paeff_np.run.cli import (add_config_flags, check_widths, config_overrides, 
                               positive_int, remove_leftovers, run)
 from paeff_np.usage import ArgumentParser, UsageError
 from paeff_np.data import DataError, Dataset
-from paeff_np.data.split import SplitError, split_validation
-from paeff_np.run.evaluation import evaluate, format_results, protocol_notes
+from paeff_np.domains import FieldError
+from paeff_np.data.csv import read_train
+from paeff_np.data.split import VAL_FILE_NAMES, SplitError, split_validation, validation_from_rows
+from paeff_np.run.evaluation import evaluate, format_results, list_name, protocol_notes
 from paeff_np.optim import cosine_lr
-from paeff_np.run.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, SELECTION_RULES, Trainer, TrainSettings,
-                                   checkpoint_settings, resume_command, write_metrics_log)
-from paeff_np.run.validate import validate_hyperparameters
+from paeff_np.run.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, REFIT_DIR, SELECTION_RULES, SaveFailed,
+                                   Trainer, TrainingDiverged, TrainSettings, checkpoint_settings,
+                                   refit_cost, refit_trainer, write_metrics_log)
+from paeff_np.run.validate import AS_FLAGS, flag_name, validate_hyperparameters
 
 PRESETS = {
     # tuned for the built-in synthetic world: a full run in about 12 s on 2 cores
@@ -38,7 +45,13 @@ PRESETS = {
     "paper": PAPER_RECIPE,           # docs/spec.md §4
 }
 SETTING_FLAGS = ("epochs", "lr", "batch_size", "seed", "device")
-SELECTION_FLAGS = ("val_identities", "val_rows", "select", "patience")   # their defaults: TrainSettings'
+SELECTION_FLAGS = ("val_identities", "val_rows", "select", "patience", "refit", "val_dir")
+# their defaults: TrainSettings' (refit's is decided from the data: see refit_default)
+PAPER_COMPARISON = ("figures that compare with the paper's: --select test --val-identities 0 --val-rows 0 "
+                    "is the authors' code (it selects on the unseen-unheard test list, optimistic); "
+                    "--select last is the torch reference (its last epoch; with the refit, or with "
+                    "--val-identities 0 --val-rows 0, the same model bit for bit); --select val (default) "
+                    "is honest and compares with neither exactly")
 
 # Paper Tables 3 and 4 (unseen-unheard EER / AUC, %; docs/spec.md §7), one list per table
 ABLATION_TABLES = [
@@ -82,12 +95,39 @@ def parse_args(argv):
     g.add_argument("--val-rows", type=float, metavar="FRAC", help="fraction of the other identities' "
                    "rows held out as the seen validation part (0.05; 0: off)")
     g.add_argument("--select", choices=SELECTION_RULES, help="val (default): the epoch of the lowest "
-                   "validation EER, kept in best.npz; last: the last epoch; test: the lowest EER on "
-                   "the unseen-unheard random test list (the authors' protocol, optimistic)")
+                   "validation EER; last: the last epoch; test: the lowest EER on the unseen-unheard "
+                   "random test list (optimistic). " + PAPER_COMPARISON)
     g.add_argument("--patience", type=positive_int, metavar="N", help="stop when the validation EER "
                    "has not improved for N epochs")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, help="after the run, train the "
+                   "same schedule again on every training row (in RUN/refit/) and report its model of "
+                   "the selected epoch as best.npz: no training identity is missing from the seen-heard "
+                   "figures; it costs up to one more run (default: on when the split holds rows out and "
+                   "the data has seen-heard lists)")
+    g.add_argument("--val-dir", metavar="DIR", help="select on DIR's faceVal.csv and voiceVal.csv "
+                   "(the training files' layout) instead of a split: nothing is carved from training")
     add_config_flags(p)
     return p.parse_args(argv)
+
+
+def resume_command(out_dir):
+    """``python train.py --resume DIR``, ready to paste: quoted for the shell, and a
+    folder name that begins with "-" written as ./-name, which no flag parser misreads."""
+    return f"python train.py --resume {shlex.quote(('./' if out_dir.startswith('-') else '') + out_dir)}"
+
+
+@contextlib.contextmanager
+def said_for_the_command_line(run_dir):
+    """A failed save gets the command that continues the run (in ``run_dir``, the run's
+    own folder, also for its refit); a diverged run's fields are said as flags."""
+    try:
+        yield
+    except SaveFailed as exc:
+        hint = (f": free space, then continue with {resume_command(run_dir)}"
+                if exc.intact_epoch is not None else "")
+        raise ckpt.CheckpointError(f"{exc}{hint}") from None
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(exc.describe(AS_FLAGS)) from None
 
 
 def settings_from(args, base):
@@ -134,12 +174,46 @@ def check_fresh(out):
 def make_trainer(dataset, cfg, settings, out, data_meta, validation=None):
     try:
         return Trainer(dataset, cfg, settings, out, data_meta, validation=validation)
-    except ValueError as exc:            # settings the data cannot take
+    except FieldError as exc:            # settings the data cannot take
+        raise UsageError(exc.describe(AS_FLAGS)) from None
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
+def base_settings(args, preset):
+    """The settings of a fresh run: the preset, the flags given, TrainSettings' defaults;
+    --val-dir (absolute, recorded) turns the split off."""
+    base = dict(preset)
+    if args.val_dir is not None:
+        given = [f for f in ("val_identities", "val_rows") if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"--val-dir replaces the split: drop "
+                             f"{', '.join(flag_name(f) for f in given)}")
+        if not args.val_dir:
+            raise UsageError("--val-dir is empty: give the folder of faceVal.csv and voiceVal.csv")
+        base.update(val_identities=0.0, val_rows=0.0)
+    settings = settings_from(args, base)
+    return replace(settings, val_dir=os.path.abspath(args.val_dir)) if args.val_dir else settings
+
+
+def read_val_dir(val_dir, dataset, seed):
+    """The ValidationSplit of ``val_dir``'s faceVal.csv/voiceVal.csv: read and checked as
+    the training files are (``csv.read_train``), as wide as the training features."""
+    if not os.path.isdir(val_dir):
+        raise DataError(f"--val-dir {val_dir}: not a directory")
+    val = read_train(*(os.path.join(val_dir, name) for name in VAL_FILE_NAMES))
+    source = {"dir": os.path.abspath(val_dir), "sha256": val.fingerprint()}
+    try:
+        return validation_from_rows(dataset.train, val, seed, source)
+    except SplitError as exc:
+        raise DataError(str(exc)) from None
+
+
 def carve_validation(dataset, settings):
-    """``(dataset to train on, ValidationSplit or None)`` from ``settings``' fractions."""
+    """``(dataset to train on, ValidationSplit or None)``: the lists of ``settings.val_dir``
+    (the whole training set kept), else the split of ``settings``' fractions."""
+    if settings.val_dir:
+        return dataset, read_val_dir(settings.val_dir, dataset, settings.seed)
     if settings.val_identities == 0 and settings.val_rows == 0:
         return dataset, None
     try:
@@ -147,6 +221,20 @@ def carve_validation(dataset, settings):
     except SplitError as exc:
         raise UsageError(str(exc)) from None
     return Dataset(train=split.train, tests=dataset.tests), split
+
+
+def refit_default(args, dataset, split):
+    """--refit unless said: on when the split holds training rows out and the data has
+    seen-heard lists; refused (given) when nothing is held out of training."""
+    carved = split is not None and split.record.get("training_rows", len(dataset.train)) < len(dataset.train)
+    if args.refit and not carved:
+        why = "--val-dir keeps every training row" if args.val_dir is not None else \
+            "--val-identities and --val-rows are both 0"
+        raise UsageError(f"--refit trains again on the rows the split held out, but {why}: "
+                         f"the run already trains on all of them; drop --refit")
+    if args.refit is not None:
+        return args.refit
+    return carved and any(key.startswith("seenheard/") for key in dataset.tests)
 
 
 def resumed_settings(args, checkpoint):
@@ -203,8 +291,12 @@ def start_run(args, hold):
             hold(folder_lock(run_dir))       # before its leftovers are looked at
         remove_leftovers(run_dir)
         checkpoint = ckpt.load(npz)
+        if checkpoint.config.get("refit_of") is not None:
+            parent = os.path.dirname(run_dir)
+            raise UsageError(f"{run_dir} is the refit of the run in {parent}: continue that run, "
+                             f"{resume_command(parent)}")
         changed = [k for k in config_overrides(args)] + [
-            k for k in ("lr", "batch_size", "seed", *SELECTION_FLAGS) if getattr(args, k) is not None]
+            k for k in ("lr", "batch_size", "seed", "val_dir", *SELECTION_FLAGS) if getattr(args, k) is not None]
         if changed or args.preset != "quick":
             raise UsageError(f"--resume continues a run as it was configured; "
                              f"drop {', '.join('--' + c.replace('_', '-') for c in changed) or '--preset'}")
@@ -213,6 +305,7 @@ def start_run(args, hold):
         data = checkpoint.config["data"]
         dataset, data_meta = load_data(args.data_dir or data.get("data_dir"), data.get("synthetic"))
         check_widths(dataset.train, checkpoint.cfg, args.data_dir or data.get("data_dir") or "the synthetic world")
+        full = dataset
         dataset, split = carve_validation(dataset, settings)
         if (split.record if split else None) != checkpoint.config.get("validation"):
             raise DataError(f"the validation split of the data differs from the one recorded in "
@@ -229,6 +322,10 @@ def start_run(args, hold):
         trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
         trainer.restore(checkpoint)
         old_epochs = checkpoint.config["train"]["epochs"]
+        if settings.epochs != old_epochs and os.path.exists(os.path.join(out, REFIT_DIR, ckpt.CHECKPOINT_NAME)):
+            raise UsageError(f"--epochs {settings.epochs}: the run's refit on all rows ({os.path.join(out, REFIT_DIR)}) "
+                             f"has started on the {old_epochs}-epoch schedule; start a new run to "
+                             f"train longer")
         if settings.epochs != old_epochs and settings.epochs > checkpoint.epoch and trainer.patience_exhausted():
             raise UsageError(f"--epochs {settings.epochs}: the run stopped early at epoch "
                              f"{checkpoint.epoch} (--patience {settings.patience}: no better "
@@ -237,22 +334,25 @@ def start_run(args, hold):
         write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint
         print(f"resuming {out} at epoch {checkpoint.epoch}/{settings.epochs}")
         if settings.epochs != old_epochs:
-            change_epochs(trainer, old_epochs)
-        return trainer
+            with said_for_the_command_line(out):
+                change_epochs(trainer, old_epochs)
+        return trainer, full
     out = fresh_out_dir(args.out)            # refused before reading any data
     dataset, data_meta = load_data(args.data_dir)
-    return new_trainer(args, dataset, data_meta, out)
+    return new_trainer(args, dataset, data_meta, out), dataset
 
 
 def new_trainer(args, dataset, data_meta, out, split=None):
     """A Trainer for a fresh run; ``split``: the validation split of ``dataset``, when
     already carved (the ablation carves it once for all rows)."""
     preset = PRESETS[args.preset]
-    settings = settings_from(args, preset)
+    settings = base_settings(args, preset)
+    full = dataset
     if split is None:
         dataset, split = carve_validation(dataset, settings)
-    else:
+    elif split.train is not full.train:
         dataset = Dataset(train=split.train, tests=dataset.tests)
+    settings = replace(settings, refit=refit_default(args, full, split))
     overrides = {"embed_dim": preset["embed_dim"], **config_overrides(args)}
     cfg = make_config(dataset.train, overrides)
     return make_trainer(dataset, cfg, settings, out, data_meta, split)
@@ -263,47 +363,101 @@ def describe(trainer):
     record = trainer.validation_record
     if record is None:
         val = "no validation split"
+    elif "source" in record:
+        val = (f"validation: {record['source']['dir']} (--val-dir), "
+               + ", ".join(f"{part} {n:,} pairs" for part, n in record["pairs"].items()))
     else:
         parts = [f"unseen {record['pairs']['unseen']:,} pairs of {len(record['held_out_identities'])} "
                  f"held-out identities" if "unseen" in record["pairs"] else None,
                  f"seen {record['pairs']['seen']:,} pairs of held-out rows" if "seen" in record["pairs"] else None]
         val = "validation: " + ", ".join(p for p in parts if p)
     rule = {"val": "the lowest validation EER", "last": "the last epoch",
-            "test": f"the lowest {s.monitor} EER"}[s.select]
+            "test": f"the lowest {list_name(s.monitor)} EER"}[s.select]
     patience = f", patience {s.patience}" if s.patience else ""
+    refit = "; then refit on all training rows (--no-refit: off)" if s.refit else ""
     return (f"data: {trainer.data_meta.get('data_dir', 'built-in synthetic world')} — {len(t):,} "
             f"training pairs, {t.n_classes} identities, face {t.face_dim}-d, voice {t.voice_dim}-d, "
             f"{len(trainer.dataset.tests)} test lists\n"
-            f"{val}; selection: {s.select} ({rule}{patience})\n"
+            f"{val}; selection: {s.select} ({rule}{patience}){refit}\n"
             f"model: {cfg.fusion}, alignment {cfg.alignment}, D {cfg.embed_dim}; "
             f"{s.epochs} epochs, batch {s.batch_size}, lr {s.lr:g}, seed {s.seed}, {s.device}\n"
             f"run folder: {trainer.out_dir}")
 
 
-def finish(trainer):
-    """Evaluate the selected model on every test list, once; write metrics.json
-    (``{"selection": ..., "<split>/<kind>": ...}``) and return it."""
-    epoch, params, buffers, name = trainer.selected_model()
-    results = evaluate(params, buffers, trainer.cfg, trainer.dataset.tests, seed=trainer.settings.seed)
-    metrics = {"selection": trainer.selection_record(), **results}
+def run_to_end(trainer, full, hold, stop_after=None):
+    """Train the run's remaining epochs, then its refit (``settings.refit``) on every
+    training row of ``full``; returns the refit's Trainer (None without a refit), or
+    False when ``stop_after`` stopped the session first. ``hold`` takes the refit
+    folder's lock (the run's own is already held)."""
+    with said_for_the_command_line(trainer.out_dir):
+        done = len(trainer.train(stop_after=stop_after))
+        if not trainer.finished:
+            return False
+        if not trainer.settings.refit:
+            return None
+        refit = refit_trainer(trainer, full)
+        if refit.finished:
+            return refit
+        if refit.epoch == 0:
+            epoch, rows = refit.stop_at, len(full.train)
+            split_s, _ = refit_cost(trainer, refit)
+            per_epoch = split_s / max(1, trainer.epoch) * rows / len(trainer.dataset.train)
+            print(f"\nrefit: epoch {epoch} selected; training the same schedule again on all {rows:,} "
+                  f"training rows up to epoch {epoch} (about {per_epoch * epoch:.0f} s more, the split "
+                  f"run took {split_s:.0f} s); its model is the one reported (--no-refit: off)", flush=True)
+        else:
+            print(f"\nrefit: resuming {refit.out_dir} at epoch {refit.epoch}/{refit.stop_at}", flush=True)
+        hold(folder_lock(refit.out_dir))       # the refit folder too: one writer
+        if refit.saved_epoch is None:
+            first_save(refit)
+        session_left = None if stop_after is None else stop_after - done
+        if session_left is not None and session_left <= 0:
+            return False
+        refit.train(stop_after=session_left)
+        return refit if refit.finished else False
+
+
+def finish(trainer, refit=None):
+    """Evaluate the reported model on every test list, once (the refit's when there is
+    one); write metrics.json (``{"selection": ..., "<split>/<kind>": ...}``) and return it."""
+    selection = trainer.selection_record()
+    if refit is not None:
+        params, buffers, cfg = refit.params, refit.buffers, refit.cfg
+        split_s, refit_s = refit_cost(trainer, refit)
+        selection["refit"] = {"epoch": refit.epoch, "training_rows": len(refit.dataset.train),
+                              "seconds": refit_s, "split_run_seconds": split_s}
+    else:
+        _, params, buffers, _ = trainer.selected_model()
+        cfg = trainer.cfg
+    results = evaluate(params, buffers, cfg, trainer.dataset.tests, seed=trainer.settings.seed)
+    metrics = {"selection": selection, **results}
     write_json(os.path.join(trainer.out_dir, "metrics.json"), metrics)
     return metrics
 
 
 def format_selection(selection, epochs_run, out_dir):
-    """One line: which epoch the rule chose, its validation figures, and the file that holds it."""
+    """Which epoch the rule chose, its validation figures, the refit and its cost, and
+    the file that holds the reported model."""
     val = (f"; validation ({selection['val_part']}) EER {100 * selection['val_eer']:.1f}%, "
            f"AUC {100 * selection['val_auc']:.1f}%" if selection.get("val_eer") is not None else "")
-    test = (f"; {selection['test_list']} EER {100 * selection['test_eer']:.1f}%"
+    test = (f"; {list_name(selection['test_list'])} EER {100 * selection['test_eer']:.1f}%"
             if selection["rule"] == "test" else "")
-    where = "checkpoint.npz" if selection["rule"] == "last" else "best.npz"
-    return (f"selected: epoch {selection['epoch']} of {epochs_run} by rule {selection['rule']}{val}{test} "
+    refit = selection.get("refit")
+    where = "checkpoint.npz" if selection["rule"] == "last" and not refit else "best.npz"
+    line = (f"selected: epoch {selection['epoch']} of {epochs_run} by rule {selection['rule']}{val}{test} "
             f"({os.path.join(out_dir, where)})")
+    if refit:
+        total = refit["split_run_seconds"] + refit["seconds"]
+        line += (f"\nrefit: reported model trained again on all {refit['training_rows']:,} training rows "
+                 f"to epoch {refit['epoch']}; cost {refit['seconds']:.1f} s of training on top of the split "
+                 f"run's {refit['split_run_seconds']:.1f} s "
+                 f"({total / max(refit['split_run_seconds'], 1e-9):.2f}× in all)")
+    return line
 
 
 def train_one(args, hold):
     started = time.perf_counter()
-    trainer = start_run(args, hold)
+    trainer, full = start_run(args, hold)
     print(describe(trainer), flush=True)
     for note in protocol_notes(trainer.dataset.tests):
         print(note, file=sys.stderr, flush=True)
@@ -316,18 +470,22 @@ def train_one(args, hold):
     if args.resume is None:
         hold(folder_lock(trainer.out_dir))   # one writer from the first save on
         check_fresh(trainer.out_dir)         # as it is now, with the lock held
-        first_save(trainer)      # epoch 0: a run that stops early can still be resumed
+        with said_for_the_command_line(trainer.out_dir):
+            first_save(trainer)      # epoch 0: a run that stops early can still be resumed
     try:
-        trainer.train(stop_after=args.stop_after)
+        refit = run_to_end(trainer, full, hold, stop_after=args.stop_after)
     except KeyboardInterrupt:
-        print(f"\nthe checkpoint of epoch {trainer.saved_epoch} is intact; continue with "
+        print(f"\nthe checkpoints written are intact; continue with "
               f"{resume_command(trainer.out_dir)}", file=sys.stderr)
         raise
-    if not trainer.finished:
-        print(f"stopped after epoch {trainer.epoch}/{trainer.settings.epochs}; continue with "
-              f"{resume_command(trainer.out_dir)}")
+    if refit is False:
+        at = f"epoch {trainer.epoch}/{trainer.settings.epochs}"
+        if trainer.finished:
+            state = refit_trainer(trainer, full, log=lambda line: None)
+            at = f"the refit's epoch {state.epoch}/{state.stop_at}"
+        print(f"stopped after {at}; continue with {resume_command(trainer.out_dir)}")
         return
-    results = finish(trainer)
+    results = finish(trainer, refit)
     print()
     print(format_selection(results["selection"], trainer.epoch, trainer.out_dir))
     if trainer.settings.select == "test":
@@ -367,7 +525,7 @@ def train_ablation(args, hold):
     dataset, data_meta = load_data(args.data_dir)
     for note in protocol_notes(dataset.tests):
         print(note, file=sys.stderr, flush=True)
-    settings = settings_from(args, PRESETS[args.preset])
+    settings = base_settings(args, PRESETS[args.preset])
     if settings.select == "test":
         print(f"warning: --select test: {OPTIMISM_WARNING}", file=sys.stderr, flush=True)
     _, split = carve_validation(dataset, settings)     # one split for every row
@@ -386,8 +544,9 @@ def train_ablation(args, hold):
             if key not in trained:      # "gate: product" is the PAEFF row: trained once
                 print(f"\n== {name} ==\n{describe(trainer)}", flush=True)
                 try:
-                    first_save(trainer)
-                    trainer.train()
+                    with said_for_the_command_line(trainer.out_dir):
+                        first_save(trainer)
+                    refit = run_to_end(trainer, dataset, hold)
                 except BaseException:   # Ctrl-C, NaN, a full disk: say what is kept
                     done = ", ".join(sorted({os.path.basename(t) for t in finished_rows})) or "none"
                     print(f"\nthe ablation stopped in row {name!r}; finished rows kept in {base_out}: "
@@ -395,17 +554,18 @@ def train_ablation(args, hold):
                           f"folder can be resumed alone: {resume_command(trainer.out_dir)})",
                           file=sys.stderr, flush=True)
                     raise
-                trained[key] = finish(trainer)
+                trained[key] = finish(trainer, refit)
                 finished_rows.append(trainer.out_dir)
             rows.append((name, trained[key], paper))
         tables.append(rows)
-    table = format_ablation(tables, settings.select)
+    refit = trainer.settings.refit
+    table = format_ablation(tables, settings.select, refit)
     print("\n" + table)
     write_atomically(os.path.join(base_out, "ablation.txt"), lambda f: f.write(table + "\n"), mode="w")
     print(f"\ntotal time {time.perf_counter() - started:.1f}s; runs in {base_out}")
 
 
-def format_ablation(tables, rule="val"):
+def format_ablation(tables, rule="val", refit=False):
     """The rows of each table (a list of ``(name, metrics, paper)``), a blank line between
     tables; each row's selected epoch and its validation EER beside its test figures."""
     lines = [f"{'':<24} {'unseen-unheard':>15} {'seen-heard':>13} {'selected':>15} {'paper (VoxCeleb1)':>19}",
@@ -422,8 +582,9 @@ def format_ablation(tables, rule="val"):
             lines.append(f"{name:<24} {pct(uu, 'eer'):>7} {pct(uu, 'auc'):>7} {pct(sh, 'eer'):>6} "
                          f"{pct(sh, 'auc'):>6} {sel.get('epoch', '–'):>6} {pct(sel, 'val_eer'):>8} "
                          f"{paper_eer or '–':>9} {paper_auc or '–':>9}")
-    lines.append(f"(%; random lists, exact EER/AUC; each row's model selected by rule {rule}"
+    lines.append(f"(%; random lists, exact EER/AUC; each row's epoch selected by rule {rule}"
                  + (", on the test list: optimistic" if rule == "test" else "")
+                 + (", its model trained again on all training rows (refit)" if refit else "")
                  + "; paper: unseen-unheard, Tables 3 and 4)")
     return "\n".join(lines)
 

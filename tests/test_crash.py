@@ -22,7 +22,7 @@ from paeff_np.run.atomic import TEMPORARY_SUFFIX
 from paeff_np.data.synth import make_synthetic, save_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = ["--epochs", "3", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3"]
+TINY_RUN = ["--epochs", "3", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3", "--no-refit"]   # the refit: test_refit.py
 
 # Runs a script with os.replace wrapped: CRASH_BEFORE/CRASH_AFTER=N kill the process just before/after the N-th call
 # that renames into the folder CRASH_IN.

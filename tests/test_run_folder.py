@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import eval as eval_cli    # noqa: E402
 import train as train_cli  # noqa: E402
 
-TINY_RUN = ["--epochs", "3", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3"]
+TINY_RUN = ["--epochs", "3", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3", "--no-refit"]   # the refit: test_refit.py
 
 
 def train(*args):
@@ -475,7 +475,7 @@ def test_ablation_refuses_the_flags_its_rows_set(data_dir, tmp_path, capsys, fla
 
 
 def test_the_resume_hint_can_be_pasted(data_dir, tmp_path, monkeypatch, capsys):
-    from paeff_np.run.training import resume_command
+    from train import resume_command
     assert resume_command("runs/a b") == "python train.py --resume 'runs/a b'"
     assert resume_command("-run") == "python train.py --resume ./-run"
     monkeypatch.chdir(tmp_path)

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import eval as eval_cli    # noqa: E402
 import train as train_cli  # noqa: E402
 
-TINY_RUN = ["--epochs", "5", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3"]
+TINY_RUN = ["--epochs", "5", "--batch-size", "32", "--embed-dim", "16", "--lr", "3e-3", "--no-refit"]   # the refit: test_refit.py
 VAL_EERS = [0.30, 0.20, 0.25, 0.26, 0.22]      # best: epoch 2
 TEST_EERS = [0.40, 0.35, 0.33, 0.31, 0.34]     # best on the test list: epoch 4
 
@@ -208,7 +208,7 @@ def test_test_selects_on_the_test_list_and_says_it_is_optimistic(data_dir, tmp_p
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--select", "test") == 0
     captured = capsys.readouterr()
     assert "warning: --select test:" in captured.err and "optimistic" in captured.err
-    assert "unseenunheard/random EER 31.0% (best)" in captured.out
+    assert "unseen-unheard/random EER 31.0% (best)" in captured.out
     selection = json.load(open(os.path.join(out, "metrics.json")))["selection"]
     assert selection["rule"] == "test" and selection["epoch"] == 4
     assert selection["test_eer"] == 0.31 and selection["val_eer"] == 0.26
@@ -222,7 +222,7 @@ def test_patience_stops_the_run_and_a_resume_stops_there_too(data_dir, tmp_path,
     out = str(tmp_path / "patience")
     assert train("--data-dir", data_dir, *TINY_RUN, "--out", out, "--patience", "2") == 0
     stdout = capsys.readouterr().out
-    assert "early stop: no better validation EER in the 2 epochs since epoch 2 (--patience 2)" in stdout
+    assert "early stop: no better validation EER in the 2 epochs since epoch 2 (patience 2)" in stdout
     assert [r["epoch"] for r in log_of(out)] == [1, 2, 3, 4]          # epoch 5 never ran
     selection = json.load(open(os.path.join(out, "metrics.json")))["selection"]
     assert (selection["epoch"], selection["epochs_run"], selection["stopped_early"]) == (2, 4, True)

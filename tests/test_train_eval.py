@@ -61,16 +61,22 @@ def test_train_writes_its_folder_and_learns(trained):
     results = json.load(open(os.path.join(out, "metrics.json")))
     selection = results.pop("selection")
     best = min(log, key=lambda r: (r["val/unseen/eer"], r["epoch"]))
+    refit = selection.pop("refit")                   # the default: the data has seen-heard lists
     assert selection == {"rule": "val", "epoch": best["epoch"], "val_eer": best["val/unseen/eer"],
                          "val_auc": best["val/unseen/auc"], "val_part": "unseen", "epochs_run": 4}
-    assert ckpt.load(os.path.join(out, "best.npz")).epoch == best["epoch"]
+    reported = ckpt.load(os.path.join(out, "best.npz"))
+    assert reported.epoch == refit["epoch"] == best["epoch"]
+    assert reported.config["refit_of"] == {"epoch": best["epoch"], "rule": "val"}
+    assert refit["training_rows"] == len(make_synthetic(n_identities=100, seed=3, face_dim=512, voice_dim=128,
+                                                        test_rows=400).train)
+    assert f"refit: reported model trained again on all {refit['training_rows']:,} training rows" in stdout
     assert set(results) == {f"{s}/{k}" for s in ("seenheard", "unseenunheard")
                             for k in ("random", "G", "N", "A", "GNA")}
     for r in results.values():
         assert {"eer", "auc", "eer_official", "auc_official"} <= set(r)
     assert results["unseenunheard/random"]["eer"] < 0.42           # chance is 0.5
     assert results["seenheard/random"]["eer"] < results["unseenunheard/random"]["eer"]
-    assert "unseenunheard/random" in stdout and "epoch   4/4" in stdout
+    assert "unseen-unheard/random" in stdout and "epoch   4/4" in stdout   # split names for people
     assert f"selected: epoch {best['epoch']} of 4 by rule val" in stdout
 
 
@@ -88,7 +94,7 @@ def test_eval_reproduces_train_results(trained, data_dir):
         want["unseenunheard/random"]["matching"]["voice_to_face"]["10"]
     rc, stdout, err = run("eval.py", "--checkpoint", os.path.join(out, "checkpoint.npz"),
                           "--data-dir", data_dir)
-    assert rc == 0 and "matching accuracy" in stdout and "unseenunheard/GNA" in stdout
+    assert rc == 0 and "matching accuracy" in stdout and "unseen-unheard/GNA" in stdout
 
 
 def test_resume_equals_straight_run_bit_for_bit(trained, data_dir, tmp_path):

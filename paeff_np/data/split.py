@@ -124,3 +124,39 @@ def _verification_list(rng, train, rows):
     voice_at = np.where(np.arange(n) % 2 == 0, positive, negative)
     return TestList(face=train.face[rows[face_at]], voice=train.voice[rows[voice_at]],
                     ids=np.stack([labels[face_at], labels[voice_at]], axis=1))
+
+
+VAL_FILE_NAMES = ("faceVal.csv", "voiceVal.csv")   # --val-dir: the training files' layout
+
+
+def validation_from_rows(train: TrainSet, val: TrainSet, seed: int = 0, source: dict | None = None
+                         ) -> ValidationSplit:
+    """Validation lists from a separate validation set ``val`` (faceVal.csv/voiceVal.csv,
+    read like the training files): nothing is carved from ``train``, which is
+    returned whole. A ``val`` row whose label is a training label goes to the *seen*
+    part, any other to the *unseen* part (VoxCeleb1's validation identities are all
+    unseen); each part is built as ``split_validation`` builds its lists, from the same
+    random stream, and must hold ``MIN_VALIDATION_PAIRS`` pairs of two identities,
+    else it is left out. ``source`` (JSON-ready: the folder and the files' digest)
+    goes into the record."""
+    if (val.face_dim, val.voice_dim) != (train.face_dim, train.voice_dim):
+        raise SplitError(f"{(source or {}).get('dir', 'the validation set')}: features are "
+                         f"{val.face_dim}/{val.voice_dim} wide (face/voice), the training files' "
+                         f"are {train.face_dim}/{train.voice_dim}")
+    rng = np.random.default_rng([seed, SPLIT_STREAM, 0])
+    seen = np.isin(np.asarray(val.label_values)[val.labels], np.asarray(train.label_values))
+    lists, sizes = {}, {}
+    for part, mask in (("unseen", ~seen), ("seen", seen)):
+        n_ids = len(np.unique(val.labels[mask]))
+        sizes[part] = (int(mask.sum()), n_ids)
+        if mask.sum() >= MIN_VALIDATION_PAIRS and n_ids >= 2:
+            lists[part] = _verification_list(rng, val, np.flatnonzero(mask))
+    if not lists:
+        (n_u, ids_u), (n_s, ids_s) = sizes["unseen"], sizes["seen"]
+        raise SplitError(f"{(source or {}).get('dir', 'the validation set')}: {n_u} rows of {ids_u} "
+                         f"identities not in training and {n_s} rows of {ids_s} training identities; "
+                         f"a validation part needs {MIN_VALIDATION_PAIRS} rows of two identities or more")
+    record = dict(source=dict(source or {}), seed=int(seed),
+                  pairs={part: len(lst) for part, lst in lists.items()},
+                  training_rows=len(train))
+    return ValidationSplit(train=train, lists=lists, record=record)

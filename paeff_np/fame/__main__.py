@@ -29,9 +29,8 @@ from ..run import checkpoint as ckpt
 from ..run.atomic import LOCK_NAME, TEMPORARY_SUFFIX, folder_lock, write_atomically, write_json
 from ..run.cli import CONFIG_FLAGS, device_flag, make_config, positive_int, remove_leftovers, run
 from ..run.evaluation import l2_scores
-from ..run.training import (TrainingDiverged, Trainer, TrainSettings, checkpoint_settings,
-                            resume_command)
-from ..run.validate import validate_hyperparameters
+from ..run.training import SaveFailed, TrainingDiverged, Trainer, TrainSettings, checkpoint_settings
+from ..run.validate import AS_FLAGS, validate_hyperparameters
 from ..usage import ArgumentParser, UsageError
 from . import protocol as fame
 from .world import make_fame_world
@@ -227,9 +226,11 @@ def train_all(trainers, argv):
             print(f"\nthe checkpoint of epoch {trainer.saved_epoch} in {trainer.out_dir} is intact; to "
                   f"continue, {again_command(argv)}", file=sys.stderr)
             raise
-        except (ckpt.CheckpointError, TrainingDiverged) as exc:
-            # the trainer's hint names train.py --resume; a FAME run continues with its own command
-            raise type(exc)(str(exc).replace(resume_command(trainer.out_dir), again_command(argv))) from None
+        except SaveFailed as exc:          # a FAME run continues with its own command
+            hint = f": free space, then {again_command(argv)}" if exc.intact_epoch is not None else ""
+            raise ckpt.CheckpointError(f"{exc}{hint}") from None
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(exc.describe(AS_FLAGS)) from None
 
 
 def score_all(protocol, trainers):

@@ -13,6 +13,14 @@ from ..model import embed
 
 EMBED_CHUNK = 4096
 DIRECTION_LABELS = {"voice_to_face": "V→F", "face_to_voice": "F→V"}   # probe → gallery
+# the test splits as tables and plots print them; files and metrics.json keep the raw names
+SPLIT_NAMES = {"seenheard": "seen-heard", "unseenunheard": "unseen-unheard"}
+
+
+def list_name(key):
+    """``"seen-heard/random"`` for the key ``"seenheard/random"`` (a split alone too)."""
+    split, sep, kind = key.partition("/")
+    return SPLIT_NAMES.get(split, split) + sep + kind
 
 
 def embedded_chunks(params, buffers, face, voice, cfg, chunk=EMBED_CHUNK):
@@ -129,7 +137,7 @@ def format_results(results, n_cs_shown=(2, 10)):
     lines = [f"{'test list':<22} {'EER':>6} {'AUC':>6} {'EER*':>6} {'AUC*':>6}"]
     pct = lambda r, k: f"{100 * r[k]:6.1f}" if k in r else f"{'–':>6}"
     for key, r in results.items():
-        lines.append(f"{key:<22} {pct(r, 'eer')} {pct(r, 'auc')} {pct(r, 'eer_official')} {pct(r, 'auc_official')}")
+        lines.append(f"{list_name(key):<22} {pct(r, 'eer')} {pct(r, 'auc')} {pct(r, 'eer_official')} {pct(r, 'auc_official')}")
     lines.append("(%; EER/AUC exact from the ROC, * = official 10-fold protocol; – = list too short)")
     matching = [(k, r["matching"]) for k, r in results.items() if "matching" in r]
     if matching:

@@ -1,14 +1,17 @@
 """The training loop that ``train.py`` calls: epochs, progress, NaN guard,
-checkpoints every epoch, resume.
+checkpoints every epoch, resume, model selection and the refit.
 
 Randomness is a pure function of ``(seed, epoch)``: the shuffle of epoch e
 uses ``default_rng([seed, e, 0])`` and its dropout ``[seed, e, 1]``. A run
 resumed from the checkpoint of epoch e therefore continues exactly as the
 uninterrupted run would: bit for bit on the CPU.
 
-Each epoch ends with one save (``checkpoint.save``): the ``.npz`` is the
-commit point and carries the per-epoch records too, so ``metrics.jsonl`` is
-rewritten from it and always agrees with the checkpoint after a resume.
+Two classes: ``Trainer`` is the epoch loop (the model, the optimizer, the
+data, the records); ``RunFolder`` holds the commit points of its folder and
+their repair after a kill. Each epoch ends with one save: the checkpoint's
+``.npz`` is the commit point and carries the per-epoch records too, so
+``metrics.jsonl`` is rewritten from it and always agrees with the checkpoint
+after a resume.
 
 Model selection (``TrainSettings.select``, README "Model selection"):
 
@@ -30,25 +33,43 @@ the checkpoint then holds the selected model, and ``restore`` rewrites
 ``patience`` stops a run whose validation EER has not improved for that many
 epochs; that too is read from the records, so a resumed run stops where the
 straight one did.
+
+**The refit** (``TrainSettings.refit``): a split keeps its held-out identities
+and rows out of training, and the seen-heard test lists show training
+identities, so the model selected on the split has not trained on about 10%
+of the people those lists show. After the run, ``refit_trainer`` trains the
+same schedule again on every training row (no split, rule ``last``), in the
+subfolder ``refit/``, and stops at the epoch e* the run selected; its model of
+epoch e* is committed over the run's ``best.npz``, marked ``refit_of``. The
+refit is an ordinary run folder with the same commit points: a kill before the
+commit of epoch e* leaves the split run's ``best.npz`` (still a whole,
+evaluable model) and a refit that ``--resume`` continues; a kill between the
+refit's checkpoint of epoch e* and the ``best.npz`` commit leaves a refit
+checkpoint that is itself the reported model, and ``restore`` rewrites
+``best.npz`` from it, as above. Its model is the one a run on all rows
+(``val_identities = val_rows = 0``) stopped at e* gives, bit for bit.
+
+Messages name the settings' fields (``batch_size = 256``, ``lr = 0.001``:
+``domains.FieldError`` and ``TrainingDiverged.describe``); a command line says
+them as its flags, and adds how to continue a run (``SaveFailed``).
 """
 import json
 import math
 import os
-import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
 from ..backend import array_module, default_rng, to_device
-from ..domains import (FRACTION, NON_NEGATIVE, POSITIVE, STRING, JointRule, check_fields, check_known, integer,
-                       one_of)
-from .evaluation import embed_rows, validation_figures
+from ..domains import (FRACTION, NON_NEGATIVE, NO_VALUE, POSITIVE, STRING, BOOLEAN, Domain, FieldError,
+                       JointRule, check_fields, check_known, integer, one_of)
+from .evaluation import embed_rows, list_name, validation_figures
 from ..flat import flatten
 from ..metrics import pair_distances, verification
-from ..model import init_params, loss_and_grads
+from ..model import Config, init_params, loss_and_grads
 from ..optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
@@ -67,7 +88,25 @@ NO_SELECTION = dict(val_identities=0.0, val_rows=0.0, select="last")
 
 class TrainingDiverged(Exception):
     """The loss, a parameter or a BatchNorm statistic became NaN or Inf; the last
-    good checkpoint is left as it was."""
+    good checkpoint is left as it was. ``message`` is a template over the settings
+    and Config fields that can cause it (``values``, as in ``domains.FieldError``);
+    ``describe(namer)`` says them a caller's way (``--lr 0.001``)."""
+
+    def __init__(self, message, values=None):
+        self.message, self.values = message, dict(values or {})
+        super().__init__(self.describe())
+
+    def describe(self, namer=None):
+        return FieldError(self.message, self.values).describe(namer)
+
+
+class SaveFailed(ckpt.CheckpointError):
+    """A save could not be written (a full disk); ``intact_epoch`` is the epoch whose
+    checkpoint is whole on disk (None: none was written)."""
+
+    def __init__(self, message, intact_epoch):
+        super().__init__(message)
+        self.intact_epoch = intact_epoch
 
 
 @dataclass
@@ -88,6 +127,8 @@ class TrainSettings:
     val_rows: float = 0.05        # fraction of the other identities' rows held out (seen part); 0: off
     select: str = "val"           # SELECTION_RULES
     patience: int = 0             # stop after this many epochs without a better validation EER; 0: never
+    refit: bool = False           # after the run, train again on all rows up to the selected epoch
+    val_dir: str = ""             # validation lists from this folder's faceVal/voiceVal.csv ("": the split)
 
     # each field's domain and the rules that join fields (paeff_np/domains.py): the one
     # home of these checks, read by the command lines and the checkpoint reader too
@@ -96,18 +137,21 @@ class TrainSettings:
         "weight_decay": NON_NEGATIVE, "eta_min": NON_NEGATIVE,
         "device": one_of(("cpu", "cuda")), "dtype": one_of(("float32", "float64")), "monitor": STRING,
         "val_identities": FRACTION, "val_rows": FRACTION, "select": one_of(SELECTION_RULES),
-        "patience": integer(0),
+        "patience": integer(0), "refit": BOOLEAN,
+        "val_dir": Domain(lambda v: isinstance(v, str), "a folder name (empty: none)"),
     }
     JOINT_RULES = (
         JointRule(("lr", "eta_min"), lambda v: v["lr"] > v["eta_min"],
                   "{lr}: the learning rate must be above the cosine schedule's floor {eta_min}, "
                   "or it would rise instead of decay"),
         JointRule(("select", "val_identities", "val_rows"),
-                  lambda v: v["select"] != "val" or v["val_identities"] > 0 or v["val_rows"] > 0,
+                  lambda v: v["select"] != "val" or v["val_identities"] > 0 or v["val_rows"] > 0
+                  or bool(v.get("val_dir")),
                   "{select} needs a validation split, but it is off ({val_identities}, {val_rows}): "
                   "turn one on, or choose another selection rule"),
         JointRule(("patience", "val_identities", "val_rows"),
-                  lambda v: not v["patience"] or v["val_identities"] > 0 or v["val_rows"] > 0,
+                  lambda v: not v["patience"] or v["val_identities"] > 0 or v["val_rows"] > 0
+                  or bool(v.get("val_dir")),
                   "{patience} watches the validation EER, but the split is off ({val_identities}, "
                   "{val_rows}): turn one on"),
     )
@@ -121,7 +165,10 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d, where="TrainSettings"):
         """Settings read back from a checkpoint's ``train`` section: every field there,
-        none unknown, each in its domain; else ``FieldError``."""
+        none unknown, each in its domain; else ``FieldError``. A checkpoint written
+        before the refit and --val-dir existed lacks their two fields: they take the
+        values of that run's behaviour (no refit, no validation folder)."""
+        d = {"refit": False, "val_dir": "", **d}
         check_known(d, cls.DOMAINS, where)
         return cls(**d)
 
@@ -133,31 +180,119 @@ def _epoch_batches(n, batch_size, seed, epoch):
     return order[: n_full * batch_size].reshape(n_full, batch_size)
 
 
+class RunFolder:
+    """The commit points of one run folder, in their order, and their repair.
+
+    A save renames ``checkpoint.npz`` into ``out_dir`` (the commit point of the
+    epoch); then, when the epoch is the one the run reports, ``best.npz`` into
+    ``best_dir`` (the run's own folder; the run's parent for a refit), the second
+    commit point; then ``metrics.jsonl``, a copy of the records. ``repair_best``
+    finds where a kill left ``best.npz`` and rewrites it when it lags one commit
+    behind (see the module doc)."""
+
+    def __init__(self, out_dir, best_dir=None, log=print):
+        self.out_dir, self.best_dir, self.log = out_dir, best_dir or out_dir, log
+        self.saved_epoch = None        # the epoch of the checkpoint on disk (None: none yet)
+        self.best_saved_epoch = None   # the epoch of this run's best.npz on disk (None: none)
+        self.best_superseded = False   # best.npz holds the refit's model, which replaced this run's
+
+    @property
+    def best_path(self):
+        return os.path.join(self.best_dir, BEST_NAME)
+
+    def save(self, run):
+        """Commit the checkpoint of ``run.epoch``; then best.npz if ``run`` reports this
+        epoch; then rewrite metrics.jsonl. An OSError (a full disk) becomes ``SaveFailed``:
+        one line naming the file and the epoch whose checkpoint is intact."""
+        try:
+            ckpt.save(self.out_dir, run.params, run.buffers, run.cfg, epoch=run.epoch,
+                      optimizer=run.opt, label_values=run.dataset.train.label_values, meta=run.meta(),
+                      history=run.history)
+            self.saved_epoch = run.epoch
+            if not self.best_superseded and run.epoch > 0 and \
+                    run.reported_epoch() == run.epoch != self.best_saved_epoch:
+                self.save_best(run)                 # second commit: see the module doc
+            write_metrics_log(self.out_dir, run.history)
+        except OSError as exc:
+            epoch = self._intact_epoch()
+            intact = (f"no checkpoint was written in {self.out_dir}" if epoch is None else
+                      f"the checkpoint of epoch {epoch} in {self.out_dir} is intact")
+            raise SaveFailed(f"cannot write {exc.filename}: {exc.strerror or exc}; {intact}", epoch) from None
+
+    def save_best(self, run):
+        """Commit best.npz (and best.json): the model of ``run.epoch``, which it reports."""
+        ckpt.save(self.best_dir, run.params, run.buffers, run.cfg, epoch=run.epoch,
+                  label_values=run.dataset.train.label_values, meta=run.meta(),
+                  history=run.history, name=BEST_NAME)
+        self.best_saved_epoch = run.epoch
+
+    def _intact_epoch(self):
+        try:
+            return ckpt.load(self.out_dir).epoch
+        except ckpt.CheckpointError:
+            return None
+
+    def repair_best(self, run, checkpoint):
+        """After ``run`` restored ``checkpoint``: find best.npz's epoch, and rewrite it from
+        the checkpoint when a kill left it one commit behind. A best.npz of the other
+        kind (the split run's under a refit, the refit's under its split run) is not
+        this run's: the refit's replaces the split run's at the refit's last commit."""
+        best = ckpt.load(self.best_path) if os.path.exists(self.best_path) else None
+        if best is not None:              # a damaged one (never a kill: see atomic.py) is refused
+            if (best.config.get("refit_of") is not None) == (run.refit_of is not None):
+                ckpt.check_same_run(best, checkpoint)
+                self.best_saved_epoch = best.epoch
+            elif run.refit_of is None:
+                self.best_superseded = True   # the split run is finished; its refit reports
+                return
+        target = run.reported_epoch()
+        if target is None or target == self.best_saved_epoch:
+            return
+        if target != run.epoch:
+            held = "is missing" if self.best_saved_epoch is None else f"holds epoch {self.best_saved_epoch}"
+            raise ckpt.CheckpointError(
+                f"{self.best_path} {held}, but the {'refit reports' if run.refit_of else 'run selects'} "
+                f"epoch {target}, whose model is in neither file (was {BEST_NAME} replaced or deleted?)")
+        held = "was missing" if best is None else (
+            f"held epoch {self.best_saved_epoch}" if self.best_saved_epoch is not None
+            else "held the model selected on the split")
+        whose = (f"the refit's checkpoint has reached its epoch {target}" if run.refit_of else
+                 f"the checkpoint selects its own epoch {target}")
+        self.log(f"note: {BEST_NAME} {held} (a save cut short); {whose}: {BEST_NAME} is rewritten from it")
+        self.save_best(run)
+
+
 class Trainer:
-    """Holds the model, optimizer and data of one run and writes its folder.
+    """The epoch loop of one run: the model, optimizer, data and records; its
+    folder's commit points are ``self.folder`` (a ``RunFolder``).
 
     ``dataset.train`` is what is trained on; ``validation`` (a
-    ``data.split.ValidationSplit`` made from the full training set with
-    ``settings.val_identities``, ``val_rows`` and ``seed``, or None) gives the
-    validation lists and the record the checkpoint keeps."""
+    ``data.split.ValidationSplit``, or None) gives the validation lists and the
+    record the checkpoint keeps. ``refit_of`` (``{"epoch": e, "rule": r}``) makes
+    it the refit of a run (``refit_trainer``): it stops at epoch e and commits
+    that epoch's model as ``best_dir``/best.npz."""
 
-    def __init__(self, dataset, cfg, settings, out_dir, data_meta=None, log=print, validation=None):
+    def __init__(self, dataset, cfg, settings, out_dir, data_meta=None, log=print, validation=None,
+                 refit_of=None, best_dir=None):
         self.dataset, self.cfg, self.settings = dataset, cfg, settings
         self.out_dir, self.log = out_dir, log
         self.data_meta = data_meta or {}
+        self.refit_of = refit_of
+        self.stop_at = settings.epochs if refit_of is None else refit_of["epoch"]
+        self.folder = RunFolder(out_dir, best_dir, log)
         self.xp = array_module(settings.device)
         train = dataset.train
         if len(train) < settings.batch_size:
-            raise ValueError(f"the training set has {len(train)} pairs, fewer than one batch "
-                             f"of {settings.batch_size}: lower --batch-size")
+            raise FieldError(f"the training set has {len(train)} pairs, fewer than one batch "
+                             f"({{batch_size}})", {"batch_size": settings.batch_size})
         lists = validation.lists if validation is not None else {}
         if not lists and (settings.select == "val" or settings.patience):
             field = "select = val" if settings.select == "val" else f"patience = {settings.patience}"
             raise ValueError(f"{field} needs a validation split, but none was given "
                              f"(data.split.split_validation makes one from the settings' fractions)")
         if settings.select == "test" and settings.monitor not in dataset.tests:
-            raise ValueError(f"--select test selects on the test list {settings.monitor}, "
-                             f"which the data does not have")
+            raise FieldError(f"{{select}} selects on the test list {settings.monitor}, "
+                             f"which the data does not have", {"select": settings.select})
         dtype = np.dtype(settings.dtype)
         # the whole training set lives on the device; batches are gathered there
         self.face = self.xp.asarray(train.face, dtype=dtype)
@@ -168,16 +303,19 @@ class Trainer:
                                   lst.same) for part, lst in lists.items()}
         self.validation_record = validation.record if validation is not None else None
         self.val_key = f"val/{'unseen' if 'unseen' in lists else 'seen'}/eer" if lists else None
-        self.best_saved_epoch = None   # the epoch of best.npz on disk (None: none)
         params, buffers = init_params(cfg, seed=settings.seed, dtype=dtype)
         # parameters are views into one flat buffer: AdamW updates it in one pass
         _, self.params = flatten({k: to_device(v, settings.device) for k, v in params.items()})
         self.buffers = {k: to_device(v, settings.device) for k, v in buffers.items()}
         self.opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch = 0           # epochs completed
-        self.saved_epoch = None  # the epoch of the checkpoint on disk (None: none yet)
         self.history = []        # one log record per completed epoch
         self.epochs_changed = []  # --resume with another --epochs: {"at_epoch", "from", "to"}
+
+    # the folder's state, read where the run is reported on
+    saved_epoch = property(lambda self: self.folder.saved_epoch)
+    best_saved_epoch = property(lambda self: self.folder.best_saved_epoch)
+    best_path = property(lambda self: self.folder.best_path)
 
     def restore(self, checkpoint):
         """Continue from a loaded checkpoint (its params, buffers, optimizer, epoch)."""
@@ -187,40 +325,27 @@ class Trainer:
         self.buffers = {k: to_device(v, dev) for k, v in checkpoint.buffers.items()}
         if checkpoint.optimizer is not None:
             self.opt.load_state_dict(*checkpoint.optimizer, device=dev)
-        self.epoch = self.saved_epoch = checkpoint.epoch
+        self.epoch = self.folder.saved_epoch = checkpoint.epoch
         self.history = list(checkpoint.history if checkpoint.history is not None
                             else read_metrics_log(self.out_dir, checkpoint.epoch))
         self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
-        self._restore_best(checkpoint)
+        self.folder.repair_best(self, checkpoint)
 
-    @property
-    def best_path(self):
-        return os.path.join(self.out_dir, BEST_NAME)
-
-    def _restore_best(self, checkpoint):
-        """Find best.npz's epoch; rewrite it from the restored ``checkpoint`` when a kill
-        left it one selection behind (see the module doc)."""
-        if os.path.exists(self.best_path):      # a damaged one (never a kill: see atomic.py) is refused
-            best = ckpt.load(self.best_path)
-            ckpt.check_same_run(best, checkpoint)
-            self.best_saved_epoch = best.epoch
-        best = self.selected_epoch()
-        if self.settings.select == "last" or best is None or best == self.best_saved_epoch:
-            return
-        if best != self.epoch:
-            held = "is missing" if self.best_saved_epoch is None else f"holds epoch {self.best_saved_epoch}"
-            raise ckpt.CheckpointError(
-                f"{self.best_path} {held}, but the run selects epoch {best}, whose model is in "
-                f"neither file (was {BEST_NAME} replaced or deleted?)")
-        held = "was missing" if self.best_saved_epoch is None else f"held epoch {self.best_saved_epoch}"
-        self.log(f"note: {BEST_NAME} {held} (a save cut short); the checkpoint selects its own "
-                 f"epoch {best}: {BEST_NAME} is rewritten from it")
-        self._save_best()
+    def save(self):
+        """Commit this epoch (``RunFolder.save``)."""
+        self.folder.save(self)
 
     def selected_epoch(self, history=None):
         """The epoch ``settings.select`` picks among ``history`` (default: the run's); None before any."""
         return selected_epoch(self.history if history is None else history, self.settings.select,
                               self.selection_key())
+
+    def reported_epoch(self):
+        """The epoch whose model best.npz keeps: the selected one (none under rule
+        last); for a refit, its last epoch once reached."""
+        if self.refit_of is not None:
+            return self.stop_at if self.epoch >= self.stop_at else None
+        return None if self.settings.select == "last" else self.selected_epoch()
 
     def selection_key(self):
         """The record field the rule minimises: a validation EER, or the monitored test EER."""
@@ -232,48 +357,16 @@ class Trainer:
         best = selected_epoch(self.history, "val", self.val_key) if patience else None
         return best is not None and self.epoch - best >= patience
 
-    def _meta(self):
+    def meta(self):
+        """The metadata every save of this run records beside the arrays."""
         meta = dict(train=self.settings.to_dict(), data=self.data_meta)
         if self.validation_record is not None:
             meta["validation"] = self.validation_record
         if self.epochs_changed:
             meta["epochs_changed"] = self.epochs_changed
+        if self.refit_of is not None:
+            meta["refit_of"] = self.refit_of
         return meta
-
-    def _save_best(self):
-        """Commit best.npz (and best.json): the model of this epoch, which the run selects."""
-        ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
-                  label_values=self.dataset.train.label_values, meta=self._meta(),
-                  history=self.history, name=BEST_NAME)
-        self.best_saved_epoch = self.epoch
-
-    def save(self):
-        """Commit the checkpoint of ``self.epoch``; then best.npz if this epoch is the one
-        selected; then rewrite metrics.jsonl from the checkpoint.
-
-        An OSError (a full disk) becomes one line naming the file, the epoch
-        whose checkpoint is intact, and how to resume."""
-        try:
-            ckpt.save(self.out_dir, self.params, self.buffers, self.cfg, epoch=self.epoch,
-                      optimizer=self.opt, label_values=self.dataset.train.label_values, meta=self._meta(),
-                      history=self.history)
-            self.saved_epoch = self.epoch
-            if self.settings.select != "last" and self.epoch > 0 and \
-                    self.selected_epoch() == self.epoch != self.best_saved_epoch:
-                self._save_best()                 # second commit: see the module doc
-            write_metrics_log(self.out_dir, self.history)
-        except OSError as exc:
-            raise ckpt.CheckpointError(f"cannot write {exc.filename}: {exc.strerror or exc}; "
-                                       f"{self._intact_checkpoint()}") from None
-
-    def _intact_checkpoint(self):
-        """What a failed save left: the checkpoint on disk and how to continue."""
-        try:
-            epoch = ckpt.load(self.out_dir).epoch
-        except ckpt.CheckpointError:
-            return f"no checkpoint was written in {self.out_dir}"
-        return (f"the checkpoint of epoch {epoch} in {self.out_dir} is intact: free space, then "
-                f"continue with {resume_command(self.out_dir)}")
 
     def run_epoch(self):
         """One pass over the shuffled training set; returns the epoch's log record."""
@@ -297,12 +390,14 @@ class Trainer:
         seconds = time.perf_counter() - start
         record.update(epoch=epoch + 1, lr=lr, seconds=seconds,
                       samples_per_s=len(batches) * settings.batch_size / seconds)
-        untouched = f"the last good checkpoint (epoch {epoch}) in {self.out_dir} is untouched"
+        untouched = (f"the last good checkpoint (epoch {epoch}) in {self.out_dir} is untouched"
+                     .replace("{", "{{").replace("}", "}}"))      # the messages are templates
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(
-                f"the loss became {record['loss']} in epoch {epoch + 1} (is --lr {settings.lr:g} "
-                f"too high, or --temperature, --curvature, --opl-gamma or --loss-weights "
-                f"too extreme?); {untouched}")
+                f"the loss became {record['loss']} in epoch {epoch + 1} (is {{lr}} too high, or "
+                f"{{temperature}}, {{curvature}}, {{opl_gamma}} or {{loss_weights}} too extreme?); {untouched}",
+                {"lr": settings.lr, **dict.fromkeys(("temperature", "curvature", "opl_gamma", "loss_weights"),
+                                                    NO_VALUE)})
         state = [*self.params.values(), *self.buffers.values()]
         if not bool(xp.stack([xp.isfinite(a).all() for a in state]).all()):   # one sync
             bad = next(k for k, a in [*self.params.items(), *self.buffers.items()]
@@ -333,11 +428,11 @@ class Trainer:
         settings = self.settings
         records, started = [], time.perf_counter()
         first = self.epoch
-        last = settings.epochs if stop_after is None else min(settings.epochs, first + stop_after)
+        last = self.stop_at if stop_after is None else min(self.stop_at, first + stop_after)
         while self.epoch < last and not self.patience_exhausted():
             record = self.run_epoch()
             record.update(self.validate())
-            if settings.select == "test":
+            if settings.select == "test" and self.refit_of is None:
                 record[f"{settings.monitor}/eer"] = self.monitor_eer()
             self.history.append(record)
             self.save()
@@ -346,17 +441,19 @@ class Trainer:
             left = elapsed / (self.epoch - first) * (last - self.epoch)
             self.log(format_progress(record, settings.epochs, left, self.val_key,
                                      settings.monitor if settings.select == "test" else None,
-                                     best=settings.select != "last" and self.selected_epoch() == self.epoch))
+                                     best=self.refit_of is None and settings.select != "last"
+                                     and self.selected_epoch() == self.epoch,
+                                     prefix="refit " if self.refit_of is not None else ""))
         if self.patience_exhausted() and self.epoch < settings.epochs and records:
             best = selected_epoch(self.history, "val", self.val_key)
             self.log(f"early stop: no better validation EER in the {self.epoch - best} epochs "
-                     f"since epoch {best} (--patience {settings.patience})")
+                     f"since epoch {best} (patience {settings.patience})")
         return records
 
     @property
     def finished(self):
-        """All epochs done, or stopped early by ``patience``."""
-        return self.epoch >= self.settings.epochs or self.patience_exhausted()
+        """All epochs done (a refit: its epoch reached), or stopped early by ``patience``."""
+        return self.epoch >= self.stop_at or self.patience_exhausted()
 
     def selected_model(self):
         """``(epoch, params, buffers, file)`` of the model ``settings.select`` picks: the
@@ -393,10 +490,45 @@ class Trainer:
         return out
 
 
-def resume_command(out_dir):
-    """``python train.py --resume DIR``, ready to paste: quoted for the shell, and a
-    folder name that begins with "-" written as ./-name, which no flag parser misreads."""
-    return f"python train.py --resume {shlex.quote(('./' if out_dir.startswith('-') else '') + out_dir)}"
+REFIT_DIR = "refit"
+
+
+def refit_settings(settings):
+    """The refit's settings: the run's schedule, no split, rule last, no patience."""
+    return replace(settings, **NO_SELECTION, patience=0, refit=False, val_dir="")
+
+
+def refit_trainer(run, full, log=print):
+    """The refit of the finished ``run`` (see the module doc): the same schedule on every
+    training row of ``full`` (the dataset before the split), in ``run.out_dir/refit``,
+    stopping at the epoch ``run`` reports. It continues the refit's own checkpoint when
+    one exists; one made for another epoch, model or schedule is refused."""
+    epoch = run.selected_epoch() or run.epoch
+    refit_of = {"epoch": epoch, "rule": run.settings.select}
+    settings = refit_settings(run.settings)
+    cfg = Config.from_dict({**run.cfg.to_dict(), "n_classes": full.train.n_classes})
+    out = os.path.join(run.out_dir, REFIT_DIR)
+    trainer = Trainer(full, cfg, settings, out, run.data_meta, log=log, refit_of=refit_of,
+                      best_dir=run.out_dir)
+    if os.path.exists(os.path.join(out, ckpt.CHECKPOINT_NAME)):
+        checkpoint = ckpt.load(out)
+        same = (checkpoint.config.get("refit_of") == refit_of and checkpoint.cfg == cfg
+                and checkpoint.config["train"] == settings.to_dict() and checkpoint.epoch <= epoch
+                and (checkpoint.label_values is None
+                     or list(checkpoint.label_values) == list(full.train.label_values)))
+        if not same:
+            raise ckpt.CheckpointError(
+                f"{checkpoint.path}: not the refit of the run in {run.out_dir} (it records "
+                f"{json.dumps(checkpoint.config.get('refit_of'))}, the run needs {json.dumps(refit_of)} "
+                f"with its model and schedule)")
+        trainer.restore(checkpoint)
+    return trainer
+
+
+def refit_cost(run, refit):
+    """``(split run's training seconds, refit's)``, from their records."""
+    seconds = lambda trainer: sum(r.get("seconds", 0.0) for r in trainer.history)
+    return seconds(run), seconds(refit)
 
 
 def checkpoint_settings(checkpoint):
@@ -447,18 +579,18 @@ def read_metrics_log(out_dir, epochs):
     return [r for r in records if r.get("epoch", 0) <= epochs]
 
 
-def format_progress(r, total, seconds_left, val_key=None, monitor=None, best=False):
+def format_progress(r, total, seconds_left, val_key=None, monitor=None, best=False, prefix=""):
     """One epoch's line: losses, speed, the validation EER (and the monitored test
     EER under ``--select test``); ``best`` marks the epoch selected so far."""
     eer_text = ""
     if val_key and val_key in r:
         eer_text += f"  val {val_key.split('/')[1]} EER {100 * r[val_key]:4.1f}%"
     if monitor and f"{monitor}/eer" in r:
-        eer_text += f"  {monitor} EER {100 * r[f'{monitor}/eer']:4.1f}%"
+        eer_text += f"  {list_name(monitor)} EER {100 * r[f'{monitor}/eer']:4.1f}%"
     if best:
         eer_text += " (best)"
     fixed = lambda x, places: f"{x:.{places}f}" if abs(x) < 1e6 else f"{x:.{places}e}"
-    return (f"epoch {r['epoch']:>3}/{total}  loss {fixed(r['loss'], 4)} (align {fixed(r['align'], 3)} "
+    return (f"{prefix}epoch {r['epoch']:>3}/{total}  loss {fixed(r['loss'], 4)} (align {fixed(r['align'], 3)} "
             f"opl {fixed(r['opl'], 3)} ce {fixed(r['ce'], 3)})  lr {r['lr']:.2e}  "
             f"{r['samples_per_s']:,.0f} samples/s{eer_text}  {r['seconds']:.1f}s, "
             f"~{seconds_left:.0f}s left")
