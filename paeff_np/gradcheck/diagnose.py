@@ -69,6 +69,9 @@ def describe_input(check):
     if check.directions:
         lines.append(f"    directional errors (|⟨a,v⟩ − d| / ‖a‖₂, random v): "
                      + ", ".join(f"{e:.1e}" for e in check.directions))
+    if check.directions and check.checked and not check.off and max(check.directions) > check.tolerance:
+        lines.append("    the directions fail while the sampled entries pass: the error sits on a few "
+                     "entries (or is small everywhere); check without fast=True to locate it")
     if check.inconclusive_directions:
         lines.append(f"    {check.inconclusive_directions} directions crossed kinks everywhere: not judged")
     lines += [f"    hint: {h}" for h in check.hints]
