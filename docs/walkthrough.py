@@ -1,6 +1,7 @@
 """A runnable walk-through of docs/math.md: it prints what it checks and draws the figures.
 
-    python docs/walkthrough.py --out DIR
+    python docs/walkthrough.py --out DIR       (prints, and draws the figures into DIR)
+    python docs/walkthrough.py --print-only    (prints only; no matplotlib needed)
 
 Every number it prints is computed here, from the library itself; every figure
 it writes is one that docs/math.md shows (the committed copies live in
@@ -87,7 +88,7 @@ def fd_error_against_h():
     params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
     face, voice, labels = small_batch()
     key, idx = "res_mix.weight", (2, 3)
-    _, _, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
+    loss, terms, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
     exact = float(grads[key][idx])
     x0 = float(params[key][idx])
 
@@ -109,6 +110,11 @@ def fd_error_against_h():
           f"  at h = 1e-6: {np.interp(-6, np.log10(hs), err2):.1e}")
     print(f"  4th order: best {err4.min():.1e} at h = {hs[err4.argmin()]:.0e};"
           f"  at h = 1e-5: {np.interp(-5, np.log10(hs), err4):.1e}")
+    eps = np.finfo(np.float64).eps
+    print(f"  the loss f = L = {float(loss):.2f} (L_A = {float(terms['align']):.2f}, L_OP = "
+          f"{float(terms['opl']):.2f}, L_CE = {float(terms['ce']):.2f})")
+    print(f"  rounding estimate at h = 1e-5: 1.5 ε_mach |f| / (h |∂L/∂w|) = "
+          f"{1.5 * eps * abs(float(loss)) / (1e-5 * abs(exact)):.1e}")
     return hs, err2, err4
 
 
@@ -272,7 +278,8 @@ def tails():
     print(f"  σ(−x) for x ∈ [0, 40]: worst relative error {left_err.max():.1e}; σ(−40) = {s_left[-1]:.3e}")
     for x in (10, 20, 30, 36, 37, 38):
         i = int(np.argmin(abs(x_sig - x)))
-        print(f"  σ′({x:2d}) = s(1 − s): relative error {sig_err[i]:.1e}   (ε·eˣ = {2.2e-16 * math.exp(x):.1e})")
+        print(f"  σ′({x:2d}) = s(1 − s): relative error {sig_err[i]:.1e}   "
+              f"(bound (ε/4)·eˣ = {np.finfo(float).eps / 4 * math.exp(x):.1e})")
     del s
     return x_gelu, gelu_err, naive_err, x_sig, sig_err, left_err
 
@@ -289,7 +296,7 @@ def plot_tails(plt, data, out):
     ax1.set_title("GELU, left tail")
     ax1.legend(fontsize=8)
     ax2.semilogy(x_sig, np.maximum(sig_err, floor), label="σ′(x) = s(1 − s)  (the code, as PyTorch)")
-    ax2.semilogy(x_sig, np.finfo(float).eps * np.exp(x_sig), ":", color="gray", label="ε·eˣ")
+    ax2.semilogy(x_sig, np.finfo(float).eps / 4 * np.exp(x_sig), ":", color="gray", label="bound (ε/4)·eˣ")
     ax2.semilogy(x_sig, np.maximum(left_err, floor), label="σ(−x) = t/(1 + t)  (the code)")
     ax2.set_ylim(floor / 2, 10)
     ax2.set_xlabel("x")
@@ -440,6 +447,12 @@ def worked_example():
     y = np.array([0, 0, 1])
     lop, cache = losses.orthogonal_projection_forward(z, y, 0.7)
     print(f"  OPL: z = {z.tolist()}, y = {y.tolist()}: L_OP = {float(lop):.6f}")
+    zhat = z / 5.0
+    same = (y[:, None] == y[None, :]) & ~np.eye(3, dtype=bool)
+    dgram = -0.5 * same + 0.7 * 0.25 * (y[:, None] != y[None, :]) * np.sign(zhat @ zhat.T)
+    dzhat = 2 * dgram @ zhat
+    print("  dΓ = −w_pos M⁺ + γ w_neg M⁻ ⊙ sign(Γ) =\n", dgram, "\n  dẑ = 2 dΓ ẑ =\n", dzhat)
+    print(f"  ⟨ẑ₁, dẑ₁⟩ = {float(zhat[0] @ dzhat[0]):.2f}")
     print("  dz =\n", losses.orthogonal_projection_backward(1.0, cache))
 
 
@@ -456,6 +469,16 @@ def values_at_initialisation():
     loss, terms, grads, _ = pn.loss_and_grads(params, buffers, face, voice, labels, cfg)
     print(f"  L_CE = {float(terms['ce']):.4f}   (ln K = ln {cfg.n_classes} = {math.log(cfg.n_classes):.4f})")
     print(f"  L_A  = {float(terms['align']):.4f}   (ln B = {math.log(B):.4f})")
+    from paeff_np.model import BRANCHES, branch_forward
+    e_f, e_v = (h / np.linalg.norm(h, axis=1, keepdims=True)
+                for h in (branch_forward(params, buffers, prefix, x, True, 0.0, None)[0]
+                          for prefix, x in zip(BRANCHES, (face, voice))))
+    rho = hyperbolic.unit_row_ball_norm(cfg.curvature)
+    S = rho ** 2 * (e_f @ e_v.T) / cfg.temperature
+    sd = float(S.std())
+    print(f"  S = p_f p_vᵀ/τ: entries std {sd:.3f} (predicted ρ²/(τ√D) = "
+          f"{rho ** 2 / (cfg.temperature * math.sqrt(cfg.embed_dim)):.3f});"
+          f"  ln B + std²/2 = {math.log(B) + sd ** 2 / 2:.4f}")
     print(f"  L_OP = {float(terms['opl']):.4f};  L = {float(loss):.4f}")
     f_hat, v_hat = pn.embed(params, buffers, face, voice, cfg)     # eval mode: BN at init ≈ identity
     gate_in = f_hat * v_hat
@@ -469,39 +492,198 @@ def values_at_initialisation():
         print(f"  |d {name:34s}| rms {np.sqrt((g * g).mean()):.1e}  max {np.abs(g).max():.1e}")
 
 
+# --- 9. one tiny example per operation ---------------------------------------------
+
+def op_examples():
+    """The small examples that end the sections of docs/math.md, one per operation."""
+    from paeff_np import fusion, poincare
+    np.set_printoptions(precision=4, suppress=True)
+
+    say("§2 BatchNorm, one feature, B = 3 (train mode, γ = 1, β = 0)")
+    x = np.array([[1.0], [2.0], [6.0]])
+    dy = np.array([[1.0], [0.0], [0.0]])
+    state = layers.BatchNormState(np.zeros(1), np.ones(1))
+    y, _, cache = layers.batchnorm_forward(x, np.ones(1), np.zeros(1), state, True)
+    dx, dgamma, dbeta = layers.batchnorm_backward(dy, cache)
+    print(f"  x = {x.ravel()}: μ = {x.mean():.4f}, σ² = {x.var():.4f}, inv_std = {float(cache.inv_std[0]):.5f}")
+    print(f"  x̂ = {cache.xhat.ravel()}  (Σ x̂ = {cache.xhat.sum():.1e}, mean x̂² = {(cache.xhat ** 2).mean():.7f})")
+    print(f"  dy = {dy.ravel()}: dβ = {float(dbeta[0]):.4f}, dγ = {float(dgamma[0]):.4f}")
+    print(f"  dx = {dx.ravel()}  (Σ dx = {dx.sum():.1e}, ⟨dx, x̂⟩ = {float(dx.ravel() @ cache.xhat.ravel()):.1e})")
+
+    say("§8.1 expmap0 on one 2-D row (c = 0.05)")
+    v = np.array([[3.0, 4.0]])
+    p, cache = hyperbolic.expmap0_forward(v, C)
+    dv = hyperbolic.expmap0_backward(np.array([[1.0, 0.0]]), cache)
+    n = 5.0
+    print(f"  v = {v.ravel()}, n = ‖v‖ = {n}: √c n = {math.sqrt(C) * n:.5f}, tanhc(√c n) = "
+          f"{math.tanh(math.sqrt(C) * n) / (math.sqrt(C) * n):.5f}")
+    print(f"  expmap0(v) = {p.ravel()}, ‖expmap0(v)‖ = {np.linalg.norm(p):.5f} "
+          f"(radius 1/√c = {1 / math.sqrt(C):.5f})")
+    d0 = 2 / math.sqrt(C) * math.atanh(math.sqrt(C) * np.linalg.norm(p))
+    print(f"  d(0, expmap0(v)) = {d0:.5f} = 2‖v‖")
+    print(f"  dy = [1, 0]: dv = {dv.ravel()}")
+
+    say("§12 EGFF with D = 3, q = 1 (product gate, activated mix)")
+    e_f = np.array([[0.6, 0.8, 0.0]])
+    e_v = np.array([[0.0, 0.6, -0.8]])
+    w, b = np.array([[[2.0]]]), np.array([0.5])
+    out, cache = fusion.egff_forward(e_f, e_v, w, b)
+    de_f, de_v, dw, db = fusion.egff_backward(np.ones((1, 3)), cache)
+    f_hat, v_hat = out.emb_f, out.emb_v
+    gate_in = f_hat * v_hat
+    g = 1 / (1 + np.exp(-(2.0 * gate_in + 0.5)))
+    print(f"  e_f = {e_f.ravel()}, e_v = {e_v.ravel()}, w = 2, b = 0.5")
+    print(f"  f̂ = GELU(e_f) = {f_hat.ravel()}, v̂ = {v_hat.ravel()}")
+    print(f"  a = f̂ ⊙ v̂ = {gate_in.ravel()}, u = w·a + b = {(2.0 * gate_in + 0.5).ravel()}, g = {g.ravel()}")
+    print(f"  m = g ⊙ f̂ + (1 − g) ⊙ v̂ = {out.m.ravel()}")
+    print(f"  dm = 1: de_f = {de_f.ravel()}, de_v = {de_v.ravel()}, dw = {float(dw.ravel()[0]):.4f},"
+          f" db = {float(db[0]):.4f}")
+
+    say("§17 one distance pair (c = 0.05)")
+    xs, ys = np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]])
+    dist, cache = poincare.distance_matrix_forward(xs, ys, C)
+    dx, dyy = poincare.distance_matrix_backward(np.ones((1, 1)), cache)
+    X, Y, G = 1.0, 4.0, 0.0
+    A, Cb = 1 - 2 * C * G + C * Y, 1 - C * X
+    N = A * A * X - 2 * A * Cb * G + Cb * Cb * Y
+    den = 1 - 2 * C * G + C * C * X * Y + 1e-5
+    classical = math.acosh(1 + 2 * C * 5.0 / ((1 - C * X) * (1 - C * Y))) / math.sqrt(C)
+    print(f"  x = {xs.ravel()}, y = {ys.ravel()}: G = {G}, X = {X}, Y = {Y}")
+    print(f"  A = {A:.4f}, C = {Cb:.4f}, N = {N:.4f}, den = {den:.5f}, ν = √N/den = {math.sqrt(N) / den:.5f}")
+    print(f"  Δ = (2/√c) artanh(√c ν) = {float(dist[0, 0]):.5f};  classical arcosh form {classical:.5f}")
+    print(f"  dΔ = 1: dx = {dx.ravel()}, dy = {dyy.ravel()}")
+
+    say("§8.3 the ×κ factor on one row (c = 0.05)")
+    e = np.array([[0.6, 0.8]])
+    p, cache = hyperbolic.to_ball_forward(e, C, True)
+    _, cache_off = hyperbolic.to_ball_forward(e, C, False)
+    dp = np.array([[1.0, 1.0]])
+    on = hyperbolic.to_ball_backward(dp, cache)
+    off = hyperbolic.to_ball_backward(dp, cache_off)
+    lam = 2 / (1 - C * float(np.sum(p * p)))
+    print(f"  e = {e.ravel()}: p = {p.ravel()}, ‖p‖ = {np.linalg.norm(p):.5f}, λ_c(p) = {lam:.5f},"
+          f" κ = λ⁻² = {lam ** -2:.5f}")
+    print(f"  dp = {dp.ravel()}: de off = {off.ravel()}, de on = {on.ravel()} (ratio {float(on[0, 0] / off[0, 0]):.5f})")
+    print(f"  κ = ¼ × {4 * lam ** -2:.5f}: the ¼ is λ_c(0)⁻², the rest the curvature")
+
+    say("§17.6 the guard's bound on den⁰ after clipping (c = 0.05, R = 2.3)")
+    R = 2.3
+    bound = (1 - math.tanh(math.sqrt(C) * R) ** 2) ** 2
+    rng = np.random.default_rng(0)
+    hf, hv = 5 * rng.standard_normal((256, 16)), 5 * rng.standard_normal((256, 16))
+    pf = hyperbolic.to_ball_forward(poincare.feature_clip_forward(hf, R)[0], C, False)[0]
+    pv = hyperbolic.to_ball_forward(poincare.feature_clip_forward(hv, R)[0], C, False)[0]
+    X, Y, G = (pf * pf).sum(1)[:, None], (pv * pv).sum(1)[None, :], pf @ pv.T
+    den0 = 1 - 2 * C * G + C * C * X * Y
+    print(f"  den⁰ ≥ (1 − tanh²(√c R))² = sech⁴(√c R) = {bound:.4f};  measured minimum over "
+          f"256 × 256 clipped pairs {den0.min():.4f}")
+
+
+# --- 10. the constants the text derives, and the exercises' answers --------------------
+
+def derived_constants():
+    """Every number docs/math.md derives from the defaults, so that the page quotes none by hand."""
+    from scipy.special import ndtr
+    from paeff_np import losses
+    say("constants the text derives from the defaults (c = 0.05, τ = 0.07, R = 2.3)")
+    rho = hyperbolic.unit_row_ball_norm(C)
+    kappa = hyperbolic.unit_row_riemannian_factor(C)
+    print(f"  √c = {math.sqrt(C):.4f};  ρ² = {rho ** 2:.5f};  ρ²/τ = {rho ** 2 / TAU:.1f};  "
+          f"α₁κ = 0.3 × κ = {0.3 * kappa:.3f};  1/sech⁴(√c) = {1 / (4 * kappa):.2f}")
+    print(f"  1 − tanh²(15) = {1 - math.tanh(15) ** 2:.1e};  2 artanh(1 − 1e-5) = {2 * math.atanh(1 - 1e-5):.2f};"
+          f"  tanh(2√c R) = {math.tanh(2 * math.sqrt(C) * 2.3):.2f}")
+    for dtype in (np.float32, np.float64):
+        print(f"  shared_shift_spread({np.dtype(dtype).name}) = {losses.shared_shift_spread(dtype):.1f}")
+    print(f"  exp(−27) = {math.exp(-27):.1e};  1/√(2π) = {1 / math.sqrt(2 * math.pi):.3f};"
+          f"  Φ(−1) = {float(ndtr(-1.0)):.3f};  53 ln 2 = {53 * math.log(2):.4f}")
+    lr, wd, T, steps = 2e-5, 0.01, 50, 150000 // 1024
+    etas = [1e-8 + (lr - 1e-8) * (1 + math.cos(math.pi * e / T)) / 2 for e in range(T)]
+    print(f"  paper recipe: {steps} steps per epoch, Σ η_E = {sum(etas):.1e} = {sum(etas) / lr:.1f} η₀,"
+          f" total decay exp(−{steps}·λ·Σ η) = {math.exp(-steps * wd * sum(etas)):.5f}")
+    naive_zero = next(x for x in np.arange(-8.0, -9.0, -0.01) if 1 + math.erf(x / math.sqrt(2)) == 0.0)
+    print(f"  1 + erf(x/√2) is exactly 0 from x = {naive_zero:.1f}")
+
+
+def exercise_answers():
+    """The numbers the solutions of docs/math.md's exercises quote, computed as the exercises say."""
+    from paeff_np import losses, poincare
+    from paeff_np.gradcheck import check_op
+    from paeff_np.model import Config
+    say("exercises: the answers the solutions quote")
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    wrong = check_op(lambda x: (x * x).sum(axis=1, keepdims=True), lambda dy: (dy * x,), [x])[0]
+    print(f"  1. the squared norm's backward without its 2: worst relative error {wrong:.4f}")
+    k5, k005 = (hyperbolic.unit_row_riemannian_factor(c) for c in (0.5, 0.005))
+    print(f"  5. 4κ at c = 0.5: {4 * k5:.3f} (factor {1 / (4 * k5):.1f}); at c = 0.005: {4 * k005:.3f}")
+    c, y0 = 0.05, 3.0
+    d0 = 2 / math.sqrt(c) * math.atanh(math.sqrt(c) * y0)
+    near, far = (math.tanh(math.sqrt(c) * (d0 + s) / 2) / math.sqrt(c) for s in (-1, 1))
+    angle = np.linspace(0, 2 * np.pi, 9)[:-1]
+    circle = np.stack([(near + far) / 2 + (far - near) / 2 * np.cos(angle),
+                       (far - near) / 2 * np.sin(angle)], 1)
+    on = poincare.distance_matrix_forward(circle, np.array([[y0, 0.0]]), c)[0]
+    print(f"  7. d(0, y₀) = {d0:.4f}; the level set d = 1 meets the axis at {near:.4f} and {far:.4f}:"
+          f" centre {(near + far) / 2:.4f}, radius {(far - near) / 2:.4f}; the library's distance on it"
+          f" {float(on.min()):.5f}")
+    grid = np.linspace(36.0, 37.5, 150001)
+    dsig = layers.sigmoid_backward(np.ones_like(grid), layers.sigmoid_forward(grid)[1])
+    print(f"  8. the sigmoid's derivative is 0 from x = {grid[np.argmax(dsig == 0)]:.5f}")
+    twin = euclidean_equivalent(Config(curvature=0.5, temperature=0.2))
+    print(f"  9. c = 0.5: ρ = {hyperbolic.unit_row_ball_norm(0.5):.5f}, twin τ = {twin.temperature:.5f},"
+          f" α₁κ = {twin.loss_weights[0]:.4f} (κ = {k5:.5f})")
+    z = np.array([[3.0, 4.0], [4.0, -3.0], [-5.0, 0.0]])
+    print(f"  10. OPL with one identity: pos = {2 * (0 - 0.6 - 0.8) / 6:.4f},"
+          f" L_OP = {float(losses.orthogonal_projection_forward(z, np.array([0, 0, 0]), 0.7)[0]):.8f}")
+
+
 # --- main -----------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for the PNG figures")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--out", help="folder for the PNG figures")
+    group.add_argument("--print-only", action="store_true",
+                       help="print every number, draw no figure (no matplotlib needed)")
     args = parser.parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("walkthrough: the figures need matplotlib (pip install matplotlib)", file=sys.stderr)
-        return 2
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        print(f"walkthrough: cannot create {args.out}: {exc.strerror}", file=sys.stderr)
-        return 2
+    plt = None
+    if not args.print_only:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("walkthrough: the figures need matplotlib (pip install matplotlib),"
+                  " or run with --print-only", file=sys.stderr)
+            return 2
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            print(f"walkthrough: cannot create {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
     np.seterr(all="ignore")
-    plot_graph(plt, args.out)
-    plot_check_every_op(plt, check_every_op(), args.out)
-    plot_equivalence(plt, hyperbolic_equals_euclidean(), args.out)
-    plot_bn_bias(plt, batchnorm_bias_gradient(), args.out)
-    plot_fd(plt, fd_error_against_h(), args.out)
-    plot_tails(plt, tails(), args.out)
-    info = poincare_operating_point()
-    plot_poincare(plt, info, args.out)
-    plot_riemannian_factor(plt, info, args.out)
-    worked_example()
-    values_at_initialisation()
-    print(f"\nfigures written to {args.out}")
-    return 0
 
+    def draw(plot, data):
+        if plt is not None:
+            plot(plt, data, args.out)
+
+    if plt is not None:
+        plot_graph(plt, args.out)
+    draw(plot_check_every_op, check_every_op())
+    draw(plot_equivalence, hyperbolic_equals_euclidean())
+    draw(plot_bn_bias, batchnorm_bias_gradient())
+    draw(plot_fd, fd_error_against_h())
+    draw(plot_tails, tails())
+    info = poincare_operating_point()
+    draw(plot_poincare, info)
+    draw(plot_riemannian_factor, info)
+    worked_example()
+    op_examples()
+    derived_constants()
+    values_at_initialisation()
+    exercise_answers()
+    if plt is not None:
+        print(f"\nfigures written to {args.out}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

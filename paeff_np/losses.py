@@ -117,7 +117,7 @@ def symmetric_cross_entropy_from_logits_forward(S):
     (``for_row_blocks``): a column's max and sum are combined from the blocks'
     partial ones.
 
-    Derivation: docs/math.md §10 (on distance logits: §17.6).
+    Derivation: docs/math.md §10 (on distance logits: §17.7).
     """
     xp = get_array_module(S)
     n = S.shape[0]

@@ -47,7 +47,7 @@ GATED_HIDDEN = 128          # width of FOP's attention block
 class Config:
     """Every choice of docs/spec.md §2–§3; the defaults are PAEFF as in the paper.
 
-    See docs/math.md §14 (alignments), §17.7 (clip_radius).
+    See docs/math.md §14 (alignments), §17.8 (clip_radius).
     """
     face_dim: int = 4096
     voice_dim: int = 512
@@ -316,7 +316,7 @@ def alignment_forward(h_f, h_v, e_f, e_v, cfg):
 
     Returns ``(L_A, cache)``.
 
-    Derivation: docs/math.md §14 (the table), §10, §8, §17.7.
+    Derivation: docs/math.md §14 (the table), §10, §8, §17.8.
     """
     clip_f = clip_v = ball_f = ball_v = cache_loss = None
     if cfg.alignment == "none":
@@ -341,7 +341,7 @@ def alignment_backward(dloss, cache):
     each) of ``dloss · L_A``, ``dloss`` the alignment's weight; zeros for the
     inputs the alignment does not read.
 
-    Derivation: docs/math.md §14, §10, §8.3, §17.7.
+    Derivation: docs/math.md §14, §10, §8.3, §17.8.
     """
     zeros = lambda: get_array_module(cache.h_f).zeros_like(cache.h_f)
     if cache.alignment == "none":

@@ -43,7 +43,7 @@ def feature_clip_forward(h, radius):
     ``h``: B × D, ``radius`` r > 0; returns h̃: B × D. A row with ‖h‖ + 1e-5 ≤ r
     passes unchanged; a longer one is shrunk to norm r·‖h‖/(‖h‖ + 1e-5) < r.
 
-    Derivation: docs/math.md §17.1.
+    Derivation: docs/math.md §17.2.
     """
     xp = get_array_module(h)
     norm = row_norm(h)
@@ -60,7 +60,7 @@ def feature_clip_backward(dout, cache):
 
     (at h = 0 the radial term is 0: ``‖h‖`` is replaced by 1 where it is 0).
 
-    Derivation: docs/math.md §17.1.
+    Derivation: docs/math.md §17.2.
     """
     h, norm = cache.h, cache.norm
     xp = get_array_module(h)
@@ -104,7 +104,7 @@ def distance_matrix_forward(x, y, c):
 
     ``x``: B × D, ``y``: B′ × D (B′ = B in the model); returns D: B × B′.
 
-    Derivation: docs/math.md §17.2–§17.4.
+    Derivation: docs/math.md §17.3–§17.4, §17.6 (the guards).
     """
     xp = get_array_module(x, y)
     sqrt_c = c ** 0.5
@@ -205,7 +205,7 @@ def distance_logits_forward(x, y, c, temperature):
     """``S_ij = −d_c(x_i, y_j)/τ``; ``x``: B × D, ``y``: B′ × D; returns S: B × B′
     (the closest pair scores highest).
 
-    Derivation: docs/math.md §17.6.
+    Derivation: docs/math.md §17.7.
     """
     dist, cache = distance_matrix_forward(x, y, c)
     dist *= -1.0 / temperature                  # in place: S
@@ -215,7 +215,7 @@ def distance_logits_forward(x, y, c, temperature):
 def distance_logits_backward(dS, cache):
     """``dD = −dS/τ``, then ``distance_matrix_backward``; ``dS``: B × B′. Returns ``dx, dy``.
 
-    Derivation: docs/math.md §17.6.
+    Derivation: docs/math.md §17.7.
     """
     return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
 
@@ -233,7 +233,7 @@ def poincare_alignment_forward(p_f, p_v, c, temperature):
     ``p_f``, ``p_v``: B × D points in the ball, row i of each a matching pair;
     returns a 0-d loss and the cache.
 
-    Derivation: docs/math.md §17.6.
+    Derivation: docs/math.md §17.7.
     """
     S, cache_logits = distance_logits_forward(p_f, p_v, c, temperature)
     loss, cache_ce = symmetric_cross_entropy_from_logits_forward(S)
@@ -243,7 +243,7 @@ def poincare_alignment_forward(p_f, p_v, c, temperature):
 def poincare_alignment_backward(dloss, cache):
     """``dp_f, dp_v`` (B × D each) of ``dloss · L_A``: the mirror of the forward.
 
-    Derivation: docs/math.md §17.6.
+    Derivation: docs/math.md §17.7.
     """
     dS = symmetric_cross_entropy_from_logits_backward(dloss, cache.ce)
     return distance_logits_backward(dS, cache.logits)

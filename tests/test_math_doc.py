@@ -1,8 +1,12 @@
 """docs/math.md stays true to the code: its links resolve, §14 quotes model.py
 exactly, Appendix B and the docstrings point at each other."""
 import ast
+import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +66,98 @@ def test_appendix_b_indexes_every_public_function(module):
     index = read(MATH).split("## Appendix B.")[1]
     for name, _ in public_functions(module):
         assert f"`{name}`" in index, f"{module}:{name} is not in Appendix B"
+
+
+# --- every formula typeset, and every math span valid for KaTeX ---------------------
+
+sys.path.insert(0, os.path.join(ROOT, "docs"))
+import mathspans  # noqa: E402
+
+KATEX_CHECK = r"""
+const katex = require(process.argv[1]);
+const spans = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const bad = [];
+for (const s of spans) {
+  try { katex.renderToString(s.tex, {displayMode: s.display, throwOnError: true, strict: "error"}); }
+  catch (e) { bad.push(`line ${s.line}: ${e.message}`); }
+}
+console.log(JSON.stringify(bad));
+"""
+
+
+def katex_module():
+    """The path of the ``katex`` package, or ``None``: $PAEFF_KATEX_DIR, then the one .ci/run
+    installs (.venv/node), then one Node finds by itself."""
+    candidates = [os.environ.get("PAEFF_KATEX_DIR", ""), os.path.join(ROOT, ".venv", "node")]
+    for base in filter(None, candidates):
+        path = os.path.join(os.path.abspath(base), "node_modules", "katex")
+        if os.path.isfile(os.path.join(path, "package.json")):
+            return path
+    found = subprocess.run(["node", "-e", "console.log(require.resolve('katex'))"],
+                           capture_output=True, text=True)
+    return "katex" if found.returncode == 0 else None
+
+
+def test_the_page_has_no_formula_outside_math():
+    """Every formula is typeset: no $ that GitHub would leave as text, no formula in a code block
+    or span, no Unicode or raw ^{…} formula in the prose, no '|' splitting a table cell, no
+    emphasis that could pair across inline math (docs/mathspans.py lists the rules)."""
+    spans, problems = mathspans.parse(read(MATH))
+    assert len(spans) > 1000, "too few math spans: the extractor is wrong"
+    assert not problems, "\n".join(f"docs/math.md:{line}: {message}" for line, message in problems)
+
+
+@pytest.mark.parametrize("markdown, problem", [
+    ("a $ x$ b\n", "opens no math span"),
+    ("a $x $ b\n", "closes no span"),
+    ("| $a|b$ | c |\n", "'|' inside inline math"),
+    ("$\\hat{x}_i$ and $y_{j}$\n", "may open emphasis"),
+    ("    y = x Wᵀ + b\n", "indented code block"),
+    ("```\ny = x\n```\n", "a fenced block of 'no language'"),
+    ("the code: `y = x Wᵀ`\n", "holds a formula character"),
+    ("the mean μ of x\n", "formula character 'μ' outside math"),
+    ("x̂ is the input\n", "combining accent"),
+    ("e^{−x} in prose\n", "raw ^{…}"),
+    ("costs $5$0 more\n", "followed by a digit"),
+])
+def test_the_extractor_finds_each_pitfall(markdown, problem):
+    _, problems = mathspans.parse(markdown)
+    assert any(problem in message for _, message in problems), problems
+
+
+def test_the_extractor_reads_spans_as_github_does():
+    text = ("Inline $a_i$, $`b_{j}`$ and \\$5; `$not$ math`.\n\n$$\nc = d\n$$\n\n"
+            "```math\ne = f\n```\n\n> [!NOTE]\n> $g$ in an aside\n")
+    spans, problems = mathspans.parse(text)
+    assert sorted((s.tex, s.display) for s in spans) == [
+        ("a_i", False), ("b_{j}", False), ("c = d", True), ("e = f", True), ("g", False)]
+    assert not problems
+
+
+def test_every_math_span_parses_under_katex():
+    """KaTeX, in strict mode, renders every span; .ci/run installs it (set PAEFF_REQUIRE_KATEX=1
+    to make its absence a failure)."""
+    required = os.environ.get("PAEFF_REQUIRE_KATEX") == "1"
+    if shutil.which("node") is None:
+        if required:
+            pytest.fail("PAEFF_REQUIRE_KATEX=1 but node is not installed")
+        pytest.skip("node is not installed: the KaTeX check of docs/math.md needs Node.js and the "
+                    "katex package (.ci/run installs them with npm)")
+    module = katex_module()
+    if module is None:
+        if required:
+            pytest.fail("PAEFF_REQUIRE_KATEX=1 but the katex package is not installed")
+        pytest.skip("the katex package is not installed: npm install --prefix .venv/node katex "
+                    "(what .ci/run does)")
+    spans, _ = mathspans.parse(read(MATH))
+    payload = json.dumps([{"line": s.line, "tex": s.tex, "display": s.display} for s in spans])
+    run = subprocess.run(["node", "-e", KATEX_CHECK, module], input=payload, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == []
+    # the check itself can fail: a span KaTeX rejects
+    bad = json.dumps([{"line": 1, "tex": "\\frac{1}{", "display": False},
+                      {"line": 2, "tex": "\\notamacro x", "display": False}])
+    run = subprocess.run(["node", "-e", KATEX_CHECK, module], input=bad, capture_output=True,
+                         text=True, timeout=60)
+    assert len(json.loads(run.stdout)) == 2

@@ -1,5 +1,6 @@
 """docs/walkthrough.py: it runs, writes its figures, and says one line without matplotlib."""
 import os
+import re
 import subprocess
 import sys
 
@@ -33,3 +34,72 @@ def test_walkthrough_without_matplotlib(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "matplotlib" in run.stderr
     assert not (tmp_path / "fig").exists()
+
+
+# --- every number docs/math.md quotes from the walk-through is in what it prints ------
+
+MATH = os.path.join(ROOT, "docs", "math.md")
+# A decimal with two or more digits after the point, or a number in e-notation: the
+# figures a page quotes. Section numbers (§17.2) and TeX powers (10^{-5}) are not.
+NUMBER = re.compile(r"(?<![\w.§\\^{-])-?\d+\.\d{2,}(?:e[-+]?\d+)?(?![\w.])"
+                    r"|(?<![\w.§\\^{-])-?\d+\.\d(?:e[-+]?\d+)(?![\w.])|(?<![\w.§\\^{-])\d+e[-+]\d+(?![\w.])")
+# Numbers the page states that no run of the walk-through measures, each with its reason.
+NOT_FROM_THE_WALKTHROUGH = {
+    "0.999",                              # the projection's 1 − 10⁻³, a definition
+    "0.005", "0.02",                      # settings: exercise 5's curvature, a test's clip radius
+    "1.44", "2.24",                       # hand arithmetic in §17.4's example: 1.2², √5
+    "0.507",                              # a property of the float32 grid, measured by tests/test_layers.py
+}
+
+
+def quoted_numbers(markdown):
+    """The numbers of the page's prose and math, code blocks and code spans left out."""
+    kept, fence = [], None
+    for line in markdown.split("\n"):
+        opening = re.match(r"^(?:> ?)?\s*(```|~~~)(\w*)", line)
+        if opening:
+            fence = None if fence is not None else opening.group(2)
+            continue
+        if fence is not None and fence != "math":
+            continue
+        kept.append(re.sub(r"(?<!\$)`[^`]*`(?!\$)", " ", line))
+    return set(NUMBER.findall("\n".join(kept)))
+
+
+def printed(number, output):
+    """Whether ``output`` holds ``number`` at the precision the page quotes it (sign aside)."""
+    value = abs(float(number))
+    if "e" in number:
+        digits = len(number.split("e")[0].lstrip("-").replace(".", "")) - 1
+        form = f"{{:.{digits}e}}"
+    else:
+        form = f"{{:.{len(number.split('.')[1])}f}}"
+    return any(form.format(abs(float(found))) == form.format(value)
+               for found in re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", output))
+
+
+@pytest.fixture(scope="module")
+def walkthrough_output():
+    run = subprocess.run([sys.executable, SCRIPT, "--print-only"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_every_number_the_page_quotes_is_printed(walkthrough_output):
+    with open(MATH, encoding="utf-8") as f:
+        numbers = quoted_numbers(f.read())
+    assert len(numbers) > 100, "the pattern finds too few numbers: it is wrong"
+    missing = sorted(n for n in numbers - NOT_FROM_THE_WALKTHROUGH if not printed(n, walkthrough_output))
+    assert not missing, f"docs/math.md quotes numbers the walk-through does not print: {missing}"
+    stale = sorted(n for n in NOT_FROM_THE_WALKTHROUGH if n not in numbers)
+    assert not stale, f"allowed numbers the page no longer quotes: {stale}"
+
+
+def test_the_quoted_number_check_catches_a_wrong_figure(walkthrough_output):
+    """A figure the page once got wrong (§2's 1.2e-18 for 1.7e-18) fails the check, and so
+    does the loss of Appendix A off by one in its last digit."""
+    assert printed("1.7e-18", walkthrough_output) and not printed("1.2e-18", walkthrough_output)
+    assert printed("2.34", walkthrough_output) and not printed("2.36", walkthrough_output)
+    assert quoted_numbers("max is 1.2e-18 and $L = 2.34$, `3.14` is code, §17.2 a section\n") == \
+        {"1.2e-18", "2.34"}
