@@ -97,9 +97,9 @@ def test_every_number_the_page_quotes_is_printed(walkthrough_output):
 
 
 def test_the_quoted_number_check_catches_a_wrong_figure(walkthrough_output):
-    """A figure the page once got wrong (§2's 1.2e-18 for 1.7e-18) fails the check, and so
-    does the loss of Appendix A off by one in its last digit."""
-    assert printed("1.7e-18", walkthrough_output) and not printed("1.2e-18", walkthrough_output)
+    """Figures the page once got wrong fail the check: Appendix A's loss (2.34, quoted as about
+    5) and its rounding estimate (4.9e-08), each off in its last digit."""
     assert printed("2.34", walkthrough_output) and not printed("2.36", walkthrough_output)
+    assert printed("4.9e-08", walkthrough_output) and not printed("4.7e-08", walkthrough_output)
     assert quoted_numbers("max is 1.2e-18 and $L = 2.34$, `3.14` is code, §17.2 a section\n") == \
         {"1.2e-18", "2.34"}
