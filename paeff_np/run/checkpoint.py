@@ -21,8 +21,11 @@ domains of ``Config`` and ``TrainSettings`` themselves (``paeff_np/domains.py``)
 Only this format (2) is read: 0.1.0 reads no earlier one.
 """
 import json
+import math
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -40,6 +43,14 @@ FIRST_WEIGHT = BRANCHES[0] + "0.weight"    # (embed_dim, face_dim): checked befo
 
 
 ZIP_MAGIC = b"PK\x03\x04"     # how an .npz (a zip archive) begins
+JSON_ENTRIES = ("config", "history")
+JSON_ENTRY_MAX_BYTES = 64 << 20   # the metadata and the per-epoch records: far below this
+JSON_MAX_DEPTH = 8                # the metadata nests 3 levels; deeper is not ours
+DEFLATE_MAX_RATIO = 1032          # the most deflate can expand (zlib's own bound)
+# what reading a damaged zip or .npy can raise, caught in read_npz and nowhere else
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, ValueError,
+                OSError, EOFError, NotImplementedError, RuntimeError, OverflowError, KeyError,
+                TypeError, SyntaxError, MemoryError)
 
 
 class CheckpointError(Exception):
@@ -100,16 +111,7 @@ def load(path):
     if not os.path.isfile(npz_path):
         what = "not a regular file" if os.path.exists(npz_path) else "no such file"
         raise CheckpointError(f"{npz_path}: {what}")
-    with open(npz_path, "rb") as f:
-        head = f.read(len(ZIP_MAGIC))
-    try:
-        if head != ZIP_MAGIC:
-            raise ValueError("an empty file" if not head else "not an .npz archive")
-        with np.load(npz_path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        why = "an entry holds pickled objects, never loaded" if "pickle" in str(exc) else exc
-        raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({why})") from None
+    arrays = read_npz(npz_path)
     if "config" not in arrays and not any(k.startswith("params/") for k in arrays):
         raise CheckpointError(f"{npz_path}: an .npz archive, but not a paeff_np checkpoint "
                               f"(no config and no params/ entries)")
@@ -136,6 +138,100 @@ def load(path):
                       history, npz_path)
 
 
+def read_npz(npz_path):
+    """``{name: array}`` of the ``.npz`` at ``npz_path``; whatever its bytes, any problem
+    is one CheckpointError naming the file (the one function that reads checkpoint bytes).
+
+    Before an entry is read, its zip record must be plain (not encrypted, stored or
+    deflated within deflate's own ratio) and its ``.npy`` header must declare a
+    non-object dtype and a shape whose bytes are exactly those the entry holds, so
+    nothing is allocated that the file does not hold; the JSON entries are bounded
+    by ``JSON_ENTRY_MAX_BYTES``. The zip layer checks each entry's CRC as it is read.
+    """
+    with open(npz_path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint "
+                              f"({'an empty file' if not head else 'not an .npz archive'})")
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            arrays = {}
+            for info in archive.infolist():
+                key = _entry_key(info, arrays)
+                with archive.open(info) as entry:
+                    arrays[key] = _read_entry(entry, key, info.file_size)
+            return arrays
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as exc:
+        why = ("an entry holds pickled objects, never loaded" if "pickle" in str(exc)
+               else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        raise CheckpointError(f"{npz_path}: corrupt or not a checkpoint ({why})") from None
+
+
+def _entry_key(info, seen):
+    """The array name of a zip record, once its record is one ``np.savez`` could write."""
+    name = info.filename
+    if not name.endswith(".npy"):
+        raise ValueError(f"entry {name[:60]!r} is not a .npy array")
+    key = name[:-len(".npy")]
+    if key in seen:
+        raise ValueError(f"entry {key[:60]!r} appears twice")
+    if info.flag_bits & 0x1:
+        raise ValueError(f"entry {key[:60]!r} is encrypted")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise ValueError(f"entry {key[:60]!r} is stored, yet its sizes differ")
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.file_size > DEFLATE_MAX_RATIO * max(info.compress_size, 1):
+            raise ValueError(f"entry {key[:60]!r} declares {info.file_size:,} bytes from "
+                             f"{info.compress_size:,}: more than deflate can give")
+    else:
+        raise ValueError(f"entry {key[:60]!r} uses zip compression {info.compress_type}, "
+                         f"which np.savez never writes")
+    return key
+
+
+def _read_entry(entry, key, size):
+    """One ``.npy`` record of ``size`` bytes: its header, checked, then exactly the
+    bytes it declares, read into the array (to the record's end: the CRC is checked)."""
+    version = np.lib.format.read_magic(entry)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"entry {key[:60]!r}: .npy format {version} is not supported")
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    try:                                 # NumPy parses the header with ast: it can raise anything
+        shape, fortran, dtype = read_header(entry)
+    except (OSError, EOFError, zipfile.BadZipFile):
+        raise
+    except Exception as exc:
+        raise ValueError(f"entry {key[:60]!r}: damaged .npy header ({type(exc).__name__})") from None
+    _check_declared(key, shape, dtype, size - entry.tell())
+    array = np.empty(shape, dtype, order="F" if fortran else "C")
+    buffer, done = memoryview(array.reshape(-1, order="A").view(np.uint8)), 0
+    while done < len(buffer):
+        got = entry.readinto(buffer[done:])
+        if not got:
+            raise EOFError(f"entry {key[:60]!r} ends early")
+        done += got
+    if entry.read(1):
+        raise ValueError(f"entry {key[:60]!r} holds more than its header declares")
+    return array
+
+
+def _check_declared(key, shape, dtype, data_bytes):
+    """An entry's header must declare exactly the bytes that follow it."""
+    if dtype.hasobject:
+        raise ValueError("an entry holds pickled objects, never loaded")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_bytes:
+        raise ValueError(f"entry {key[:60]!r} declares {dtype} {tuple(shape)} ({declared:,} bytes) "
+                         f"but holds {max(data_bytes, 0):,} bytes")
+    if key in JSON_ENTRIES and declared > JSON_ENTRY_MAX_BYTES:
+        raise ValueError(f"entry {key!r} holds {declared:,} bytes of metadata, more than "
+                         f"{JSON_ENTRY_MAX_BYTES:,}")
+
+
 def check_same_run(best, run):
     """Refuse a ``best`` (a loaded best.npz) that another run wrote: its model
     configuration, its labels and its records of epochs 1..k must be those of
@@ -157,9 +253,26 @@ def _json_entry(arrays, key, npz_path):
     try:
         if entry is None or entry.ndim != 0 or entry.dtype.kind != "U":
             raise ValueError("not a JSON string")
-        return json.loads(str(entry))
-    except ValueError as exc:
+        value = json.loads(str(entry))
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{npz_path}: entry {key!r} is damaged ({exc})") from None
+    _check_depth(value, f"{npz_path}: entry {key!r}")
+    return value
+
+
+def _check_depth(value, where):
+    """Refuse JSON nested deeper than JSON_MAX_DEPTH (walked level by level, without
+    recursion), so that no later comparison or message recurses through it."""
+    level, depth = [value], 0
+    while True:
+        containers = [x for x in level if isinstance(x, (dict, list))]
+        if not containers:
+            return
+        depth += 1
+        if depth > JSON_MAX_DEPTH:
+            raise CheckpointError(f"{where}: JSON nested more than {JSON_MAX_DEPTH} levels deep; "
+                                  f"not a paeff_np checkpoint's metadata")
+        level = [child for x in containers for child in (x.values() if isinstance(x, dict) else x)]
 
 
 # --- field-by-field validation of the metadata ----------------------------------------
@@ -270,10 +383,10 @@ def _check_validation(validation, where):
 
 def _check_arrays(params, buffers, cfg, where):
     """Names, shapes, dtypes and finiteness of the parameters and buffers against ``cfg``."""
-    first = params.get(FIRST_WEIGHT)
-    if first is None or first.shape != (cfg.embed_dim, cfg.face_dim):   # before allocating a model
-        _fail(where, FIRST_WEIGHT, f"shape {None if first is None else first.shape}, "
-              f"the config needs {(cfg.embed_dim, cfg.face_dim)}")
+    for key, shape in _size_carriers(cfg).items():     # before a model of cfg is built
+        got = params.get(key)
+        if got is None or got.shape != shape:
+            _fail(where, key, f"shape {None if got is None else got.shape}, the config needs {shape}")
     from ..model import init_params
     expected_params, expected_buffers = init_params(cfg, seed=0, dtype=np.float32)
     for kind, got, want in (("parameter", params, expected_params), ("buffer", buffers, expected_buffers)):
@@ -295,6 +408,19 @@ def _check_arrays(params, buffers, cfg, where):
                 _fail(where, k, "holds NaN or Inf")
             if k.endswith("running_var") and (got[k] < 0).any():
                 _fail(where, k, "holds a negative variance")
+
+
+def _size_carriers(cfg):
+    """The parameter that carries each size of the config (face_dim, voice_dim, embed_dim,
+    n_classes, egff_kernel), with the shape the config gives it: checked before
+    ``init_params`` builds a model of that config, so a config whose sizes would
+    allocate gigabytes is refused unless the file holds those gigabytes itself."""
+    D = cfg.embed_dim
+    shapes = {FIRST_WEIGHT: (D, cfg.face_dim), BRANCHES[1] + "0.weight": (D, cfg.voice_dim),
+              "logits_layer.weight": (cfg.n_classes, D)}
+    if cfg.fusion == "egff":
+        shapes["fusion_layer.conv.weight"] = (1, 2 if cfg.egff_gate == "concat" else 1, cfg.egff_kernel)
+    return shapes
 
 
 def _check_optimizer_arrays(arrays, params, steps, where):
