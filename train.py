@@ -36,7 +36,7 @@ from paeff_np.run.evaluation import evaluate, format_results, list_name, protoco
 from paeff_np.optim import cosine_lr
 from paeff_np.run.training import (BEST_NAME, OPTIMISM_WARNING, PAPER_RECIPE, REFIT_DIR, SELECTION_RULES, SaveFailed,
                                    Trainer, TrainingDiverged, TrainSettings, checkpoint_settings,
-                                   refit_cost, refit_trainer, write_metrics_log)
+                                   refit_cost, refit_trainer)
 from paeff_np.run.validate import AS_FLAGS, flag_name, validate_hyperparameters
 
 PRESETS = {
@@ -331,7 +331,6 @@ def start_run(args, hold):
                              f"{checkpoint.epoch} (--patience {settings.patience}: no better "
                              f"validation EER since); it would stop again at once: start a new run "
                              f"to train longer")
-        write_metrics_log(out, trainer.history)     # the log agrees with the checkpoint
         print(f"resuming {out} at epoch {checkpoint.epoch}/{settings.epochs}")
         if settings.epochs != old_epochs:
             with said_for_the_command_line(out):

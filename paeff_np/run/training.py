@@ -330,6 +330,7 @@ class Trainer:
                             else read_metrics_log(self.out_dir, checkpoint.epoch))
         self.epochs_changed = list(checkpoint.config.get("epochs_changed", []))
         self.folder.repair_best(self, checkpoint)
+        write_metrics_log(self.out_dir, self.history)     # the log agrees with the checkpoint
 
     def save(self):
         """Commit this epoch (``RunFolder.save``)."""
