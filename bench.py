@@ -53,7 +53,6 @@ from paeff_np.usage import ArgumentParser, UsageError  # noqa: E402
 from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
-from paeff_np.parallel import n_threads                  # noqa: E402
 from paeff_np.run.training import NO_SELECTION, PAPER_RECIPE               # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
@@ -501,7 +500,6 @@ def bench(args):
         raise UsageError(reason)
     env = envinfo.environment(cupy)
     env["keep_freed_memory"] = keep_freed_memory()     # prepare_process's answer (cached)
-    env["row_threads"] = n_threads()
     for line in envinfo.summary_lines(env):
         log(line)
     if reason is not None and args.device == "all":

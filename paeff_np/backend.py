@@ -2,8 +2,8 @@
 
 Every other module asks ``get_array_module(x)`` for the array module of its
 inputs (``numpy`` or ``cupy``) and writes ``xp.exp``, ``xp.tanh`` ... once for
-both. What differs between the two lives here: the error function used by the
-exact GELU (the normal CDF), random numbers, moving arrays between host and device,
+both. What differs between the two lives here: the normal CDF the exact GELU
+calls (``ndtr``), random numbers, moving arrays between host and device,
 compiling CuPy elementwise kernels (``elementwise_kernel``, memoised) and the
 one device probe (``probe_gpu``) that train.py, eval.py, bench.py and the tests
 all run before they touch a GPU. On the host side it holds one setting of the
@@ -13,7 +13,6 @@ without it.
 """
 import ctypes
 import functools
-import math
 import sys
 
 import numpy as np
@@ -142,51 +141,13 @@ def to_device(x, device="cpu"):
     return array_module(device).asarray(x)
 
 
-# Φ(x) = ½ + x·Σ_n NORMAL_CDF_SERIES[n]·x²ⁿ: the Taylor series of ½ erf(x/√2), nine terms
-NORMAL_CDF_SERIES = tuple((-1) ** n / (math.sqrt(2.0 * math.pi) * 2 ** n * math.factorial(n)
-                                        * (2 * n + 1)) for n in range(9))
-NORMAL_CDF_SERIES_MAX = 1.0     # |x| up to which the series serves float32 inputs
-
-
-def normal_cdf(x):
-    """Φ(x), the standard normal CDF, elementwise.
-
-    - CuPy: ``cupyx.scipy.special.ndtr`` (CUDA's ``normcdf``, ≤ 5 ulp).
-    - NumPy, float32 input with every |x| ≤ ``NORMAL_CDF_SERIES_MAX`` (EGFF's
-      inputs are unit rows, so always there): the series
-
-          Φ(x) = ½ + (1/√(2π)) Σ_{n=0}^{8} (−1)ⁿ x^{2n+1} / (2ⁿ n! (2n+1))
-
-      by Horner's rule in x², in float64, rounded once to float32. The terms
-      alternate and shrink, so the first one left out bounds the error:
-      0.399/(2⁹·9!·19) = 1.1e-10, under 2% of float32's half-ulp anywhere
-      Φ ≥ Φ(−1) = 0.159. On a grid of 2·10⁶ points of [−1, 1] it returns
-      SciPy's float32 ndtr exactly at 99.98% of them and the neighbouring
-      float32 at the rest (where Φ lies within 1.1e-10 of a rounding tie;
-      0.507 ulp at worst); it is 3.4× as fast (0.82 against 2.78 ms at
-      1024 × 256).
-    - NumPy otherwise: ``scipy.special.ndtr`` (Cephes): ``½ + ½ erf(x/√2)``
-      for |x| < 1 and ``½ erfc(|x|/√2)`` beyond (``1 −`` that for x > 0), in
-      float64 whatever the input's dtype, so the left tail keeps its relative
-      precision.
-
-    See docs/math.md §5.
-    """
+def ndtr(x):
+    """Φ(x), the standard normal CDF, elementwise, by the library of ``x``'s
+    device: ``scipy.special.ndtr`` or ``cupyx.scipy.special.ndtr``.
+    (``layers.normal_cdf``, the GELU's Φ, calls it.)"""
     if is_cupy(x):
         import cupyx.scipy.special
         return cupyx.scipy.special.ndtr(x)
-    series_serves = (x.dtype == np.float32 and x.size > 0
-                     and -NORMAL_CDF_SERIES_MAX <= x.min() and x.max() <= NORMAL_CDF_SERIES_MAX)
-    if series_serves:
-        x64 = x.astype(np.float64)
-        z = x64 * x64
-        total = np.full_like(z, NORMAL_CDF_SERIES[-1])
-        for coefficient in NORMAL_CDF_SERIES[-2::-1]:       # Horner: c₀ + z(c₁ + z(c₂ + …))
-            total *= z
-            total += coefficient
-        total *= x64
-        total += 0.5
-        return total.astype(np.float32)
     import scipy.special
     return scipy.special.ndtr(x)
 
@@ -201,8 +162,6 @@ def default_rng(seed, xp=np):
         return np.random.default_rng(seed)
     return xp.random.default_rng(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
-
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # --- host memory ----------------------------------------------------------------------
@@ -222,9 +181,8 @@ def keep_freed_memory():
     must map and zero every page again on first touch; after the free it gives
     the pages back. With both thresholds set, arrays up to 32 MiB come from the
     heap, and the heap keeps up to 1 GiB of freed memory, so the next step
-    reuses pages already mapped. On the 2-core test machine, in runs taken one
-    after the other, the step (B = 1024, D = 256, float32) measured 94 and
-    102 ms without it, 83 and 85 ms with it.
+    reuses pages already mapped; the step is faster with it (the README's
+    benchmark section).
 
     It changes the whole process's allocator, so the library never calls it by
     itself: train.py, eval.py and bench.py do, once, at start. Elsewhere than

@@ -5,14 +5,12 @@
 with respect to each differentiable input (``dloss`` is the loss's weight in
 the total, a scalar). Derivations: ``docs/math.md``.
 """
-import functools
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .backend import get_array_module, to_host
 from .layers import L2NormalizeCache, l2_normalize_backward, l2_normalize_forward
-from .parallel import for_row_blocks
 
 OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs gives 0, not 0/0
 
@@ -29,26 +27,17 @@ def softmax_cross_entropy_forward(s, y):
 
     Stable for |s| ~ 1e4, row by row: with ``m_i = max_k s_ik`` and
     ``Z_i = Σ_k e^{s_ik − m_i}``, ``log softmax(s_i)[y_i] = (s_iy − m_i) − log Z_i``
-    and ``softmax(s_i) = e^{s_i − m_i}/Z_i``, kept for the backward. The B × K
-    work runs in row blocks (``for_row_blocks``).
+    and ``softmax(s_i) = e^{s_i − m_i}/Z_i``, kept for the backward.
 
     Derivation: docs/math.md §9.
     """
     xp = get_array_module(s)
     n = s.shape[0]
-    probs = xp.empty_like(s)
-    row_max, log_z = xp.empty(n, s.dtype), xp.empty(n, s.dtype)
-
-    def block(rows):
-        p = probs[rows]
-        m = s[rows].max(axis=1, keepdims=True)
-        xp.exp(xp.subtract(s[rows], m, out=p), out=p)
-        z = p.sum(axis=1, keepdims=True)
-        p /= z
-        row_max[rows], log_z[rows] = m[:, 0], xp.log(z[:, 0])
-
-    for_row_blocks(block, n, s.shape[1], xp)
-    logp_y = (s[xp.arange(n), y] - row_max) - log_z
+    row_max = s.max(axis=1, keepdims=True)
+    probs = xp.exp(s - row_max)
+    z = probs.sum(axis=1, keepdims=True)
+    probs /= z
+    logp_y = (s[xp.arange(n), y] - row_max[:, 0]) - xp.log(z[:, 0])
     return -logp_y.mean(), SoftmaxCrossEntropyCache(probs, y)
 
 
@@ -57,17 +46,9 @@ def softmax_cross_entropy_backward(dloss, cache):
 
     Derivation: docs/math.md §9.
     """
-    probs, y = cache.probs, cache.y
-    xp = get_array_module(probs)
-    n = probs.shape[0]
-    ds = xp.empty_like(probs)
-
-    def block(rows):
-        d = ds[rows]
-        xp.multiply(probs[rows], dloss / n, out=d)
-        d[xp.arange(d.shape[0]), y[rows]] -= dloss / n
-
-    for_row_blocks(block, n, probs.shape[1], xp)
+    n = cache.probs.shape[0]
+    ds = cache.probs * (dloss / n)
+    ds[get_array_module(ds).arange(n), cache.y] -= dloss / n
     return ds
 
 
@@ -112,44 +93,29 @@ def symmetric_cross_entropy_from_logits_forward(S):
     (dot-product logits always are: |S| ≤ ‖a‖‖b‖/τ), one ``E = e^{S − M}``
     serves both softmaxes, ``softmax_row = E / row sums``, ``softmax_col = E /
     column sums``; otherwise each row is shifted by its max and each column by
-    its own, two exponentials. The cache keeps the exponentials and their
-    sums, not the softmaxes. The B × B work runs in row blocks
-    (``for_row_blocks``): a column's max and sum are combined from the blocks'
-    partial ones.
+    its own, two exponentials (the plain form; the shared one saves an
+    exponential, docs/perf.md). The cache keeps the exponentials and their
+    sums, not the softmaxes.
 
     Derivation: docs/math.md §10 (on distance logits: §17.7).
     """
     xp = get_array_module(S)
-    n = S.shape[0]
-    row_max = xp.empty((n, 1), S.dtype)
-
-    def max_of_rows(rows):              # max of each row, partial max of each column
-        s = S[rows]
-        row_max[rows] = s.max(axis=1, keepdims=True)
-        return s.max(axis=0)
-
-    col_max = functools.reduce(xp.maximum, for_row_blocks(max_of_rows, n, n, xp))
+    row_max = S.max(axis=1, keepdims=True)                  # B × 1
+    col_max = S.max(axis=0)                                 # (B,)
     overall_max = col_max.max()
     lowest_max = xp.minimum(row_max.min(), col_max.min())
     shared = bool(overall_max - lowest_max <= shared_shift_spread(S.dtype))   # one host read
-    row_shift = xp.broadcast_to(overall_max, (n, 1)) if shared else row_max     # B × 1
-    col_shift = xp.broadcast_to(overall_max, (n,)) if shared else col_max       # (B,)
-    row_sum = xp.empty((n, 1), S.dtype)
-    exp_rows = xp.empty_like(S)
-    exp_cols = exp_rows if shared else xp.empty_like(S)
-
-    def exp_shifted(rows):              # e^{S − shift}, row sums, partial column sums
-        s, e, f = S[rows], exp_rows[rows], exp_cols[rows]
-        xp.exp(xp.subtract(s, row_shift[rows], out=e), out=e)
-        row_sum[rows] = e.sum(axis=1, keepdims=True)
-        if not shared:
-            xp.exp(xp.subtract(s, col_shift, out=f), out=f)
-        return f.sum(axis=0)
-
-    col_sum = sum(for_row_blocks(exp_shifted, n, n, xp))
+    if shared:                          # one E = e^{S − M} for both softmaxes
+        row_shift = col_shift = overall_max
+        exp_rows = exp_cols = xp.exp(S - overall_max)
+    else:                               # each row by its max, each column by its own
+        row_shift, col_shift = row_max[:, 0], col_max
+        exp_rows, exp_cols = xp.exp(S - row_max), xp.exp(S - col_max)
+    row_sum = exp_rows.sum(axis=1, keepdims=True)
+    col_sum = exp_cols.sum(axis=0)
     # log softmax(S)_ii = (S_ii − shift) − log Σ e^{S − shift}, along the row and along the column
     S_diag = xp.diagonal(S)
-    logp_rows_diag = (S_diag - row_shift[:, 0]) - xp.log(row_sum[:, 0])
+    logp_rows_diag = (S_diag - row_shift) - xp.log(row_sum[:, 0])
     logp_cols_diag = (S_diag - col_shift) - xp.log(col_sum)
     loss = -0.5 * (logp_rows_diag.mean() + logp_cols_diag.mean())
     return loss, SymmetricCrossEntropyFromLogitsCache(exp_rows, row_sum, exp_cols, col_sum)
@@ -168,20 +134,14 @@ def symmetric_cross_entropy_from_logits_backward(dloss, cache):
     n = exp_rows.shape[0]
     w_row = (dloss / (2.0 * n)) / cache.row_sum
     w_col = (dloss / (2.0 * n)) / cache.col_sum
-    dS = xp.empty_like(exp_rows)
-
-    def block(rows):
-        d = dS[rows]
-        if exp_cols is exp_rows:        # one exponential: E ⊙ (w_row + w_col)
-            xp.add(w_row[rows], w_col, out=d)
-            d *= exp_rows[rows]
-        else:
-            xp.multiply(exp_rows[rows], w_row[rows], out=d)
-            d += exp_cols[rows] * w_col
-        i = xp.arange(rows.start, rows.stop)
-        d[i - rows.start, i] -= dloss / n
-
-    for_row_blocks(block, n, n, xp)
+    if exp_cols is exp_rows:            # one exponential: E ⊙ (w_row + w_col)
+        dS = w_row + w_col
+        dS *= exp_rows
+    else:
+        dS = exp_rows * w_row
+        dS += exp_cols * w_col
+    i = xp.arange(n)
+    dS[i, i] -= dloss / n
     return dS
 
 
@@ -227,13 +187,30 @@ class OrthogonalProjectionCache(NamedTuple):
     normalize: L2NormalizeCache
 
 
+def same_label_pairs_plain(y):
+    """``same_label_pairs`` in its plain form, the reference the fast one is
+    tested against: the nonzero entries of the B × B mask
+    ``[y_i = y_j] ∧ [i ≠ j]``, in row-major order; ``y``: (B,) integer labels.
+
+    Derivation: docs/math.md §11.
+    """
+    labels = to_host(y)
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    i, j = np.nonzero(same)
+    xp = get_array_module(y)
+    return xp.asarray(i), xp.asarray(j)
+
+
 def same_label_pairs(y):
     """The entries of M⁺ (same label, off the diagonal) as two index arrays
-    ``(i, j)``, every ordered pair once; ``y``: (B,) integer labels.
+    ``(i, j)``, every ordered pair once; ``y``: (B,) integer labels. The pairs
+    of ``same_label_pairs_plain``, grouped by label instead of row-major.
 
     M⁻ is everything else off the diagonal. A batch drawn from many identities
     has few same-label pairs (B = 1024 rows of 901 identities: about 500
-    of the 10⁶ entries), so M⁺ is kept as this list and no B × B mask is built.
+    of the 10⁶ entries), so M⁺ is kept as this list and no B × B mask is built
+    (faster than the plain form: docs/perf.md).
     Sorting puts each label's rows side by side; a group of n rows gives its
     n² (position, partner) combinations, less the n with itself. Computed on
     the host: B labels are a few kilobytes.
@@ -268,16 +245,11 @@ def orthogonal_projection_forward(z, y, gamma):
     them, ``Σ |M⁻⊙G|`` sums |G| with those entries and the diagonal set to 0.
     ``ΣM⁺`` is the length of the list and ``ΣM⁻ = B² − B − ΣM⁺``.
 
-    G is a general matrix product of ẑ with a copy of ẑ: for ``ẑ @ ẑ.T`` NumPy
-    calls the BLAS's symmetric rank-k update (syrk), which does half the
-    arithmetic but, in OpenBLAS on two cores, takes 1.6× as long as the full
-    product (4.6 ms against 2.8 ms at B = 1024, D = 256).
-
     Derivation: docs/math.md §11 (worked by hand: §0.2).
     """
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
-    G = zhat @ zhat.copy().T            # not zhat @ zhat.T: see the docstring
+    G = zhat @ zhat.T
     n = len(y)
     i, j = same_label_pairs(y)
     n_pos = xp.asarray(len(i), dtype=G.dtype)

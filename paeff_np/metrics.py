@@ -74,7 +74,7 @@ def _check_pairs(dist, same):
 
 def trapezoid_area(x, y):
     """The area under a curve by the trapezoid rule (scikit-learn's ``auc``)."""
-    from sklearn.metrics import auc    # imported on first use: it takes ~1 s, a CLI start pays it once
+    from sklearn.metrics import auc    # imported on first use: slow to import, a CLI start pays it once
     return auc(x, y)
 
 

@@ -6,7 +6,6 @@ import numpy as np
 from .backend import elementwise_kernel, get_array_module, to_device, to_host
 from .domains import FRACTION, NON_NEGATIVE, POSITIVE, Domain, check_fields, integer, numbers_of
 from .flat import FlatViews, flat_like, gather_into
-from .parallel import for_row_blocks
 
 
 ADAMW_KERNEL = dict(
@@ -43,17 +42,12 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
             g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
             lr / bias1, sqrt_bias2, eps, p, m, v)
         return
-
-    def block(rows):        # NumPy: the formula on row blocks of the buffers, on threads
-        p_, g_, m_, v_ = p[rows], g[rows], m[rows], v[rows]
-        p_ *= 1.0 - lr * weight_decay
-        m_ *= beta1
-        m_ += (1.0 - beta1) * g_
-        v_ *= beta2
-        v_ += (1.0 - beta2) * g_ * g_
-        p_ -= (lr / bias1) * m_ / (np.sqrt(v_) / sqrt_bias2 + eps)
-
-    for_row_blocks(block, len(p), p.size // max(1, len(p)))
+    p *= 1.0 - lr * weight_decay
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * g * g
+    p -= (lr / bias1) * m / (np.sqrt(v) / sqrt_bias2 + eps)
 
 
 class AdamW:
@@ -126,8 +120,8 @@ class AdamW:
         if not _is_flat_views_of(grads, layout):
             if get_array_module(params.flat) is np:
                 # NumPy: key by key through the views, the same bits without copying
-                # the gradients into one buffer (4.2 against 3.7 ms at 1.6 M parameters);
-                # the buffer pays on a GPU, where it makes the step one kernel
+                # the gradients into one buffer (faster: docs/perf.md); the buffer
+                # is for a GPU, where it makes the step one kernel
                 for key, p in params.items():
                     adamw_update(p, grads[key], self.m[key], self.v[key], **hyper)
                 return

@@ -1,14 +1,16 @@
 """Gradient checks of every layer in paeff_np.layers, plus their guards."""
+import math
+
 import numpy as np
 import pytest
 
 from conftest import TOL
 from paeff_np import check_layer
 from paeff_np.backend import to_host
-from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, conv1d_backward,
+from paeff_np.layers import (NORMAL_CDF_SERIES, BatchNormState, batchnorm_backward, batchnorm_forward, conv1d_backward,
                              conv1d_forward, dropout_backward, dropout_forward,
                              gelu_backward, gelu_forward, l2_normalize_backward,
-                             l2_normalize_forward, linear_backward, linear_forward,
+                             l2_normalize_forward, linear_backward, linear_forward, normal_cdf,
                              relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
                              tanh_backward, tanh_forward)
 
@@ -181,3 +183,44 @@ def test_backwards_read_caches_by_field_name(module):
                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name)
                 and "cache" in node.value.id and isinstance(node.targets[0], ast.Tuple)]
     assert not unpacked, f"{module}.py unpacks a cache by position at {', '.join(unpacked)}"
+
+
+# --- Φ, the normal CDF of the exact GELU ---
+
+def _ulp_error(y, reference):
+    return np.abs(y.astype(np.float64) - reference) / np.spacing(np.abs(y)).astype(np.float64)
+
+
+def test_normal_cdf_series_on_float32_unit_inputs(monkeypatch):
+    """float32 inputs within ±1 take the nine-term series, not SciPy: within
+    0.51 ulp of the float64 Φ, and SciPy's float32 value at ≥ 99.9% of a grid."""
+    import scipy.special
+    grid = np.linspace(-1.0, 1.0, 200_001).astype(np.float32)
+    reference = scipy.special.ndtr(grid.astype(np.float64))
+    scipy_float32 = scipy.special.ndtr(grid)
+
+    def refuse(x):
+        raise AssertionError("SciPy's ndtr was called for float32 inputs within ±1")
+    monkeypatch.setattr(scipy.special, "ndtr", refuse)
+    y = normal_cdf(grid)
+    assert y.dtype == np.float32
+    assert _ulp_error(y, reference).max() < 0.51
+    assert (y == scipy_float32).mean() > 0.999
+    assert normal_cdf(np.float32([1.0, -1.0, 0.0]))[2] == 0.5
+
+
+def test_normal_cdf_series_truncation_bound():
+    """The first term the series leaves out bounds its error (the docstring's 1.1e-10)."""
+    n = len(NORMAL_CDF_SERIES)
+    first_left_out = 1 / (math.sqrt(2 * math.pi) * 2 ** n * math.factorial(n) * (2 * n + 1))
+    assert first_left_out < 1.2e-10
+    assert first_left_out < 0.02 * np.spacing(np.float32(0.158)) / 2
+
+
+@pytest.mark.parametrize("x", [np.float32([-1.5, 0.2, 3.0]), np.float32([np.nan, 0.1]),
+                               np.linspace(-1, 1, 101), np.float64([-40.0, 0.5])],
+                         ids=["float32-beyond-1", "float32-nan", "float64-unit", "float64-tail"])
+def test_normal_cdf_outside_the_series_is_scipy(x):
+    """Anything else (a float32 input beyond ±1, NaN, float64) is SciPy's ndtr, bit for bit."""
+    import scipy.special
+    np.testing.assert_array_equal(normal_cdf(x), scipy.special.ndtr(x))

@@ -7,7 +7,7 @@ from paeff_np.backend import to_host
 from paeff_np.layers import l2_normalize_backward
 from paeff_np import losses
 from paeff_np.losses import (orthogonal_projection_backward, orthogonal_projection_forward,
-                             same_label_pairs, softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+                             same_label_pairs, same_label_pairs_plain, softmax_cross_entropy_backward, softmax_cross_entropy_forward,
                              symmetric_cross_entropy_backward, symmetric_cross_entropy_forward,
                              symmetric_cross_entropy_from_logits_backward,
                              symmetric_cross_entropy_from_logits_forward)
@@ -150,12 +150,14 @@ def test_orthogonal_projection_value_and_guards(xp):
 @pytest.mark.parametrize("labels", [[3], [0, 0, 0, 0], [0, 1, 2, 3], [5, 1, 5, 5, 2, 1, 0, 5],
                                     list(np.random.default_rng(0).integers(0, 40, 300))])
 def test_same_label_pairs_are_the_entries_of_the_mask(xp, labels):
-    """Every (i, j), i ≠ j, y_i = y_j exactly once, whatever the order of the labels."""
+    """Every (i, j), i ≠ j, y_i = y_j exactly once, whatever the order of the
+    labels: the fast form and the plain one list the same pairs."""
     y = np.asarray(labels)
-    i, j = same_label_pairs(xp.asarray(y))
-    listed = sorted(zip(to_host(i).tolist(), to_host(j).tolist()))
     mask = (y[:, None] == y[None, :]) & ~np.eye(len(y), dtype=bool)
-    assert listed == sorted(zip(*(a.tolist() for a in np.nonzero(mask))))
+    expected = sorted(zip(*(a.tolist() for a in np.nonzero(mask))))
+    for pairs in (same_label_pairs, same_label_pairs_plain):
+        i, j = pairs(xp.asarray(y))
+        assert sorted(zip(to_host(i).tolist(), to_host(j).tolist())) == expected, pairs.__name__
 
 
 def test_opl_gradient_bit_identical_to_the_masked_form():

@@ -8,7 +8,6 @@ import tempfile
 
 from .atomic import FolderInUse, remove_stale_temporaries
 from ..backend import GPUUnavailable, keep_freed_memory
-from ..parallel import n_threads
 from .checkpoint import CheckpointError
 from .training import TrainingDiverged
 from ..data import DataError, load_dir
@@ -26,15 +25,9 @@ SYNTHETIC_DEFAULT = dict(n_identities=300, seed=0)
 
 def prepare_process(prog):
     """What every command line does first: the allocator keeps freed memory for
-    the next step (``keep_freed_memory``), and ``PAEFF_ROW_THREADS``, when set,
-    must be a whole number. Returns ``(kept, error)``: whether glibc agreed,
-    and ``prog: error: ...`` or None."""
-    kept = keep_freed_memory()
-    try:
-        n_threads()
-    except ValueError as exc:
-        return kept, f"{prog}: error: {exc}"
-    return kept, None
+    the next step (``keep_freed_memory``). Returns ``(kept, error)``: whether
+    glibc agreed, and ``prog: error: ...`` or None (none today)."""
+    return keep_freed_memory(), None
 
 
 def run(main, prog):

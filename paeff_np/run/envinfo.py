@@ -110,9 +110,6 @@ def summary_lines(env):
         lines.append("allocator: " + ("glibc keeps freed memory (backend.keep_freed_memory), as in train.py"
                                       if env["keep_freed_memory"] else
                                       "the platform's default (keep_freed_memory is glibc only)"))
-    if "row_threads" in env:
-        lines.append(f"elementwise row blocks (parallel.py): {env['row_threads']} thread(s) "
-                     f"(PAEFF_ROW_THREADS={os.environ.get('PAEFF_ROW_THREADS', 'unset')})")
     busy = env["cpu_busy_before"]
     if busy is not None:
         lines.append(f"CPU busy over 1 s before the run (other processes): {100 * busy:.0f}%")
