@@ -167,7 +167,7 @@ def test_a_stopped_run_continues_where_it_stopped(finished, data, tmp_path, caps
     assert not os.path.exists(os.path.join(out, "submission.zip"))
     monkeypatch.setattr(training.Trainer, "run_epoch", real)
     rc, stdout, _ = run_fame(fame_args(data, out), capsys)
-    assert rc == 0 and "German holds this run, continuing at epoch 1/3" in stdout
+    assert rc == 0 and "German holds this run, continuing after epoch 1/3" in stdout
     for name in FOUR | {"submission.zip"}:
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(finished, name), "rb").read()
 
@@ -278,6 +278,20 @@ def test_bad_flags_are_one_line(data, tmp_path, capsys, extra, says):
         argv = argv[:argv.index("--version")] + argv[argv.index("--version") + 2:]
     rc, _, err = run_fame(argv + extra, capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not os.path.exists(out)
+
+
+def test_a_second_language_the_settings_cannot_train_leaves_nothing(data, tmp_path, capsys):
+    """German's training files cut to 100 rows give no validation split: refused before the
+    English run folder is made."""
+    root = tmp_path / "data"
+    shutil.copytree(os.path.dirname(data["feats"]), root)
+    for modality in ("faces", "voices"):
+        _edit(str(root / f"feats/v3/German/German_{modality}_train.csv"), lambda lines: lines[:100])
+    copy = {**data, **{k: str(root / k) for k in ("feats", "lists", "labels")}}
+    out = str(tmp_path / "out")
+    rc, _, err = run_fame(fame_args(copy, out), capsys)
+    assert rc == 2 and err.count("\n") == 1 and "German's training data: --val-identities" in err, err
     assert not os.path.exists(out)
 
 

@@ -164,29 +164,32 @@ def again_command(argv):
     return f"run the same command again ({PROG} {' '.join(argv)})"
 
 
-def prepare_trainer(protocol, language, args, run_dir, hold):
-    """The Trainer of ``language``'s run: fresh (its folder locked, epoch 0 saved), or the run
-    already in ``run_dir`` restored, when its settings, model and data are these."""
+def plan_trainer(protocol, language, args, run_dir):
+    """A fresh Trainer of ``language``'s run: its split, model and settings checked; no file yet."""
     train_set, meta = protocol.train[language], protocol.train_meta[language]
     settings = settings_of(args)
     split = validation_split(train_set, settings, language)
     cfg = config_of(args, split.train)
-    dataset = Dataset(train=split.train, tests={})
+    return make_trainer(Dataset(train=split.train, tests={}), cfg, settings, run_dir, meta, split)
+
+
+def open_run(trainer, language, hold):
+    """Lock ``trainer``'s run folder; then restore the run it holds, when its settings, model and
+    data are these, or save epoch 0 of a new one (a run stopped in its first epoch continues)."""
+    run_dir = trainer.out_dir
     existing = os.path.join(run_dir, ckpt.CHECKPOINT_NAME)
-    if os.path.exists(existing):
-        hold(folder_lock(run_dir))
-        remove_leftovers(run_dir)
-        checkpoint = ckpt.load(existing)
-        check_same_run(checkpoint, settings, cfg, split.record, meta, run_dir)
-        trainer = make_trainer(dataset, cfg, settings, run_dir, meta, split)
-        trainer.restore(checkpoint)
-        state = "finished" if trainer.finished else f"continuing at epoch {trainer.epoch}/{settings.epochs}"
-        print(f"{language}: {run_dir} holds this run, {state}", flush=True)
-        return trainer
-    trainer = make_trainer(dataset, cfg, settings, run_dir, meta, split)
     hold(folder_lock(run_dir))
-    trainer.save()                       # epoch 0: a run stopped in its first epoch continues
-    return trainer
+    remove_leftovers(run_dir)
+    if not os.path.exists(existing):
+        trainer.save()
+        return
+    checkpoint = ckpt.load(existing)
+    check_same_run(checkpoint, trainer, run_dir)
+    trainer.restore(checkpoint)
+    state = ("finished" if trainer.finished else
+             f"continuing after epoch {trainer.epoch}/{trainer.settings.epochs}" if trainer.epoch else
+             "saved before its first epoch: starting it")
+    print(f"{language}: {run_dir} holds this run, {state}", flush=True)
 
 
 def make_trainer(dataset, cfg, settings, run_dir, meta, split):
@@ -196,8 +199,10 @@ def make_trainer(dataset, cfg, settings, run_dir, meta, split):
         raise UsageError(str(exc)) from None
 
 
-def check_same_run(checkpoint, settings, cfg, split_record, meta, run_dir):
+def check_same_run(checkpoint, trainer, run_dir):
     """A run folder continues only with the settings, model and training data it began with."""
+    settings, cfg, split_record, meta = (trainer.settings, trainer.cfg, trainer.validation_record,
+                                         trainer.data_meta)
     recorded = checkpoint_settings(checkpoint).to_dict()
     changed = [k for k, v in settings.to_dict().items() if recorded.get(k) != v]
     changed += [f"model.{k}" for k, v in cfg.to_dict().items() if checkpoint.cfg.to_dict().get(k) != v]
@@ -270,7 +275,7 @@ def baseline_for(protocol, version):
     """The published figures to print beside ours, and their column's label."""
     if protocol.version == "synthetic":
         return fame.BASELINE_EER["v3"], "FOP on MAV-Celeb v3 (published; not this data)"
-    if fame.VERSION_LANGUAGES.get(version) == protocol.languages:
+    if set(fame.VERSION_LANGUAGES.get(version, ())) == set(protocol.languages):
         return fame.BASELINE_EER.get(version), f"FOP baseline, MAV-Celeb {version} (published)"
     return None, "FOP baseline (none published for these languages)"
 
@@ -297,12 +302,13 @@ def main(argv=None):
     print(f"FAME {version}: languages {' and '.join(languages)}; "
           + ", ".join(f"{l} {len(protocol.train[l]):,} training pairs, {len(protocol.lists[l].ids):,} trials"
                       for l in languages), flush=True)
+    trainers = {l: plan_trainer(protocol, l, args, os.path.join(out, l)) for l in languages}
     with contextlib.ExitStack() as locks:
         locks.enter_context(folder_lock(out))
         check_out(out, languages)         # again, now that no other process can write it
         remove_leftovers(out)
-        trainers = {l: prepare_trainer(protocol, l, args, os.path.join(out, l), locks.enter_context)
-                    for l in languages}
+        for language, trainer in trainers.items():
+            open_run(trainer, language, locks.enter_context)
         train_all(trainers, argv)
         scores, chosen = score_all(protocol, trainers)
         eers = fame.condition_eers(scores, protocol.lists, protocol.conditions())
