@@ -8,6 +8,8 @@ of ``layers.py``.
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .backend import get_array_module
 from .layers import row_dot, row_norm
 
@@ -88,8 +90,9 @@ def project_forward(x, c):
     r = ball_radius(c)
     n = xp.maximum(row_norm(x), MIN_NORM)
     outside = n > r
-    if not bool(outside.any()):                 # one host read: every row inside, P(x) = x
-        return x, ProjectCache(x, n, None, r)   # (always so for unit rows through expmap0, §16)
+    if xp is np and not outside.any():          # every row inside, P(x) = x (always so for unit
+        return x, ProjectCache(x, n, None, r)   # rows through expmap0, §16); CuPy: no host read, the
+                                                # factor below is 1 on every inside row
     y = x * xp.where(outside, r / n, 1.0)      # the factor per row: x · 1 is x itself
     return y, ProjectCache(x, n, outside, r)
 

@@ -94,8 +94,10 @@ def symmetric_cross_entropy_from_logits_forward(S):
     serves both softmaxes, ``softmax_row = E / row sums``, ``softmax_col = E /
     column sums``; otherwise each row is shifted by its max and each column by
     its own, two exponentials (the plain form; the shared one saves an
-    exponential, docs/perf.md). The cache keeps the exponentials and their
-    sums, not the softmaxes.
+    exponential, docs/perf.md). On CuPy the choice is made on the device, with
+    no host read: each shift is M or the row's/column's max by a ``where``, and
+    the two exponentials are always taken (they then hold the same values).
+    The cache keeps the exponentials and their sums, not the softmaxes.
 
     Derivation: docs/math.md §10 (on distance logits: §17.7).
     """
@@ -104,13 +106,16 @@ def symmetric_cross_entropy_from_logits_forward(S):
     col_max = S.max(axis=0)                                 # (B,)
     overall_max = col_max.max()
     lowest_max = xp.minimum(row_max.min(), col_max.min())
-    shared = bool(overall_max - lowest_max <= shared_shift_spread(S.dtype))   # one host read
-    if shared:                          # one E = e^{S − M} for both softmaxes
+    fits = overall_max - lowest_max <= shared_shift_spread(S.dtype)
+    if xp is np and bool(fits):         # one E = e^{S − M} for both softmaxes
         row_shift = col_shift = overall_max
         exp_rows = exp_cols = xp.exp(S - overall_max)
-    else:                               # each row by its max, each column by its own
+    elif xp is np:                      # each row by its max, each column by its own
         row_shift, col_shift = row_max[:, 0], col_max
         exp_rows, exp_cols = xp.exp(S - row_max), xp.exp(S - col_max)
+    else:       # CuPy, with no host read: each shift picked on the device, two exponentials
+        row_shift, col_shift = xp.where(fits, overall_max, row_max[:, 0]), xp.where(fits, overall_max, col_max)
+        exp_rows, exp_cols = xp.exp(S - row_shift[:, None]), xp.exp(S - col_shift)
     row_sum = exp_rows.sum(axis=1, keepdims=True)
     col_sum = exp_cols.sum(axis=0)
     # log softmax(S)_ii = (S_ii − shift) − log Σ e^{S − shift}, along the row and along the column
@@ -180,7 +185,7 @@ def symmetric_cross_entropy_backward(dloss, cache):
 class OrthogonalProjectionCache(NamedTuple):
     zhat: Any           # B × D, the normalised rows
     G: Any              # B × B, ẑẑᵀ
-    pairs: Any          # (i, j): the entries of M⁺ (same_label_pairs)
+    pairs: Any          # the entries of M⁺: (i, j) (same_label_pairs), on CuPy a B × B mask (same_label_mask)
     w_pos: Any          # 1/(ΣM⁺ + ε)
     w_neg: Any          # 1/(ΣM⁻ + ε)
     gamma: float
@@ -236,6 +241,19 @@ def same_label_pairs(y):
     return xp.asarray(order[first[distinct]]), xp.asarray(order[second[distinct]])
 
 
+def same_label_mask(y):
+    """M⁺ as a B × B boolean matrix, ``[y_i = y_j]`` off the diagonal: the device
+    form of ``same_label_pairs`` (CuPy), read by no one on the host and of one
+    shape whatever the labels, so a step neither syncs nor uploads for it.
+
+    Derivation: docs/math.md §11.
+    """
+    xp = get_array_module(y)
+    same = y[:, None] == y[None, :]
+    xp.fill_diagonal(same, False)
+    return same
+
+
 def orthogonal_projection_forward(z, y, gamma):
     """OPL: ``ẑ = z/‖z‖``, ``G = ẑẑᵀ``, M⁺ same label off the diagonal, M⁻ other label;
     ``pos = Σ M⁺⊙G/(ΣM⁺ + 1e-6)``, ``neg = Σ |M⁻⊙G|/(ΣM⁻ + 1e-6)``,
@@ -243,7 +261,9 @@ def orthogonal_projection_forward(z, y, gamma):
 
     M⁺ is a list of index pairs (``same_label_pairs``): ``Σ M⁺⊙G`` gathers
     them, ``Σ |M⁻⊙G|`` sums |G| with those entries and the diagonal set to 0.
-    ``ΣM⁺`` is the length of the list and ``ΣM⁻ = B² − B − ΣM⁺``.
+    ``ΣM⁺`` is the length of the list and ``ΣM⁻ = B² − B − ΣM⁺``. On CuPy M⁺ is
+    the B × B mask of ``same_label_mask`` instead (no host read of the labels):
+    ``Σ M⁺⊙G`` and ``ΣM⁺`` are sums over it.
 
     Derivation: docs/math.md §11 (worked by hand: §0.2).
     """
@@ -251,18 +271,25 @@ def orthogonal_projection_forward(z, y, gamma):
     zhat, cache_norm = l2_normalize_forward(z)
     G = zhat @ zhat.T
     n = len(y)
-    i, j = same_label_pairs(y)
-    n_pos = xp.asarray(len(i), dtype=G.dtype)
-    n_neg = xp.asarray(n * n - n - len(i), dtype=G.dtype)
-    pos_sum = G[i, j].sum()
-    abs_neg = xp.abs(G)                 # |G| on M⁻: zero on M⁺ and on the diagonal
-    abs_neg[i, j] = 0.0
+    if xp is np:                        # M⁺ as index pairs
+        pairs = i, j = same_label_pairs(y)
+        n_pos = xp.asarray(len(i), dtype=G.dtype)
+        n_neg = xp.asarray(n * n - n - len(i), dtype=G.dtype)
+        pos_sum = G[i, j].sum()
+        abs_neg = xp.abs(G)             # |G| on M⁻: zero on M⁺ and on the diagonal
+        abs_neg[i, j] = 0.0
+    else:                               # CuPy: M⁺ as a mask, nothing read back
+        pairs = same_label_mask(y)
+        n_pos = pairs.sum(dtype=G.dtype)
+        n_neg = (n * n - n) - n_pos
+        pos_sum = xp.where(pairs, G, 0.0).sum()
+        abs_neg = xp.where(pairs, 0.0, xp.abs(G))
     xp.fill_diagonal(abs_neg, 0.0)
     neg_sum = abs_neg.sum()
     w_pos = 1.0 / (n_pos + OPL_EPS)
     w_neg = 1.0 / (n_neg + OPL_EPS)
     loss = 1.0 - pos_sum * w_pos + gamma * (neg_sum * w_neg)
-    return loss, OrthogonalProjectionCache(zhat, G, (i, j), w_pos, w_neg, gamma, cache_norm)
+    return loss, OrthogonalProjectionCache(zhat, G, pairs, w_pos, w_neg, gamma, cache_norm)
 
 
 def orthogonal_projection_backward(dloss, cache):
@@ -276,10 +303,13 @@ def orthogonal_projection_backward(dloss, cache):
     Derivation: docs/math.md §11.
     """
     xp = get_array_module(cache.zhat)
-    i, j = cache.pairs
     dG = xp.sign(cache.G)
     dG *= cache.gamma * cache.w_neg
-    dG[i, j] = -cache.w_pos
+    if xp is np:
+        i, j = cache.pairs
+        dG[i, j] = -cache.w_pos
+    else:                               # the mask of same_label_mask
+        xp.copyto(dG, -cache.w_pos, where=cache.pairs)
     xp.fill_diagonal(dG, 0.0)
     dzhat = 2.0 * (dG @ cache.zhat)
     return dloss * l2_normalize_backward(dzhat, cache.normalize)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, to_host
+from .backend import get_array_module
 from .domains import (BOOLEAN, FRACTION, NON_NEGATIVE, ODD_INTEGER, POSITIVE, JointRule, check_fields,
                       check_known, integer, numbers_of, one_of)
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
@@ -516,8 +516,9 @@ def check_inputs(params, face, voice, labels, cfg):
     integers in 0..n_classes−1, and then B ≥ 2 (a train-mode BatchNorm divides
     by B − 1, docs/math.md §2); the parameters' widths match ``cfg``. Raises
     ``ValueError`` naming the array, its shape and the expected one. Reads
-    shapes and dtypes, and the labels' range (a host read of B integers, as
-    OPL's ``same_label_pairs`` makes too).
+    shapes and dtypes, and on NumPy the labels' range (``check_labels``); CuPy
+    labels are not read back (a host sync per step): whoever uploads them
+    checks them once, on the host (the trainer does, for the whole training set).
 
     See docs/math.md §14.
     """
@@ -555,11 +556,16 @@ def check_inputs(params, face, voice, labels, cfg):
         if B < 2:
             raise ValueError("a training batch needs at least 2 rows: BatchNorm's running variance "
                              "divides by B − 1 (PyTorch refuses B = 1 too)")
-        host = to_host(labels)
-        if host.min() < 0 or host.max() >= cfg.n_classes:
-            bad = host[(host < 0) | (host >= cfg.n_classes)]
-            raise ValueError(f"labels holds {bad[0]}; expected class indices 0..{cfg.n_classes - 1} "
-                             f"(n_classes = {cfg.n_classes})")
+        if get_array_module(labels) is np:
+            check_labels(labels, cfg.n_classes)
+
+
+def check_labels(labels, n_classes):
+    """``labels`` (host integers) all in 0..n_classes−1, else ``ValueError`` naming the first bad one."""
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = labels[(labels < 0) | (labels >= n_classes)]
+        raise ValueError(f"labels holds {bad[0]}; expected class indices 0..{n_classes - 1} "
+                         f"(n_classes = {n_classes})")
 
 
 def loss_and_grads(params, buffers, face, voice, labels, cfg, rng=None):

@@ -326,7 +326,7 @@ _FREE = {"empty", "empty_like", "broadcast_to", "reshape", "diagonal", "transpos
          "atleast_1d", "swapaxes", "moveaxis", "may_share_memory", "shares_memory"}
 _ELEMENTWISE = {"where", "clip", "full", "full_like", "ones", "ones_like", "arange", "fill_diagonal",
                 "outer", "sign", "abs", "exp", "log", "sqrt", "tanh", "maximum", "minimum", "isfinite",
-                "isnan", "logaddexp", "nan_to_num", "power", "square", "linspace"}
+                "isnan", "logaddexp", "nan_to_num", "power", "square", "linspace", "copyto"}
 _REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "any", "all", "prod", "argmax", "argmin",
                "count_nonzero", "trace", "var", "std", "nansum", "sort", "argsort", "cumsum"}
 _CUBLAS = {"matmul", "dot", "tensordot", "einsum", "inner", "vdot"}

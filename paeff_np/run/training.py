@@ -69,7 +69,7 @@ from ..domains import (FRACTION, NON_NEGATIVE, NO_VALUE, POSITIVE, STRING, BOOLE
 from .evaluation import embed_rows, list_name, validation_figures
 from ..flat import flatten
 from ..metrics import pair_distances, verification
-from ..model import Config, init_params, loss_and_grads
+from ..model import Config, check_labels, init_params, loss_and_grads
 from ..optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
@@ -297,6 +297,7 @@ class Trainer:
         # the whole training set lives on the device; batches are gathered there
         self.face = self.xp.asarray(train.face, dtype=dtype)
         self.voice = self.xp.asarray(train.voice, dtype=dtype)
+        check_labels(train.labels, cfg.n_classes)      # once, on the host: a step reads none back
         self.labels = self.xp.asarray(train.labels)
         # so do the validation lists: each epoch embeds them there, chunk by chunk
         self.validation = {part: (self.xp.asarray(lst.face, dtype=dtype), self.xp.asarray(lst.voice, dtype=dtype),
