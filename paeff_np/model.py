@@ -561,7 +561,10 @@ def check_inputs(params, face, voice, labels, cfg):
 
 
 def check_labels(labels, n_classes):
-    """``labels`` (host integers) all in 0..n_classes−1, else ``ValueError`` naming the first bad one."""
+    """``labels`` (host integers) all in 0..n_classes−1, else ``ValueError`` naming the first bad one.
+
+    See docs/math.md §14.
+    """
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         bad = labels[(labels < 0) | (labels >= n_classes)]
         raise ValueError(f"labels holds {bad[0]}; expected class indices 0..{n_classes - 1} "
