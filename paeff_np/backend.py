@@ -108,6 +108,22 @@ def elementwise_kernel(in_params, out_params, body, name):
     return _kernel_memo[key]
 
 
+def reduction_kernel(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name):
+    """``cupy.ReductionKernel(...)`` with these arguments, built once per distinct
+    source, as ``elementwise_kernel``."""
+    key = (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name)
+    if key not in _kernel_memo:
+        _kernel_memo[key] = cupy_module().ReductionKernel(*key)
+    return _kernel_memo[key]
+
+
+def kernel(spec):
+    """The CuPy kernel of a spec dict (``ELEMENTWISE`` or ``REDUCTION`` kind, the
+    keyword arguments of ``cupy.ElementwiseKernel``/``ReductionKernel``), memoised."""
+    args = {k: v for k, v in spec.items() if k != "kind"}
+    return (reduction_kernel if spec["kind"] == "reduction" else elementwise_kernel)(**args)
+
+
 # --- arrays on either device ----------------------------------------------------------
 
 def get_array_module(*arrays):

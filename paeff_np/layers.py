@@ -31,30 +31,49 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, ndtr
+from .backend import get_array_module, kernel, ndtr
 
 NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
 BATCHNORM_EPS = 1e-5
 BATCHNORM_MOMENTUM = 0.1
 
 
+# CuPy kernels (ElementwiseKernel / ReductionKernel, built by backend.kernel): each
+# fuses the NumPy code of the function it sits beside, which stays the reference.
+# Their C bodies are compiled and checked on the CPU by tests/test_kernels.py.
+DOT_KERNEL = dict(kind="reduction", in_params="T x, T y", out_params="T z", map_expr="x * y",
+                  reduce_expr="a + b", post_map_expr="z = a", identity="0", name="paeff_dot")
+"""``Σ x·y`` along the reduced axis: ``row_dot`` (axis 1), BatchNorm's column sums (axis 0)."""
+NORM_KERNEL = dict(kind="reduction", in_params="T x", out_params="T z", map_expr="x * x",
+                   reduce_expr="a + b", post_map_expr="z = sqrt(a)", identity="0", name="paeff_norm")
+"""``√Σ x²`` along the reduced axis: ``row_norm``."""
+
+
 def row_dot(x, y):
     """``⟨x_i, y_i⟩`` for each row i, as a column: B × D, B × D → B × 1.
 
     ``einsum("ij,ij->i")`` is one pass with no B × D temporary, faster than
-    ``(x * y).sum(axis=1)`` (docs/perf.md).
+    ``(x * y).sum(axis=1)`` (docs/perf.md). CuPy: one reduction
+    (``DOT_KERNEL``), not einsum's batch of 1 × 1 products.
 
     See docs/math.md §4.
     """
-    return get_array_module(x).einsum("ij,ij->i", x, y)[:, None]
+    xp = get_array_module(x)
+    if xp is not np:
+        return kernel(DOT_KERNEL)(x, y, axis=1)[:, None]
+    return xp.einsum("ij,ij->i", x, y)[:, None]
 
 
 def row_norm(x):
-    """``‖x_i‖ = √⟨x_i, x_i⟩`` for each row i, as a column: B × D → B × 1.
+    """``‖x_i‖ = √⟨x_i, x_i⟩`` for each row i, as a column: B × D → B × 1
+    (CuPy: one reduction, ``NORM_KERNEL``).
 
     See docs/math.md §4.
     """
-    return get_array_module(x).sqrt(row_dot(x, x))
+    xp = get_array_module(x)
+    if xp is not np:
+        return kernel(NORM_KERNEL)(x, axis=1)[:, None]
+    return xp.sqrt(row_dot(x, x))
 
 
 # --- linear ---
@@ -103,6 +122,46 @@ class BatchNormCache(NamedTuple):
     train: bool
 
 
+BATCHNORM_STATS_KERNEL = dict(
+    kind="elementwise",
+    in_params="T mean, T var, T running_mean, T running_var, T momentum, T unbias, T eps",
+    out_params="T inv_std, T new_mean, T new_var",
+    body="""
+    inv_std = 1 / sqrt(var + eps);
+    new_mean = (1 - momentum) * running_mean + momentum * mean;
+    new_var = (1 - momentum) * running_var + momentum * var * unbias;
+    """, name="paeff_batchnorm_stats")
+"""``batchnorm_forward``'s (D,) work in train mode: 1/√(σ² + eps) and the new running statistics."""
+BATCHNORM_VAR_KERNEL = dict(kind="reduction", in_params="T x, T mean, T inv_n", out_params="T var",
+                            map_expr="(x - mean) * (x - mean) * inv_n", reduce_expr="a + b",
+                            post_map_expr="var = a", identity="0", name="paeff_batchnorm_var")
+"""The biased batch variance ``Σ_rows (x − μ)²/B``, by column."""
+BATCHNORM_APPLY_KERNEL = dict(
+    kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta", out_params="T xhat, T y",
+    body="""
+    xhat = (x - mean) * inv_std;
+    y = gamma * xhat + beta;
+    """, name="paeff_batchnorm_apply")
+"""``x̂ = (x − μ)·inv_std``, ``y = γ x̂ + β``: the B × D work of ``batchnorm_forward``."""
+BATCHNORM_BACKWARD_KERNEL = dict(
+    kind="elementwise", in_params="T dy, T xhat, T gamma, T inv_std, T dgamma, T dbeta, T inv_n",
+    out_params="T dx",
+    body="dx = gamma * inv_std * (dy - dbeta * inv_n - xhat * (dgamma * inv_n));",
+    name="paeff_batchnorm_backward")
+"""``dx = γ ⊙ inv_std ⊙ (dy − dβ/B − x̂ ⊙ dγ/B)``: ``batchnorm_backward`` in train mode."""
+
+
+def _batchnorm_train_forward_cupy(x, gamma, beta, state, eps, momentum):
+    """``batchnorm_forward`` in train mode in four CuPy calls (its kernels above)."""
+    n = x.shape[0]
+    mean = x.mean(axis=0)
+    var = kernel(BATCHNORM_VAR_KERNEL)(x, mean, 1.0 / n, axis=0)
+    inv_std, new_mean, new_var = kernel(BATCHNORM_STATS_KERNEL)(
+        mean, var, state.running_mean, state.running_var, momentum, n / (n - 1), eps)
+    xhat, y = kernel(BATCHNORM_APPLY_KERNEL)(x, mean, inv_std, gamma, beta)
+    return y, BatchNormState(new_mean, new_var), BatchNormCache(xhat, inv_std, gamma, True)
+
+
 def batchnorm_forward(x, gamma, beta, state, train,
                       eps=BATCHNORM_EPS, momentum=BATCHNORM_MOMENTUM):
     """BatchNorm1d: ``y = γ (x − μ)/√(σ² + eps) + β``.
@@ -116,6 +175,8 @@ def batchnorm_forward(x, gamma, beta, state, train,
     Derivation: docs/math.md §2.
     """
     running_mean, running_var = state
+    if train and get_array_module(x) is not np:
+        return _batchnorm_train_forward_cupy(x, gamma, beta, state, eps, momentum)
     if train:
         n = x.shape[0]
         mean = x.mean(axis=0)
@@ -147,6 +208,11 @@ def batchnorm_backward(dy, cache):
     xhat, inv_std = cache.xhat, cache.inv_std
     xp = get_array_module(dy)
     n = dy.shape[0]
+    if xp is not np and cache.train:   # CuPy: two column reductions and one kernel
+        dgamma = kernel(DOT_KERNEL)(dy, xhat, axis=0)
+        dbeta = dy.sum(axis=0)
+        dx = kernel(BATCHNORM_BACKWARD_KERNEL)(dy, xhat, cache.gamma, inv_std, dgamma, dbeta, 1.0 / n)
+        return dx, dgamma, dbeta
     dgamma = xp.einsum("ij,ij->j", dy, xhat)
     dbeta = dy.sum(axis=0)
     if cache.train:                    # in place, in the order of the formula
@@ -212,6 +278,12 @@ class L2NormalizeCache(NamedTuple):
     active: Any     # B × 1, ‖x‖ > eps: the clamp is off
 
 
+L2_NORMALIZE_BACKWARD_KERNEL = dict(
+    kind="elementwise", in_params="T de, T e, T radial, bool active, T denom", out_params="T dx",
+    body="dx = (de - e * (radial * active)) / denom;", name="paeff_l2_normalize_backward")
+"""``dx = (de − e·⟨e, de⟩[‖x‖ > eps])/max(‖x‖, eps)``: ``l2_normalize_backward`` after its row dot."""
+
+
 def l2_normalize_forward(x, eps=NORMALIZE_EPS):
     """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D.
 
@@ -231,6 +303,8 @@ def l2_normalize_backward(de, cache):
     Derivation: docs/math.md §4.
     """
     e = cache.e
+    if get_array_module(e) is not np:       # CuPy: the row dot, then one kernel
+        return kernel(L2_NORMALIZE_BACKWARD_KERNEL)(de, e, row_dot(e, de), cache.active, cache.denom)
     radial = row_dot(e, de) * cache.active
     dx = e * radial
     get_array_module(de).subtract(de, dx, out=dx)     # dx = (de − e·radial)/denom, in place

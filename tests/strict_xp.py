@@ -233,21 +233,53 @@ random = types.SimpleNamespace(default_rng=_Generator)
 
 # --- kernels: the CUDA C body interpreted with NumPy -------------------------------
 
+_C_FUNCTIONS = {"sqrt": np.sqrt, "exp": np.exp, "log": np.log, "tanh": np.tanh, "fabs": np.abs,
+                "fmax": np.maximum, "fmin": np.minimum}
+
+
+def _params(text):
+    """``"T x, bool m"`` → ``[("T", "x"), ("bool", "m")]``."""
+    return [tuple(p.split()[-2:]) for p in text.split(",")]
+
+
+def _statements(body, name):
+    """``[T ]name = expression;`` statements of a kernel body, compiled as Python: the
+    subset of CUDA C that the library's kernels are written in (arithmetic,
+    comparisons, sqrt/exp/log/tanh/fabs/fmax/fmin), which reads the same in both."""
+    pattern = re.compile(r"^\s*(?:(?:const\s+)?(?:T|float|double|bool|int)\s+)?([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
+    out = []
+    for line in filter(str.strip, body.replace("\n", ";").split(";")):
+        match = pattern.match(line)
+        if match is None:
+            raise ValueError(f"{name}: the test double reads only '[T ]name = expression;', got {line!r}")
+        out.append((match.group(1), compile(match.group(2), name, "eval")))
+    return out
+
+
+def _kernel_inputs(params, args, name):
+    """The NumPy inputs of a kernel call and the dtype T (that of the T-typed arrays)."""
+    inputs = [_unwrap(a) for a in args]
+    t_arrays = [a for (kind, _), a in zip(params, inputs) if kind == "T" and isinstance(a, np.ndarray)]
+    if not t_arrays or len({a.dtype for a in t_arrays}) != 1:
+        raise TypeError(f"{name}: the arrays of type T must exist and share one dtype (CuPy: 'Type is mismatched')")
+    dtype = t_arrays[0].dtype
+    env = dict(_C_FUNCTIONS)
+    for (kind, pname), a in zip(params, inputs):
+        cast = dtype.type if kind == "T" else np.dtype({"float32": np.float32, "float64": np.float64,
+                                                         "bool": np.bool_, "int32": np.int32}[kind]).type
+        env[pname] = cast(a) if not isinstance(a, np.ndarray) else a
+    return inputs, dtype, env
+
+
 class ElementwiseKernel:
     """``ElementwiseKernel(in_params, out_params, body, name)``; calling it with
     the inputs (and optionally the outputs, updated in place) runs ``body``."""
 
-    _STATEMENT = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
-
     def __init__(self, in_params, out_params, operation, name="kernel"):
-        self.in_names = [p.split()[-1] for p in in_params.split(",")]
-        self.out_names = [p.split()[-1] for p in out_params.split(",")]
-        self.statements = []
-        for line in filter(str.strip, operation.replace("\n", ";").split(";")):
-            match = self._STATEMENT.match(line)
-            if match is None:
-                raise ValueError(f"{name}: the test double reads only 'name = expression;', got {line!r}")
-            self.statements.append((match.group(1), compile(match.group(2), name, "eval")))
+        self.in_params, self.out_params = _params(in_params), _params(out_params)
+        self.in_names = [n for _, n in self.in_params]
+        self.out_names = [n for _, n in self.out_params]
+        self.statements = _statements(operation, name)
         self.name = name
 
     def __call__(self, *args):
@@ -255,23 +287,48 @@ class ElementwiseKernel:
         n_in = len(self.in_names)
         if len(args) not in (n_in, n_in + len(self.out_names)):
             raise TypeError(f"{self.name}: wrong number of arguments ({len(args)})")
-        inputs = [_unwrap(a) for a in args[:n_in]]
+        inputs, dtype, env = _kernel_inputs(self.in_params, args[:n_in], self.name)
         arrays = [a for a in inputs if isinstance(a, np.ndarray)]
-        dtype = arrays[0].dtype
         if len(args) > n_in:
             outs = list(args[n_in:])
         else:
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
             outs = [ndarray(np.empty(shape, dtype)) for _ in self.out_names]
-        env = {"sqrt": np.sqrt}
-        env.update({n: (dtype.type(a) if not isinstance(a, np.ndarray) else a)
-                    for n, a in zip(self.in_names, inputs)})          # T scalars are cast to T
         env.update({n: o._a.copy() for n, o in zip(self.out_names, outs)})
         for target, expression in self.statements:
             env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=dtype)
         for n, o in zip(self.out_names, outs):
             o._a[...] = env[n]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class ReductionKernel:
+    """``ReductionKernel(in_params, out_params, map_expr, reduce_expr, post_map_expr,
+    identity, name)``; ``kernel(*inputs, axis=None, keepdims=False)``: ``map_expr``
+    on the broadcast inputs, reduced along ``axis`` by ``reduce_expr`` (``a + b``,
+    ``max(a, b)`` or ``min(a, b)``), then ``post_map_expr`` on the reduced value ``a``."""
+
+    _REDUCERS = {"a + b": np.add, "max(a, b)": np.maximum, "min(a, b)": np.minimum}
+
+    def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,
+                 name="reduce_kernel"):
+        self.in_params, self.out_params = _params(in_params), _params(out_params)
+        if reduce_expr.strip() not in self._REDUCERS:
+            raise ValueError(f"{name}: the test double reduces only by {sorted(self._REDUCERS)}")
+        self.reducer = self._REDUCERS[reduce_expr.strip()]
+        self.map_expr = compile(map_expr, name, "eval")
+        self.post_map = _statements(post_map_expr, name)
+        self.name = name
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        inputs, dtype, env = _kernel_inputs(self.in_params, args, self.name)
+        shape = np.broadcast_shapes(*(a.shape for a in inputs if isinstance(a, np.ndarray)))
+        _count("reduction", size=int(np.prod(shape)) if axis is None else 0)
+        mapped = np.broadcast_to(np.asarray(eval(self.map_expr, {"__builtins__": {}}, env), dtype=dtype), shape)
+        env["a"] = self.reducer.reduce(mapped, axis=axis, keepdims=keepdims)
+        for target, expression in self.post_map:
+            env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=dtype)
+        return ndarray(np.asarray(env[self.out_params[0][1]]))
 
 
 # --- launch counting: what each call would cost CuPy -------------------------------

@@ -1,0 +1,197 @@
+"""The library's CuPy kernels compiled with the machine's C compiler and run on
+NumPy arrays, under the semantics of CuPy's ``ElementwiseKernel`` and
+``ReductionKernel`` (a test harness; it replaces no GPU run):
+
+* typed parameters: ``T x`` (T: the dtype of the call's T arrays, float or
+  double), ``bool m``, ``float32``/``float64``/``int32``; a Python number for a
+  non-array parameter is cast to its type, as CuPy does;
+* broadcasting: every input is broadcast to the output's shape (elementwise)
+  or to the reduction's input shape;
+* an elementwise body runs once per output element ``i``, with the inputs as
+  ``const`` values and the outputs as variables written back;
+* a reduction starts from ``identity``, folds ``map_expr`` of each element
+  into ``a`` by ``reduce_expr`` (``a`` the running value, ``b`` the next
+  mapped one), then runs ``post_map_expr`` on ``a``, along one axis.
+
+The body is compiled as C++ (``gcc -x c++``: ``sqrt(float)`` is the float
+overload, as in CUDA C++), with no fast-math and no FMA contraction; NVRTC
+contracts a·b + c into FMAs by default, one of the reasons the comparisons
+allow a few ulps (tests/test_kernels.py). ``cpu_cupy(monkeypatch)`` installs
+the strict CuPy double with these compiled kernels in place of its
+interpreter, so the library's CuPy path runs the C bodies themselves.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+import strict_xp
+
+COMPILER = shutil.which("gcc") or "/usr/bin/gcc"
+CACHE = os.path.join(tempfile.gettempdir(), f"paeff-c-kernels-{os.getuid()}")
+_C_TYPES = {"float32": ("float", np.float32), "float64": ("double", np.float64),
+            "bool": ("bool", np.bool_), "int32": ("int", np.int32)}
+
+
+def compiler_missing():
+    """``None`` when the C++ compiler works, else one line saying why not."""
+    try:
+        proc = subprocess.run([COMPILER, "-x", "c++", "-fsyntax-only", "-"], input="int x;\n",
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no C++ compiler ({COMPILER}: {exc})"
+    return None if proc.returncode == 0 else f"{COMPILER} cannot compile C++: {proc.stderr.strip()[:200]}"
+
+
+def _params(text):
+    return [tuple(p.split()[-2:]) for p in text.split(",")]
+
+
+def _ctype(kind, t_dtype):
+    if kind == "T":
+        return "T", np.dtype(t_dtype)
+    return _C_TYPES[kind][0], np.dtype(_C_TYPES[kind][1])
+
+
+def _load(source):
+    os.makedirs(CACHE, exist_ok=True)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    so = os.path.join(CACHE, f"k{digest}.so")
+    if not os.path.exists(so):
+        src = os.path.join(CACHE, f"k{digest}.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        tmp = f"{so}.{os.getpid()}"
+        proc = subprocess.run([COMPILER, "-x", "c++", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared",
+                               "-fPIC", "-o", tmp, src], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the kernel does not compile:\n{proc.stderr}\n--- source ---\n{source}")
+        os.replace(tmp, so)
+    return ctypes.CDLL(so)
+
+
+def _header(t_dtype):
+    return ("#include <cmath>\nusing namespace std;\n"
+            f"typedef {'float' if np.dtype(t_dtype) == np.float32 else 'double'} T;\n")
+
+
+def elementwise_source(in_params, out_params, body, t_dtype):
+    lines = [_header(t_dtype), 'extern "C" void run(long _n, void **_args) {',
+             "  for (long i = 0; i < _n; i++) {"]
+    k = 0
+    for kind, name in _params(in_params):
+        ctype, _ = _ctype(kind, t_dtype)
+        lines.append(f"    const {ctype} {name} = ((const {ctype} *)_args[{k}])[i];")
+        k += 1
+    outs = []
+    for kind, name in _params(out_params):
+        ctype, _ = _ctype(kind, t_dtype)
+        lines.append(f"    {ctype} {name} = ((const {ctype} *)_args[{k}])[i];")
+        outs.append((ctype, name, k))
+        k += 1
+    lines.append("    " + body.strip().replace("\n", "\n    ") + ";")     # CuPy adds the last ";" too
+    lines += [f"    (({ctype} *)_args[{j}])[i] = {name};" for ctype, name, j in outs]
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def reduction_source(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, t_dtype):
+    (out_kind, out_name), = _params(out_params)
+    out_ctype, _ = _ctype(out_kind, t_dtype)
+    lines = [_header(t_dtype), 'extern "C" void run(long _m, long _r, void **_args) {',
+             "  for (long _j = 0; _j < _m; _j++) {", f"    {out_ctype} a = ({out_ctype})({identity});",
+             "    for (long _l = 0; _l < _r; _l++) {", "      long _e = _j * _r + _l;"]
+    ins = _params(in_params)
+    for k, (kind, name) in enumerate(ins):
+        ctype, _ = _ctype(kind, t_dtype)
+        lines.append(f"      const {ctype} {name} = ((const {ctype} *)_args[{k}])[_e];")
+    lines += [f"      {out_ctype} b = ({map_expr});", f"      a = ({reduce_expr});", "    }",
+              f"    {out_ctype} {out_name};", f"    {post_map_expr};",
+              f"    (({out_ctype} *)_args[{len(ins)}])[_j] = {out_name};", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _t_dtype(params, inputs, name):
+    ts = {np.asarray(a).dtype for (kind, _), a in zip(params, inputs) if kind == "T" and isinstance(a, np.ndarray)}
+    if len(ts) != 1:
+        raise TypeError(f"{name}: the T arrays must share one dtype, got {sorted(map(str, ts))}")
+    return ts.pop()
+
+
+def _pointers(arrays):
+    return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+
+
+class CElementwiseKernel:
+    """``cupy.ElementwiseKernel``'s interface, the body compiled for the CPU."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel"):
+        self.in_params, self.out_params, self.body, self.name = in_params, out_params, operation, name
+
+    def __call__(self, *args):
+        params, outs_p = _params(self.in_params), _params(self.out_params)
+        inputs = [a._a if isinstance(a, strict_xp.ndarray) else a for a in args[:len(params)]]
+        t = _t_dtype(params, inputs, self.name)
+        shape = np.broadcast_shapes(*(np.shape(a) for a in inputs if isinstance(a, np.ndarray)))
+        cast = lambda kind, a: np.ascontiguousarray(np.broadcast_to(np.asarray(a, _ctype(kind, t)[1]), shape))
+        ins = [cast(kind, a) for (kind, _), a in zip(params, inputs)]
+        given = args[len(params):]
+        outs = [np.ascontiguousarray(np.broadcast_to(g._a, shape), _ctype(kind, t)[1]) if given
+                else np.zeros(shape, _ctype(kind, t)[1]) for (kind, _), g in
+                zip(outs_p, given or [None] * len(outs_p))]
+        lib = _load(elementwise_source(self.in_params, self.out_params, self.body, t))
+        lib.run(ctypes.c_long(int(np.prod(shape))), _pointers(ins + outs))
+        strict_xp._count("elementwise")
+        if given:
+            for g, o in zip(given, outs):
+                g._a[...] = o
+            results = list(given)
+        else:
+            results = [strict_xp.ndarray(o) for o in outs]
+        return results[0] if len(results) == 1 else tuple(results)
+
+
+class CReductionKernel:
+    """``cupy.ReductionKernel``'s interface (one int ``axis`` or None), compiled for the CPU."""
+
+    def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,
+                 name="reduce_kernel"):
+        self.spec = (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity)
+        self.name = name
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        params = _params(self.spec[0])
+        inputs = [a._a if isinstance(a, strict_xp.ndarray) else a for a in args]
+        t = _t_dtype(params, inputs, self.name)
+        shape = np.broadcast_shapes(*(np.shape(a) for a in inputs if isinstance(a, np.ndarray)))
+        ndim = len(shape)
+        axis_ = tuple(range(ndim)) if axis is None else (axis % ndim,)
+        kept = [d for d in range(ndim) if d not in axis_]
+        out_shape = tuple(shape[d] for d in kept)
+
+        def arrange(kind, a):
+            full = np.broadcast_to(np.asarray(a, _ctype(kind, t)[1]), shape)
+            return np.ascontiguousarray(np.transpose(full, kept + list(axis_)))
+        ins = [arrange(kind, a) for (kind, _), a in zip(params, inputs)]
+        m = int(np.prod(out_shape))
+        r = int(np.prod([shape[d] for d in axis_]))
+        out = np.zeros(m, _ctype(_params(self.spec[1])[0][0], t)[1])
+        lib = _load(reduction_source(*self.spec, t))
+        lib.run(ctypes.c_long(m), ctypes.c_long(r), _pointers(ins + [out]))
+        strict_xp._count("reduction", size=int(np.prod(shape)) if axis is None else 0)
+        result = out.reshape(out_shape)
+        if keepdims:
+            result = np.expand_dims(result, axis_)
+        return strict_xp.ndarray(result)
+
+
+def cpu_cupy(monkeypatch):
+    """The strict CuPy double whose kernels are the compiled C bodies."""
+    cupy = strict_xp.install(monkeypatch)
+    monkeypatch.setattr(cupy, "ElementwiseKernel", CElementwiseKernel)
+    monkeypatch.setattr(cupy, "ReductionKernel", CReductionKernel)
+    return cupy

@@ -1,0 +1,195 @@
+"""Every CuPy kernel of the library, compiled on the CPU (tests/c_kernels.py:
+gcc, under ElementwiseKernel/ReductionKernel semantics) and compared with the
+NumPy function it fuses, in float32 and float64, on random and edge inputs.
+
+Tolerances. CUDA's documented maximum errors (CUDA C Programming Guide,
+"Mathematical Functions", standard functions): x + y, x·y, x/y and sqrt(x) are
+correctly rounded (0 ulp; x/y and sqrt with NVRTC's defaults -prec-div=true,
+-prec-sqrt=true), so a kernel made only of these differs from NumPy only by
+the order of its operations and by NVRTC's FMA contraction (--fmad=true), each
+worth at most one rounding, eps·|term|, of an intermediate term. A formula of
+k rounded operations is therefore allowed k·eps·(|result| + |terms|) (the
+``ulps`` below). A sum of n terms, in whatever order a GPU's tree or NumPy's
+pairwise loop adds them, is within n·eps·Σ|terms| of the exact one (Higham,
+Accuracy and Stability of Numerical Algorithms, §4.2, γ_n): reductions are
+allowed that. Where CuPy+NVRTC are installed, every kernel is also compiled
+for sm_90; elsewhere that test skips and says why.
+"""
+import numpy as np
+import pytest
+
+import c_kernels
+from paeff_np import backend, layers, optim
+from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, l2_normalize_backward,
+                             l2_normalize_forward, row_dot, row_norm)
+
+REASON = c_kernels.compiler_missing()
+needs_cc = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+DTYPES = (np.float32, np.float64)
+
+
+def library_kernels():
+    """``{name: spec}`` of every kernel the library defines (the ``*_KERNEL`` dicts)."""
+    specs = {}
+    for module in (layers, optim):
+        for attr, value in vars(module).items():
+            if attr.endswith("_KERNEL") and isinstance(value, dict):
+                specs[value["name"]] = value
+    return specs
+
+
+def source_of(spec, dtype):
+    if spec.get("kind") == "reduction":
+        return c_kernels.reduction_source(spec["in_params"], spec["out_params"], spec["map_expr"],
+                                          spec["reduce_expr"], spec["post_map_expr"], spec["identity"], dtype)
+    return c_kernels.elementwise_source(spec["in_params"], spec["out_params"], spec["body"], dtype)
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    return c_kernels.cpu_cupy(monkeypatch)
+
+
+def close(actual, expected, dtype, ulps, scale=0.0):
+    """|actual − expected| ≤ ulps·eps·(|expected| + scale), NaN where NaN, inf where inf."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    assert np.array_equal(np.isnan(actual), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert np.array_equal(actual[~finite & ~np.isnan(expected)], expected[~finite & ~np.isnan(expected)])
+    bound = ulps * np.finfo(dtype).eps * (np.abs(expected) + scale)
+    bound = np.broadcast_to(bound, expected.shape)
+    err = np.abs(actual - expected)
+    assert np.all(err[finite] <= bound[finite]), float(np.max((err - bound)[finite]))
+
+
+def rows(dtype, seed=0, B=37, D=19):
+    """Random rows, then edge rows: zeros, tiny, huge (x² overflows float32), NaN."""
+    x = np.random.default_rng(seed).standard_normal((B, D))
+    x[0] = 0.0
+    x[1] = 1e-30
+    x[2] *= 1e20
+    x[3, 4] = np.nan
+    x[4] *= 1e-6
+    return x.astype(dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_every_kernel_body_compiles(dtype):
+    specs = library_kernels()
+    assert {"paeff_adamw", "paeff_dot", "paeff_norm", "paeff_batchnorm_var", "paeff_batchnorm_stats",
+            "paeff_batchnorm_apply", "paeff_batchnorm_backward", "paeff_l2_normalize_backward"} <= set(specs)
+    for spec in specs.values():
+        c_kernels._load(source_of(spec, dtype))
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_row_reductions_match_einsum(cupy, dtype):
+    x, y = rows(dtype), rows(dtype, seed=1)
+    with np.errstate(all="ignore"):
+        ref_dot, ref_norm = row_dot(x, y), row_norm(x)
+        dot, norm = row_dot(cupy.asarray(x), cupy.asarray(y)).get(), row_norm(cupy.asarray(x)).get()
+    D = x.shape[1]
+    with np.errstate(all="ignore"):
+        close(dot, ref_dot, dtype, D, np.abs(x * y).sum(axis=1, keepdims=True))
+        close(norm, ref_norm, dtype, D + 1)      # sqrt of a sum of positive terms: its relative error, halved, + 1
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_batchnorm_train_kernels_match_the_numpy_path(cupy, dtype):
+    rng = np.random.default_rng(3)
+    B, D = 64, 24
+    x = (rng.standard_normal((B, D)) * 3 + 1).astype(dtype)
+    x[:, 0] = 5.0                     # a constant column: σ² = 0, inv_std = 1/√eps (the eps clamp)
+    x[:, 1] *= 1e4                    # large magnitudes
+    gamma, beta = rng.standard_normal(D).astype(dtype), rng.standard_normal(D).astype(dtype)
+    state = BatchNormState(rng.standard_normal(D).astype(dtype), rng.random(D).astype(dtype) + 0.5)
+    dy = rng.standard_normal((B, D)).astype(dtype)
+    y, new_state, cache = batchnorm_forward(x, gamma, beta, state, True)
+    dx, dgamma, dbeta = batchnorm_backward(dy, cache)
+    dev = lambda a: cupy.asarray(a)
+    y_d, state_d, cache_d = batchnorm_forward(dev(x), dev(gamma), dev(beta),
+                                              BatchNormState(dev(state.running_mean), dev(state.running_var)), True)
+    dx_d, dgamma_d, dbeta_d = batchnorm_backward(dev(dy), cache_d)
+    # the variance: a sum of B terms (x − μ)², μ itself a sum: (2B + 3)·eps of Σ(x − μ)²/B;
+    # x̂ and y inherit it, halved through 1/√, over a few more roundings
+    var = ((x.astype(np.float64) - x.mean(axis=0)) ** 2).mean(axis=0)
+    close(cache_d.inv_std.get(), cache.inv_std, dtype, 2 * B + 8)
+    close(state_d.running_mean.get(), new_state.running_mean, dtype, B + 4, np.abs(state.running_mean))
+    close(state_d.running_var.get(), new_state.running_var, dtype, 2 * B + 8, np.abs(state.running_var) + var)
+    close(cache_d.xhat.get(), cache.xhat, dtype, 2 * B + 8, np.abs(x - x.mean(axis=0)) * cache.inv_std)
+    close(y_d.get(), y, dtype, 2 * B + 8, np.abs(gamma * cache.xhat) + np.abs(beta))
+    close(dgamma_d.get(), dgamma, dtype, B, np.abs(dy * cache.xhat).sum(axis=0))
+    close(dbeta_d.get(), dbeta, dtype, B, np.abs(dy).sum(axis=0))
+    term = np.abs(dy) + np.abs(dbeta) / B + np.abs(cache.xhat * dgamma) / B
+    close(dx_d.get(), dx, dtype, 2 * B + 8, np.abs(gamma * cache.inv_std) * term)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_l2_normalize_backward_kernel_matches_the_numpy_path(cupy, dtype):
+    x = rows(dtype)
+    x[2] /= 1e20                      # finite rows only: the clamp at eps (rows 0, 1) is the edge
+    x[3, 4] = 0.0
+    de = rows(dtype, seed=5)
+    de[2] /= 1e20
+    de[3, 4] = np.nan                 # NaN in dy stays NaN
+    with np.errstate(all="ignore"):
+        e, cache = l2_normalize_forward(x)
+        dx = l2_normalize_backward(de, cache)
+        e_d, cache_d = l2_normalize_forward(cupy.asarray(x))
+        dx_d = l2_normalize_backward(cupy.asarray(de), cache_d)
+    D = x.shape[1]
+    close(e_d.get(), e, dtype, D + 2)
+    with np.errstate(all="ignore"):
+        radial = np.abs(e * de).sum(axis=1, keepdims=True)
+        close(dx_d.get(), dx, dtype, 2 * D + 4, (np.abs(de) + np.abs(e) * radial) / cache.denom)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_adamw_kernel_matches_the_numpy_path(cupy, dtype):
+    rng = np.random.default_rng(0)
+    p, g, m = (rng.standard_normal(257).astype(dtype) for _ in range(3))
+    v = np.abs(rng.standard_normal(257)).astype(dtype)
+    g[:3], m[:3], v[:3] = 0.0, 0.0, 0.0          # the eps edge: m = v = 0
+    g[3] = 1e30 if dtype == np.float64 else 1e18
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                 bias1=1 - 0.9 ** 3, sqrt_bias2=(1 - 0.999 ** 3) ** 0.5)
+    host = [a.copy() for a in (p, g, m, v)]
+    device = [cupy.asarray(a) for a in (p, g, m, v)]
+    optim.adamw_update(*host, **hyper)
+    optim.adamw_update(*device, **hyper)
+    # p: about 12 roundings, the largest through √v and the division
+    for name, h, d, scale in (("p", host[0], device[0], np.abs(p) + 1e-2), ("m", host[2], device[2], np.abs(m) + np.abs(g)),
+                              ("v", host[3], device[3], np.abs(v) + g.astype(np.float64) ** 2)):
+        close(d.get(), h, dtype, 16, scale)
+
+
+def test_every_kernel_compiles_for_sm_90_with_nvrtc():
+    """CuPy's NVRTC compiles every kernel's body, in a __global__ wrapper like
+    ElementwiseKernel's, for sm_90 (H100). Needs CuPy and NVRTC, no GPU."""
+    try:
+        import cupy
+        from cupy_backends.cuda.libs import nvrtc
+        if getattr(cupy, "__version__", "").endswith("strict-test-double"):
+            raise ImportError("the strict test double is installed")
+        nvrtc.getVersion()
+    except Exception as exc:                   # ImportError, or a CuPy without NVRTC
+        pytest.skip(f"CuPy with NVRTC is not installed here ({type(exc).__name__}: {exc}); "
+                    f"on a CUDA machine: pip install \"cupy-cuda12x[ctk]\"")
+    for spec in library_kernels().values():
+        for dtype in DTYPES:
+            cpu = source_of(spec, dtype)
+            cuda = (cpu.replace("#include <cmath>\nusing namespace std;\n", "")
+                    .replace('extern "C" void run(', 'extern "C" __global__ void run('))
+            prog = nvrtc.createProgram(cuda, spec["name"] + ".cu", [], [])
+            try:
+                nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", "-std=c++17"])
+            except Exception as exc:
+                raise AssertionError(f"{spec['name']} ({np.dtype(dtype)}): {nvrtc.getProgramLog(prog)}") from exc
+            finally:
+                nvrtc.destroyProgram(prog)
