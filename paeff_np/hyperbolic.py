@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, kernel
 from .layers import row_dot, row_norm
 
 MIN_NORM = 1e-5          # ‖u‖ is clamped below at this before dividing by it
@@ -161,6 +161,75 @@ def unit_row_riemannian_factor(c):
 
 # --- the map into the ball: P(expmap0(e)) ---
 
+# CuPy kernels of to_ball_forward / to_ball_backward (built by backend.kernel; their C
+# bodies are compiled and checked against the NumPy functions by tests/test_kernels.py).
+# The forward's per-row numbers, from ‖u‖ alone: ‖q‖ = s‖u‖ for q = s·u, so the
+# projection needs no second row norm.
+TO_BALL_ROWS_KERNEL = dict(
+    kind="elementwise",
+    in_params="T norm, T sqrt_c, T c, T r, T min_norm, T tanh_max, bool riemannian",
+    out_params="T n, T a, T t, T s, bool norm_active, bool tanh_active, T pn, bool outside, T factor, T scale",
+    body="""
+    n = fmax(norm, min_norm);
+    a = sqrt_c * n;
+    t = tanh(fmin(fmax(a, -tanh_max), tanh_max));
+    s = t / a;
+    norm_active = norm > min_norm;
+    tanh_active = a < tanh_max;
+    pn = fmax(s * norm, min_norm);
+    outside = pn > r;
+    factor = outside * (r / pn) + (1 - outside);
+    T sq = (factor * s * norm) * (factor * s * norm);
+    scale = riemannian * ((1 - c * sq) * (1 - c * sq) / 4) + (1 - riemannian);
+    """, name="paeff_to_ball_rows")
+"""expmap0's n, a, t, s and clamp flags, the projection's clamped ‖q‖, its flag and
+factor r/‖q‖ (1 inside), the Riemannian factor (1 − c‖p‖²)²/4 (1 without it)."""
+TO_BALL_APPLY_KERNEL = dict(kind="elementwise", in_params="T u, T s, T factor", out_params="T q, T p",
+                            body="q = s * u; p = q * factor;", name="paeff_to_ball_apply")
+"""``q = s·u``, ``p = q·factor``: the B × D work of ``to_ball_forward``."""
+TO_BALL_BACKWARD_ROWS_KERNEL = dict(
+    kind="elementwise",
+    in_params="T ud, T n, T a, T t, T s, bool norm_active, bool tanh_active, T pn, bool outside, T r, "
+              "T scale, T sqrt_c",
+    out_params="T alpha, T beta",
+    body="""
+    T factor = outside * (r / pn) + (1 - outside);
+    T radial_p = outside * ((s / pn) * scale * ud);
+    T ux = factor * (scale * ud - (s / pn) * radial_p * (n * n));
+    T ds_dn = sqrt_c * (1 - t * t) * tanh_active / a - t / (a * n);
+    alpha = s * factor * scale;
+    beta = ux * ds_dn / n * norm_active - s * factor * (s / pn) * radial_p;
+    """, name="paeff_to_ball_backward_rows")
+"""``du = α·dp + β·u``, from ``ud = ⟨u, dp⟩``: the Riemannian scaling, the projection's
+``dx = factor·(dq − x̂⟨x̂, dq⟩)`` (x̂ = s·u/‖q‖) and expmap0's ``s·dx + s'(n)⟨u, dx⟩u/n``
+composed per row; ``⟨u, dx⟩`` follows from ``ud`` and ‖u‖² = n² (where the norm clamp is off)."""
+AXPBY_KERNEL = dict(kind="elementwise", in_params="T x, T y, T alpha, T beta", out_params="T z",
+                    body="z = alpha * x + beta * y;", name="paeff_axpby")
+"""``z = α·x + β·y`` with α, β per row: the B × D work of ``to_ball_backward``."""
+
+
+def _to_ball_forward_cupy(e, c, riemannian_grad):
+    """``to_ball_forward`` in three CuPy calls; the same caches, filled by the kernels."""
+    sqrt_c = c ** 0.5
+    r = ball_radius(c)
+    norm = row_norm(e)
+    n, a, t, s, norm_active, tanh_active, pn, outside, factor, scale = kernel(TO_BALL_ROWS_KERNEL)(
+        norm, sqrt_c, c, r, MIN_NORM, TANH_ARG_MAX, bool(riemannian_grad))
+    q, p = kernel(TO_BALL_APPLY_KERNEL)(e, s, factor)
+    cache = ToBallCache(Expmap0Cache(e, n, a, t, s, norm_active, tanh_active, sqrt_c),
+                        ProjectCache(q, pn, outside, r), scale if riemannian_grad else None)
+    return p, cache
+
+
+def _to_ball_backward_cupy(dp, cache):
+    """``to_ball_backward`` in three CuPy calls: one row dot, the per-row α, β, one pass."""
+    ex, proj = cache.expmap0, cache.project
+    scale = 1.0 if cache.scale is None else cache.scale
+    alpha, beta = kernel(TO_BALL_BACKWARD_ROWS_KERNEL)(
+        row_dot(ex.u, dp), ex.n, ex.a, ex.t, ex.s, ex.norm_active, ex.tanh_active, proj.n, proj.outside,
+        proj.r, scale, ex.sqrt_c)
+    return kernel(AXPBY_KERNEL)(dp, ex.u, alpha, beta)
+
 class ToBallCache(NamedTuple):
     expmap0: Expmap0Cache
     project: ProjectCache
@@ -173,6 +242,8 @@ def to_ball_forward(e, c, riemannian_grad):
 
     Derivation: docs/math.md §8 (and §16 for what it amounts to in PAEFF).
     """
+    if get_array_module(e) is not np:       # CuPy: the kernels above
+        return _to_ball_forward_cupy(e, c, riemannian_grad)
     q, cache_exp = expmap0_forward(e, c)
     p, cache_proj = project_forward(q, c)
     scale = None
@@ -186,6 +257,8 @@ def to_ball_backward(dp, cache):
 
     Derivation: docs/math.md §8.3.
     """
+    if get_array_module(dp) is not np:      # CuPy: the kernels above
+        return _to_ball_backward_cupy(dp, cache)
     if cache.scale is not None:
         dp = riemannian_scale_backward(dp, cache.scale)
     dq = project_backward(dp, cache.project)

@@ -293,10 +293,11 @@ class ElementwiseKernel:
             outs = list(args[n_in:])
         else:
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
-            outs = [ndarray(np.empty(shape, dtype)) for _ in self.out_names]
+            outs = [ndarray(np.empty(shape, np.bool_ if kind == "bool" else dtype)) for kind, _ in self.out_params]
         env.update({n: o._a.copy() for n, o in zip(self.out_names, outs)})
+        types_ = {n: (np.bool_ if kind == "bool" else dtype) for kind, n in self.out_params}
         for target, expression in self.statements:
-            env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=dtype)
+            env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=types_.get(target, dtype))
         for n, o in zip(self.out_names, outs):
             o._a[...] = env[n]
         return outs[0] if len(outs) == 1 else tuple(outs)

@@ -193,3 +193,36 @@ def test_every_kernel_compiles_for_sm_90_with_nvrtc():
                 raise AssertionError(f"{spec['name']} ({np.dtype(dtype)}): {nvrtc.getProgramLog(prog)}") from exc
             finally:
                 nvrtc.destroyProgram(prog)
+
+
+@needs_cc
+@pytest.mark.parametrize("riemannian", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_to_ball_kernels_match_the_numpy_path(cupy, dtype, riemannian):
+    """P(expmap0(u)) and its backward, with rows at every clamp: ‖u‖ = 0 and below MIN_NORM
+    (the norm clamp), rows pulled back by the projection (‖u‖ = 20 at c = 0.05: tanh(√c‖u‖)
+    > 1 − BALL_EPS), rows past the tanh clamp (√c‖u‖ > 15), and ordinary ones."""
+    from paeff_np.hyperbolic import to_ball_backward, to_ball_forward
+    c = 0.05
+    rng = np.random.default_rng(7)
+    B, D = 40, 16
+    u = rng.standard_normal((B, D))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    radii = np.concatenate([[0.0, 1e-7, 5e-6, 20.0, 25.0, 100.0, 1e4], rng.uniform(0.1, 5.0, B - 7)])
+    u = (u * radii[:, None]).astype(dtype)
+    dp = rng.standard_normal((B, D)).astype(dtype)
+    p, cache = to_ball_forward(u, c, riemannian)
+    du = to_ball_backward(dp, cache)
+    p_d, cache_d = to_ball_forward(cupy.asarray(u), c, riemannian)
+    du_d = to_ball_backward(cupy.asarray(dp), cache_d)
+    assert np.array_equal(cache_d.project.outside.get(), cache.project.outside)
+    assert cache.project.outside is not None and cache.project.outside.any()
+    # forward: the row norm (D terms) and about 10 roundings, tanh within CUDA's 2 ulp
+    close(p_d.get(), p, dtype, D + 16, np.abs(p))
+    # backward: du = α dp + β u, α and β from ⟨u, dp⟩ (D terms) through about 20 roundings;
+    # the terms are s|dp| and |⟨u, dp⟩ s'(n)/n|·|u| (expmap0) and the projection's radial part
+    ex = cache.expmap0
+    ud = np.abs(u * dp).sum(axis=1, keepdims=True)
+    ds_dn = np.abs(ex.sqrt_c * (1 - ex.t * ex.t) / ex.a) + np.abs(ex.t / (ex.a * ex.n))
+    terms = ex.s * np.abs(dp) + (ud * ds_dn / ex.n + ex.s * ex.s / cache.project.n ** 2 * ud) * np.abs(u)
+    close(du_d.get(), du, dtype, 2 * D + 40, terms)
