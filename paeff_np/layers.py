@@ -244,6 +244,11 @@ def relu_backward(dy, mask):
     return dy * mask
 
 
+DROPOUT_KERNEL = dict(kind="elementwise", in_params="T x, T u, T p, T keep", out_params="T y, T mask",
+                      body="mask = (u >= p) / keep; y = x * mask;", name="paeff_dropout")
+"""``mask = [u ≥ p]/(1 − p)``, ``y = x ⊙ mask`` (``keep`` = 1 − p): ``dropout_forward`` after its draw."""
+
+
 def dropout_forward(x, p, rng=None):
     """Inverted dropout: ``y = x ⊙ mask`` with ``mask = [u ≥ p]/(1−p)``, u ~ U[0,1).
 
@@ -257,6 +262,8 @@ def dropout_forward(x, p, rng=None):
         return x, None
     if rng is None:
         raise ValueError("dropout > 0 in train mode needs an rng")
+    if get_array_module(x) is not np:       # CuPy: the draw, then one kernel
+        return kernel(DROPOUT_KERNEL)(x, rng.random(x.shape, dtype=x.dtype), p, 1.0 - p)
     mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
     mask /= 1.0 - p
     return x * mask, mask
@@ -381,6 +388,12 @@ def gelu_forward(x):
     return x * cdf, GeluCache(x, cdf)
 
 
+GELU_BACKWARD_KERNEL = dict(
+    kind="elementwise", in_params="T dy, T x, T cdf, T inv_sqrt_2pi", out_params="T dx",
+    body="T phi = exp(-0.5 * x * x) * inv_sqrt_2pi; dx = (phi * x + cdf) * dy;", name="paeff_gelu_backward")
+"""``dx = (Φ(x) + x φ(x)) ⊙ dy``, ``φ(x) = e^{−x²/2}/√(2π)``: ``gelu_backward``."""
+
+
 def gelu_backward(dy, cache):
     """``GELU'(x) = Φ(x) + x φ(x)`` with ``φ(x) = e^{−x²/2}/√(2π)``.
 
@@ -388,6 +401,8 @@ def gelu_backward(dy, cache):
     """
     x = cache.x
     xp = get_array_module(x)
+    if xp is not np:                    # CuPy: one kernel
+        return kernel(GELU_BACKWARD_KERNEL)(dy, x, cache.cdf, INV_SQRT_2PI)
     dx = -0.5 * x * x
     xp.exp(dx, out=dx)
     dx *= INV_SQRT_2PI                  # φ(x)
@@ -435,11 +450,18 @@ def tanh_forward(x):
     return t, t
 
 
+TANH_BACKWARD_KERNEL = dict(kind="elementwise", in_params="T dy, T t", out_params="T dx",
+                            body="dx = dy * (1 - t * t);", name="paeff_tanh_backward")
+"""``dx = dy ⊙ (1 − t²)``: ``tanh_backward``."""
+
+
 def tanh_backward(dy, t):
-    """``tanh' = 1 − tanh²``.
+    """``tanh' = 1 − tanh²`` (CuPy: one kernel, ``TANH_BACKWARD_KERNEL``).
 
     Derivation: docs/math.md §6.
     """
+    if get_array_module(t) is not np:
+        return kernel(TANH_BACKWARD_KERNEL)(dy, t)
     return dy * (1.0 - t * t)
 
 

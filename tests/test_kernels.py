@@ -226,3 +226,32 @@ def test_to_ball_kernels_match_the_numpy_path(cupy, dtype, riemannian):
     ds_dn = np.abs(ex.sqrt_c * (1 - ex.t * ex.t) / ex.a) + np.abs(ex.t / (ex.a * ex.n))
     terms = ex.s * np.abs(dp) + (ud * ds_dn / ex.n + ex.s * ex.s / cache.project.n ** 2 * ud) * np.abs(u)
     close(du_d.get(), du, dtype, 2 * D + 40, terms)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_dropout_tanh_and_gelu_kernels_match_the_numpy_path(cupy, dtype):
+    """Dropout (a comparison, one division, one product: correctly rounded on CUDA, so
+    the same bits, from the same draws), tanh's and GELU's backward at 0, at large
+    |x| (φ underflows, tanh saturates), and NaN."""
+    from paeff_np.layers import dropout_forward, gelu_backward, gelu_forward, tanh_backward
+    x = rows(dtype, seed=8)
+    y, mask = dropout_forward(x, 0.4, np.random.default_rng(5))
+    y_d, mask_d = dropout_forward(cupy.asarray(x), 0.4, cupy.random.default_rng(5))
+    np.testing.assert_array_equal(mask_d.get(), mask)
+    np.testing.assert_array_equal(y_d.get(), y)
+    t = np.tanh(rows(dtype, seed=9))
+    dy = rows(dtype, seed=10)
+    dy[2] /= 1e20
+    with np.errstate(all="ignore"):
+        close(tanh_backward(cupy.asarray(dy), cupy.asarray(t)).get(), tanh_backward(dy, t), dtype, 4,
+              np.abs(dy) * (np.abs(1 - t * t) + t * t))
+        g = rows(dtype, seed=11)
+        g[2] = np.linspace(-40, 40, g.shape[1])            # φ(x) underflows at the ends
+        _, cache = gelu_forward(g)
+        dx = gelu_backward(dy, cache)
+        _, cache_d = gelu_forward(cupy.asarray(g))
+        dx_d = gelu_backward(cupy.asarray(dy), cache_d)
+        phi = np.exp(-0.5 * g.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
+        # exp within CUDA's 2 ulp, about 6 roundings; Φ from CUDA's normcdf within 5 ulp
+        close(dx_d.get(), dx, dtype, 16, np.abs(dy) * (np.abs(phi * g) + np.abs(cache.cdf)))
