@@ -187,3 +187,15 @@ def test_gpu_check_script_stops_in_one_line_without_a_gpu(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith(".ci/gpu: error: ") and proc.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_upload_copies_in_row_chunks(monkeypatch):
+    """backend.upload: the same array as one asarray, in copies of at most chunk_bytes."""
+    import strict_xp
+    cupy = strict_xp.install(monkeypatch)
+    host = np.random.default_rng(0).standard_normal((50, 7))
+    with strict_xp.counting() as count:
+        dev = backend.upload(host, cupy, np.float32, chunk_bytes=7 * 4 * 16)
+    np.testing.assert_array_equal(dev.get(), host.astype(np.float32))
+    assert count.h2d() == 4                          # rows 0..15, 16..31, 32..47, 48..49
+    np.testing.assert_array_equal(backend.upload(host, np, np.float32), host.astype(np.float32))

@@ -63,7 +63,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
-from ..backend import array_module, default_rng, to_device
+from ..backend import array_module, default_rng, to_device, upload
 from ..domains import (FRACTION, NON_NEGATIVE, NO_VALUE, POSITIVE, STRING, BOOLEAN, Domain, FieldError,
                        JointRule, check_fields, check_known, integer, one_of)
 from .evaluation import embed_rows, list_name, validation_figures
@@ -295,8 +295,8 @@ class Trainer:
                              f"which the data does not have", {"select": settings.select})
         dtype = np.dtype(settings.dtype)
         # the whole training set lives on the device; batches are gathered there
-        self.face = self.xp.asarray(train.face, dtype=dtype)
-        self.voice = self.xp.asarray(train.voice, dtype=dtype)
+        self.face = upload(train.face, self.xp, dtype)        # in chunks: no 2.5 GB left pinned
+        self.voice = upload(train.voice, self.xp, dtype)
         check_labels(train.labels, cfg.n_classes)      # once, on the host: a step reads none back
         self.labels = self.xp.asarray(train.labels)
         # so do the validation lists: each epoch embeds them there, chunk by chunk
