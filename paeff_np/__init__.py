@@ -10,10 +10,10 @@ The public contract::
     opt = pn.AdamW(lr=2e-5); opt.step(params, grads)
     lr = pn.cosine_lr(epoch, base_lr, total_epochs)
 """
-from .gradcheck import check_layer, check_op, gradcheck
+from .gradcheck import GradientCheckError, assert_gradients_ok, check_layer, check_op, gradcheck
 from .model import Config, embed, init_params, loss_and_grads
 from .optim import AdamW, cosine_lr
 
 __all__ = ["Config", "init_params", "loss_and_grads", "embed", "AdamW", "cosine_lr",
-           "gradcheck", "check_op", "check_layer"]
+           "gradcheck", "check_op", "check_layer", "assert_gradients_ok", "GradientCheckError"]
 __version__ = "0.1.0"
