@@ -135,3 +135,17 @@ def one_line_error(capsys, *words):
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
+
+
+def recorded_renames(folder, call):
+    """Run ``call()`` with ``os.replace`` recorded; return the targets of its renames, in
+    order, relative to ``folder`` (every file is renamed into place: see atomic.py)."""
+    targets, real_replace = [], os.replace
+
+    def replace(src, dst):
+        targets.append(os.path.relpath(dst, folder))
+        real_replace(src, dst)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", replace)
+        call()
+    return targets

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import recorded_renames
 from paeff_np.run import checkpoint as ckpt
 from paeff_np.run.atomic import TEMPORARY_SUFFIX
 from paeff_np.data.synth import make_synthetic, save_dir
@@ -70,14 +71,7 @@ def losses(out):
 def straight(data_dir, tmp_path_factory):
     """An uninterrupted run, and the targets of its os.replace calls in order."""
     out = str(tmp_path_factory.mktemp("straight"))
-    targets, real_replace = [], os.replace
-
-    def replace(src, dst):
-        targets.append(os.path.relpath(dst, out))
-        real_replace(src, dst)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "replace", replace)
-        train_cli.main(["--data-dir", data_dir, *TINY_RUN, "--out", out])
+    targets = recorded_renames(out, lambda: train_cli.main(["--data-dir", data_dir, *TINY_RUN, "--out", out]))
     return out, targets
 
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import one_line_error
+from conftest import one_line_error, recorded_renames
 
 from paeff_np.data.synth import make_synthetic
 from paeff_np.run import checkpoint as ckpt
@@ -71,14 +71,8 @@ def straight(data_dir, tmp_path_factory):
     """A default run (the refit is on: the data has seen-heard lists), and the
     targets of its renames, in order, relative to its folder."""
     out = str(tmp_path_factory.mktemp("straight") / "run")
-    targets, real_replace = [], os.replace
-
-    def replace(src, dst):
-        targets.append(os.path.relpath(dst, out))
-        real_replace(src, dst)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "replace", replace)
-        assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 0
+    targets = recorded_renames(out, lambda: train("--data-dir", data_dir, *TINY_RUN, "--out", out))
+    assert os.path.exists(os.path.join(out, "metrics.json"))
     return out, targets
 
 

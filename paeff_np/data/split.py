@@ -18,6 +18,10 @@ for even k, of a different identity drawn uniformly among the part's other rows
 for odd k. The training set keeps the other rows, its classes renumbered
 0..K'-1 in the original order (``label_values`` says which is which).
 
+A validation set of its own (``train.py --val-dir``, ``validation_from_rows``)
+gives the same two parts without carving anything: its rows of identities not
+in training form the unseen part, its rows of training identities the seen part.
+
 Everything is drawn from ``default_rng([seed, SPLIT_STREAM, 0])``, a stream no
 epoch uses (``training`` draws epoch e from ``[seed, e, 0]`` and ``[seed, e, 1]``):
 the same data, fractions and seed give the same split, which the checkpoint

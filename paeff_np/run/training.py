@@ -43,7 +43,7 @@ subfolder ``refit/``, and stops at the epoch e* the run selected; its model of
 epoch e* is committed over the run's ``best.npz``, marked ``refit_of``. The
 refit is an ordinary run folder with the same commit points: a kill before the
 commit of epoch e* leaves the split run's ``best.npz`` (still a whole,
-evaluable model) and a refit that ``--resume`` continues; a kill between the
+evaluable model) and a refit that a resumed run continues; a kill between the
 refit's checkpoint of epoch e* and the ``best.npz`` commit leaves a refit
 checkpoint that is itself the reported model, and ``restore`` rewrites
 ``best.npz`` from it, as above. Its model is the one a run on all rows
@@ -165,10 +165,7 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d, where="TrainSettings"):
         """Settings read back from a checkpoint's ``train`` section: every field there,
-        none unknown, each in its domain; else ``FieldError``. A checkpoint written
-        before the refit and --val-dir existed lacks their two fields: they take the
-        values of that run's behaviour (no refit, no validation folder)."""
-        d = {"refit": False, "val_dir": "", **d}
+        none unknown, each in its domain; else ``FieldError``."""
         check_known(d, cls.DOMAINS, where)
         return cls(**d)
 
@@ -411,7 +408,7 @@ class Trainer:
         return record
 
     def monitor_eer(self):
-        """The exact EER of the test list ``settings.monitor`` (``--select test`` only)."""
+        """The exact EER of the test list ``settings.monitor`` (rule ``test`` only)."""
         test = self.dataset.tests[self.settings.monitor]
         emb_f, emb_v = embed_rows(self.params, self.buffers, test.face, test.voice, self.cfg)
         return verification(pair_distances(emb_f, emb_v), test.same, official=False)["eer"]
@@ -583,7 +580,7 @@ def read_metrics_log(out_dir, epochs):
 
 def format_progress(r, total, seconds_left, val_key=None, monitor=None, best=False, prefix=""):
     """One epoch's line: losses, speed, the validation EER (and the monitored test
-    EER under ``--select test``); ``best`` marks the epoch selected so far."""
+    EER under rule ``test``); ``best`` marks the epoch selected so far."""
     eer_text = ""
     if val_key and val_key in r:
         eer_text += f"  val {val_key.split('/')[1]} EER {100 * r[val_key]:4.1f}%"
