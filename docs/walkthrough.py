@@ -57,26 +57,36 @@ def save_figure(plt, fig, out, name, tight=True, **savefig_args):
 
 def check_every_op():
     """``check_layer`` on every op of the library: the op half of the registry
-    that ``python -m paeff_np.gradcheck`` runs (paeff_np/gradcheck/cases.py)."""
+    that ``python -m paeff_np.gradcheck`` runs (paeff_np/gradcheck/cases.py),
+    and one deliberately wrong backward as a control that must fail."""
+    from paeff_np.gradcheck import check_layer
     say("check_layer on every op (float64, 4th-order stencil, h = 1e-5)")
     results = {}
     for case in OP_CASES:
         results[case.name] = max(case.check().errors.values())
         print(f"  {case.name:36s} worst relative error {results[case.name]:.1e}")
-    return results
+    x = np.random.default_rng(0).standard_normal((5, 6)) * 2.0
+    wrong = check_layer(layers.tanh_forward, lambda dy, t: dy * (1.0 - t), [x], raises=False)
+    control = max(wrong.errors.values())
+    print(f"  control: tanh with dy·(1 − t) for its backward: worst relative error {control:.1e} (FAIL)")
+    return results, control
 
 
-def plot_check_every_op(plt, results, out):
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.2 * len(names)))
-    ax.barh(names, [max(v, 1e-18) for v in results.values()], color="tab:blue")
-    ax.axvline(TOLERANCE, color="tab:red", ls="--", label=f"tolerance of the tests, {TOLERANCE:.0e}")
+def plot_check_every_op(plt, data, out):
+    results, control = data
+    names = list(results) + ["CONTROL: tanh, backward dy·(1 − t)"]
+    values = [max(v, 1e-18) for v in results.values()] + [control]
+    colors = ["tab:blue"] * len(results) + ["tab:red"]
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.2 * len(names)))
+    ax.barh(names, values, color=colors)
+    ax.axvline(TOLERANCE, color="k", ls="--", label=f"tolerance of the tests, {TOLERANCE:.0e}")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xscale("log")
+    ax.set_xlim(1e-13, 10)
     ax.invert_yaxis()
     ax.set_xlabel("worst normwise relative error, analytic vs finite difference")
-    ax.set_title("check_layer on every op (float64)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("check_layer on every op (float64)\nred: a deliberately wrong backward, which must fail")
+    ax.legend(loc="lower right", fontsize=8, framealpha=1)
     save_figure(plt, fig, out, "check_every_op.png")
 
 
@@ -115,23 +125,25 @@ def fd_error_against_h():
           f"{float(terms['opl']):.2f}, L_CE = {float(terms['ce']):.2f})")
     print(f"  rounding estimate at h = 1e-5: 1.5 ε_mach |f| / (h |∂L/∂w|) = "
           f"{1.5 * eps * abs(float(loss)) / (1e-5 * abs(exact)):.1e}")
-    return hs, err2, err4
+    return hs, err2, err4, 1.5 * eps * abs(float(loss)) / abs(exact)
 
 
 def plot_fd(plt, data, out):
-    hs, err2, err4 = data
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.loglog(hs, np.maximum(err2, 1e-17), "o-", ms=3, label="2nd order  (f(x+h) − f(x−h))/2h")
-    ax.loglog(hs, np.maximum(err4, 1e-17), "s-", ms=3, label="4th order  (−f₂ + 8f₁ − 8f₋₁ + f₋₂)/12h")
-    eps = np.finfo(np.float64).eps
-    ax.loglog(hs, eps / hs, ":", color="gray", label="rounding ∝ ε/h")
+    hs, err2, err4, rounding = data
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.loglog(hs, np.maximum(err2, 1e-17), "o-", ms=3, label="2nd order: (f(x+h) − f(x−h)) / 2h")
+    ax.loglog(hs, np.maximum(err4, 1e-17), "s-", ms=3,
+              label="4th order: (−f(x+2h) + 8f(x+h) − 8f(x−h) + f(x−2h)) / 12h")
+    ax.loglog(hs, rounding / hs, ":", color="gray",
+              label="rounding estimate of the 4th order: 1.5 ε|f| / (h |f′|)")
     ax.axvline(1e-5, color="tab:orange", lw=0.8, ls="--")
     ax.text(1.2e-5, 1e-15, "h = 1e-5\n(gradcheck)", fontsize=8, color="tab:orange")
     ax.set_ylim(1e-16, 1)
     ax.set_xlabel("step h")
-    ax.set_ylabel("relative error of the derivative")
-    ax.set_title("Finite-difference error against h: the V\n(one weight of the whole PAEFF loss, float64)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylabel("relative error of the derivative f′")
+    ax.set_title("Finite-difference error against h: the V\n"
+                 "(f = the whole PAEFF loss as a function of one weight, float64)")
+    ax.legend(fontsize=8, loc="upper right", framealpha=1)
     save_figure(plt, fig, out, "fd_error_vs_h.png")
 
 
@@ -286,22 +298,34 @@ def tails():
 
 def plot_tails(plt, data, out):
     x_gelu, gelu_err, naive_err, x_sig, sig_err, left_err = data
-    floor = 1e-18
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.semilogy(x_gelu, np.maximum(naive_err, floor), label="x·½(1 + erf(x/√2))")
-    ax1.semilogy(x_gelu, np.maximum(gelu_err, floor), label="x·½ erfc(−x/√2)  (the code calls ndtr, the reference)")
-    ax1.set_ylim(floor / 2, 10)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+
+    def curve(ax, x, err, style, label, color):
+        """``err`` on a log axis; entries exactly 0 (no error at all) as ticks along the bottom."""
+        nonzero = err > 0
+        ax.semilogy(np.where(nonzero, x, np.nan), np.where(nonzero, err, np.nan), style,
+                    color=color, label=label)
+        ax.plot(x[~nonzero], np.full((~nonzero).sum(), 3e-18), "|", color=color, ms=6)
+
+    curve(ax1, x_gelu, naive_err, "-", "x·½(1 + erf(x/√2))", "tab:blue")
+    curve(ax1, x_gelu, gelu_err, "-", "x·½ erfc(−x/√2)", "tab:orange")
+    ax1.axvspan(-38, -37.5, color="0.85", zorder=0)
+    ax1.text(-37.3, 1e-4, "Φ(x) subnormal\n(< 2.2e-308)", fontsize=7, color="0.3")
+    ax1.set_ylim(1e-18, 10)
+    ax1.set_xlim(-38, 0)
     ax1.set_xlabel("x")
-    ax1.set_ylabel("relative error (0 drawn at 1e-18)")
-    ax1.set_title("GELU, left tail")
-    ax1.legend(fontsize=8)
-    ax2.semilogy(x_sig, np.maximum(sig_err, floor), label="σ′(x) = s(1 − s)  (the code, as PyTorch)")
-    ax2.semilogy(x_sig, np.finfo(float).eps / 4 * np.exp(x_sig), ":", color="gray", label="bound (ε/4)·eˣ")
-    ax2.semilogy(x_sig, np.maximum(left_err, floor), label="σ(−x) = t/(1 + t)  (the code)")
-    ax2.set_ylim(floor / 2, 10)
+    ax1.set_ylabel("relative error against x·ndtr(x), what the code computes")
+    ax1.set_title("GELU, left tail (ticks at the bottom: exactly equal)", fontsize=10)
+    ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    curve(ax2, x_sig, sig_err, "-", "σ′(x) = s(1 − s), the code (as PyTorch)", "tab:blue")
+    ax2.semilogy(x_sig, np.finfo(float).eps / 4 * np.exp(x_sig), "--", color="k", lw=1.2,
+                 label="(ε/4)·eˣ", zorder=5)
+    curve(ax2, -x_sig, left_err, "-", "σ(x) = t/(1 + t) for x < 0, the code", "tab:green")
+    ax2.set_ylim(1e-18, 10)
     ax2.set_xlabel("x")
-    ax2.set_title("Sigmoid: the derivative's error grows like ε·eˣ")
-    ax2.legend(fontsize=8)
+    ax2.set_ylabel("relative error against scipy.special.expit")
+    ax2.set_title("Sigmoid: the derivative's error grows like (ε/4)·eˣ", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     save_figure(plt, fig, out, "gelu_sigmoid_tails.png")
 
 
@@ -326,32 +350,52 @@ def poincare_operating_point():
 
 
 def plot_poincare(plt, info, out):
-    fig = plt.figure(figsize=(11, 4.6))
-    ax = fig.add_axes([0.03, 0.08, 0.38, 0.84])
+    fig = plt.figure(figsize=(12, 5.6))
+    ax = fig.add_axes([0.02, 0.2, 0.42, 0.72])
     R = info["radius"]
     th = np.linspace(0, 2 * np.pi, 400)
-    ax.fill(R * np.cos(th), R * np.sin(th), color="#eef3fb")
-    ax.plot(R * np.cos(th), R * np.sin(th), "k", lw=1.2, label=f"boundary 1/√c = {R:.3f}")
-    ax.plot(info["proj_r"] * np.cos(th), info["proj_r"] * np.sin(th), "r--", lw=0.8,
-            label=f"projection radius {info['proj_r']:.4f}")
-    ax.plot(info["s"] * np.cos(th), info["s"] * np.sin(th), color="tab:green", lw=2,
-            label=f"every p = ρ·e: ‖p‖ = {info['s']:.4f}")
+    ax.fill(R * np.cos(th), R * np.sin(th), color="#eef3fb", zorder=0)
+    # geodesics: diameters, and circles orthogonal to the boundary (centre at distance √(R² + r²))
+    for angle in np.deg2rad([20, 70, 125]):
+        ax.plot([-R * np.cos(angle), R * np.cos(angle)], [-R * np.sin(angle), R * np.sin(angle)],
+                color="0.55", lw=0.8, zorder=1)
+    for centre_angle, r in ((np.deg2rad(-40), 2.2), (np.deg2rad(200), 5.0), (np.deg2rad(95), 1.2)):
+        dist = math.hypot(R, r)
+        cx, cy = dist * math.cos(centre_angle), dist * math.sin(centre_angle)
+        arc = np.linspace(0, 2 * np.pi, 2000)
+        gx, gy = cx + r * np.cos(arc), cy + r * np.sin(arc)
+        inside = gx ** 2 + gy ** 2 < R ** 2
+        ax.plot(np.where(inside, gx, np.nan), np.where(inside, gy, np.nan), color="0.55", lw=0.8,
+                zorder=1)
+    # level sets of the distance from the origin, d = 4, 6, ..., 20 (d = 2 is the green circle)
+    for d in range(4, 21, 2):
+        rr = math.tanh(math.sqrt(C) * d / 2) / math.sqrt(C)
+        ax.plot(rr * np.cos(th), rr * np.sin(th), color="tab:blue", lw=0.6, ls=(0, (2, 2)), zorder=2)
+    for d in (4, 8, 12, 20):
+        rr = math.tanh(math.sqrt(C) * d / 2) / math.sqrt(C)
+        ax.text(rr * math.cos(np.deg2rad(-62)), rr * math.sin(np.deg2rad(-62)), str(d), fontsize=7,
+                color="tab:blue", ha="center", va="center",
+                bbox=dict(boxstyle="round,pad=0.1", fc="#eef3fb", ec="none"), zorder=4)
+    ax.plot(R * np.cos(th), R * np.sin(th), "k", lw=1.2, zorder=3)
+    ax.plot(info["s"] * np.cos(th), info["s"] * np.sin(th), color="tab:green", lw=2.2, zorder=3)
     rng = np.random.default_rng(0)
     ang = rng.uniform(0, 2 * np.pi, 12)
-    ax.plot(info["s"] * np.cos(ang), info["s"] * np.sin(ang), "o", color="tab:green", ms=4)
-    # geodesics through the origin are diameters; draw a few circles of equal hyperbolic radius
-    for d in (2, 4, 6, 8):
-        rr = math.tanh(math.sqrt(C) * d / 2) / math.sqrt(C)
-        ax.plot(rr * np.cos(th), rr * np.sin(th), color="gray", lw=0.5, ls=":")
-    ax.text(0, -R * 0.93, "dotted: d(0, x) = 2, 4, 6, 8", ha="center", fontsize=8, color="gray")
+    ax.plot(info["s"] * np.cos(ang), info["s"] * np.sin(ang), "o", color="tab:green", ms=4, zorder=4)
     ax.set_aspect("equal")
-    ax.set_xlim(-R * 1.05, R * 1.05)
-    ax.set_ylim(-R * 1.05, R * 1.05)
+    ax.set_xlim(-R * 1.03, R * 1.03)
+    ax.set_ylim(-R * 1.03, R * 1.03)
+    ax.axis("off")
     ax.set_title("Poincaré ball, c = 0.05 (a 2-D slice)")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax2 = fig.add_axes([0.47, 0.3, 0.5, 0.45])
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color="k", lw=1.2, label=f"boundary, radius 1/√c = {R:.3f}"),
+               Line2D([], [], color="tab:green", lw=2.2,
+                      label=f"every PAEFF point p = ρe: ‖p‖ = {info['s']:.4f}, the level set d(0, p) = 2"),
+               Line2D([], [], color="tab:blue", lw=0.6, ls=(0, (2, 2)),
+                      label="level sets d(0, x) = 4, 6, …, 20 (labelled 4, 8, 12, 20)"),
+               Line2D([], [], color="0.55", lw=0.8, label="geodesics: diameters and arcs meeting "
+                                                          "the boundary at right angles")]
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.02, 0.0), fontsize=8, frameon=False)
+    ax2 = fig.add_axes([0.5, 0.38, 0.47, 0.4])
     marks = [(hyperbolic.MIN_NORM, "MIN_NORM\n1e-5", "tab:gray"),
              (1.0, "PAEFF\n‖u‖ = ‖e‖ = 1", "tab:green"),
              (info["u_proj"], f"projection acts\n‖u‖ > {info['u_proj']:.1f}", "tab:red"),
@@ -391,36 +435,47 @@ def plot_riemannian_factor(plt, info, out):
 # --- 7. the computational graph -------------------------------------------------
 
 def plot_graph(plt, out):
-    fig, ax = plt.subplots(figsize=(11, 5.2))
-    ax.set_xlim(0, 11)
-    ax.set_ylim(0, 6)
+    fig, ax = plt.subplots(figsize=(12, 5.6))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(-0.9, 6.2)
     ax.axis("off")
     nodes = {
         "face": (0.6, 4.8, "face x_f\nB×4096"), "voice": (0.6, 1.2, "voice x_v\nB×512"),
-        "bf": (2.2, 4.8, "branch\nLin→BN→ReLU\n→Drop→Lin→L2"), "bv": (2.2, 1.2, "branch\nLin→BN→ReLU\n→Drop→Lin→L2"),
-        "ef": (3.8, 4.8, "e_f"), "ev": (3.8, 1.2, "e_v"),
-        "pf": (5.3, 5.5, "p_f = P(expmap0(e_f))"), "pv": (5.3, 0.5, "p_v = P(expmap0(e_v))"),
-        "la": (8.5, 2.6, "L_A\nsymmetric CE\nS = p_f p_vᵀ/τ"),
-        "fus": (5.3, 3.0, "fusion\nEGFF (or gated)"), "m": (6.4, 3.0, "m"),
-        "z": (7.4, 4.6, "z = tanh(m W_rᵀ + b_r)"),
-        "s": (9.6, 4.6, "s = z W_lᵀ + b_l"),
-        "lop": (7.4, 1.5, "L_OP  (OPL on z)"), "lce": (9.6, 3.4, "L_CE"),
-        "L": (10.3, 1.6, "L = α₁L_A\n+ α₂L_OP\n+ α₃L_CE"),
+        "bf": (2.2, 4.8, "branch\nLin→BN→ReLU\n→Drop→Lin → h_f"),
+        "bv": (2.2, 1.2, "branch\nLin→BN→ReLU\n→Drop→Lin → h_v"),
+        "ef": (4.0, 4.8, "e_f = h_f/‖h_f‖"), "ev": (4.0, 1.2, "e_v = h_v/‖h_v‖"),
+        "pf": (6.0, 5.8, "p_f = P(expmap0(e_f))"), "pv": (6.0, 0.2, "p_v = P(expmap0(e_v))"),
+        "la": (9.2, 0.2, "L_A: symmetric CE\nS = p_f p_vᵀ/τ"),
+        "fus": (5.6, 3.0, "fusion\nEGFF (or gated)"), "m": (6.9, 3.0, "m"),
+        "z": (8.0, 4.6, "z = tanh(m W_rᵀ + b_r)"),
+        "s": (10.3, 4.6, "s = z W_lᵀ + b_l"),
+        "lop": (8.0, 1.9, "L_OP (OPL on z)"), "lce": (10.3, 3.3, "L_CE"),
+        "L": (11.3, 1.6, "L = α₁L_A\n+ α₂L_OP\n+ α₃L_CE"),
     }
     fan = {"ef", "ev", "z"}
+    boxes = {}
     for key, (x, y, text) in nodes.items():
         color = "#ffe2b8" if key in fan else ("#dcefdc" if key in ("la", "lop", "lce", "L") else "#e6eefa")
-        ax.text(x, y, text, ha="center", va="center", fontsize=8.5,
-                bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="gray"), zorder=3)
+        boxes[key] = ax.text(x, y, text, ha="center", va="center", fontsize=8.5,
+                             bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="gray"), zorder=3)
     edges = [("face", "bf"), ("voice", "bv"), ("bf", "ef"), ("bv", "ev"), ("ef", "pf"), ("ev", "pv"),
-             ("pf", "la"), ("pv", "la"), ("ef", "fus"), ("ev", "fus"), ("fus", "m"), ("m", "z"),
+             ("pv", "la"), ("ef", "fus"), ("ev", "fus"), ("fus", "m"), ("m", "z"),
              ("z", "s"), ("z", "lop"), ("s", "lce"), ("la", "L"), ("lop", "L"), ("lce", "L")]
+    fig.canvas.draw()                      # the boxes' sizes, for arrows from edge to edge
     for a, b in edges:
         (x0, y0, _), (x1, y1, _) = nodes[a], nodes[b]
-        ax.annotate("", (x1, y1), (x0, y0),
-                    arrowprops=dict(arrowstyle="->", color="tab:orange" if a in fan else "gray",
-                                    lw=1.8 if a in fan else 1, shrinkA=14, shrinkB=14), zorder=1)
-    ax.text(0.1, 0.05, "orange: fan-outs. In the backward their gradients add:  "
+        if abs(x1 - x0) >= abs(y1 - y0):   # leave by the side, arrive at the side
+            start, end = ((1, 0.5), (0, 0.5)) if x1 > x0 else ((0, 0.5), (1, 0.5))
+        else:                              # leave by the top or bottom
+            start, end = ((0.5, 0), (0.5, 1)) if y1 < y0 else ((0.5, 1), (0.5, 0))
+        ax.annotate("", xy=end, xycoords=boxes[b], xytext=start, textcoords=boxes[a],
+                    arrowprops=dict(arrowstyle="-|>", color="tab:orange" if a in fan else "gray",
+                                    lw=1.8 if a in fan else 1, shrinkA=4, shrinkB=4), zorder=1)
+    # p_f reaches L_A along the right, above the head and clear of L_OP
+    ax.annotate("", xy=(0.5, 1), xycoords=boxes["la"], xytext=(1, 0.5), textcoords=boxes["pf"],
+                arrowprops=dict(arrowstyle="-|>", color="gray", lw=1, shrinkA=4, shrinkB=4,
+                                connectionstyle="angle,angleA=0,angleB=90,rad=0"), zorder=1)
+    ax.text(0.1, -0.75, "orange: fan-outs. In the backward their gradients add:  "
             "de_f = (from fusion) + α₁·(from L_A),  dz = α₂·(from L_OP) + (from the logits)",
             fontsize=9, color="tab:orange")
     ax.set_title("The PAEFF loss as a computational graph")
