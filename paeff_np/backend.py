@@ -217,8 +217,8 @@ def keep_freed_memory():
     must map and zero every page again on first touch; after the free it gives
     the pages back. With both thresholds set, arrays up to 32 MiB come from the
     heap, and the heap keeps up to 1 GiB of freed memory, so the next step
-    reuses pages already mapped; the step is faster with it (the README's
-    benchmark section).
+    reuses pages already mapped; the step is faster with it (docs/perf.md,
+    "The allocator").
 
     It changes the whole process's allocator, so the library never calls it by
     itself: train.py, eval.py and bench.py do, once, at start. Elsewhere than

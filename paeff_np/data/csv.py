@@ -1,32 +1,25 @@
 """Read the FOP CSV layout (no header rows) into the classes of `paeff_np.data.dataset`.
 
 Training files hold feature columns followed by an identity label; test lists hold
-feature columns (extra trailing columns are ignored). Parsing happens in C through
-`np.loadtxt`; Python only re-scans a file after a failure, to name the first bad row.
-Row numbers in messages are 1-based lines of the file.
+feature columns (extra trailing columns are ignored). `np.loadtxt` parses in C; after
+a failure Python reads the file once more to name the first bad row. Row numbers in
+messages are 1-based lines of the file. The first bytes are checked first for what is
+not a plain FOP CSV (gzip or zip data, UTF-16, a byte-order mark, a `;`, tab or space
+separator, a header or comment line, a trailing comma), each with its own message.
 
-Each parsed CSV is cached as `.npy` in `<csv dir>/.paeff_cache/`, so later runs
-memory-map it instead of parsing again. A JSON stamp decides whether the cache is
-still valid: the source's size, mtime_ns, ctime_ns and inode, and a SHA-256 of its
-first and last blocks, so an edit that keeps size and mtime (`cp -p`, `touch -r`)
-still invalidates it. The stamp also records the shape and dtype of each array the
-parse gave; a cached array that cannot be loaded, differs from them, or fails the
-checks applied to a parse (NaN/Inf/|x| > FEATURE_LIMIT, empty labels) is a damaged
-cache: a one-line note goes to stderr and the CSV is parsed again. The cached values
-are not compared with the CSV (that would mean parsing it); the finite check reads
-them once (about 0.1 s per GB in the page cache; a cold file costs its disk read).
-Arrays read from the cache are read-only memory maps.
-
-Before parsing, the first bytes are checked for what is not a plain FOP CSV (gzip or
-zip data, a byte-order mark, a `;`, tab or space separator, a header or comment line,
-a trailing comma): each gets its own one-line message. Messages quote at most
-`EXCERPT_CHARS` characters of a row. Reading a file larger than `PROGRESS_MIN_BYTES`
-prints progress on stderr (rows read, MB/s, time left).
+Each parsed CSV is cached as `.npy` in `<csv dir>/.paeff_cache/` and memory-mapped
+(read-only) by later reads. A JSON stamp of the source (size, mtime_ns, ctime_ns,
+inode, and a SHA-256 of its first and last megabyte, so that `cp -p` or `touch -r`
+still count as a change) decides whether the cache stands for the file; it also
+records each array's shape and dtype. Cached arrays that cannot be loaded, differ from
+the stamp, or fail the checks a parse applies are a damaged cache: a one-line note on
+stderr, and the CSV is parsed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -42,16 +35,12 @@ from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names
 
 CACHE_DIR_NAME = ".paeff_cache"
 CACHE_VERSION = 3  # 2: fingerprinted stamp; 3: the stamp records each array's shape and dtype
-
-# Cached arrays of each kind of parsed file, with the suffix of their cache file.
-_CACHED_ARRAYS = {
-    "matrix": {"features": ".npy"},
-    "train": {"features": ".npy", "labels": ".labels.npy"},
-}
-_READ_CHUNK_BYTES = 1 << 26  # bytes per read when counting delimiters
-_FINITE_BLOCK_BYTES = 4 << 20  # bytes per block when looking for NaN/Inf (two passes stay in cache)
+_SUFFIXES = {"features": ".npy", "labels": ".labels.npy"}  # cache file of each parsed array
+_KEYS = {"matrix": ("features",), "train": ("features", "labels")}  # the arrays of each kind of file
 _FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a file for the cache stamp
 _SNIFF_BYTES = 1 << 16  # bytes read to recognise the file's format
+_FINITE_BLOCK_BYTES = 4 << 20  # bytes per block when looking for NaN/Inf (two passes stay in cache)
+_COUNT_BYTES = 1 << 26  # bytes per read when counting commas
 
 FEATURE_LIMIT = 1e12
 """Largest |feature| accepted. The model squares its inputs' scale (BatchNorm's variance
@@ -59,7 +48,7 @@ sums x^2 over a batch), and float32 overflows at 3.4e38: 1e12 leaves room for ba
 of 10^13 rows, and no real embedding comes near it."""
 EXCERPT_CHARS = 120  # characters of a row or cell quoted in a message, at most
 PROGRESS_MIN_BYTES = 64 << 20  # files larger than this print progress while parsed
-_PROGRESS_BLOCK_BYTES = 16 << 20  # bytes parsed per step when printing progress
+_PROGRESS_BLOCK_BYTES = 16 << 20  # bytes handed to np.loadtxt at a time
 _PROGRESS_EVERY_S = 2.0  # seconds between two progress lines
 
 
@@ -83,8 +72,7 @@ def read_features(path, *, cache=True):
 
 def _last_cell_is_text(path):
     try:
-        with open(path, encoding="utf-8", errors="replace") as lines:
-            first = next((line.strip() for line in lines if line.strip()), "")
+        first = _first_line(path)[1]
     except OSError:
         return False                   # reported by the reader
     cell = first.rsplit(",", 1)[-1].strip()
@@ -192,79 +180,57 @@ def _read_train_file(path, cache):
 
 
 def _parse(path, kind):
-    """Parse a CSV into the arrays cached for its kind ("matrix" or "train")."""
-    _check_format(path, kind)
+    """Parse a CSV into the arrays of its kind: "matrix" (numbers) or "train" (numbers, then a label)."""
+    n_columns = _check_format(path, kind)
     if kind == "matrix":
-        return {"features": _load_features(path)}
-
-    n_columns = _first_row_width(path)
-    if n_columns < 2:
-        raise DataError(f"{path}: rows have 1 column, expected feature columns then a label column")
-    n_features = n_columns - 1
-    features = _load_features(path, n_features)
-    labels = _loadtxt(path, n_features, usecols=[n_features], dtype=str, what="labels")[:, 0]
-    # Reading selected columns lets longer rows pass unnoticed; count the delimiters.
-    _check_row_widths(path, len(features), n_columns)
-    labels = np.char.strip(labels)
-    empty = _first_empty_label(labels)
-    if empty is not None:
-        raise DataError(f"{path}: row {_line_number(path, empty)}: empty label")
-    return {"features": features, "labels": labels}
-
-
-def _load_features(path, n_features=None):
-    """Load the first n_features columns (all when None) as float32 and check they are finite."""
-    usecols = None if n_features is None else range(n_features)
-    features = _loadtxt(path, n_features, usecols=usecols, dtype=np.float32)
-    _check_values(path, features)
-    return features
+        arrays = {"features": _loadtxt(path, None, dtype=np.float32)}
+    else:
+        if n_columns < 2:
+            raise DataError(f"{path}: rows have 1 column, expected feature columns then a label column")
+        n = n_columns - 1
+        arrays = {"features": _loadtxt(path, n, usecols=range(n), dtype=np.float32),
+                  "labels": np.char.strip(_loadtxt(path, n, "labels", usecols=[n], dtype=str)[:, 0])}
+        _check_row_widths(path, len(arrays["features"]), n_columns)
+    problem = _first_problem(arrays)
+    if problem is not None:
+        _, row, what, hint = problem
+        raise DataError(f"{path}: row {_line_number(path, row)}{what}{hint}")
+    return arrays
 
 
 def _loadtxt(path, n_numeric, what="rows", **kwargs):
-    """np.loadtxt with DataError messages; n_numeric: how many leading columns are numbers.
+    """np.loadtxt with DataError messages; n_numeric: how many leading columns are numbers (None: all).
 
-    A file larger than PROGRESS_MIN_BYTES is parsed in blocks, with progress on stderr.
+    The file goes to np.loadtxt in blocks of whole lines; one larger than PROGRESS_MIN_BYTES
+    prints rows read, MB/s and time left on stderr.
     """
-    kwargs.update(delimiter=",", comments=None, ndmin=2)
+    blocks, done, rows = [], 0, 0
+    started = last_report = time.monotonic()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
-            size = path.stat().st_size
-            if size > PROGRESS_MIN_BYTES:
-                table = _loadtxt_in_blocks(path, size, what, kwargs)
-            else:
-                table = np.loadtxt(path, **kwargs)
-    except UnicodeDecodeError:             # past the bytes _check_format looked at
-        raise DataError(_first_non_utf8_row(path)) from None
-    except ValueError as error:
+        size = path.stat().st_size
+        with open(path, "rb") as stream, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": a block of blank lines
+            while lines := stream.readlines(_PROGRESS_BLOCK_BYTES):
+                done += sum(map(len, lines))
+                block = np.loadtxt(lines, encoding="utf-8", delimiter=",", comments=None, ndmin=2, **kwargs)
+                if len(block):
+                    blocks.append(block)
+                    rows += len(block)
+                now = time.monotonic()
+                if size > PROGRESS_MIN_BYTES and now - last_report >= _PROGRESS_EVERY_S:
+                    last_report, rate = now, done / max(now - started, 1e-9)
+                    print(f"{path.name} ({what}): {rows:,} rows read, {done / 1e6:,.0f} of {size / 1e6:,.0f} MB, "
+                          f"{rate / 1e6:,.1f} MB/s, ~{(size - done) / rate:,.0f} s left", file=sys.stderr, flush=True)
+    except ValueError as error:                       # UnicodeDecodeError is one too
         raise DataError(_find_bad_row(path, n_numeric) or f"{path}: {_excerpt(str(error))}") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    if len(table) == 0:
+    if not blocks:
         raise DataError(f"{path}: file is empty")
-    return table
-
-
-def _loadtxt_in_blocks(path, size, what, kwargs):
-    """np.loadtxt on blocks of whole lines, printing rows read, MB/s and time left on stderr."""
-    blocks, done, rows = [], 0, 0
-    started = last_report = time.monotonic()
-    with open(path, "rb") as stream:
-        while lines := stream.readlines(_PROGRESS_BLOCK_BYTES):
-            done += sum(map(len, lines))
-            block = np.loadtxt(lines, encoding="utf-8", **kwargs)
-            if len(block):
-                blocks.append(block)
-                rows += len(block)
-            now = time.monotonic()
-            if now - last_report >= _PROGRESS_EVERY_S:
-                last_report = now
-                rate = done / max(now - started, 1e-9)
-                print(f"{path.name} ({what}): {rows:,} rows read, {done / 1e6:,.0f} of {size / 1e6:,.0f} MB, "
-                      f"{rate / 1e6:,.1f} MB/s, ~{(size - done) / rate:,.0f} s left", file=sys.stderr, flush=True)
-    print(f"{path.name} ({what}): {rows:,} rows read in {time.monotonic() - started:,.1f} s",
-          file=sys.stderr, flush=True)
-    return np.concatenate(blocks) if blocks else np.empty((0, 0), kwargs.get("dtype", float))
+    if size > PROGRESS_MIN_BYTES:
+        print(f"{path.name} ({what}): {rows:,} rows read in {time.monotonic() - started:,.1f} s",
+              file=sys.stderr, flush=True)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _excerpt(text, limit=EXCERPT_CHARS):
@@ -272,21 +238,31 @@ def _excerpt(text, limit=EXCERPT_CHARS):
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
+def _first_line(path):
+    """(1-based number, stripped text) of the first line that is not blank; (0, "") if none is."""
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                return number, line.strip()
+    return 0, ""
+
+
 def _check_format(path, kind):
-    """Refuse, with a message naming the problem, a file that is not a plain comma-separated table."""
+    """The first row's number of columns; a file that is not a plain comma-separated table is refused,
+    with a message naming what it is instead."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(_SNIFF_BYTES)
+        number, line = _first_line(path)
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    if head.startswith(b"\x1f\x8b"):
-        raise DataError(f"{path}: compressed (gzip); decompress first, e.g. zcat {path.name} > plain.csv")
-    if head.startswith(b"PK\x03\x04"):
-        raise DataError(f"{path}: compressed (zip); decompress first, e.g. unzip {path.name}")
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path}: UTF-16 text; save it as plain UTF-8")
-    if head.startswith(b"\xef\xbb\xbf"):
-        raise DataError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM")
+    for magic, problem in ((b"\x1f\x8b", f"compressed (gzip); decompress first, e.g. zcat {path.name} > plain.csv"),
+                           (b"PK\x03\x04", f"compressed (zip); decompress first, e.g. unzip {path.name}"),
+                           (b"\xff\xfe", "UTF-16 text; save it as plain UTF-8"),
+                           (b"\xfe\xff", "UTF-16 text; save it as plain UTF-8"),
+                           (b"\xef\xbb\xbf", "starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM")):
+        if head.startswith(magic):
+            raise DataError(f"{path}: {problem}")
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as error:         # (a character cut by the end of `head` is fine)
@@ -297,12 +273,8 @@ def _check_format(path, kind):
     if "\x00" in text:
         raise DataError(f"{path}: not a text file (byte {text.index(chr(0)) + 1} is a NUL byte); "
                         "FOP CSV files are plain comma-separated numbers")
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if line:
-            break
-    else:
-        return  # empty: reported by the parser
+    if not line:
+        raise DataError(f"{path}: file is empty")
     quoted = _excerpt(line)
     if line.startswith("#"):
         raise DataError(f"{path}: row {number} is a comment line ({quoted!r}); "
@@ -315,44 +287,35 @@ def _check_format(path, kind):
     if separator:
         raise DataError(f"{path}: values are separated by {separator}, expected commas ({quoted!r})")
     if cells[-1].strip() == "":
-        if kind == "train":
-            raise DataError(f"{path}: row {number} ends with a comma: an empty label, or a trailing "
-                            "comma on every row (the label would be read as a feature; remove "
-                            "them, e.g. sed -i 's/,$//' " + path.name + ")")
-        raise DataError(f"{path}: row {number} ends with a comma (an empty last column); "
-                        "remove the trailing commas, e.g. sed -i 's/,$//' " + path.name)
+        what = ("an empty label, or a trailing comma on every row (the label would be read as a feature)"
+                if kind == "train" else "an empty last column")
+        raise DataError(f"{path}: row {number} ends with a comma: {what}; remove the trailing commas, "
+                        f"e.g. sed -i 's/,$//' {path.name}")
     try:
         float(cells[0])
     except ValueError:
         raise DataError(f"{path}: row {number} is a header line ({quoted!r}); "
                         "FOP CSV files have no header: remove it") from None
-
-
-def _first_non_utf8_row(path):
-    """Name the first row that is not UTF-8 text."""
-    with open(path, "rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return (f"{path}: row {number} is not UTF-8 text (its byte {error.start + 1}); "
-                        "FOP CSV files are plain comma-separated numbers")
-    return f"{path}: not UTF-8 text"
+    return len(cells)
 
 
 def _find_bad_row(path, n_numeric):
-    """Describe the first row whose width differs from the first row's or holding a non-number."""
+    """Describe the first row that is not UTF-8 text, is a comment, is not as wide as the first
+    row, or holds a non-number in its first n_numeric cells (all when None); None if none does."""
     expected = None
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
-            line = line.rstrip("\n")
+            try:
+                line = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                return (f"{path}: row {number} is not UTF-8 text (its byte {error.start + 1}); "
+                        "FOP CSV files are plain comma-separated numbers")
             if not line:
                 continue  # np.loadtxt skips empty lines too
             if line.lstrip().startswith("#"):
                 return f"{path}: row {number} is a comment line ({_excerpt(line)!r}); FOP CSV files hold numbers only"
             cells = line.split(",")
-            if expected is None:
-                expected = len(cells)
+            expected = expected or len(cells)
             if len(cells) != expected:
                 return f"{path}: row {number} has {len(cells)} columns, expected {expected}"
             for column, cell in enumerate(cells[:n_numeric], start=1):
@@ -363,37 +326,31 @@ def _find_bad_row(path, n_numeric):
     return None
 
 
-def _first_row_width(path):
-    """Number of columns of the first non-empty line."""
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            line = line.rstrip("\n")
-            if line:
-                return len(line.split(","))
-    raise DataError(f"{path}: file is empty")
-
-
 def _check_row_widths(path, n_rows, n_columns):
-    """Check every row has n_columns, given that none has fewer: the comma count must match."""
+    """Reading selected columns lets longer rows pass: every row has n_columns if the commas add up."""
     commas = 0
     with open(path, "rb") as stream:
-        while chunk := stream.read(_READ_CHUNK_BYTES):
+        while chunk := stream.read(_COUNT_BYTES):
             commas += chunk.count(b",")
     if commas != n_rows * (n_columns - 1):
         raise DataError(_find_bad_row(path, n_columns - 1) or f"{path}: rows have unequal numbers of columns")
 
 
-def _check_values(path, features):
-    """Raise on the first NaN, Inf or |value| > FEATURE_LIMIT (see _first_bad_value)."""
-    bad = _first_bad_value(features)
-    if bad is None:
-        return
-    row, column, value = bad
-    where = f"{path}: row {_line_number(path, row)}, column {column + 1} is {value:g}"
-    if not np.isfinite(value):
-        raise DataError(f"{where}; features must be finite float32 numbers")
-    raise DataError(f"{where}; features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 "
-                    "arithmetic (BatchNorm squares them): rescale the features")
+def _first_problem(arrays):
+    """The first value the model cannot take, as (array key, 0-based row, what, hint); None if none.
+
+    A NaN, Inf or |feature| > FEATURE_LIMIT, then an empty label (labels already stripped).
+    Both a parse and a cache read apply it.
+    """
+    bad = _first_bad_value(arrays["features"])
+    if bad is not None:
+        row, column, value = bad
+        hint = ("features must be finite float32 numbers" if not np.isfinite(value) else
+                f"features beyond ±{FEATURE_LIMIT:g} overflow the model's float32 arithmetic "
+                "(BatchNorm squares them): rescale the features")
+        return "features", row, f", column {column + 1} is {value:g}", f"; {hint}"
+    empty = np.flatnonzero(arrays["labels"] == "") if "labels" in arrays else []
+    return ("labels", int(empty[0]), ": empty label", "") if len(empty) else None
 
 
 def _first_bad_value(features):
@@ -413,12 +370,6 @@ def _first_bad_value(features):
     return None
 
 
-def _first_empty_label(labels):
-    """0-based row of the first empty label (labels already stripped); None if none."""
-    empty = np.flatnonzero(labels == "")
-    return int(empty[0]) if empty.size else None
-
-
 def _line_number(path, row):
     """1-based line of the file holding table row `row` (0-based): np.loadtxt skips empty lines.
 
@@ -426,15 +377,10 @@ def _line_number(path, row):
     """
     try:
         with open(path, "rb") as lines:
-            seen = -1
-            for number, line in enumerate(lines, start=1):
-                if line.rstrip(b"\r\n"):
-                    seen += 1
-                    if seen == row:
-                        return number
+            filled = (number for number, line in enumerate(lines, start=1) if line.rstrip(b"\r\n"))
+            return next(itertools.islice(filled, row, None), row + 1)
     except OSError:
-        pass
-    return row + 1
+        return row + 1
 
 
 def _first_columns(path, matrix, width, modality):
@@ -480,15 +426,14 @@ def _read_cached(path, kind, cache):
         status = path.stat()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    if not cache:
+        return _parse(path, kind)
     cache_dir = path.parent / CACHE_DIR_NAME
-    if cache:
-        stamp = _stamp(path, status, kind)
-        arrays = _load_cache(path, cache_dir, kind, stamp)
-        if arrays is not None:
-            return arrays
-    arrays = _parse(path, kind)
-    if cache:
-        _save_cache(cache_dir, path.name, kind, stamp, arrays)
+    stamp = _stamp(path, status, kind)
+    arrays = _load_cache(path, cache_dir, kind, stamp)
+    if arrays is None:
+        arrays = _parse(path, kind)
+        _save_cache(cache_dir, path.name, stamp, arrays)
     return arrays
 
 
@@ -512,6 +457,10 @@ def _stamp(path, status, kind):
             "ends_sha256": digest.hexdigest()}
 
 
+def _entry(array):
+    return {"shape": list(array.shape), "dtype": array.dtype.str}
+
+
 def _load_cache(path, cache_dir, kind, stamp):
     """The cached arrays of `path`, or None to parse it again.
 
@@ -519,33 +468,29 @@ def _load_cache(path, cache_dir, kind, stamp):
     that matches the source but arrays that do not match the stamp (unreadable, another
     shape or dtype) or fail the checks a parse applies is a damaged cache: noted on stderr.
     """
-    stamp_path = cache_dir / f"{path.name}.json"
     try:
-        saved = json.loads(stamp_path.read_text())
+        saved = json.loads((cache_dir / f"{path.name}.json").read_text())
     except (OSError, ValueError):  # no cache yet, or an unreadable stamp
         return None
     if not isinstance(saved, dict) or {key: saved.get(key) for key in stamp} != stamp:
         return None  # the source changed (or the cache format did)
-    shapes = saved.get("arrays")
+    entries = saved.get("arrays") if isinstance(saved.get("arrays"), dict) else {}
     arrays = {}
-    for key, suffix in _CACHED_ARRAYS[kind].items():
-        array_path = cache_dir / f"{path.name}{suffix}"
-        expected = shapes.get(key) if isinstance(shapes, dict) else None
+    for key in _KEYS[kind]:
+        array_path = cache_dir / f"{path.name}{_SUFFIXES[key]}"
         try:
             array = np.load(array_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
             why = "not a NumPy array file" if "pickle" in str(error) else str(error) or type(error).__name__
             return _damaged(path, array_path, f"cannot be loaded: {why}")
-        found = {"shape": list(array.shape), "dtype": array.dtype.str}
-        if found != expected:
-            return _damaged(path, array_path, f"holds {_describe(found)} where the stamp says {_describe(expected)}")
+        if _entry(array) != entries.get(key):
+            return _damaged(path, array_path, f"holds {_describe(_entry(array))} "
+                            f"where the stamp says {_describe(entries.get(key))}")
         arrays[key] = array
-    bad = _first_bad_value(arrays["features"])
-    if bad is not None:
-        row, column, value = bad
-        return _damaged(path, cache_dir / f"{path.name}.npy", f"row {row + 1}, column {column + 1} is {value:g}")
-    if "labels" in arrays and (empty := _first_empty_label(arrays["labels"])) is not None:
-        return _damaged(path, cache_dir / f"{path.name}.labels.npy", f"row {empty + 1}: empty label")
+    problem = _first_problem(arrays)
+    if problem is not None:
+        key, row, what, _ = problem
+        return _damaged(path, cache_dir / f"{path.name}{_SUFFIXES[key]}", f"row {row + 1}{what}")
     return arrays
 
 
@@ -563,23 +508,16 @@ def _damaged(path, array_path, problem):
     return None
 
 
-def _save_cache(cache_dir, name, kind, stamp, arrays):
-    """Write the arrays, then the stamp that validates them; skip silently if we cannot write.
-
-    The stamp holds the source's facts (see _stamp) and each array's shape and dtype.
-    """
-    stamp = {**stamp, "arrays": {key: {"shape": list(arrays[key].shape), "dtype": arrays[key].dtype.str}
-                                 for key in _CACHED_ARRAYS[kind]}}
+def _save_cache(cache_dir, name, stamp, arrays):
+    """Write the arrays, then the stamp (the source's facts and each array's shape and dtype) that
+    validates them; skip silently if we cannot write."""
+    stamp = {**stamp, "arrays": {key: _entry(array) for key, array in arrays.items()}}
     try:
         cache_dir.mkdir(exist_ok=True)
         stamp_path = cache_dir / f"{name}.json"
         stamp_path.unlink(missing_ok=True)  # the old stamp must not vouch for half-written arrays
-        for key, suffix in _CACHED_ARRAYS[kind].items():
-            write_atomically(
-                cache_dir / f"{name}{suffix}", lambda stream, array=arrays[key]: np.save(stream, array)
-            )
+        for key, array in arrays.items():
+            write_atomically(cache_dir / f"{name}{_SUFFIXES[key]}", lambda stream, array=array: np.save(stream, array))
         write_atomically(stamp_path, lambda stream: stream.write(json.dumps(stamp).encode()))
     except OSError:
         pass
-
-
