@@ -308,7 +308,7 @@ class Trainer:
         self.opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch = 0           # epochs completed
         self.history = []        # one log record per completed epoch
-        self.epochs_changed = []  # --resume with another --epochs: {"at_epoch", "from", "to"}
+        self.epochs_changed = []  # resumed with another settings.epochs: {"at_epoch", "from", "to"}
 
     # the folder's state, read where the run is reported on
     saved_epoch = property(lambda self: self.folder.saved_epoch)
