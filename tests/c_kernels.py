@@ -3,10 +3,15 @@ NumPy arrays, under the semantics of CuPy's ``ElementwiseKernel`` and
 ``ReductionKernel`` (a test harness; it replaces no GPU run):
 
 * typed parameters: ``T x`` (T: the dtype of the call's T arrays, float or
-  double), ``bool m``, ``float32``/``float64``/``int32``; a Python number for a
-  non-array parameter is cast to its type, as CuPy does;
-* broadcasting: every input is broadcast to the output's shape (elementwise)
-  or to the reduction's input shape;
+  double), ``bool m``, ``float32``/``float64``/``int32``/``int64``, and any
+  other type name a placeholder of its own (``I y``: the dtype of its array);
+  a Python number for a non-array parameter is cast to its type, as CuPy does;
+* ``raw`` parameters (elementwise): the whole array, C-contiguous, indexed by
+  the body with a flat C-order index (``s[i * K + y]``), as CuPy's
+  ``CArray::operator[](ptrdiff_t)`` does; ``i`` is the loop index;
+* broadcasting: every input but the raw ones is broadcast to the loop's shape
+  (elementwise: that of the non-raw inputs, or of the given outputs) or to the
+  reduction's input shape;
 * an elementwise body runs once per output element ``i``, with the inputs as
   ``const`` values and the outputs as variables written back;
 * a reduction starts from ``identity``, folds ``map_expr`` of each element
@@ -34,7 +39,8 @@ import strict_xp
 COMPILER = shutil.which("gcc") or "/usr/bin/gcc"
 CACHE = os.path.join(tempfile.gettempdir(), f"paeff-c-kernels-{os.getuid()}")
 _C_TYPES = {"float32": ("float", np.float32), "float64": ("double", np.float64),
-            "bool": ("bool", np.bool_), "int32": ("int", np.int32)}
+            "bool": ("bool", np.bool_), "int32": ("int", np.int32), "int64": ("long long", np.int64)}
+_INTEGER_C = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
 
 
 def compiler_missing():
@@ -51,9 +57,15 @@ def _params(text):
     return [tuple(p.split()[-2:]) for p in text.split(",")]
 
 
+def _raw(text):
+    return {p.split()[-1] for p in text.split(",") if p.split()[0] == "raw"}
+
+
 def _ctype(kind, t_dtype):
     if kind == "T":
         return "T", np.dtype(t_dtype)
+    if kind not in _C_TYPES:            # a placeholder of its own: typedef'd in the header
+        return kind, None
     return _C_TYPES[kind][0], np.dtype(_C_TYPES[kind][1])
 
 
@@ -74,18 +86,24 @@ def _load(source):
     return ctypes.CDLL(so)
 
 
-def _header(t_dtype):
+def _header(t_dtype, placeholders=None):
+    """``placeholders``: ``{name: integer dtype}`` of the placeholders other than T."""
+    typedefs = "".join(f"typedef {_INTEGER_C[np.dtype(d)]} {n};\n" for n, d in (placeholders or {}).items())
     return ("#include <cmath>\nusing namespace std;\n"
-            f"typedef {'float' if np.dtype(t_dtype) == np.float32 else 'double'} T;\n")
+            f"typedef {'float' if np.dtype(t_dtype) == np.float32 else 'double'} T;\n" + typedefs)
 
 
-def elementwise_source(in_params, out_params, body, t_dtype):
-    lines = [_header(t_dtype), 'extern "C" void run(long _n, void **_args) {',
+def elementwise_source(in_params, out_params, body, t_dtype, placeholders=None):
+    lines = [_header(t_dtype, placeholders), 'extern "C" void run(long _n, void **_args) {',
              "  for (long i = 0; i < _n; i++) {"]
     k = 0
+    raw = _raw(in_params)
     for kind, name in _params(in_params):
         ctype, _ = _ctype(kind, t_dtype)
-        lines.append(f"    const {ctype} {name} = ((const {ctype} *)_args[{k}])[i];")
+        if name in raw:
+            lines.append(f"    const {ctype} *{name} = (const {ctype} *)_args[{k}];")
+        else:
+            lines.append(f"    const {ctype} {name} = ((const {ctype} *)_args[{k}])[i];")
         k += 1
     outs = []
     for kind, name in _params(out_params):
@@ -99,10 +117,11 @@ def elementwise_source(in_params, out_params, body, t_dtype):
     return "\n".join(lines) + "\n"
 
 
-def reduction_source(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, t_dtype):
+def reduction_source(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, t_dtype,
+                     placeholders=None):
     (out_kind, out_name), = _params(out_params)
     out_ctype, _ = _ctype(out_kind, t_dtype)
-    lines = [_header(t_dtype), 'extern "C" void run(long _m, long _r, void **_args) {',
+    lines = [_header(t_dtype, placeholders), 'extern "C" void run(long _m, long _r, void **_args) {',
              "  for (long _j = 0; _j < _m; _j++) {", f"    {out_ctype} a = ({out_ctype})({identity});",
              "    for (long _l = 0; _l < _r; _l++) {", "      long _e = _j * _r + _l;"]
     ins = _params(in_params)
@@ -122,6 +141,23 @@ def _t_dtype(params, inputs, name):
     return ts.pop()
 
 
+def _placeholders(params, inputs, name):
+    """``{kind: dtype}`` of the placeholders other than T (integer arrays: labels)."""
+    out = {}
+    for (kind, pname), a in zip(params, inputs):
+        if kind != "T" and kind not in _C_TYPES:
+            if not isinstance(a, np.ndarray) or a.dtype not in _INTEGER_C:
+                raise TypeError(f"{name}: the placeholder {kind} of {pname} needs an int32/int64 array")
+            if out.setdefault(kind, a.dtype) != a.dtype:
+                raise TypeError(f"{name}: the arrays of placeholder {kind} must share one dtype")
+    return out
+
+
+def _cast(kind, a, t, placeholders):
+    dtype = placeholders[kind] if kind in placeholders else _ctype(kind, t)[1]
+    return np.asarray(a, dtype)
+
+
 def _pointers(arrays):
     return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
 
@@ -134,16 +170,21 @@ class CElementwiseKernel:
 
     def __call__(self, *args):
         params, outs_p = _params(self.in_params), _params(self.out_params)
+        raw = _raw(self.in_params)
         inputs = [a._a if isinstance(a, strict_xp.ndarray) else a for a in args[:len(params)]]
         t = _t_dtype(params, inputs, self.name)
-        shape = np.broadcast_shapes(*(np.shape(a) for a in inputs if isinstance(a, np.ndarray)))
-        cast = lambda kind, a: np.ascontiguousarray(np.broadcast_to(np.asarray(a, _ctype(kind, t)[1]), shape))
-        ins = [cast(kind, a) for (kind, _), a in zip(params, inputs)]
+        ph = _placeholders(params, inputs, self.name)
         given = args[len(params):]
+        shape = np.broadcast_shapes(*(np.shape(a) for (_, n), a in zip(params, inputs)
+                                      if isinstance(a, np.ndarray) and n not in raw),
+                                    *(g._a.shape for g in given))
+        cast = lambda kind, n, a: (np.ascontiguousarray(_cast(kind, a, t, ph)) if n in raw else
+                                   np.ascontiguousarray(np.broadcast_to(_cast(kind, a, t, ph), shape)))
+        ins = [cast(kind, n, a) for (kind, n), a in zip(params, inputs)]
         outs = [np.ascontiguousarray(np.broadcast_to(g._a, shape), _ctype(kind, t)[1]) if given
                 else np.zeros(shape, _ctype(kind, t)[1]) for (kind, _), g in
                 zip(outs_p, given or [None] * len(outs_p))]
-        lib = _load(elementwise_source(self.in_params, self.out_params, self.body, t))
+        lib = _load(elementwise_source(self.in_params, self.out_params, self.body, t, ph))
         lib.run(ctypes.c_long(int(np.prod(shape))), _pointers(ins + outs))
         strict_xp._count("elementwise")
         if given:
@@ -167,6 +208,7 @@ class CReductionKernel:
         params = _params(self.spec[0])
         inputs = [a._a if isinstance(a, strict_xp.ndarray) else a for a in args]
         t = _t_dtype(params, inputs, self.name)
+        ph = _placeholders(params, inputs, self.name)
         shape = np.broadcast_shapes(*(np.shape(a) for a in inputs if isinstance(a, np.ndarray)))
         ndim = len(shape)
         axis_ = tuple(range(ndim)) if axis is None else (axis % ndim,)
@@ -174,13 +216,13 @@ class CReductionKernel:
         out_shape = tuple(shape[d] for d in kept)
 
         def arrange(kind, a):
-            full = np.broadcast_to(np.asarray(a, _ctype(kind, t)[1]), shape)
+            full = np.broadcast_to(_cast(kind, a, t, ph), shape)
             return np.ascontiguousarray(np.transpose(full, kept + list(axis_)))
         ins = [arrange(kind, a) for (kind, _), a in zip(params, inputs)]
         m = int(np.prod(out_shape))
         r = int(np.prod([shape[d] for d in axis_]))
         out = np.zeros(m, _ctype(_params(self.spec[1])[0][0], t)[1])
-        lib = _load(reduction_source(*self.spec, t))
+        lib = _load(reduction_source(*self.spec, t, ph))
         lib.run(ctypes.c_long(m), ctypes.c_long(r), _pointers(ins + [out]))
         strict_xp._count("reduction", size=int(np.prod(shape)) if axis is None else 0)
         result = out.reshape(out_shape)

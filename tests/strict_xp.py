@@ -25,8 +25,10 @@ With ``counting()`` active it also COUNTS what each call would cost CuPy
 with their source lines, host → device copies.
 
 ``ElementwiseKernel`` interprets the kernel's CUDA C body (statements
-``name = expression;`` of arithmetic and ``sqrt``) with NumPy, so the
-library's kernel source is what runs, not a copy of its formula.
+``name = expression;`` of arithmetic, comparisons, ``sqrt`` and the like,
+``c ? a : b`` with each branch evaluated on its own lanes as C does, the loop
+index ``i`` and ``raw`` arrays read by a flat C-order index) with NumPy, so
+the library's kernel source is what runs, not a copy of its formula.
 """
 import re
 import sys
@@ -238,8 +240,18 @@ _C_FUNCTIONS = {"sqrt": np.sqrt, "exp": np.exp, "log": np.log, "tanh": np.tanh, 
 
 
 def _params(text):
-    """``"T x, bool m"`` → ``[("T", "x"), ("bool", "m")]``."""
+    """``"T x, bool m, raw T s"`` → ``[("T", "x"), ("bool", "m"), ("T", "s")]``."""
     return [tuple(p.split()[-2:]) for p in text.split(",")]
+
+
+def _raw(text):
+    """The names of the ``raw`` parameters of ``text``: whole arrays, indexed by the body
+    (``s[i * K + y]``, a flat C-order index, as CuPy's ``CArray::operator[]``), not broadcast."""
+    return {p.split()[-1] for p in text.split(",") if p.split()[0] == "raw"}
+
+
+_INTEGER_TYPES = {"int32": np.int32, "int64": np.int64}
+_TYPES = {"float32": np.float32, "float64": np.float64, "bool": np.bool_, **_INTEGER_TYPES}
 
 
 def _statements(body, name):
@@ -252,22 +264,76 @@ def _statements(body, name):
         match = pattern.match(line)
         if match is None:
             raise ValueError(f"{name}: the test double reads only '[T ]name = expression;', got {line!r}")
-        out.append((match.group(1), compile(match.group(2), name, "eval")))
+        out.append((match.group(1), _ternary(match.group(2), name)))
     return out
 
 
-def _kernel_inputs(params, args, name):
-    """The NumPy inputs of a kernel call and the dtype T (that of the T-typed arrays)."""
+def _ternary(expression, name):
+    """``cond ? a : b`` (right-nested chains too) → ``(cond, a, b)`` of compiled parts,
+    recursively; any other expression → one compiled part. C evaluates only the
+    branch it takes, so the double evaluates each on its own lanes (``_evaluate``)."""
+    depth, question = 0, None
+    for k, ch in enumerate(expression):
+        depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+        if depth == 0 and ch == "?":
+            question = k
+            break
+    if question is None:
+        return compile(expression.strip(), name, "eval")
+    depth, nested = 0, 0
+    for k in range(question + 1, len(expression)):
+        ch = expression[k]
+        depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+        if depth == 0 and ch == "?":
+            nested += 1
+        elif depth == 0 and ch == ":":
+            if nested == 0:
+                return (compile(expression[:question].strip(), name, "eval"),
+                        _ternary(expression[question + 1:k], name), _ternary(expression[k + 1:], name))
+            nested -= 1
+    raise ValueError(f"{name}: a '?' without its ':' in {expression!r}")
+
+
+def _evaluate(code, env, shape):
+    """One compiled expression (or ternary tree) over the loop of ``shape``."""
+    if not isinstance(code, tuple):
+        return eval(code, {"__builtins__": {}}, env)
+    cond = np.broadcast_to(eval(code[0], {"__builtins__": {}}, env), shape)
+    values = []
+    for branch, lanes in ((code[1], cond), (code[2], ~cond)):
+        sub = {k: (np.broadcast_to(v, shape)[lanes] if isinstance(v, np.ndarray) and k not in env["_raw"] else v)
+               for k, v in env.items()}
+        values.append((lanes, np.asarray(_evaluate(branch, sub, (int(lanes.sum()),)))))
+    result = np.empty(shape, np.result_type(*(v for _, v in values)))
+    for lanes, value in values:
+        result[lanes] = value
+    return result
+
+
+def _kernel_inputs(params, args, name, raw=()):
+    """The NumPy inputs of a kernel call and the dtype T (that of the T-typed arrays).
+    A type named by none of CuPy's dtype names (``I y``) is a placeholder of its own,
+    the dtype of its array; a ``raw`` array enters the body flat, in C order."""
     inputs = [_unwrap(a) for a in args]
     t_arrays = [a for (kind, _), a in zip(params, inputs) if kind == "T" and isinstance(a, np.ndarray)]
     if not t_arrays or len({a.dtype for a in t_arrays}) != 1:
         raise TypeError(f"{name}: the arrays of type T must exist and share one dtype (CuPy: 'Type is mismatched')")
     dtype = t_arrays[0].dtype
     env = dict(_C_FUNCTIONS)
+    env["_raw"] = set(raw)
     for (kind, pname), a in zip(params, inputs):
-        cast = dtype.type if kind == "T" else np.dtype({"float32": np.float32, "float64": np.float64,
-                                                         "bool": np.bool_, "int32": np.int32}[kind]).type
-        env[pname] = cast(a) if not isinstance(a, np.ndarray) else a
+        if kind == "T":
+            cast = dtype.type
+        elif kind in _TYPES:
+            cast = np.dtype(_TYPES[kind]).type
+        elif isinstance(a, np.ndarray):
+            cast = a.dtype.type
+        else:
+            raise TypeError(f"{name}: the placeholder {kind} of {pname} needs an array")
+        if isinstance(a, np.ndarray):
+            env[pname] = a.astype(cast, copy=False).reshape(-1) if pname in env["_raw"] else a.astype(cast, copy=False)
+        else:
+            env[pname] = cast(a)
     return inputs, dtype, env
 
 
@@ -277,9 +343,11 @@ class ElementwiseKernel:
 
     def __init__(self, in_params, out_params, operation, name="kernel"):
         self.in_params, self.out_params = _params(in_params), _params(out_params)
+        self.raw = _raw(in_params)
         self.in_names = [n for _, n in self.in_params]
         self.out_names = [n for _, n in self.out_params]
         self.statements = _statements(operation, name)
+        self.uses_i = re.search(r"\bi\b", operation) is not None
         self.name = name
 
     def __call__(self, *args):
@@ -287,17 +355,20 @@ class ElementwiseKernel:
         n_in = len(self.in_names)
         if len(args) not in (n_in, n_in + len(self.out_names)):
             raise TypeError(f"{self.name}: wrong number of arguments ({len(args)})")
-        inputs, dtype, env = _kernel_inputs(self.in_params, args[:n_in], self.name)
-        arrays = [a for a in inputs if isinstance(a, np.ndarray)]
+        inputs, dtype, env = _kernel_inputs(self.in_params, args[:n_in], self.name, self.raw)
+        arrays = [a for (_, n), a in zip(self.in_params, inputs) if isinstance(a, np.ndarray) and n not in self.raw]
         if len(args) > n_in:
             outs = list(args[n_in:])
+            shape = outs[0].shape
         else:
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
             outs = [ndarray(np.empty(shape, np.bool_ if kind == "bool" else dtype)) for kind, _ in self.out_params]
         env.update({n: o._a.copy() for n, o in zip(self.out_names, outs)})
+        if self.uses_i:             # the loop index: C order over the output's shape
+            env["i"] = np.arange(int(np.prod(shape))).reshape(shape)
         types_ = {n: (np.bool_ if kind == "bool" else dtype) for kind, n in self.out_params}
         for target, expression in self.statements:
-            env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=types_.get(target, dtype))
+            env[target] = np.asarray(_evaluate(expression, env, shape), dtype=types_.get(target, dtype))
         for n, o in zip(self.out_names, outs):
             o._a[...] = env[n]
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -317,7 +388,7 @@ class ReductionKernel:
         if reduce_expr.strip() not in self._REDUCERS:
             raise ValueError(f"{name}: the test double reduces only by {sorted(self._REDUCERS)}")
         self.reducer = self._REDUCERS[reduce_expr.strip()]
-        self.map_expr = compile(map_expr, name, "eval")
+        self.map_expr = _ternary(map_expr, name)
         self.post_map = _statements(post_map_expr, name)
         self.name = name
 
@@ -325,10 +396,10 @@ class ReductionKernel:
         inputs, dtype, env = _kernel_inputs(self.in_params, args, self.name)
         shape = np.broadcast_shapes(*(a.shape for a in inputs if isinstance(a, np.ndarray)))
         _count("reduction", size=int(np.prod(shape)) if axis is None else 0)
-        mapped = np.broadcast_to(np.asarray(eval(self.map_expr, {"__builtins__": {}}, env), dtype=dtype), shape)
+        mapped = np.broadcast_to(np.asarray(_evaluate(self.map_expr, env, shape), dtype=dtype), shape)
         env["a"] = self.reducer.reduce(mapped, axis=axis, keepdims=keepdims)
         for target, expression in self.post_map:
-            env[target] = np.asarray(eval(expression, {"__builtins__": {}}, env), dtype=dtype)
+            env[target] = np.asarray(_evaluate(expression, env, np.shape(env["a"])), dtype=dtype)
         return ndarray(np.asarray(env[self.out_params[0][1]]))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import c_kernels
-from paeff_np import backend, layers, optim
+from paeff_np import backend, layers, losses, optim
 from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, l2_normalize_backward,
                              l2_normalize_forward, row_dot, row_norm)
 
@@ -31,7 +31,7 @@ DTYPES = (np.float32, np.float64)
 def library_kernels():
     """``{name: spec}`` of every kernel the library defines (the ``*_KERNEL`` dicts)."""
     specs = {}
-    for module in (layers, optim):
+    for module in (layers, losses, optim):
         for attr, value in vars(module).items():
             if attr.endswith("_KERNEL") and isinstance(value, dict):
                 specs[value["name"]] = value
@@ -39,10 +39,14 @@ def library_kernels():
 
 
 def source_of(spec, dtype):
+    """The kernel's C source at T = ``dtype``, any other placeholder (the labels' ``I``) int64."""
+    kinds = {p.split()[-2] for p in spec["in_params"].split(",")}
+    placeholders = {k: np.int64 for k in kinds if k != "T" and k not in c_kernels._C_TYPES}
     if spec.get("kind") == "reduction":
         return c_kernels.reduction_source(spec["in_params"], spec["out_params"], spec["map_expr"],
-                                          spec["reduce_expr"], spec["post_map_expr"], spec["identity"], dtype)
-    return c_kernels.elementwise_source(spec["in_params"], spec["out_params"], spec["body"], dtype)
+                                          spec["reduce_expr"], spec["post_map_expr"], spec["identity"], dtype,
+                                          placeholders)
+    return c_kernels.elementwise_source(spec["in_params"], spec["out_params"], spec["body"], dtype, placeholders)
 
 
 @pytest.fixture
@@ -79,7 +83,10 @@ def rows(dtype, seed=0, B=37, D=19):
 def test_every_kernel_body_compiles(dtype):
     specs = library_kernels()
     assert {"paeff_adamw", "paeff_dot", "paeff_norm", "paeff_batchnorm_var", "paeff_batchnorm_stats",
-            "paeff_batchnorm_apply", "paeff_batchnorm_backward", "paeff_l2_normalize_backward"} <= set(specs)
+            "paeff_batchnorm_apply", "paeff_batchnorm_backward", "paeff_l2_normalize_backward",
+            "paeff_exp_sum", "paeff_scaled_sum", "paeff_label_log_softmax", "paeff_softmax_ce_backward",
+            "paeff_symmetric_ce_loss", "paeff_symmetric_ce_backward", "paeff_same_label_count", "paeff_opl_loss",
+            "paeff_opl_backward"} <= set(specs)
     for spec in specs.values():
         c_kernels._load(source_of(spec, dtype))
 
@@ -255,3 +262,140 @@ def test_dropout_tanh_and_gelu_kernels_match_the_numpy_path(cupy, dtype):
         phi = np.exp(-0.5 * g.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
         # exp within CUDA's 2 ulp, about 6 roundings; Φ from CUDA's normcdf within 5 ulp
         close(dx_d.get(), dx, dtype, 16, np.abs(dy) * (np.abs(phi * g) + np.abs(cache.cdf)))
+
+
+# --- losses.py ----------------------------------------------------------------------
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_softmax_cross_entropy_kernels_match_the_numpy_path(cupy, dtype):
+    """The loss and ds through the four forward calls and the one backward kernel: rows
+    of ordinary logits, of large magnitude (|s| ~ 1e4: the shift at work), constant,
+    with a −inf logit off the label (its probability 0), and with a NaN (NaN stays NaN)."""
+    from paeff_np.losses import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+    rng = np.random.default_rng(12)
+    B, K = 33, 29
+    s = rng.standard_normal((B, K)) * 3
+    y = rng.integers(0, K, B)
+    s[1] *= 4e3
+    s[2] = 7.0
+    s[3, (y[3] + 1) % K] = -np.inf
+    s = s.astype(dtype)
+    dloss = 0.7
+    with np.errstate(all="ignore"):
+        loss, cache = softmax_cross_entropy_forward(s, y)
+        ds = softmax_cross_entropy_backward(dloss, cache)
+        s_nan = s.copy()
+        s_nan[4, 5] = np.nan
+        loss_nan, _ = softmax_cross_entropy_forward(cupy.asarray(s_nan), cupy.asarray(y))
+        ds_nan = softmax_cross_entropy_backward(dloss, softmax_cross_entropy_forward(cupy.asarray(s_nan),
+                                                                                   cupy.asarray(y))[1]).get()
+    loss_d, cache_d = softmax_cross_entropy_forward(cupy.asarray(s), cupy.asarray(y))
+    ds_d = softmax_cross_entropy_backward(dloss, cache_d)
+    # logp_i = (s_iy − m_i) − log Z_i: Z a sum of K exponentials (exp within CUDA's 2 ulp:
+    # (K + 2)·eps relative), log within 1 ulp, two subtractions; the mean adds B roundings
+    m = s.astype(np.float64).max(axis=1)
+    terms = np.abs(s[np.arange(B), y] - m) + np.abs(np.log(np.exp(s - m[:, None]).sum(axis=1)))
+    close(loss_d.get(), loss, dtype, K + B + 8, terms.mean() + 1)
+    # ds = (e^{s − m}/Z)·w − [k = y]·w: the exponent's rounding, eps·(|s| + |m|) absolute,
+    # is a relative error of the exponential, then Z's (K + 2)·eps and two more roundings
+    w = dloss / B
+    probs = cache.probs.astype(np.float64)
+    exponent = np.where(np.isfinite(s), np.abs(s), 0.0) + np.abs(m[:, None])     # e^{−inf} = 0: no error
+    with np.errstate(all="ignore"):
+        close(ds_d.get(), ds, dtype, K + 8, probs * w * (1 + exponent) + w)
+    assert np.isnan(loss_nan.get())
+    assert np.isnan(ds_nan[4]).all() and np.isfinite(np.delete(ds_nan, 4, axis=0)).all()
+
+
+@needs_cc
+@pytest.mark.parametrize("spread", [1.0, 200.0], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_symmetric_cross_entropy_kernels_match_the_numpy_path(cupy, dtype, spread):
+    """The CuPy form always shifts each row and column by its own max; the NumPy one
+    shares S's overall max when the spread allows it (narrow) and not otherwise (wide,
+    past float32's 60.3): the two agree to rounding, and a NaN entry makes its row and
+    column of dS NaN in both."""
+    from paeff_np.losses import (symmetric_cross_entropy_from_logits_backward,
+                                 symmetric_cross_entropy_from_logits_forward)
+    rng = np.random.default_rng(13)
+    B = 31
+    S = (rng.standard_normal((B, B)) * spread).astype(dtype)
+    S[np.arange(B), np.arange(B)] += dtype(2 * spread)
+    dloss = 0.3
+    loss, cache = symmetric_cross_entropy_from_logits_forward(S)
+    dS = symmetric_cross_entropy_from_logits_backward(dloss, cache)
+    loss_d, cache_d = symmetric_cross_entropy_from_logits_forward(cupy.asarray(S))
+    dS_d = symmetric_cross_entropy_from_logits_backward(dloss, cache_d)
+    S64 = S.astype(np.float64)
+    r, c = S64.max(axis=1), S64.max(axis=0)
+    with np.errstate(under="ignore"):
+        p_row = np.exp(S64 - r[:, None])
+        p_row /= p_row.sum(axis=1, keepdims=True)
+        p_col = np.exp(S64 - c)
+        p_col /= p_col.sum(axis=0)
+    # each exponent's rounding, eps·(|S| + |shift|), as a relative error of its exponential;
+    # the sums of B terms; a few more roundings
+    exponent = np.abs(S64) + np.abs(S64).max()
+    w = dloss / (2 * B)
+    close(dS_d.get(), dS, dtype, 2 * B + 16, (p_row + p_col) * w * (1 + exponent) + 2 * w)
+    diag = np.arange(B)
+    terms = (np.abs(S64[diag, diag] - r) + np.abs(S64[diag, diag] - c) + np.abs(np.log(p_row[diag, diag]))
+             + np.abs(np.log(p_col[diag, diag])) + exponent[diag, diag])
+    close(loss_d.get(), loss, dtype, 2 * B + 16, terms.mean())
+    S[3, 5] = np.nan
+    with np.errstate(all="ignore"):
+        loss_n, cache_n = symmetric_cross_entropy_from_logits_forward(S)
+        dS_n = symmetric_cross_entropy_from_logits_backward(dloss, cache_n)
+        loss_dn, cache_dn = symmetric_cross_entropy_from_logits_forward(cupy.asarray(S))
+        dS_dn = symmetric_cross_entropy_from_logits_backward(dloss, cache_dn).get()
+    assert np.isnan(loss_n) and np.isnan(loss_dn.get())
+    np.testing.assert_array_equal(np.isnan(dS_dn), np.isnan(dS_n))
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_orthogonal_projection_kernels_match_the_numpy_path(cupy, dtype):
+    """OPL through its kernels: labels in groups (M⁺ nonempty) and singletons, a zero row
+    (ẑ = 0: G's row 0, sign 0), two equal rows (G = 1 off the diagonal); ΣM⁺ exact;
+    dG against the mask of same_label_mask; a NaN row makes dG NaN on M⁻ only."""
+    from paeff_np.losses import (OPL_BACKWARD_KERNEL, OPL_EPS, orthogonal_projection_backward,
+                                 orthogonal_projection_forward, same_label_mask)
+    rng = np.random.default_rng(14)
+    B, D, gamma, dloss = 40, 12, 0.5, 0.9
+    z = rng.standard_normal((B, D))
+    z[0] = 0.0
+    z[5] = z[6]
+    z = z.astype(dtype)
+    y = rng.integers(0, 15, B)
+    with np.errstate(all="ignore"):
+        loss, cache = orthogonal_projection_forward(z, y, gamma)
+        dz = orthogonal_projection_backward(dloss, cache)
+        loss_d, cache_d = orthogonal_projection_forward(cupy.asarray(z), cupy.asarray(y), gamma)
+        dz_d = orthogonal_projection_backward(dloss, cache_d)
+    n_pos = len(cache.pairs[0])
+    assert cache_d.n_pos.get() == n_pos > 0
+    # G: the normalisation (D + 2 roundings) and D-term dot products; the loss sums B² terms
+    # of |G|·w (Higham's n·eps·Σ|terms|)
+    G = cache.G.astype(np.float64)
+    w_pos, w_neg = 1 / (n_pos + OPL_EPS), 1 / (B * B - B - n_pos + OPL_EPS)
+    close(cache_d.G.get(), cache.G, dtype, 2 * D + 8, 1)
+    close(loss_d.get(), loss, dtype, B * B + 2 * D + 8, np.abs(G).sum() * max(w_pos, gamma * w_neg) + 1)
+    # dG against the mask form: −w_pos on M⁺, γ w_neg sign(G) on M⁻, 0 on the diagonal
+    mask = same_label_mask(y)
+    ref = np.where(mask, -w_pos, gamma * w_neg * np.sign(cache.G))
+    np.fill_diagonal(ref, 0.0)
+    scale = 2 * dloss
+    with np.errstate(all="ignore"):
+        G_nan = cache.G.copy()
+        G_nan[7, 9] = G_nan[9, 7] = np.nan
+        ref_nan = np.where(mask, -w_pos, gamma * w_neg * np.sign(G_nan))
+        np.fill_diagonal(ref_nan, 0.0)
+        dG_d = backend.kernel(OPL_BACKWARD_KERNEL)(cupy.asarray(G_nan), cupy.asarray(y[:, None]),
+                                                   cupy.asarray(y[None, :]), cupy.asarray(np.asarray(n_pos, dtype)),
+                                                   B * B - B, gamma, OPL_EPS, scale, B + 1).get()
+    close(dG_d, scale * ref_nan, dtype, 8)
+    assert np.isnan(dG_d[7, 9]) == (not mask[7, 9])
+    # dz: dG ẑ (B terms), 2·dloss on dG instead of on dz, then the normalisation's backward
+    dzhat = np.abs(ref) @ np.abs(cache.zhat) * scale
+    close(dz_d.get(), dz, dtype, 2 * B + 2 * D + 16, (dzhat + np.abs(cache.zhat) * dzhat.max()) / cache.normalize.denom)
