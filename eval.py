@@ -175,6 +175,12 @@ def load_tests(args, checkpoint):
     """The test lists of --data-dir, else of the data the checkpoint was trained on."""
     cfg, data = checkpoint.cfg, checkpoint.config["data"]
     data_dir = args.data_dir
+    fame = data.get("fame")
+    if data_dir is None and isinstance(fame, dict):    # neither its folder nor its world is train.py's
+        raise UsageError(f"{checkpoint.path}: the {fame.get('language')} model of a FAME run "
+                         f"({fame.get('version')}), whose lists have no labels: score a list with "
+                         f"--faces F.csv --voices V.csv [--trials LIST] --scores FILE (the FAME command "
+                         f"writes all four), or give --data-dir of a folder in the FOP layout")
     if data_dir is None and data.get("source") == "dir":
         data_dir = data["data_dir"]
         print(f"note: evaluating on the test lists of {data_dir}, the data folder recorded in "

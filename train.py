@@ -69,7 +69,7 @@ ABLATION_TABLES = [
 ]
 
 
-def parse_args(argv):
+def make_parser():
     p = ArgumentParser(prog="train.py", description="Train PAEFF face–voice association in NumPy/CuPy.")
     p.add_argument("--data-dir", help="folder of FOP CSV files (faceTrain.csv, voiceTrain.csv, "
                    "face_/voice_veriflist_test_*.csv); default: the built-in synthetic world")
@@ -107,7 +107,11 @@ def parse_args(argv):
     g.add_argument("--val-dir", metavar="DIR", help="select on DIR's faceVal.csv and voiceVal.csv "
                    "(the training files' layout) instead of a split: nothing is carved from training")
     add_config_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return make_parser().parse_args(argv)
 
 
 def resume_command(out_dir):

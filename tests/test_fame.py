@@ -181,6 +181,20 @@ def test_without_labels_no_eer_and_no_fame_json(data, tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "submission.zip"))
 
 
+def test_a_rerun_without_labels_leaves_no_earlier_fame_json(data, tmp_path, capsys):
+    """fame.json is of the scores beside it: a rerun of a finished run without --labels removes
+    the EERs of the run with them (its lists may have changed since)."""
+    out = str(tmp_path / "out")
+    assert run_fame(fame_args(data, out, "--epochs", "1"), capsys)[0] == 0
+    results = os.path.join(out, "fame.json")
+    assert os.path.exists(results)
+    rc, stdout, _ = run_fame(fame_args(data, out, "--epochs", "1", labels=False), capsys)
+    assert rc == 0 and f"removed {results}" in stdout
+    assert not os.path.exists(results) and os.path.exists(os.path.join(out, "submission.zip"))
+    assert run_fame(fame_args(data, out, "--epochs", "1"), capsys)[0] == 0
+    assert os.path.exists(results)
+
+
 def test_a_language_without_a_label_file_keeps_its_eers_unknown(data, tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -281,6 +295,32 @@ def test_bad_flags_are_one_line(data, tmp_path, capsys, extra, says):
     assert not os.path.exists(out)
 
 
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "_script"), os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_train_py_flag_is_taken_or_refused_by_name():
+    """train.py's flags, as its parser spells them, are the FAME command's training flags and
+    its refused ones, nothing left over (a new train.py flag must be placed here)."""
+    parser = load_script("train.py").make_parser()
+    spelled = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help", "--out"}
+    taken = {"--" + name.replace("_", "-") for name in command.TAKEN}
+    assert taken <= spelled
+    assert set(command.REFUSED) == spelled - taken
+
+
+@pytest.mark.parametrize("flag", command.REFUSED)
+def test_each_refused_flag_is_named_in_one_line(data, tmp_path, capsys, flag):
+    out = str(tmp_path / "out")
+    rc, _, err = run_fame(fame_args(data, out, flag, labels=False), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"error: {flag}: train.py flag(s) that a FAME run does not take" in err, err
+    assert not os.path.exists(out)
+
+
 def test_a_second_language_the_settings_cannot_train_leaves_nothing(data, tmp_path, capsys):
     """German's training files cut to 100 rows give no validation split: refused before the
     English run folder is made."""
@@ -320,10 +360,7 @@ def test_a_failed_zip_write_leaves_no_zip(data, tmp_path, capsys, monkeypatch):
 # --- eval.py --scores ---------------------------------------------------------------------------
 
 def load_eval():
-    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(ROOT, "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval.py")
 
 
 def test_eval_scores_an_unlabelled_list_as_the_submission_does(finished, data, tmp_path, capsys):
@@ -338,6 +375,15 @@ def test_eval_scores_an_unlabelled_list_as_the_submission_does(finished, data, t
     assert open(scores).read() == open(os.path.join(finished, "sub_score_German_unheard.txt")).read()
     assert run(lambda: load_eval().main(argv), "eval.py") == 2       # never overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_of_a_fame_model_without_a_list_says_how_to_score_one(finished, capsys):
+    """Its training folder has no FOP test lists (and a --synthetic one's world is not
+    train.py's): one line naming --faces/--voices/--trials, not another world's figures."""
+    argv = ["--checkpoint", os.path.join(finished, "German")]
+    assert run(lambda: load_eval().main(argv), "eval.py") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the German model of a FAME run (v3)" in err[0] and "--faces" in err[0], err
 
 
 # --- the built-in world -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..data.split import SplitError, split_validation
 from ..model import ALIGNMENTS, FUSIONS
 from ..run import checkpoint as ckpt
 from ..run.atomic import LOCK_NAME, TEMPORARY_SUFFIX, folder_lock, write_atomically, write_json
-from ..run.cli import CONFIG_FLAGS, device_flag, make_config, positive_int, remove_leftovers, run
+from ..run.cli import device_flag, make_config, positive_int, remove_leftovers, run
 from ..run.evaluation import l2_scores
 from ..run.training import SaveFailed, TrainingDiverged, Trainer, TrainSettings, checkpoint_settings
 from ..run.validate import AS_FLAGS, validate_hyperparameters
@@ -43,10 +43,14 @@ DEFAULTS = dict(epochs=15, lr=1e-3, batch_size=256, embed_dim=128, seed=0)
 # own split (data.split), as train.py does by default
 SELECTION = dict(val_identities=0.1, val_rows=0.05, select="val", patience=0)
 TAKEN = ("epochs", "lr", "batch_size", "embed_dim", "seed", "alignment", "fusion", "device")
-# train.py's other flags: a FAME run fixes the data, the selection and the rest of the model
-REFUSED = ("data_dir", "preset", "resume", "stop_after", "ablation", "val_identities", "val_rows",
-           "select", "patience", *[f for f in CONFIG_FLAGS if f not in TAKEN])
+# train.py's other flags, as it spells them (tests/test_fame.py holds this list to train.py's
+# parser): a FAME run fixes the data, the selection and the rest of the model
+REFUSED = ("--data-dir", "--preset", "--resume", "--stop-after", "--ablation", "--val-identities",
+           "--val-rows", "--select", "--patience", "--refit", "--no-refit", "--val-dir",
+           "--egff-kernel", "--egff-gate", "--egff-mix", "--curvature", "--no-riemannian-grad",
+           "--temperature", "--clip-radius", "--dropout", "--opl-gamma", "--loss-weights")
 _flag = lambda name: "--" + name.replace("_", "-")
+_refused_dest = lambda flag: "refused" + flag.replace("-", "_")
 
 
 def parse_args(argv):
@@ -72,14 +76,14 @@ def parse_args(argv):
     g.add_argument("--alignment", choices=ALIGNMENTS, help="(hyperbolic)")
     g.add_argument("--fusion", choices=FUSIONS, help="(egff)")
     device_flag(g)
-    for name in REFUSED:             # parsed so that the refusal names them all, in one line
-        p.add_argument(_flag(name), nargs="*", default=None, help=argparse.SUPPRESS)
+    for flag in REFUSED:             # parsed so that the refusal names them all, in one line
+        p.add_argument(flag, dest=_refused_dest(flag), nargs="*", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def check_flags(args):
     """The refused train.py flags, the sources and the languages: one UsageError each."""
-    refused = [_flag(n) for n in REFUSED if getattr(args, n) is not None]
+    refused = [flag for flag in REFUSED if getattr(args, _refused_dest(flag)) is not None]
     if refused:
         raise UsageError(f"{', '.join(refused)}: train.py flag(s) that a FAME run does not take; it takes "
                          f"{', '.join(_flag(n) for n in TAKEN)} (a stopped run continues when the same "
@@ -263,11 +267,15 @@ def write_outputs(out, protocol, scores, eers):
     zip_path = os.path.join(out, fame.SUBMISSION_NAME)
     write_atomically(zip_path, lambda f: f.write(archive))
     written = [*texts, fame.SUBMISSION_NAME]
+    results_path = os.path.join(out, fame.RESULTS_NAME)
     if any(v is not None for v in eers.values()):
         record = fame.results_record(protocol.version, protocol.languages, eers, protocol.lists,
                                      protocol.conditions())
-        write_json(os.path.join(out, fame.RESULTS_NAME), record)
+        write_json(results_path, record)
         written.append(fame.RESULTS_NAME)
+    elif os.path.exists(results_path):    # an earlier run's EERs, of scores these files replaced
+        os.remove(results_path)
+        print(f"removed {results_path}: its EERs were of an earlier run with --labels", flush=True)
     return written
 
 
