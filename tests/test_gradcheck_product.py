@@ -113,6 +113,28 @@ def test_layernorm_with_a_large_beta_passes_on_every_input(xp):
     assert report.ok and len(report.errors) == 3
 
 
+def test_outputs_too_large_for_their_gradient_are_not_resolved_rather_than_passed(xp):
+    """y = 10⁶ + x: at h = 1e-5 the outputs' rounding hides errors below ~7e-4
+    of the gradient, so a 0.01% error would pass unseen: not resolved, and
+    it says how to fix that; at h = 1e-3 a right backward passes and the
+    0.01% error fails. (On the code before it, both passed at h = 1e-5, as
+    did y = 10⁶ + 10⁻⁴x with its gradient's sign flipped.)"""
+    x = normal(xp, 4, 5)
+    for backward in (lambda d: d, lambda d: 1.0001 * d):
+        report = check_op(lambda x: x + 1e6, backward, [x], raises=False)
+        assert not report.ok and "not resolved" in str(report) and "a larger h" in str(report)
+    flipped = check_op(lambda x: 1e6 + 1e-4 * x, lambda d: -1e-4 * d, [x], raises=False)
+    assert not flipped.ok
+    assert check_op(lambda x: x + 1e6, lambda d: d, [x], h=1e-3).ok
+    assert not check_op(lambda x: x + 1e6, lambda d: 1.0001 * d, [x], h=1e-3, raises=False).ok
+
+
+def test_an_ok_line_says_when_the_resolution_is_coarser_than_the_tolerance(xp):
+    report = check_op(lambda x: x + 1e3, lambda d: d, [normal(xp, 4, 5)])
+    assert 1e-7 < report.inputs[0].resolution < 1e-5
+    assert "resolved to 7e-07 of the gradient's scale" in str(report)
+
+
 # --- defect 3: kinks ------------------------------------------------------------------------
 
 def _relu_input(xp):
@@ -175,6 +197,12 @@ def test_a_layer_argument_outside_settings_is_refused_with_the_fix():
         check_layer(huber_forward, huber_backward, [np.ones(3)], delta=0.7)
 
 
+def test_a_layer_setting_given_as_the_checkers_option_is_told_to_use_settings():
+    with pytest.raises(TypeError, match=r"h= set the checker's option, not the layer's argument: "
+                                        r"give it as settings=\{'h': \.\.\.\}"):
+        check_layer(huber_forward, huber_backward, [np.ones(3)], h=0.7)
+
+
 def test_seed_is_the_checkers_and_a_layer_seed_goes_in_settings(xp):
     def noisy_forward(x, seed):
         return x * float(np.random.default_rng(seed).uniform(1, 2)), seed
@@ -211,6 +239,44 @@ def test_the_whole_loss_biases_before_batchnorm_are_judged_by_the_checker():
     from paeff_np.gradcheck.cases import CASES
     report = CASES["loss[alignment=euclidean]"].check()
     assert report.ok and "face_branch.fc1.0.bias" in report.errors
+
+
+def _softmax(s):
+    e = xp_of(s).exp(s - s.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _centred_sum(x):
+    return (x - x.mean()).sum(keepdims=True), x
+
+
+def _softmax_sum(x):
+    return _softmax(x).sum(axis=1), _softmax(x)
+
+
+def _softmax_sum_backward(d, p):      # the real formula: entries of ~1e-17, not exact zeros
+    return p * (d[:, None] - (d[:, None] * p).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("forward,backward", [
+    (_centred_sum, lambda d, x: xp_of(x).zeros_like(x)),
+    (_softmax_sum, _softmax_sum_backward),
+], ids=["centred-sum", "softmax-sum"])
+def test_a_gradient_zero_by_cancellation_passes_on_its_own(xp, forward, backward):
+    """One input and no other scale: the outputs cancel to ~1e-16, so the
+    outputs' noise floor is far below the numeric gradient's rounding (of the
+    O(1) values inside); the code before this failed both, calling every
+    entry a kink or the input not resolved. Zero (or ~1e-17) on both sides,
+    to the rounding of values of the inputs' size, passes and says so."""
+    report = check_layer(forward, backward, [normal(xp, 6, 4)])
+    assert report.ok and "zero to rounding" in str(report)
+
+
+def test_a_tiny_true_gradient_returned_as_zero_still_fails(xp):
+    """y = 1e-10·x with a zero backward: the numeric gradient is tiny but
+    exact (its one-sided slopes agree), not rounding."""
+    report = check_op(lambda x: 1e-10 * x, lambda d: 0.0 * d, [normal(xp, 4, 5)], raises=False)
+    assert not report.ok and report.errors[0] > 0.5
 
 
 # --- defect 7: a wrong shape at once ---------------------------------------------------------

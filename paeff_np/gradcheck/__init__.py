@@ -58,6 +58,8 @@ FLOAT32_SAFETY = 64.0       # float32 rounding steps allowed in series in a forw
 DIRECTIONS = 4              # fast mode: random directional derivatives per input
 SAMPLES = 32                # fast mode: entries checked one by one per input
 MIN_JUDGED = 0.5            # an input fails when kinks leave fewer than this share of entries judged
+RESOLUTION_LIMIT = 1e-4     # an input fails when its noise floor exceeds this share of the check's gradient scale
+ZERO_NOISE_RATIO = 2.0      # numerics are rounding noise when the kink test's disagreement is >= 1/2 of them
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)
 SIDE_EFFECTS = ("fail", "report")
@@ -96,6 +98,9 @@ class InputCheck:
     inconclusive_directions: int = 0
     hints: list = field(default_factory=list)
     note: str = ""                    # why a check failed without an error figure, or how its tolerance came about
+    scale: float = 0.0                # the largest |analytic| or |numeric| entry checked
+    noise: float = 0.0                # the largest noise floor of a judged entry
+    resolution: float = 0.0           # noise / the check's largest scale: the smallest relative error it can see
 
 
 @dataclass
@@ -151,17 +156,20 @@ def _differences(evaluate, base, move, h):
 
 
 def _contract(weights, diffs, h):
-    """``(numeric, jump, |J|ᵀ|R| share, noise)`` of one perturbation: the
-    differences contracted with ``R``."""
-    numeric = jump = absolute = noise_sq = 0.0
+    """``(numeric, jump, |J|ᵀ|R| share, noise, reach)`` of one perturbation:
+    the differences contracted with ``R``; ``reach``: ``‖R‖₂`` over the
+    outputs that moved."""
+    numeric = jump = absolute = noise_sq = reach_sq = 0.0
     for w, (d4, step_jump, size, _, _, _) in zip(weights, diffs):
         numeric += float((w * d4).sum())
         jump += float((w * step_jump).sum())
         absolute += float((abs(w) * abs(d4)).sum())
         noise_sq += float(((w * size) ** 2).sum())
+        reach_sq += float((w * w * (size != 0)).sum())
     if noise_sq == 0.0:     # no output moved at all: resolved only to the rounding of every output
         noise_sq = sum(float(((w * o0) ** 2).sum()) for w, (*_, o0) in zip(weights, diffs))
-    return numeric, jump, absolute, NOISE_SAFETY * EPS64 * math.sqrt(noise_sq) / h
+        reach_sq = sum(float((w * w).sum()) for w in weights)
+    return numeric, jump, absolute, NOISE_SAFETY * EPS64 * math.sqrt(noise_sq) / h, math.sqrt(reach_sq)
 
 
 def _entry_move(x, idx):
@@ -173,15 +181,15 @@ def _entry_move(x, idx):
 
 
 def _check_entries(evaluate, base, weights, x, indices, h):
-    """Numeric derivative, one-sided jump, |J|ᵀ|R| and noise of each entry in
-    ``indices``, as host float64 arrays."""
+    """Numeric derivative, one-sided jump, |J|ᵀ|R|, noise and reach of each
+    entry in ``indices``, as host float64 arrays."""
     rows = []
     for idx in indices:
         move, old = _entry_move(x, idx)
-        numeric, jump, absolute, noise = _contract(weights, _differences(evaluate, base, move, h), h)
+        numeric, jump, absolute, noise, reach = _contract(weights, _differences(evaluate, base, move, h), h)
         step_noise = EPS64 * abs(old) * abs(numeric) / h          # x + h rounds to ε|x|
-        rows.append((numeric, jump, absolute, noise + step_noise))
-    return np.array(rows, dtype=np.float64).reshape(len(indices), 4).T
+        rows.append((numeric, jump, absolute, noise + step_noise, reach))
+    return np.array(rows, dtype=np.float64).reshape(len(indices), 5).T
 
 
 def _check_direction(evaluate, base, weights, x, v, analytic, vjp, key, h, tol):
@@ -207,21 +215,41 @@ def _check_direction(evaluate, base, weights, x, v, analytic, vjp, key, h, tol):
         if not any(bool((w != 0).any()) for w in weights):
             return None
         a = vjp(weights)[key]
-    numeric, _, _, noise = _contract(weights, diffs, h)
+    numeric, _, _, noise, _ = _contract(weights, diffs, h)
     noise += EPS64 * float(np.abs(to_host(x0).astype(np.float64) * v * a).sum()) / h
     scale = max(float(np.linalg.norm(a)), noise / tol, 1e-300)
     return abs(float((a * v).sum()) - numeric) / scale
 
 
+def _zero_within_rounding(analytic, numeric, jump, reach, values, h):
+    """Whether a gradient that is zero in exact arithmetic (an output that
+    its inputs cancel out of: a sum of centred values) is zero to rounding on
+    both sides: every analytic entry, numeric entry and one-sided
+    disagreement below the rounding of values of size ``values`` (the
+    largest input entry of the check) carried to the moved outputs,
+    ``NOISE_SAFETY·ε·values·‖R‖₂/h``, and the disagreement at least
+    1/``ZERO_NOISE_RATIO`` of the numeric gradient, as rounding makes it (a
+    true gradient, however small, is smooth: its one-sided slopes agree to
+    far better than its size). Returns ``(errors / tol, floor)`` or None."""
+    floor = NOISE_SAFETY * EPS64 * values * reach / h
+    size = float(np.abs(numeric).max(initial=0.0))
+    if size == 0.0 or not ((np.abs(analytic) <= floor) & (np.abs(numeric) <= floor)
+                           & (np.abs(jump) <= floor)).all() \
+            or float(np.abs(jump).max(initial=0.0)) * ZERO_NOISE_RATIO < size:
+        return None
+    return np.abs(analytic - numeric) / np.maximum(floor, 1e-300), float(floor.max(initial=0.0))
+
+
 def _judge(key, x, a, evaluate, base, weights, vjp, h, tol, float32, fast, samples, directions, rng,
-           floor):
+           floor, values):
     """The ``InputCheck`` of one input; ``floor``: an absolute error always
-    allowed (float32: the rounding of the largest gradient of the check)."""
+    allowed (float32: the rounding of the largest gradient of the check);
+    ``values``: the largest input entry of the check."""
     n = a.size
     all_entries = not fast or n <= samples
     flat = np.arange(n) if all_entries else np.sort(rng.choice(n, size=samples, replace=False))
     indices = [tuple(int(i) for i in np.unravel_index(f, a.shape)) for f in flat]
-    numeric, jump, absolute, noise = _check_entries(evaluate, base, weights, x, indices, h)
+    numeric, jump, absolute, noise, reach = _check_entries(evaluate, base, weights, x, indices, h)
     analytic = a.reshape(-1)[flat]
     scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(numeric).max(initial=0.0)), 1e-300)
     note = ""
@@ -242,8 +270,19 @@ def _judge(key, x, a, evaluate, base, weights, vjp, h, tol, float32, fast, sampl
         errors = np.abs(analytic - numeric) * tol / allowance
     errors = np.where(judged, errors, 0.0)
     off = judged & ~(errors <= tol)
+    zero = None
+    if len(indices) and float(np.abs(a).max(initial=0.0)) <= NOISE_SAFETY * EPS64 * values * \
+            float(reach.max(initial=0.0)) / h:
+        zero = _zero_within_rounding(analytic, numeric, jump, reach, values, h)
+    if zero is not None:    # zero in exact arithmetic: both sides are rounding noise
+        errors, zero_floor = zero[0] * tol, zero[1]
+        kink, judged = np.zeros_like(kink), np.ones_like(judged)
+        off = judged & ~(errors <= tol)
+        note = (f"zero to rounding: analytic and numeric gradients at most {zero_floor:.1e}, the "
+                f"rounding of values of size {values:.2g} at h = {h:g}; the numeric one is noise")
     check = InputCheck(key, a.shape, float(errors.max(initial=0.0)), tol, True, len(indices),
-                       int(off.sum()), int(kink.sum()), note=note)
+                       int(off.sum()), int(kink.sum()), note=note, scale=scale,
+                       noise=0.0 if zero is not None else float(np.where(judged, noise, 0.0).max(initial=0.0)))
     if len(indices):
         w = int(np.argmax(errors))
         check.worst = (indices[w], float(analytic[w]), float(numeric[w]))
@@ -344,9 +383,30 @@ def _run(evaluate, base, weights, inputs, analytic, vjp, side_effects, h, tol, f
     # summed, which the largest gradient of the check stands for
     floor = FLOAT32_SAFETY * EPS32 * max(float(np.abs(a).max(initial=0.0)) for a in analytic.values()) \
         if float32 else 0.0
+    values = max(float(get_array_module(x).abs(x).max()) for x in inputs.values())
     checks = {key: _judge(key, inputs[key], a, evaluate, base, weights, vjp, h, tol, float32, fast,
-                          samples, directions, rng, floor) for key, a in analytic.items()}
+                          samples, directions, rng, floor, values) for key, a in analytic.items()}
+    _resolve(checks, h)
     return GradientReport(checks, side_effects, method, fail_on_side_effects)
+
+
+def _resolve(checks, h):
+    """The resolution of each input: its largest noise floor over the
+    largest gradient entry of the whole check. Above ``RESOLUTION_LIMIT``
+    the differences cannot see an error of that relative size, and the
+    input fails as not resolved instead of passing unseen errors (outputs
+    of size 10⁶ whose gradient is 10⁻⁴, say)."""
+    scale = max([c.scale for c in checks.values()] + [0.0])
+    if scale <= 1e-300:
+        return
+    for c in checks.values():
+        c.resolution = c.noise / scale
+        if c.ok and c.resolution > RESOLUTION_LIMIT:
+            c.ok = False
+            c.note = (f"not resolved: the rounding of the outputs at h = {h:g} hides errors below "
+                      f"{c.resolution:.1e} of the gradient's scale {scale:.2g} (limit "
+                      f"{RESOLUTION_LIMIT:g}); a larger h (h= option; the truncation error falls "
+                      f"as h⁴) or outputs without their large offset would resolve it")
 
 
 def _method(h, fast, samples, directions, float32):
@@ -593,7 +653,15 @@ def check_layer(forward, backward, inputs, *, settings=None, **options):
     caches = [None]
 
     def forward_out(*xs):
-        result = forward(*xs, **_settings_in(xs[0].dtype, settings))
+        try:
+            result = forward(*xs, **_settings_in(xs[0].dtype, settings))
+        except TypeError as exc:    # h=0.7 meant for the layer went to the checker
+            clash = [k for k in options if k not in settings and f"'{k}'" in str(exc)]
+            if clash:
+                raise TypeError(f"check_layer: the forward raised TypeError: {exc}; "
+                                f"{', '.join(f'{k}=' for k in clash)} set the checker's option, not "
+                                f"the layer's argument: give it as settings={{{clash[0]!r}: ...}}") from None
+            raise
         if not isinstance(result, tuple) or len(result) not in (2, 3):
             raise TypeError(f"check_layer: the forward must return (out, cache) or (out, new_state, "
                             f"cache), got {type(result).__name__}"

@@ -58,8 +58,15 @@ def describe_input(check):
     name = f"input {check.key!r}, shape {tuple(check.shape)}"
     if check.ok:
         extra = f", {check.kinks} entries at kinks not judged" if check.kinks else ""
-        return f"  {name}: ok, error {check.error:.1e} <= {check.tolerance:.1e}{extra}"
-    lines = [f"  {name}: FAIL, error {check.error:.1e} > tolerance {check.tolerance:.1e}"]
+        if check.resolution > check.tolerance:
+            extra += (f"; resolved to {check.resolution:.0e} of the gradient's scale (the outputs' "
+                      f"rounding), not to the tolerance")
+        line = f"  {name}: ok, error {check.error:.1e} <= {check.tolerance:.1e}{extra}"
+        return line + (f"\n    {check.note}" if check.note.startswith("zero to rounding") else "")
+    if check.error > check.tolerance:
+        lines = [f"  {name}: FAIL, error {check.error:.1e} > tolerance {check.tolerance:.1e}"]
+    else:
+        lines = [f"  {name}: FAIL, not judged (error {check.error:.1e} where it could be judged)"]
     if check.checked:
         lines.append(f"    {check.off} of {check.checked} entries checked are off"
                      + (f"; {check.kinks} at kinks, not judged" if check.kinks else ""))
