@@ -275,9 +275,10 @@ def draw_curves(path, png):
         if key is not None and records[selected - 1].get(key) is not None:
             eer_ax.plot([selected], [100 * records[selected - 1][key]], "o", color="tab:red", ms=8,
                         mfc="none", mew=2)
-    loss_ax.legend(fontsize=8)
+    below = dict(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)   # off the data
+    loss_ax.legend(**below)
     if drawn:
-        eer_ax.legend(fontsize=8)
+        eer_ax.legend(**below)
     for ax in (loss_ax, eer_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(f"training curves of {folder}", fontsize=9)
