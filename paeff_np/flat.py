@@ -16,7 +16,10 @@ view handed to a matrix product is as well aligned as a separate array would be
 Gradients: the backward pass keeps returning separate arrays; ``gather_into``
 copies them into a flat buffer of the same layout (one copy per step), e.g.
 ``flat_like(flat)`` allocated once. NumPy and CuPy alike (the module of the
-inputs, ``backend.get_array_module``).
+inputs, ``backend.get_array_module``). A CuPy kernel can instead read each
+array where it lies: ``FlatLayout.gather_expression`` is the C expression of
+element ``i`` of the flat buffer in terms of the separate arrays (AdamW's
+fused step, optim.py).
 """
 import math
 
@@ -47,6 +50,16 @@ class FlatLayout:
         return (isinstance(other, FlatLayout) and self.keys == other.keys
                 and self.shapes == other.shapes and self.offsets == other.offsets
                 and self.dtype == other.dtype)
+
+    def gather_expression(self, names):
+        """Element ``i`` of the flat buffer as a CUDA C expression of the separate
+        arrays ``names`` (one per key, in key order, ``raw`` parameters of an
+        ElementwiseKernel, read by a flat C-order index): a chain
+        ``(i >= o) & (i < o + n) ? g[i - o] : … : 0`` over the segments, 0 on the
+        padding. The copy ``gather_into`` makes, as an expression of a kernel."""
+        parts = [f"(i >= {self.offsets[k]}) & (i < {self.offsets[k] + math.prod(self.shapes[k])}) ? "
+                 f"{name}[i - {self.offsets[k]}]" for k, name in zip(self.keys, names)]
+        return " : ".join(parts + ["0"])
 
     def view(self, flat, key):
         """The view of ``key`` into ``flat`` (writes through)."""

@@ -5,7 +5,7 @@ import numpy as np
 
 from .backend import elementwise_kernel, get_array_module, to_device, to_host
 from .domains import FRACTION, NON_NEGATIVE, POSITIVE, Domain, check_fields, integer, numbers_of
-from .flat import FlatViews, flat_like, gather_into
+from .flat import FlatViews, flat_like
 
 
 ADAMW_KERNEL = dict(
@@ -19,6 +19,25 @@ ADAMW_KERNEL = dict(
     """,
     name="paeff_adamw")
 """``adamw_update`` as one CuPy elementwise kernel: the same formula, in CUDA C."""
+
+
+def _adamw_gather_kernel(layout):
+    """``ADAMW_KERNEL`` on a whole flat buffer laid out by ``layout``, with ``g`` read
+    from each key's own gradient array (``raw``, where the backward left it) by
+    ``layout.gather_expression`` instead of from a flat gradient buffer: the copy
+    of the gradients into one buffer and the update, one kernel. The formula is
+    ADAMW_KERNEL's body itself."""
+    names = [f"g{k}" for k in range(len(layout.keys))]
+    scalars = ADAMW_KERNEL["in_params"].split(", ", 1)[1]            # all but "T g"
+    return dict(in_params=", ".join(f"raw T {n}" for n in names) + ", " + scalars,
+                out_params=ADAMW_KERNEL["out_params"],
+                body=f"T g = {layout.gather_expression(names)};" + ADAMW_KERNEL["body"],
+                name="paeff_adamw_gather")
+
+
+def _adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
+    """The scalar arguments of ADAMW_KERNEL after ``g``, in its order."""
+    return (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / bias1, sqrt_bias2, eps)
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
@@ -39,8 +58,7 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
     xp = get_array_module(p)
     if xp is not np:
         elementwise_kernel(**ADAMW_KERNEL)(
-            g, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-            lr / bias1, sqrt_bias2, eps, p, m, v)
+            g, *_adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2), p, m, v)
         return
     p *= 1.0 - lr * weight_decay
     m *= beta1
@@ -66,9 +84,9 @@ class AdamW:
     ``FlatViews`` into them) and, when ``grads`` is a ``FlatViews`` of that
     layout too (``paeff_np.flat.gather_into``), the step is one update of the
     whole buffers: a single fused kernel on CuPy. Plain ``grads`` are, on
-    CuPy, first gathered into an internal flat buffer (one copy); on NumPy
-    each key is updated through the views, with no copy. Every path gives the
-    same bits as the per-key step; checkpoints keep per-key ``m/``, ``v/``
+    CuPy, read where they lie by that one kernel (``_adamw_gather_kernel``: no
+    copy into a flat gradient buffer); on NumPy each key is updated through
+    the views, with no copy. Every path gives the same bits as the per-key step; checkpoints keep per-key ``m/``, ``v/``
     arrays, and a loaded state is copied into flat buffers on the next flat
     step.
 
@@ -91,7 +109,7 @@ class AdamW:
         self.t = 0
         self.m = {}
         self.v = {}
-        self._flat_grad = None      # FlatViews the flat path gathers plain grads into
+        self._gather = None         # (layout, _adamw_gather_kernel(layout)) of the last CuPy flat step
 
     def step(self, params, grads, lr=None):
         """Update ``params`` in place from ``grads`` (dicts with the same keys).
@@ -125,10 +143,12 @@ class AdamW:
                 for key, p in params.items():
                     adamw_update(p, grads[key], self.m[key], self.v[key], **hyper)
                 return
-            if not _is_flat_views_of(self._flat_grad, layout):
-                self._flat_grad = layout.views(flat_like(params.flat))
-            gather_into(self._flat_grad.flat, grads, layout)
-            grads = self._flat_grad
+            # CuPy: one kernel reads each gradient where it lies and updates the buffers
+            if self._gather is None or self._gather[0] is not layout:
+                self._gather = (layout, _adamw_gather_kernel(layout))
+            elementwise_kernel(**self._gather[1])(*(grads[k] for k in layout.keys), *_adamw_scalars(**hyper),
+                                                  params.flat, self.m.flat, self.v.flat)
+            return
         adamw_update(params.flat, grads.flat, self.m.flat, self.v.flat, **hyper)
 
     @staticmethod

@@ -294,6 +294,11 @@ def _ternary(expression, name):
     raise ValueError(f"{name}: a '?' without its ':' in {expression!r}")
 
 
+def _names(code):
+    """The names a compiled expression (or ternary tree) reads."""
+    return set().union(*map(_names, code)) if isinstance(code, tuple) else set(code.co_names)
+
+
 def _evaluate(code, env, shape):
     """One compiled expression (or ternary tree) over the loop of ``shape``."""
     if not isinstance(code, tuple):
@@ -301,8 +306,9 @@ def _evaluate(code, env, shape):
     cond = np.broadcast_to(eval(code[0], {"__builtins__": {}}, env), shape)
     values = []
     for branch, lanes in ((code[1], cond), (code[2], ~cond)):
+        used = _names(branch)
         sub = {k: (np.broadcast_to(v, shape)[lanes] if isinstance(v, np.ndarray) and k not in env["_raw"] else v)
-               for k, v in env.items()}
+               for k, v in env.items() if k in used or k == "_raw"}
         values.append((lanes, np.asarray(_evaluate(branch, sub, (int(lanes.sum()),)))))
     result = np.empty(shape, np.result_type(*(v for _, v in values)))
     for lanes, value in values:

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 import c_kernels
+import strict_xp
 from paeff_np import backend, layers, losses, optim
+from paeff_np.flat import FlatLayout, flatten
 from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, l2_normalize_backward,
                              l2_normalize_forward, row_dot, row_norm)
 
@@ -35,7 +37,16 @@ def library_kernels():
         for attr, value in vars(module).items():
             if attr.endswith("_KERNEL") and isinstance(value, dict):
                 specs[value["name"]] = value
+    # generated per layout: AdamW reading each gradient where it lies (here: a small layout)
+    specs["paeff_adamw_gather"] = optim._adamw_gather_kernel(FlatLayout(gather_arrays(np.float32)))
     return specs
+
+
+def gather_arrays(dtype, seed=0):
+    """Arrays of a few shapes (odd sizes: the flat buffer's padding between them)."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(shape).astype(dtype)
+            for k, shape in (("w", (3, 5)), ("b", (7,)), ("t", (2, 3, 4)), ("s", (1,)), ("z", (67, 3)))}
 
 
 def source_of(spec, dtype):
@@ -86,7 +97,7 @@ def test_every_kernel_body_compiles(dtype):
             "paeff_batchnorm_apply", "paeff_batchnorm_backward", "paeff_l2_normalize_backward",
             "paeff_exp_sum", "paeff_scaled_sum", "paeff_label_log_softmax", "paeff_softmax_ce_backward",
             "paeff_symmetric_ce_loss", "paeff_symmetric_ce_backward", "paeff_same_label_count", "paeff_opl_loss",
-            "paeff_opl_backward"} <= set(specs)
+            "paeff_opl_backward", "paeff_adamw_gather"} <= set(specs)
     for spec in specs.values():
         c_kernels._load(source_of(spec, dtype))
 
@@ -174,6 +185,38 @@ def test_adamw_kernel_matches_the_numpy_path(cupy, dtype):
     for name, h, d, scale in (("p", host[0], device[0], np.abs(p) + 1e-2), ("m", host[2], device[2], np.abs(m) + np.abs(g)),
                               ("v", host[3], device[3], np.abs(v) + g.astype(np.float64) ** 2)):
         close(d.get(), h, dtype, 16, scale)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_adamw_gather_kernel_matches_the_per_key_numpy_step(cupy, dtype):
+    """AdamW on a flat buffer with plain per-key gradients: on CuPy one kernel reads each
+    gradient where it lies (no flat gradient buffer); three steps, against NumPy's
+    per-key step, with zero gradients (the eps edge) and a huge one; padding stays 0."""
+    import paeff_np as pn
+    start = gather_arrays(dtype)
+    host = {k: v.copy() for k, v in start.items()}
+    flat, device = flatten({k: cupy.asarray(v) for k, v in start.items()})
+    opt_host, opt_device = pn.AdamW(lr=1e-2), pn.AdamW(lr=1e-2)
+    rng = np.random.default_rng(1)
+    for step in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}
+        grads["b"][:3] = 0.0
+        grads["z"][0, 0] = 1e30 if dtype == np.float64 else 1e18
+        grads_d = {k: cupy.asarray(g) for k, g in grads.items()}
+        with strict_xp.counting() as count:
+            opt_device.step(device, grads_d)
+        assert step == 0 or count.by_kind() == {"elementwise": 1}      # the one kernel, no copies
+        opt_host.step(host, grads)
+    for k in start:
+        # about 12 roundings, the largest through √v and the division (as the per-key kernel)
+        close(device[k].get(), host[k], dtype, 16, np.abs(host[k]) + 1e-2)
+        close(opt_device.m[k].get(), opt_host.m[k], dtype, 16, np.abs(opt_host.m[k]) + 1)
+        close(opt_device.v[k].get(), opt_host.v[k], dtype, 16, np.abs(opt_host.v[k]) + 1)
+    padding = np.ones(flat.shape[0], bool)
+    for k, v in start.items():
+        padding[device.layout.offsets[k]:device.layout.offsets[k] + v.size] = False
+    assert padding.any() and not flat.get()[padding].any() and not opt_device.m.flat.get()[padding].any()
 
 
 def test_every_kernel_compiles_for_sm_90_with_nvrtc():
