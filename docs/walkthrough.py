@@ -130,7 +130,7 @@ def fd_error_against_h():
 
 def plot_fd(plt, data, out):
     hs, err2, err4, rounding = data
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = plt.subplots(figsize=(7, 5.2))
     ax.loglog(hs, np.maximum(err2, 1e-17), "o-", ms=3, label="2nd order: (f(x+h) − f(x−h)) / 2h")
     ax.loglog(hs, np.maximum(err4, 1e-17), "s-", ms=3,
               label="4th order: (−f(x+2h) + 8f(x+h) − 8f(x−h) + f(x−2h)) / 12h")
@@ -143,7 +143,7 @@ def plot_fd(plt, data, out):
     ax.set_ylabel("relative error of the derivative f′")
     ax.set_title("Finite-difference error against h: the V\n"
                  "(f = the whole PAEFF loss as a function of one weight, float64)")
-    ax.legend(fontsize=8, loc="upper right", framealpha=1)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     save_figure(plt, fig, out, "fd_error_vs_h.png")
 
 
@@ -287,10 +287,10 @@ def tails():
     sig_err = rel(dsig, dref)
     s_left = layers.sigmoid_forward(-x_sig)[0]
     left_err = rel(s_left, expit(-x_sig))
-    print(f"  σ(−x) for x ∈ [0, 40]: worst relative error {left_err.max():.1e}; σ(−40) = {s_left[-1]:.3e}")
+    print(f"  sigmoid(−x) for x ∈ [0, 40]: worst relative error {left_err.max():.1e}; sigmoid(−40) = {s_left[-1]:.3e}")
     for x in (10, 20, 30, 36, 37, 38):
         i = int(np.argmin(abs(x_sig - x)))
-        print(f"  σ′({x:2d}) = s(1 − s): relative error {sig_err[i]:.1e}   "
+        print(f"  sigmoid′({x:2d}) = y(1 − y): relative error {sig_err[i]:.1e}   "
               f"(bound (ε/4)·eˣ = {np.finfo(float).eps / 4 * math.exp(x):.1e})")
     del s
     return x_gelu, gelu_err, naive_err, x_sig, sig_err, left_err
@@ -317,10 +317,10 @@ def plot_tails(plt, data, out):
     ax1.set_ylabel("relative error against x·ndtr(x), what the code computes")
     ax1.set_title("GELU, left tail (ticks at the bottom: exactly equal)", fontsize=10)
     ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    curve(ax2, x_sig, sig_err, "-", "σ′(x) = s(1 − s), the code (as PyTorch)", "tab:blue")
+    curve(ax2, x_sig, sig_err, "-", "sigmoid′ = y(1 − y), y = sigmoid(x): the code", "tab:blue")
     ax2.semilogy(x_sig, np.finfo(float).eps / 4 * np.exp(x_sig), "--", color="k", lw=1.2,
                  label="(ε/4)·eˣ", zorder=5)
-    curve(ax2, -x_sig, left_err, "-", "σ(x) = t/(1 + t) for x < 0, the code", "tab:green")
+    curve(ax2, -x_sig, left_err, "-", "sigmoid(x) for x < 0: the code", "tab:green")
     ax2.set_ylim(1e-18, 10)
     ax2.set_xlabel("x")
     ax2.set_ylabel("relative error against scipy.special.expit")
@@ -340,10 +340,10 @@ def poincare_operating_point():
     u_tanh = hyperbolic.TANH_ARG_MAX / math.sqrt(C)
     print(f"  ball radius 1/√c = {radius:.4f}; projection radius (1 − 1e-3)/√c = {proj_r:.4f}")
     print(f"  ‖e‖ = 1 → ‖p‖ = ρ = {s:.5f} ({s / radius:.1%} of the radius)")
-    print(f"  ‖u‖ at which each guard acts: MIN_NORM {hyperbolic.MIN_NORM:.0e}; operating 1;"
+    print(f"  n = ‖v‖ at which each guard acts: MIN_NORM {hyperbolic.MIN_NORM:.0e}; operating 1;"
           f" projection {u_proj:.2f}; tanh clamp {u_tanh:.2f}")
     d0 = 2 / math.sqrt(C) * math.atanh(math.sqrt(C) * s)
-    print(f"  hyperbolic distance d(0, p) = (2/√c)·artanh(√c‖p‖) = {d0:.5f} (= 2‖e‖: expmap0 doubles lengths, λ₀ = 2)")
+    print(f"  hyperbolic distance d(0, p) = (2/√c)·artanh(√c‖p‖) = {d0:.5f} (= 2‖e‖: exactly twice the norm fed to expmap0, at every radius)")
     k = riemannian_factor(C, s)
     print(f"  Riemannian factor (1 − c‖p‖²)²/4 at PAEFF's point: {k:.5f}")
     return dict(s=s, radius=radius, proj_r=proj_r, u_proj=u_proj, u_tanh=u_tanh, k=k)
@@ -397,9 +397,9 @@ def plot_poincare(plt, info, out):
     fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.02, 0.0), fontsize=8, frameon=False)
     ax2 = fig.add_axes([0.5, 0.38, 0.47, 0.4])
     marks = [(hyperbolic.MIN_NORM, "MIN_NORM\n1e-5", "tab:gray"),
-             (1.0, "PAEFF\n‖u‖ = ‖e‖ = 1", "tab:green"),
-             (info["u_proj"], f"projection acts\n‖u‖ > {info['u_proj']:.1f}", "tab:red"),
-             (info["u_tanh"], f"tanh clamp\n‖u‖ ≥ {info['u_tanh']:.1f}", "tab:purple")]
+             (1.0, "PAEFF\nn = ‖e‖ = 1", "tab:green"),
+             (info["u_proj"], f"projection acts\nn > {info['u_proj']:.1f}", "tab:red"),
+             (info["u_tanh"], f"tanh clamp\nn ≥ {info['u_tanh']:.1f}", "tab:purple")]
     ax2.set_xscale("log")
     ax2.set_xlim(1e-6, 1e3)
     ax2.set_ylim(-1, 1)
@@ -408,7 +408,7 @@ def plot_poincare(plt, info, out):
         ax2.plot([x], [0], "o", color=color, ms=9)
         ax2.text(x, 0.25 if i % 2 == 0 else -0.75, label, ha="center", fontsize=9, color=color)
     ax2.set_yticks([])
-    ax2.set_xlabel("‖u‖, the norm fed to expmap0 (log scale)")
+    ax2.set_xlabel("n = ‖v‖, the norm of the row fed to expmap0 (log scale)")
     ax2.set_title("Where each guard acts, on one number line")
     for side in ("left", "right", "top"):
         ax2.spines[side].set_visible(False)
@@ -541,7 +541,7 @@ def values_at_initialisation():
     rms = lambda x: float(np.sqrt((x * x).mean()))
     print(f"  e: unit rows, entries rms 1/√D = {1 / math.sqrt(cfg.embed_dim):.4f};  f̂ = GELU(e_f) rms {rms(f_hat):.4f}")
     print(f"  EGFF gate input a = f̂ ⊙ v̂: rms {rms(gate_in):.1e};  u = w·a + b with w = {w:.3f}, b = {b:.3f}:"
-          f" |w·a| rms {abs(w) * rms(gate_in):.1e}, so g ≈ σ(b) = {1 / (1 + math.exp(-b)):.4f} everywhere")
+          f" |w·a| rms {abs(w) * rms(gate_in):.1e}, so g ≈ sigmoid(b) = {1 / (1 + math.exp(-b)):.4f} everywhere")
     for name in sorted(grads):
         g = grads[name]
         print(f"  |d {name:34s}| rms {np.sqrt((g * g).mean()):.1e}  max {np.abs(g).max():.1e}")
@@ -608,7 +608,7 @@ def op_examples():
     print(f"  Δ = (2/√c) artanh(√c ν) = {float(dist[0, 0]):.5f};  classical arcosh form {classical:.5f}")
     print(f"  dΔ = 1: dx = {dx.ravel()}, dy = {dyy.ravel()}")
 
-    say("§8.3 the ×κ factor on one row (c = 0.05)")
+    say("§8.3 the Riemannian factor on one row (c = 0.05)")
     e = np.array([[0.6, 0.8]])
     p, cache = hyperbolic.to_ball_forward(e, C, True)
     _, cache_off = hyperbolic.to_ball_forward(e, C, False)

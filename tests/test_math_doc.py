@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -161,3 +162,90 @@ def test_every_math_span_parses_under_katex():
     run = subprocess.run(["node", "-e", KATEX_CHECK, module], input=bad, capture_output=True,
                          text=True, timeout=60)
     assert len(json.loads(run.stdout)) == 2
+
+
+# --- the exercises: each command runs and prints what its solution says ----------------
+
+def exercises_and_solutions():
+    """``({k: exercise k's text}, {k: solution k's text})`` from the page's Exercises section."""
+    text = read(MATH)
+    section = text[text.index("## Exercises"):text.index("## References")]
+    asked, answered = section.split("### Solutions")
+
+    def numbered(part):
+        items = re.split(r"^(\d+)\. ", part, flags=re.M)
+        return {int(k): body for k, body in zip(items[1::2], items[2::2])}
+    return numbered(asked), numbered(answered)
+
+
+def commands(exercise):
+    """The ``python -c "…"`` programs of one exercise, dedented as a shell would leave them."""
+    return [textwrap.dedent(code) for code in re.findall(r'python -c "(.*?)"', exercise, flags=re.S)]
+
+
+def run_python(code, cwd=ROOT):
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                         timeout=120)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    return run.stdout
+
+
+def test_there_are_eight_to_twelve_exercises_each_with_its_solution():
+    asked, answered = exercises_and_solutions()
+    assert 8 <= len(asked) <= 12 and sorted(asked) == sorted(answered) == list(range(1, len(asked) + 1))
+
+
+def test_the_exercises_commands_print_what_the_solutions_say():
+    asked, answered = exercises_and_solutions()
+    ran = set()
+    for k, exercise in asked.items():
+        for code in commands(exercise):
+            out = run_python(code)
+            ran.add(k)
+            solution = " ".join(answered[k].split())
+            if k == 1:      # the right backward passes; without its 2 the error is the one quoted
+                assert "ok, error" in out, out
+                wrong = run_python(code.replace("2 * dy * x", "dy * x"))
+                quoted = re.search(r"reports \(error ([\d.e+-]+)\)", solution).group(1)
+                assert f"error {quoted}" in wrong and "0.5 × numeric" in wrong, wrong
+            elif k == 5:    # "the command prints the same to three digits"
+                quoted = re.findall(r"\\sqrt\{[\d.]+\} = (\d\.\d{3})\$", solution)
+                assert [f"{float(v):.3f}" for v in out.split()] == quoted, (out, quoted)
+            elif k == 6:    # a difference and column sums of rounding size
+                assert all(abs(float(v)) < 1e-12 for v in re.findall(r"-?\d[\d.]*e[-+]\d+", out)), out
+            elif k in (8, 10):   # "The command prints 36.73681", "The library prints 1.46666659"
+                quoted = re.search(r"prints ([\d.]+)", solution).group(1).rstrip(".")
+                digits = len(quoted.split(".")[1])
+                assert f"{float(out.split()[-1]):.{digits}f}" == quoted, (out, quoted)
+            elif k == 9:    # "the command prints 0.26975… and 0.0297…"
+                first, second = re.search(r"prints ([\d.]+)… and ([\d.]+)…", solution).groups()
+                assert out.startswith(first) and f"({second}" in out, (out, first, second)
+            else:
+                raise AssertionError(f"exercise {k}'s command has no check here: add one")
+    assert ran >= {1, 5, 6, 8, 9, 10}
+
+
+def test_exercise_2_breaks_tanh_and_the_checker_says_what_the_solution_says(tmp_path):
+    """Exercise 2 on a scratch copy of the package: the change it asks for, the row, the summary
+    and the exit status its solution quotes."""
+    asked, answered = exercises_and_solutions()
+    broken = re.search(r"return `(dy \* [^`]*)`", asked[2]).group(1)
+    shutil.copytree(os.path.join(ROOT, "paeff_np"), tmp_path / "paeff_np",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    layers = tmp_path / "paeff_np" / "layers.py"
+    source = layers.read_text(encoding="utf-8")
+    body = source[source.index("def tanh_backward"):]
+    body = body[:body.index("\ndef ")]
+    assert body.count("return dy * (1.0 - t * t)") == 1, body
+    layers.write_text(source.replace(body, body.replace("return dy * (1.0 - t * t)", f"return {broken}")),
+                      encoding="utf-8")
+    command = re.search(r"run\s+`(python -m paeff_np\.gradcheck [^`]*)`", " ".join(asked[2].split())).group(1)
+    run = subprocess.run([sys.executable] + command.split()[1:], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    solution = " ".join(answered[2].split())
+    row = re.search(r"The row reads `([^`]*)`", solution).group(1)
+    summary = re.search(r"the summary says `([^`]*)`", solution).group(1)
+    status = int(re.search(r"the exit status is (\d+)", solution).group(1))
+    assert run.returncode == status, run.stdout + run.stderr
+    assert any(" ".join(line.split()) == row for line in run.stdout.splitlines()), run.stdout
+    assert summary in run.stdout, run.stdout

@@ -103,3 +103,14 @@ def test_the_quoted_number_check_catches_a_wrong_figure(walkthrough_output):
     assert printed("4.9e-08", walkthrough_output) and not printed("4.7e-08", walkthrough_output)
     assert quoted_numbers("max is 1.2e-18 and $L = 2.34$, `3.14` is code, §17.2 a section\n") == \
         {"1.2e-18", "2.34"}
+
+
+def test_every_walkthrough_section_the_page_names_is_printed(walkthrough_output):
+    """The page cites the walk-through's sections by name (walk-through, "§2 BatchNorm"): each
+    name starts a section heading of what it prints."""
+    with open(MATH, encoding="utf-8") as f:
+        names = set(re.findall(r'walk-?through(?:\.py`)?, "([^"]+)"', f.read()))
+    assert len(names) >= 5, names
+    headings = re.findall(r"^== (.*) ==$", walkthrough_output, flags=re.M)
+    missing = sorted(n for n in names if not any(h.startswith(n) for h in headings))
+    assert not missing, f"docs/math.md names walk-through sections it does not print: {missing}"
