@@ -76,9 +76,9 @@ def make_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick (default, for the synthetic world) or paper (docs/spec.md §4: 50 epochs, "
                    "lr 2e-5, batch 1024, D 256); explicit flags override it")
-    p.add_argument("--epochs", type=positive_int, help="total epochs of the cosine schedule")
+    p.add_argument("--epochs", type=int, help="total epochs of the cosine schedule")
     p.add_argument("--lr", type=float, help="base learning rate")
-    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     device_flag(p)
     p.add_argument("--out", help="folder of a new run (default runs/<timestamp>); a resumed "
@@ -97,8 +97,8 @@ def make_parser():
     g.add_argument("--select", choices=SELECTION_RULES, help="val (default): the epoch of the lowest "
                    "validation EER; last: the last epoch; test: the lowest EER on the unseen-unheard "
                    "random test list (optimistic). " + PAPER_COMPARISON)
-    g.add_argument("--patience", type=positive_int, metavar="N", help="stop when the validation EER "
-                   "has not improved for N epochs")
+    g.add_argument("--patience", type=int, metavar="N", help="stop when the validation EER "
+                   "has not improved for N epochs (0, the default: never)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, help="after the run, train the "
                    "same schedule again on every training row (in RUN/refit/) and report its model of "
                    "the selected epoch as best.npz: no training identity is missing from the seen-heard "

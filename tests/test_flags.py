@@ -54,7 +54,10 @@ BAD_FLAGS = [
     (["--loss-weights", "0", "0", "0"], "--loss-weights 0 0 0"),
     (["--loss-weights", "0.3", "-0.35", "0.35"], "--loss-weights 0.3 -0.35 0.35"),
     (["--loss-weights", "0.3", "nan", "0.35"], "--loss-weights 0.3 nan 0.35"),
-    (["--batch-size", "1"], "--batch-size 1"),
+    (["--batch-size", "1"], "--batch-size 1: must be an integer >= 2"),
+    (["--batch-size", "0"], "--batch-size 0: must be an integer >= 2"),
+    (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+    (["--patience", "-1"], "--patience -1: must be an integer >= 0"),
     (["--seed", "-1"], "--seed -1"),
     (["--embed-dim", "0"], "--embed-dim 0"),
     (["--embed-dim", "1000000"], "--embed-dim 1000000"),
@@ -86,6 +89,7 @@ def test_boundary_values_are_accepted():
                               embed_dim=1024)
     validate_hyperparameters(args, memory_bytes=1 << 30)
     validate_hyperparameters(argparse.Namespace())  # nothing given: nothing to check
+    validate_hyperparameters(argparse.Namespace(patience=0))  # the library's "never", as a flag too
 
 
 def test_embedding_width_is_checked_against_the_memory_given():
@@ -123,7 +127,7 @@ def test_a_test_list_too_short_for_a_protocol_is_noted_before_training_and_skipp
 
 
 @pytest.mark.parametrize("script_name,argv,words", [
-    ("train.py", ["--epochs", "0"], ["argument --epochs", "must be >= 1"]),
+    ("train.py", ["--stop-after", "0"], ["argument --stop-after", "must be >= 1"]),  # no setting: argparse
     ("train.py", ["--lr", "fast"], ["argument --lr", "invalid float value"]),
     ("eval.py", [], ["--checkpoint", "required"]),
     ("bench.py", ["--repeats", "x"], ["argument --repeats", "invalid int value"]),

@@ -27,7 +27,7 @@ from ..data.split import SplitError, split_validation
 from ..model import ALIGNMENTS, FUSIONS
 from ..run import checkpoint as ckpt
 from ..run.atomic import LOCK_NAME, TEMPORARY_SUFFIX, folder_lock, write_atomically, write_json
-from ..run.cli import device_flag, make_config, positive_int, remove_leftovers, run
+from ..run.cli import device_flag, make_config, remove_leftovers, run
 from ..run.evaluation import l2_scores
 from ..run.training import SaveFailed, TrainingDiverged, Trainer, TrainSettings, checkpoint_settings
 from ..run.validate import AS_FLAGS, validate_hyperparameters
@@ -68,9 +68,9 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="folder of the run: new or empty, or this run's own "
                    "folder to continue it")
     g = p.add_argument_group("training (train.py's flags of these names)")
-    g.add_argument("--epochs", type=positive_int, help=f"({DEFAULTS['epochs']})")
+    g.add_argument("--epochs", type=int, help=f"({DEFAULTS['epochs']})")
     g.add_argument("--lr", type=float, help=f"({DEFAULTS['lr']:g})")
-    g.add_argument("--batch-size", type=positive_int, help=f"({DEFAULTS['batch_size']})")
+    g.add_argument("--batch-size", type=int, help=f"({DEFAULTS['batch_size']})")
     g.add_argument("--embed-dim", type=int, help=f"({DEFAULTS['embed_dim']})")
     g.add_argument("--seed", type=int, help=f"({DEFAULTS['seed']})")
     g.add_argument("--alignment", choices=ALIGNMENTS, help="(hyperbolic)")

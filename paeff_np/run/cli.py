@@ -163,6 +163,8 @@ def device_flag(parser):
 
 
 def positive_int(text):
+    """argparse's type for a count that is no setting (train.py --stop-after); a setting's flag
+    is checked by its field's domain instead (``validate``)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
