@@ -21,12 +21,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import paeff_np as pn  # noqa: E402
 from paeff_np import hyperbolic, layers, losses  # noqa: E402
 from paeff_np.gradcheck import TOLERANCE  # noqa: E402
-from paeff_np.gradcheck.cases import OP_CASES  # noqa: E402
+from paeff_np.gradcheck.cases import OP_CASES, SMALL  # noqa: E402  (SMALL: the checks' sizes)
 from paeff_np.model import euclidean_equivalent  # noqa: E402
 
 C = 0.05            # the paper's curvature
 TAU = 0.07          # the paper's temperature
-SMALL = dict(face_dim=7, voice_dim=5, embed_dim=6, n_classes=3)
 
 
 def say(title):
