@@ -493,19 +493,19 @@ class LaunchCount:
     def h2d(self):
         return sum(1 for kind, _, _, _ in self.events if kind == "h2d")
 
-    def by_kind(self):
+    def _tally(self, field):
+        """Host calls (every event but a sync) counted by the event's ``field``-th entry."""
         out = {}
-        for kind, _, _, _ in self.events:
-            if kind != "sync":
-                out[kind] = out.get(kind, 0) + 1
+        for event in self.events:
+            if event[0] != "sync":
+                out[event[field]] = out.get(event[field], 0) + 1
         return out
 
+    def by_kind(self):
+        return self._tally(0)
+
     def by_module(self):
-        out = {}
-        for kind, _, module, _ in self.events:
-            if kind != "sync":
-                out[module] = out.get(module, 0) + 1
-        return out
+        return self._tally(2)
 
     def summary(self):
         return dict(host_calls=self.host_calls(), kernels=self.kernels(), syncs=len(self.syncs()),
