@@ -183,6 +183,9 @@ def load_tests(args, checkpoint):
                          f"writes all four), or give --data-dir of a folder in the FOP layout")
     if data_dir is None and data.get("source") == "dir":
         data_dir = data["data_dir"]
+        if not os.path.exists(data_dir):
+            raise DataError(f"{data_dir}, the data folder recorded in {checkpoint.path}, is missing "
+                            f"(moved or deleted?): give its new place with --data-dir")
         print(f"note: evaluating on the test lists of {data_dir}, the data folder recorded in "
               f"the checkpoint (--data-dir chooses another)", file=sys.stderr)
     if data_dir:

@@ -203,6 +203,8 @@ def base_settings(args, preset):
 def read_val_dir(val_dir, dataset, seed):
     """The ValidationSplit of ``val_dir``'s faceVal.csv/voiceVal.csv: read and checked as
     the training files are (``csv.read_train``), as wide as the training features."""
+    if not os.path.exists(val_dir):
+        raise DataError(f"--val-dir {val_dir}: no such folder (missing)")
     if not os.path.isdir(val_dir):
         raise DataError(f"--val-dir {val_dir}: not a directory")
     val = read_train(*(os.path.join(val_dir, name) for name in VAL_FILE_NAMES))
@@ -594,7 +596,7 @@ def format_ablation(tables, rule="val", refit=False):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    validate_hyperparameters(args)
+    validate_hyperparameters(args, defaults=PRESETS[args.preset])
     array_module(args.device or "cpu")     # the GPU probe, before any data is parsed or folder made
     with contextlib.ExitStack() as locks:    # the run folder's lock, held to the end
         (train_ablation if args.ablation else train_one)(args, locks.enter_context)

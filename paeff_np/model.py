@@ -83,6 +83,12 @@ class Config:
                   lambda v: v["alignment"] != "none" or any(w > 0 for w in v["loss_weights"][1:]),
                   "{loss_weights} with {alignment}: the alignment term is off, so the OPL or the CE "
                   "weight must be > 0, or nothing is trained"),
+        # same padding: a tap more than D − 1 places off centre never meets a feature (docs/math.md §7)
+        JointRule(("egff_kernel", "embed_dim", "fusion"),
+                  lambda v: v["fusion"] != "egff" or v["egff_kernel"] <= 2 * v["embed_dim"] - 1,
+                  "{egff_kernel} with {embed_dim}: EGFF's convolution runs along the D embedding "
+                  "features, so a kernel wider than 2·D − 1 has taps that never meet a feature "
+                  "(the authors use 5)"),
     )
 
     def __post_init__(self):

@@ -5,7 +5,9 @@ Without a usable GPU it is skipped, with the probe's reason (the real
 exception) in the skip message; with ``PAEFF_REQUIRE_GPU=1`` it fails instead,
 so a GPU CI job cannot pass while running no GPU test.
 """
+import contextlib
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -135,6 +137,21 @@ def one_line_error(capsys, *words):
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
+
+
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Fail (instead of blocking forever) when the code inside opens a named pipe that
+    nobody writes: SIGALRM interrupts the blocked open."""
+    def hung(*_):
+        raise AssertionError(f"still blocked after {seconds} s (a named pipe opened?)")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def recorded_renames(folder, call):

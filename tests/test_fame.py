@@ -14,6 +14,7 @@ from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 
+from conftest import no_hang
 from fame_data import write_dataset
 from paeff_np.fame import __main__ as command
 from paeff_np.fame import protocol as fame
@@ -170,6 +171,41 @@ def test_a_stopped_run_continues_where_it_stopped(finished, data, tmp_path, caps
     assert rc == 0 and "German holds this run, continuing after epoch 1/3" in stdout
     for name in FOUR | {"submission.zip"}:
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(finished, name), "rb").read()
+
+
+def test_ctrl_c_just_after_the_checkpoint_rename_names_the_epoch_saved(data, tmp_path, capsys, monkeypatch):
+    """SIGINT between the rename of checkpoint.npz (epoch 2 committed) and its readable
+    copy: the message names epoch 2, the epoch on disk, not the one saved before."""
+    from paeff_np.run import checkpoint as ckpt
+    out = str(tmp_path / "out")
+    real = ckpt.write_json
+
+    def interrupted(path, obj):
+        if path.endswith(os.path.join("English", ckpt.CONFIG_NAME)) and obj["epoch"] == 2:
+            raise KeyboardInterrupt          # the npz of epoch 2 is already in place
+        return real(path, obj)
+
+    monkeypatch.setattr(ckpt, "write_json", interrupted)
+    rc, _, err = run_fame(fame_args(data, out), capsys)
+    assert rc == 130 and ckpt.load(os.path.join(out, "English")).epoch == 2
+    assert f"the checkpoint of epoch 2 in {os.path.join(out, 'English')} is intact" in err, err
+
+
+def test_a_list_or_feature_file_that_is_a_named_pipe_is_one_line(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(os.path.dirname(data["feats"]), root)
+    copy = {**data, **{k: str(root / k) for k in ("feats", "lists", "labels")}}
+    for name in ("lists/v3/English_test.txt", "feats/v3/German/English_faces_unheard_test.csv"):
+        path = str(root / name)
+        os.rename(path, path + ".kept")
+        os.mkfifo(path)
+        with no_hang():
+            rc, _, err = run_fame(fame_args(copy, str(tmp_path / "out")), capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and f"{path}: is a named pipe" in lines[0], err
+        os.remove(path)
+        os.rename(path + ".kept", path)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_without_labels_no_eer_and_no_fame_json(data, tmp_path, capsys):

@@ -274,7 +274,7 @@ def bad_val(folder, problem):
 
 
 @pytest.mark.parametrize("problem,words", [
-    ("none", ["not a directory"]),
+    ("none", ["no such folder (missing)"]),
     ("missing", ["voiceVal.csv"]),
     ("width", ["31/16 wide", "32/16"]),
     ("nan", ["faceVal.csv", "row 4"]),

@@ -22,7 +22,9 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -47,6 +49,7 @@ FEATURE_LIMIT = 1e12
 sums x^2 over a batch), and float32 overflows at 3.4e38: 1e12 leaves room for batches
 of 10^13 rows, and no real embedding comes near it."""
 EXCERPT_CHARS = 120  # characters of a row or cell quoted in a message, at most
+LABEL_MAX_CHARS = 1000  # an identity label longer than this is refused (real ids: id10001, n000002)
 PROGRESS_MIN_BYTES = 64 << 20  # files larger than this print progress while parsed
 _PROGRESS_BLOCK_BYTES = 16 << 20  # bytes handed to np.loadtxt at a time
 _PROGRESS_EVERY_S = 2.0  # seconds between two progress lines
@@ -61,10 +64,28 @@ def read_matrix(path, *, cache=True):
     return _read_cached(Path(path), "matrix", cache)["features"]
 
 
+def check_regular_file(path):
+    """The ``os.stat`` of ``path``, a regular file (or a link to one); else one DataError.
+    A named pipe, a device or a socket would block a reader or never end: refused
+    before anything opens it."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not stat.S_ISREG(status.st_mode):
+        what = ("a folder" if stat.S_ISDIR(status.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(status.st_mode)
+                else "a socket" if stat.S_ISSOCK(status.st_mode) else "a device")
+        raise DataError(f"{path}: is {what}, not a regular file; give the file itself")
+    return status
+
+
 def read_features(path, *, cache=True):
     """Read the feature columns of a CSV whose last column may be text (an id or a label, which
     is dropped): all columns when the first row's last cell is a number, else all but the last."""
     path = Path(path)
+    check_regular_file(path)
     if _last_cell_is_text(path):
         return _read_cached(path, "train", cache)["features"]
     return read_matrix(path, cache=cache)
@@ -147,6 +168,8 @@ def load_dir(data_dir, face_dim=None, voice_dim=None, need_train=True, *, cache=
     was read, test lists are cut to the training widths.
     """
     data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataError(f"{data_dir}: no such folder (missing)")
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory")
 
@@ -188,9 +211,16 @@ def _parse(path, kind):
         if n_columns < 2:
             raise DataError(f"{path}: rows have 1 column, expected feature columns then a label column")
         n = n_columns - 1
-        arrays = {"features": _loadtxt(path, n, usecols=range(n), dtype=np.float32),
-                  "labels": np.char.strip(_loadtxt(path, n, "labels", usecols=[n], dtype=str)[:, 0])}
-        _check_row_widths(path, len(arrays["features"]), n_columns)
+        features = _loadtxt(path, n, usecols=range(n), dtype=np.float32)
+        # Python strings first: a fixed-width str array takes its longest cell's width in every row
+        labels = _loadtxt(path, n, "labels", usecols=[n], dtype=object)[:, 0]
+        _check_row_widths(path, len(features), n_columns)
+        longest = int(np.argmax([len(label) for label in labels]))
+        if len(labels[longest]) > LABEL_MAX_CHARS:
+            raise DataError(f"{path}: row {_line_number(path, longest)}: a label of {len(labels[longest]):,} "
+                            f"characters ({_excerpt(labels[longest], 40)!r}); labels name identities, at "
+                            f"most {LABEL_MAX_CHARS} characters")
+        arrays = {"features": features, "labels": np.char.strip(labels.astype(str))}
     problem = _first_problem(arrays)
     if problem is not None:
         _, row, what, hint = problem
@@ -422,10 +452,7 @@ def _label_key(text):
 
 def _read_cached(path, kind, cache):
     """Return the parsed arrays of a CSV, from the cache when it is valid for the source."""
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+    status = check_regular_file(path)
     if not cache:
         return _parse(path, kind)
     cache_dir = path.parent / CACHE_DIR_NAME
@@ -480,8 +507,10 @@ def _load_cache(path, cache_dir, kind, stamp):
         array_path = cache_dir / f"{path.name}{_SUFFIXES[key]}"
         try:
             array = np.load(array_path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            why = "not a NumPy array file" if "pickle" in str(error) else str(error) or type(error).__name__
+        except Exception as error:       # NumPy parses the header with ast: a damaged one raises anything
+            why = ("not a NumPy array file" if "pickle" in str(error)
+                   else str(error).splitlines()[0] if isinstance(error, (OSError, ValueError)) and str(error)
+                   else f"a damaged .npy header ({type(error).__name__})")
             return _damaged(path, array_path, f"cannot be loaded: {why}")
         if _entry(array) != entries.get(key):
             return _damaged(path, array_path, f"holds {_describe(_entry(array))} "

@@ -100,7 +100,7 @@ def check_flags(args):
                          f"or --synthetic")
     if args.out == "":
         raise UsageError("--out is empty: give a folder name")
-    validate_hyperparameters(args)
+    validate_hyperparameters(args, defaults=DEFAULTS)
 
 
 def languages_of(args):
@@ -232,7 +232,8 @@ def train_all(trainers, argv):
         try:
             trainer.train()
         except KeyboardInterrupt:
-            print(f"\nthe checkpoint of epoch {trainer.saved_epoch} in {trainer.out_dir} is intact; to "
+            epoch = trainer.folder.epoch_on_disk()     # a Ctrl-C just after the rename: the new one
+            print(f"\nthe checkpoint of epoch {epoch} in {trainer.out_dir} is intact; to "
                   f"continue, {again_command(argv)}", file=sys.stderr)
             raise
         except SaveFailed as exc:          # a FAME run continues with its own command

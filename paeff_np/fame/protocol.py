@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data import DataError
-from ..data.csv import read_features, read_train
+from ..data.csv import check_regular_file, read_features, read_train
 from ..metrics import verification
 
 # the two languages of each version (the organisers' computeScore.py; v2, English/Hindi, is FAME 2024's)
@@ -155,12 +155,12 @@ def labels_path(labels_dir, language):
 
 
 def _lines(path):
-    """``(line number, fields)`` of each non-blank line; a missing or binary file is one DataError."""
+    """``(line number, fields)`` of each non-blank line; a missing, binary or non-regular
+    file (a named pipe) is one DataError."""
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:

@@ -66,8 +66,12 @@ def check_can_create_in(folder, flag):
     """Refuse (``UsageError`` naming ``flag``) a folder where no file can be created, tried
     by creating one: for root, permission bits say yes where the file system says no. A
     folder still missing is judged by the nearest existing one above it, where the
-    writers (``atomic.write_atomically``, ``os.makedirs``) will make it."""
+    writers (``atomic.write_atomically``, ``os.makedirs``) will make it. The temporary
+    files that killed writers left there (``remove_leftovers``) are removed: an
+    interrupted ``eval.py --plot`` leaves no ``.partial`` file behind its rerun."""
     folder = os.path.abspath(folder)
+    if os.path.isdir(folder):
+        remove_leftovers(folder)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     try:

@@ -211,7 +211,7 @@ class RunFolder:
                 self.save_best(run)                 # second commit: see the module doc
             write_metrics_log(self.out_dir, run.history)
         except OSError as exc:
-            epoch = self._intact_epoch()
+            epoch = self.epoch_on_disk()
             intact = (f"no checkpoint was written in {self.out_dir}" if epoch is None else
                       f"the checkpoint of epoch {epoch} in {self.out_dir} is intact")
             raise SaveFailed(f"cannot write {exc.filename}: {exc.strerror or exc}; {intact}", epoch) from None
@@ -223,7 +223,9 @@ class RunFolder:
                   history=run.history, name=BEST_NAME)
         self.best_saved_epoch = run.epoch
 
-    def _intact_epoch(self):
+    def epoch_on_disk(self):
+        """The epoch of the checkpoint in ``out_dir`` as it is now, read back (None: none
+        readable): after an interrupt, ``saved_epoch`` may lag a rename that took effect."""
         try:
             return ckpt.load(self.out_dir).epoch
         except ckpt.CheckpointError:

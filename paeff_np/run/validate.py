@@ -41,27 +41,31 @@ def physical_memory_bytes():
         return None
 
 
-def check_settings(given):
+def check_settings(given, defaults=None):
     """Check ``given`` (setting → value, the flags the user set) against the tables of
     Config and TrainSettings: each field by its domain, then each joint rule on the
-    defaults overlaid with ``given``. Raise UsageError naming flags."""
+    defaults (the dataclasses', overlaid with ``defaults``: a preset's) overlaid with
+    ``given``. Raise UsageError naming flags."""
     for cls in (Config, TrainSettings):
         mine = {k: v for k, v in given.items() if k in cls.DOMAINS}
-        defaults = {k: f.default for k, f in cls.__dataclass_fields__.items()}
+        base = {k: f.default for k, f in cls.__dataclass_fields__.items()}
+        base.update({k: v for k, v in (defaults or {}).items() if k in cls.DOMAINS})
         try:
             check_fields(mine, cls.DOMAINS)
-            check_fields({**defaults, **mine}, {}, [r for r in cls.JOINT_RULES if set(r.fields) & set(mine)])
+            check_fields({**base, **mine}, {}, [r for r in cls.JOINT_RULES if set(r.fields) & set(mine)])
         except FieldError as exc:
             raise UsageError(exc.describe(AS_FLAGS)) from None
 
 
-def validate_hyperparameters(args, memory_bytes=None):
+def validate_hyperparameters(args, memory_bytes=None, defaults=None):
     """Raise UsageError on the first flag of ``args`` outside its domain (see the module doc).
 
-    memory_bytes: the memory an embedding width must fit in (default: physical memory).
+    memory_bytes: the memory an embedding width must fit in (default: physical memory);
+    defaults: the settings a flag not given takes (a preset's), where they are not the
+    dataclasses' own.
     """
     given = {k: v for k, v in vars(args).items() if v is not None}
-    check_settings(given)
+    check_settings(given, defaults)
     width = given.get("embed_dim")
     if width is not None:
         memory = physical_memory_bytes() if memory_bytes is None else memory_bytes
