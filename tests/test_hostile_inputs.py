@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import no_hang, one_line_error
+from test_data_csv import data_error as one_line
 from paeff_np.data import DataError, load_dir, read_train
 from paeff_np.data.csv import _SNIFF_BYTES, CACHE_DIR_NAME, read_features, read_matrix
 from paeff_np.fame.protocol import read_trial_list
@@ -30,14 +31,6 @@ def train(*args):
 
 def evaluate(*args):
     return run_cli(lambda: eval_cli.main(list(map(str, args))), "eval.py")
-
-
-def one_line(call, *args, **kwargs):
-    with pytest.raises(DataError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
 
 
 # --- wide rows: the format checks judge the whole first row, not the sniffed head -------
