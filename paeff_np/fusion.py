@@ -6,14 +6,27 @@ embeddings (protocol: ``layers.py``). Derivations: ``docs/math.md``.
 """
 from typing import Any, NamedTuple
 
-from .backend import get_array_module
-from .layers import (BatchNormCache, Conv1dCache, GeluCache, LinearCache, batchnorm_backward,
-                     batchnorm_forward, conv1d_backward, conv1d_forward, gelu_backward,
-                     gelu_forward, linear_backward, linear_forward, relu_backward, relu_forward,
-                     sigmoid_backward, sigmoid_forward, tanh_backward, tanh_forward)
+import numpy as np
+
+from .backend import get_array_module, kernel
+from .layers import (DOT_KERNEL, INV_SQRT_2PI, BatchNormCache, Conv1dCache, GeluCache, LinearCache,
+                     batchnorm_backward, batchnorm_forward, conv1d_backward, conv1d_forward,
+                     gelu_backward, gelu_forward, linear_backward, linear_forward, relu_backward,
+                     relu_forward, sigmoid_backward, sigmoid_forward, tanh_backward, tanh_forward)
 
 EGFF_GATES = ("product", "sum", "concat")
 EGFF_MIXES = ("activated", "raw")
+
+# CuPy kernels (built by backend.kernel) beside the NumPy code they fuse, which stays the
+# reference; tests/test_kernels.py compiles their C bodies on the CPU and compares.
+MIX_KERNEL = dict(kind="elementwise", in_params="T g, T a, T b", out_params="T m",
+                  body="m = g * a + (1 - g) * b;", name="paeff_mix")
+"""``m = g ⊙ a + (1 − g) ⊙ b``: ``_mix_forward``."""
+MIX_BACKWARD_KERNEL = dict(kind="elementwise", in_params="T dm, T g, T a, T b",
+                           out_params="T dg, T da, T db",
+                           body="dg = dm * (a - b); da = dm * g; db = dm * (1 - g);",
+                           name="paeff_mix_backward")
+"""``dg = dm ⊙ (a − b)``, ``da = dm ⊙ g``, ``db = dm ⊙ (1 − g)``: ``_mix_backward``."""
 
 
 class FusionOutput(NamedTuple):
@@ -23,12 +36,16 @@ class FusionOutput(NamedTuple):
 
 
 def _mix_forward(g, a, b):
-    """``m = g ⊙ a + (1 − g) ⊙ b``."""
+    """``m = g ⊙ a + (1 − g) ⊙ b`` (CuPy: one kernel, ``MIX_KERNEL``)."""
+    if get_array_module(g) is not np:
+        return kernel(MIX_KERNEL)(g, a, b)
     return g * a + (1.0 - g) * b
 
 
 def _mix_backward(dm, g, a, b):
-    """``dg = dm ⊙ (a − b)``, ``da = dm ⊙ g``, ``db = dm ⊙ (1 − g)``."""
+    """``dg = dm ⊙ (a − b)``, ``da = dm ⊙ g``, ``db = dm ⊙ (1 − g)`` (CuPy: one kernel)."""
+    if get_array_module(g) is not np:
+        return kernel(MIX_BACKWARD_KERNEL)(dm, g, a, b)
     return dm * (a - b), dm * g, dm * (1.0 - g)
 
 
@@ -48,6 +65,78 @@ class EGFFCache(NamedTuple):
     sigmoid: Any        # B × D, the sigmoid's output
 
 
+# EGFF with a width-1 convolution (the design card's, the default) on CuPy: the whole
+# forward is one kernel per element, the backward one kernel and the conv's two sums.
+# The bodies are put together from the pieces below, one kernel per (gate, mix).
+_EGFF_GATE_INPUT = {"product": "a = fh * vh; T u = w0 * a + b;",
+                    "sum": "a = fh + vh; T u = w0 * a + b;",
+                    "concat": "a = fh; T u = w0 * fh + w1 * vh + b;"}
+_EGFF_GATE_GRAD = {"product": "T dfh = w0 * du * vh; T dvh = w0 * du * fh;",
+                   "sum": "T dfh = w0 * du; T dvh = w0 * du;",
+                   "concat": "T dfh = w0 * du; T dvh = w1 * du;"}
+_EGFF_MIXED = {"activated": ("fh", "vh"), "raw": ("ef", "ev")}
+
+
+def _egff_kernels(gate, mix):
+    mf, mv = _EGFF_MIXED[mix]
+    gelu_grad = "(exp(-0.5 * {x} * {x}) * inv_sqrt_2pi * {x} + {cdf})"
+    if mix == "activated":          # the mix's gradient joins f̂'s and v̂'s before the GELU
+        de = (f"dfh = dfh + dm * g; dvh = dvh + dm * (1 - g); "
+              f"de_f = {gelu_grad.format(x='ef', cdf='cdf_f')} * dfh; "
+              f"de_v = {gelu_grad.format(x='ev', cdf='cdf_v')} * dvh;")
+    else:                           # ... or e_f's and e_v's after it
+        de = (f"de_f = {gelu_grad.format(x='ef', cdf='cdf_f')} * dfh + dm * g; "
+              f"de_v = {gelu_grad.format(x='ev', cdf='cdf_v')} * dvh + dm * (1 - g);")
+    forward = dict(
+        kind="elementwise", in_params="T ef, T ev, T w0, T w1, T b",
+        out_params="T fh, T vh, T cdf_f, T cdf_v, T a, T g, T m",
+        body=(f"cdf_f = normcdf(ef); cdf_v = normcdf(ev); fh = ef * cdf_f; vh = ev * cdf_v; "
+              f"{_EGFF_GATE_INPUT[gate]} T t = exp(-fabs(u)); g = (u >= 0 ? 1 : t) / (1 + t); "
+              f"m = g * {mf} + (1 - g) * {mv};"),
+        name=f"paeff_egff_{gate}_{mix}")
+    backward = dict(
+        kind="elementwise",
+        in_params="T dm, T g, T fh, T vh, T ef, T ev, T cdf_f, T cdf_v, T w0, T w1, T inv_sqrt_2pi",
+        out_params="T de_f, T de_v, T du",
+        body=(f"T dg = dm * ({mf} - {mv}); du = dg * g * (1 - g); {_EGFF_GATE_GRAD[gate]} {de}"),
+        name=f"paeff_egff_{gate}_{mix}_backward")
+    return forward, backward
+
+
+EGFF_KERNELS = {(gate, mix): _egff_kernels(gate, mix) for gate in EGFF_GATES for mix in EGFF_MIXES}
+"""``(forward, backward)`` kernel specs of a width-1 EGFF, by ``(gate, mix)``. Forward, per
+element: ``Φ(e)`` and ``f̂ = e_f Φ(e_f)``, ``v̂`` (GELU), the gate input ``a`` and
+``u = w·a + b`` (the conv at k = 1; concat: ``w₀f̂ + w₁v̂ + b``), ``g = σ(u)`` (as
+``sigmoid_forward``), ``m``. Backward: ``_mix_backward``, ``sigmoid_backward``, the conv's
+``dx = w·du``, the gate's product/sum rule and ``gelu_backward``, composed per element;
+the conv's ``dw = Σ du·a`` and ``db = Σ du`` are two reductions after it."""
+
+
+def _egff_width1_forward_cupy(e_f, e_v, conv_w, conv_b, gate, mix):
+    """``egff_forward`` at kernel width 1 on CuPy: one kernel; the same cache."""
+    xp = get_array_module(e_f)
+    w1 = conv_w[0, 1, 0] if gate == "concat" else 0.0
+    f_hat, v_hat, cdf_f, cdf_v, a, g, m = kernel(EGFF_KERNELS[gate, mix][0])(
+        e_f, e_v, conv_w[0, 0, 0], w1, conv_b[0])
+    xpad = xp.stack([f_hat, v_hat], axis=1) if gate == "concat" else a[:, None, :]
+    mix_f, mix_v = (f_hat, v_hat) if mix == "activated" else (e_f, e_v)
+    cache = EGFFCache(gate, mix, f_hat, v_hat, g, mix_f, mix_v, GeluCache(e_f, cdf_f),
+                      GeluCache(e_v, cdf_v), Conv1dCache(xpad, conv_w, e_f.shape[1]), g)
+    return FusionOutput(m, f_hat, v_hat), cache
+
+
+def _egff_width1_backward_cupy(dm, cache):
+    """``egff_backward`` at kernel width 1 on CuPy: one kernel, then ``dw`` (one reduction
+    over the conv's input channels) and ``db``."""
+    conv = cache.conv
+    w1 = conv.w[0, 1, 0] if cache.gate == "concat" else 0.0
+    de_f, de_v, du = kernel(EGFF_KERNELS[cache.gate, cache.mix][1])(
+        dm, cache.g, cache.f_hat, cache.v_hat, cache.gelu_f.x, cache.gelu_v.x, cache.gelu_f.cdf,
+        cache.gelu_v.cdf, conv.w[0, 0, 0], w1, INV_SQRT_2PI)
+    dw = kernel(DOT_KERNEL)(du[:, None, :], conv.xpad, axis=(0, 2)).reshape(conv.w.shape)
+    return de_f, de_v, dw, du.sum().reshape(1)
+
+
 def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
     """Enhanced gated feature fusion.
 
@@ -65,6 +154,8 @@ def egff_forward(e_f, e_v, conv_w, conv_b, gate="product", mix="activated"):
     xp = get_array_module(e_f)
     if mix not in EGFF_MIXES:
         raise ValueError(f"egff mix must be one of {EGFF_MIXES}, got {mix!r}")
+    if xp is not np and conv_w.shape[2] == 1 and gate in EGFF_GATES:   # CuPy: the kernels above
+        return _egff_width1_forward_cupy(e_f, e_v, conv_w, conv_b, gate, mix)
     f_hat, cache_gelu_f = gelu_forward(e_f)
     v_hat, cache_gelu_v = gelu_forward(e_v)
     if gate == "product":
@@ -90,6 +181,8 @@ def egff_backward(dm, cache):
 
     Derivation: docs/math.md §12.
     """
+    if get_array_module(dm) is not np and cache.conv.w.shape[2] == 1:
+        return _egff_width1_backward_cupy(dm, cache)
     dg, dmix_f, dmix_v = _mix_backward(dm, cache.g, cache.mix_f, cache.mix_v)
     du = sigmoid_backward(dg, cache.sigmoid)
     da, dconv_w, dconv_b = conv1d_backward(du, cache.conv)

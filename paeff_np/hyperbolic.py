@@ -170,20 +170,22 @@ TO_BALL_ROWS_KERNEL = dict(
     in_params="T norm, T sqrt_c, T c, T r, T min_norm, T tanh_max, bool riemannian",
     out_params="T n, T a, T t, T s, bool norm_active, bool tanh_active, T pn, bool outside, T factor, T scale",
     body="""
-    n = fmax(norm, min_norm);
+    n = norm < min_norm ? min_norm : norm;
     a = sqrt_c * n;
-    t = tanh(fmin(fmax(a, -tanh_max), tanh_max));
+    t = tanh(a < -tanh_max ? -tanh_max : (a > tanh_max ? tanh_max : a));
     s = t / a;
     norm_active = norm > min_norm;
     tanh_active = a < tanh_max;
-    pn = fmax(s * norm, min_norm);
+    pn = s * norm < min_norm ? min_norm : s * norm;
     outside = pn > r;
     factor = outside * (r / pn) + (1 - outside);
     T sq = (factor * s * norm) * (factor * s * norm);
     scale = riemannian * ((1 - c * sq) * (1 - c * sq) / 4) + (1 - riemannian);
     """, name="paeff_to_ball_rows")
 """expmap0's n, a, t, s and clamp flags, the projection's clamped ‖q‖, its flag and
-factor r/‖q‖ (1 inside), the Riemannian factor (1 − c‖p‖²)²/4 (1 without it)."""
+factor r/‖q‖ (1 inside), the Riemannian factor (1 − c‖p‖²)²/4 (1 without it). The clamps
+are written as NumPy's maximum/clip compute them: a NaN norm stays NaN (C's fmax would
+replace it)."""
 TO_BALL_APPLY_KERNEL = dict(kind="elementwise", in_params="T u, T s, T factor", out_params="T q, T p",
                             body="q = s * u; p = q * factor;", name="paeff_to_ball_apply")
 """``q = s·u``, ``p = q·factor``: the B × D work of ``to_ball_forward``."""

@@ -124,14 +124,16 @@ class BatchNormCache(NamedTuple):
 
 BATCHNORM_STATS_KERNEL = dict(
     kind="elementwise",
-    in_params="T mean, T var, T running_mean, T running_var, T momentum, T unbias, T eps",
+    in_params="T mean, T shift, T var, T running_mean, T running_var, T momentum, T unbias, T eps",
     out_params="T inv_std, T new_mean, T new_var",
     body="""
     inv_std = 1 / sqrt(var + eps);
-    new_mean = (1 - momentum) * running_mean + momentum * mean;
+    new_mean = (1 - momentum) * running_mean + momentum * (mean + shift);
     new_var = (1 - momentum) * running_var + momentum * var * unbias;
     """, name="paeff_batchnorm_stats")
-"""``batchnorm_forward``'s (D,) work in train mode: 1/√(σ² + eps) and the new running statistics."""
+"""``batchnorm_forward``'s (D,) work in train mode: 1/√(σ² + eps) and the new running statistics.
+``shift`` (0 here) is a bias added to every row before the BatchNorm, which the normalisation
+cancels and only the running mean sees (the branch's fused path, model.py)."""
 BATCHNORM_VAR_KERNEL = dict(kind="reduction", in_params="T x, T mean, T inv_n", out_params="T var",
                             map_expr="(x - mean) * (x - mean) * inv_n", reduce_expr="a + b",
                             post_map_expr="var = a", identity="0", name="paeff_batchnorm_var")
@@ -157,7 +159,7 @@ def _batchnorm_train_forward_cupy(x, gamma, beta, state, eps, momentum):
     mean = x.mean(axis=0)
     var = kernel(BATCHNORM_VAR_KERNEL)(x, mean, 1.0 / n, axis=0)
     inv_std, new_mean, new_var = kernel(BATCHNORM_STATS_KERNEL)(
-        mean, var, state.running_mean, state.running_var, momentum, n / (n - 1), eps)
+        mean, 0.0, var, state.running_mean, state.running_var, momentum, n / (n - 1), eps)
     xhat, y = kernel(BATCHNORM_APPLY_KERNEL)(x, mean, inv_std, gamma, beta)
     return y, BatchNormState(new_mean, new_var), BatchNormCache(xhat, inv_std, gamma, True)
 
@@ -227,11 +229,19 @@ def batchnorm_backward(dy, cache):
 
 # --- ReLU, dropout ---
 
+RELU_KERNEL = dict(kind="elementwise", in_params="T x", out_params="T y, bool mask",
+                   body="mask = x > 0; y = x * mask;", name="paeff_relu")
+"""``mask = [x > 0]``, ``y = x ⊙ mask``: ``relu_forward``."""
+
+
 def relu_forward(x):
-    """``max(x, 0)``; ``x``: any shape. The cache is the mask ``x > 0``.
+    """``max(x, 0)``; ``x``: any shape. The cache is the mask ``x > 0``
+    (CuPy: one kernel, ``RELU_KERNEL``).
 
     Derivation: docs/math.md §3.
     """
+    if get_array_module(x) is not np:
+        return kernel(RELU_KERNEL)(x)
     mask = x > 0
     return x * mask, mask
 
@@ -291,13 +301,25 @@ L2_NORMALIZE_BACKWARD_KERNEL = dict(
 """``dx = (de − e·⟨e, de⟩[‖x‖ > eps])/max(‖x‖, eps)``: ``l2_normalize_backward`` after its row dot."""
 
 
+L2_NORMALIZE_ROWS_KERNEL = dict(
+    kind="elementwise", in_params="T norm, T eps", out_params="T denom, bool active",
+    body="denom = norm < eps ? eps : norm; active = norm > eps;", name="paeff_l2_normalize_rows")
+"""``denom = max(‖x‖, eps)`` (NaN stays NaN, as NumPy's maximum), ``active = [‖x‖ > eps]``:
+``l2_normalize_forward``'s per-row numbers."""
+
+
 def l2_normalize_forward(x, eps=NORMALIZE_EPS):
-    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D.
+    """``e = x / max(‖x‖, eps)`` row by row (``F.normalize``); ``x``, ``e``: B × D
+    (CuPy: the row norm, one per-row kernel, the division).
 
     Derivation: docs/math.md §4.
     """
     xp = get_array_module(x)
     norm = row_norm(x)
+    if xp is not np:
+        denom, active = kernel(L2_NORMALIZE_ROWS_KERNEL)(norm, eps)
+        e = x / denom
+        return e, L2NormalizeCache(e, denom, active)
     active = norm > eps
     denom = xp.maximum(norm, eps)
     e = x / denom
@@ -370,9 +392,14 @@ class GeluCache(NamedTuple):
     cdf: Any        # Φ(x), same shape
 
 
+GELU_FORWARD_KERNEL = dict(kind="elementwise", in_params="T x", out_params="T y, T cdf",
+                           body="cdf = normcdf(x); y = x * cdf;", name="paeff_gelu_forward")
+"""``Φ(x)`` (CUDA's ``normcdf``, the function CuPy's ndtr calls), ``y = x Φ(x)``: ``gelu_forward``."""
+
+
 def gelu_forward(x):
     """``GELU(x) = x Φ(x)``, ``Φ(x) = ½(1 + erf(x/√2)) = ½ erfc(−x/√2)``;
-    ``x``: any shape.
+    ``x``: any shape (CuPy: one kernel, ``GELU_FORWARD_KERNEL``).
 
     Φ is ``normal_cdf`` (SciPy's or CuPy's ndtr), which takes the erfc
     form in the left tail: ``1 + erf(·)`` cancels for x ≪ 0 and would lose the
@@ -384,6 +411,9 @@ def gelu_forward(x):
 
     Derivation: docs/math.md §5.
     """
+    if get_array_module(x) is not np:
+        y, cdf = kernel(GELU_FORWARD_KERNEL)(x)
+        return y, GeluCache(x, cdf)
     cdf = normal_cdf(x)
     return x * cdf, GeluCache(x, cdf)
 
@@ -414,8 +444,17 @@ def gelu_backward(dy, cache):
 
 # --- sigmoid, tanh ---
 
+SIGMOID_KERNEL = dict(kind="elementwise", in_params="T x", out_params="T s",
+                      body="T t = exp(-fabs(x)); s = (x >= 0 ? 1 : t) / (1 + t);", name="paeff_sigmoid")
+"""``t = e^{−|x|}``, ``σ = (x ≥ 0 ? 1 : t)/(1 + t)``: ``sigmoid_forward`` (a NaN input gives NaN)."""
+SIGMOID_BACKWARD_KERNEL = dict(kind="elementwise", in_params="T dy, T s", out_params="T dx",
+                               body="dx = dy * s * (1 - s);", name="paeff_sigmoid_backward")
+"""``dx = dy ⊙ σ ⊙ (1 − σ)``: ``sigmoid_backward``."""
+
+
 def sigmoid_forward(x):
-    """``σ(x) = 1/(1 + e^{−x})``; ``x``: any shape. The cache is the output σ.
+    """``σ(x) = 1/(1 + e^{−x})``; ``x``: any shape. The cache is the output σ
+    (CuPy: one kernel, ``SIGMOID_KERNEL``).
 
     Evaluated with ``t = e^{−|x|} ≤ 1`` as ``1/(1 + t)`` for x ≥ 0 and
     ``t/(1 + t)`` for x < 0: no overflow, and full relative precision in both
@@ -426,6 +465,9 @@ def sigmoid_forward(x):
     Derivation: docs/math.md §6.
     """
     xp = get_array_module(x)
+    if xp is not np:
+        s = kernel(SIGMOID_KERNEL)(x)
+        return s, s
     t = xp.exp(-xp.abs(x))
     s = xp.maximum(t, x >= 0)
     t += 1.0
@@ -434,10 +476,12 @@ def sigmoid_forward(x):
 
 
 def sigmoid_backward(dy, s):
-    """``σ' = σ(1 − σ)``.
+    """``σ' = σ(1 − σ)`` (CuPy: one kernel, ``SIGMOID_BACKWARD_KERNEL``).
 
     Derivation: docs/math.md §6.
     """
+    if get_array_module(s) is not np:
+        return kernel(SIGMOID_BACKWARD_KERNEL)(dy, s)
     return dy * s * (1.0 - s)
 
 

@@ -17,24 +17,29 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, kernel
 from .domains import (BOOLEAN, FRACTION, NON_NEGATIVE, ODD_INTEGER, POSITIVE, JointRule, check_fields,
                       check_known, integer, numbers_of, one_of)
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
                      gated_fusion_forward)
-from .hyperbolic import (ToBallCache, to_ball_backward, to_ball_forward, unit_row_ball_norm,
+from .hyperbolic import (MIN_NORM, TANH_ARG_MAX, TO_BALL_APPLY_KERNEL,
+                         TO_BALL_BACKWARD_ROWS_KERNEL, TO_BALL_ROWS_KERNEL, Expmap0Cache, ProjectCache,
+                         ToBallCache, ball_radius, to_ball_backward, to_ball_forward, unit_row_ball_norm,
                          unit_row_riemannian_factor)
-from .layers import (BatchNormCache, BatchNormState, L2NormalizeCache, LinearCache,
+from .layers import (BATCHNORM_EPS, BATCHNORM_MOMENTUM, BATCHNORM_STATS_KERNEL, BATCHNORM_VAR_KERNEL,
+                     BatchNormCache, BatchNormState, L2NormalizeCache, LinearCache,
                      batchnorm_backward, batchnorm_forward, dropout_backward, dropout_forward,
                      l2_normalize_backward, l2_normalize_forward, linear_backward,
-                     linear_forward, relu_backward, relu_forward, tanh_backward, tanh_forward)
+                     linear_forward, relu_backward, relu_forward, row_dot, row_norm, tanh_backward,
+                     tanh_forward)
 from .losses import (OrthogonalProjectionCache, SoftmaxCrossEntropyCache,
                      orthogonal_projection_backward,
                      orthogonal_projection_forward, softmax_cross_entropy_backward,
                      softmax_cross_entropy_forward, symmetric_cross_entropy_backward,
                      symmetric_cross_entropy_forward)
-from .poincare import (FeatureClipCache, feature_clip_backward, feature_clip_forward,
-                       poincare_alignment_backward, poincare_alignment_forward)
+from .poincare import (CLIP_EPS, FEATURE_CLIP_BACKWARD_KERNEL, FEATURE_CLIP_ROWS_KERNEL, FeatureClipCache,
+                       feature_clip_backward, feature_clip_forward, poincare_alignment_backward,
+                       poincare_alignment_forward)
 
 FUSIONS = ("egff", "gated")
 ALIGNMENTS = ("hyperbolic", "euclidean", "none", "poincare")
@@ -223,6 +228,80 @@ class BranchCache(NamedTuple):
     lin4: LinearCache
 
 
+# The branch in train mode on CuPy (beside branch_forward/branch_backward, the reference):
+# b₀ is not added to x W₀ᵀ (BatchNorm cancels it; the running mean gets it through the
+# stats kernel's shift), and BatchNorm's apply, the ReLU and the dropout are one kernel
+# forward, their backward one kernel after BatchNorm's two column sums. Compiled and
+# compared on the CPU by tests/test_kernels.py.
+_BRANCH_APPLY = """
+    xhat = (x - mean) * inv_std;
+    T bn = gamma * xhat + beta;
+    relu = bn > 0;
+    """
+BRANCH_APPLY_KERNEL = dict(
+    kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta, T u, T p, T keep",
+    out_params="T xhat, bool relu, T drop, T y",
+    body=_BRANCH_APPLY + "drop = (u >= p) / keep; y = bn * relu * drop;", name="paeff_branch_apply")
+"""``x̂ = (x − μ)·inv_std``, ``BN = γx̂ + β``, the ReLU's mask ``[BN > 0]``, the dropout's
+``[u ≥ p]/(1 − p)`` and ``y = BN ⊙ relu ⊙ drop``: batchnorm_forward's apply, relu_forward, dropout_forward."""
+BRANCH_APPLY_NO_DROPOUT_KERNEL = dict(
+    kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta",
+    out_params="T xhat, bool relu, T y",
+    body=_BRANCH_APPLY + "y = bn * relu;", name="paeff_branch_apply_no_dropout")
+"""``BRANCH_APPLY_KERNEL`` without the dropout (p = 0)."""
+BRANCH_MASKED_DOT_KERNEL = dict(
+    kind="reduction", in_params="T dy, T drop, bool relu, T x", out_params="T z",
+    map_expr="dy * drop * relu * x", reduce_expr="a + b", post_map_expr="z = a", identity="0",
+    name="paeff_branch_masked_dot")
+"""``Σ_rows (dy ⊙ drop ⊙ relu) ⊙ x``: BatchNorm's dγ (x = x̂) and dβ (x = 1) of the masked gradient."""
+BRANCH_BN_BACKWARD_KERNEL = dict(
+    kind="elementwise",
+    in_params="T dy, T drop, bool relu, T xhat, T gamma, T inv_std, T dgamma, T dbeta, T inv_n",
+    out_params="T dx",
+    body="T g = dy * drop * relu; dx = gamma * inv_std * (g - dbeta * inv_n - xhat * (dgamma * inv_n));",
+    name="paeff_branch_bn_backward")
+"""dropout_backward, relu_backward and batchnorm_backward (train mode) in one pass."""
+
+
+def _branch_train_forward_cupy(params, buffers, prefix, x, dropout, rng):
+    """``branch_forward`` in train mode on CuPy: the same outputs and cache."""
+    P = lambda name: params[prefix + name]
+    h0 = x @ P("0.weight").T                              # + b₀: cancelled by the BatchNorm
+    n = h0.shape[0]
+    state = _bn_state(buffers, prefix + "1.")
+    mean = h0.mean(axis=0)
+    var = kernel(BATCHNORM_VAR_KERNEL)(h0, mean, 1.0 / n, axis=0)
+    inv_std, new_mean, new_var = kernel(BATCHNORM_STATS_KERNEL)(
+        mean, P("0.bias"), var, state.running_mean, state.running_var, BATCHNORM_MOMENTUM, n / (n - 1),
+        BATCHNORM_EPS)
+    gamma = P("1.weight")
+    if dropout > 0:
+        xhat, relu, drop, h3 = kernel(BRANCH_APPLY_KERNEL)(
+            h0, mean, inv_std, gamma, P("1.bias"), rng.random(h0.shape, dtype=h0.dtype), dropout, 1.0 - dropout)
+    else:
+        xhat, relu, h3 = kernel(BRANCH_APPLY_NO_DROPOUT_KERNEL)(h0, mean, inv_std, gamma, P("1.bias"))
+        drop = None
+    h4, cache_lin4 = linear_forward(h3, P("4.weight"), P("4.bias"))
+    cache = BranchCache(prefix, LinearCache(x, P("0.weight")), BatchNormCache(xhat, inv_std, gamma, True),
+                        relu, drop, cache_lin4)
+    return h4, _bn_buffers(buffers, prefix + "1.", BatchNormState(new_mean, new_var), True), cache
+
+
+def _branch_backward_cupy(dh4, cache):
+    """``branch_backward`` (train mode) on CuPy: the same grads."""
+    dh3, dW4, db4 = linear_backward(dh4, cache.lin4)
+    drop = 1.0 if cache.drop is None else cache.drop
+    bn = cache.bn
+    dgamma = kernel(BRANCH_MASKED_DOT_KERNEL)(dh3, drop, cache.relu, bn.xhat, axis=0)
+    dbeta = kernel(BRANCH_MASKED_DOT_KERNEL)(dh3, drop, cache.relu, 1.0, axis=0)
+    dh0 = kernel(BRANCH_BN_BACKWARD_KERNEL)(dh3, drop, cache.relu, bn.xhat, bn.gamma, bn.inv_std, dgamma, dbeta,
+                                            1.0 / dh3.shape[0])
+    _, dW0, db0 = linear_backward(dh0, cache.lin0, need_dx=False)
+    grads = {"0.weight": dW0, "0.bias": db0, "1.weight": dgamma, "1.bias": dbeta,
+             "4.weight": dW4, "4.bias": db4}
+    return {cache.prefix + k: v for k, v in grads.items()}
+
+
 def branch_forward(params, buffers, prefix, x, train, dropout, rng):
     """``h = drop(ReLU(BN(x W₀ᵀ + b₀))) W₄ᵀ + b₄``; ``x``: B × in, ``h``: B × D.
 
@@ -231,6 +310,8 @@ def branch_forward(params, buffers, prefix, x, train, dropout, rng):
 
     Derivation: docs/math.md §14.
     """
+    if train and get_array_module(x) is not np:            # CuPy: the kernels above
+        return _branch_train_forward_cupy(params, buffers, prefix, x, dropout, rng)
     P = lambda name: params[prefix + name]
     h0, cache_lin0 = linear_forward(x, P("0.weight"), P("0.bias"))
     h1, new_state, cache_bn = batchnorm_forward(h0, P("1.weight"), P("1.bias"),
@@ -248,6 +329,8 @@ def branch_backward(dh4, cache):
 
     Derivation: docs/math.md §14.
     """
+    if cache.bn.train and get_array_module(dh4) is not np:  # CuPy: the kernels above
+        return _branch_backward_cupy(dh4, cache)
     dh3, dW4, db4 = linear_backward(dh4, cache.lin4)
     dh2 = dropout_backward(dh3, cache.drop)
     dh1 = relu_backward(dh2, cache.relu)
@@ -311,6 +394,75 @@ class AlignmentCache(NamedTuple):
     h_f: Any                    # B × D: every gradient has its shape and dtype
 
 
+# The Poincaré alignment's way into the ball on CuPy, P(expmap0(clip(h))): the clip's and
+# the map's per-row kernels are one (‖clip(h)‖ = f‖h‖ needs no second row norm), their
+# B × D passes one, and so backward (⟨clip(h), dp⟩ = f⟨h, dp⟩ and ⟨h, dg⟩ follow from one
+# row dot ⟨h, dp⟩). The bodies are those of poincare.py's and hyperbolic.py's kernels.
+def _concat_kernels(name, parts, extra_in="", extra_out="", computed=()):
+    """One elementwise kernel whose body runs ``parts`` in order: kernel specs (their
+    bodies) and plain statements. Parameters: ``extra_in``, then each spec's inputs that
+    no part computes (``computed``, the outputs); outputs: each spec's, then ``extra_out``."""
+    split = lambda text: [p.strip() for p in text.split(",") if p.strip()]
+    specs = [part for part in parts if isinstance(part, dict)]
+    outs = [p for spec in specs for p in split(spec["out_params"])] + split(extra_out)
+    ins = split(extra_in)
+    for p in (p for spec in specs for p in split(spec["in_params"])):
+        if p.split()[-1] not in computed and p not in ins and p not in outs:
+            ins.append(p)
+    body = "\n".join((part["body"] if isinstance(part, dict) else part).strip() for part in parts)
+    return dict(kind="elementwise", in_params=", ".join(ins), out_params=", ".join(outs), body=body, name=name)
+
+
+def _call(spec, **args):
+    """``kernel(spec)`` called with its inputs by name."""
+    return kernel(spec)(*(args[p.split()[-1]] for p in spec["in_params"].split(",")))
+
+
+CLIP_TO_BALL_ROWS_KERNEL = _concat_kernels(
+    "paeff_clip_to_ball_rows", [FEATURE_CLIP_ROWS_KERNEL, "T norm = hnorm * clip_factor;", TO_BALL_ROWS_KERNEL],
+    computed=("norm",))
+"""``FEATURE_CLIP_ROWS_KERNEL``, then ``TO_BALL_ROWS_KERNEL`` on ‖clip(h)‖ = f‖h‖."""
+CLIP_TO_BALL_APPLY_KERNEL = _concat_kernels(
+    "paeff_clip_to_ball_apply", ["g = h * clip_factor; T u = g;", TO_BALL_APPLY_KERNEL],
+    extra_in="T h, T clip_factor", extra_out="T g", computed=("u",))
+"""``g = h·f`` (feature_clip_forward), then ``TO_BALL_APPLY_KERNEL`` on it."""
+CLIP_TO_BALL_BACKWARD_ROWS_KERNEL = _concat_kernels(
+    "paeff_clip_to_ball_backward_rows",
+    ["T ud = clip_factor * hdp;", TO_BALL_BACKWARD_ROWS_KERNEL,
+     "hd = alpha * hdp + beta * clip_factor * (hnorm * hnorm);"],
+    extra_in="T hdp, T clip_factor, T hnorm", extra_out="T hd", computed=("ud",))
+"""From ``hdp = ⟨h, dp⟩``: ``ud = ⟨g, dp⟩ = f·hdp``, ``TO_BALL_BACKWARD_ROWS_KERNEL``'s α, β
+(``dg = α·dp + β·g``), and ``hd = ⟨h, dg⟩ = α·hdp + β·f‖h‖²`` for the clip's backward."""
+CLIP_TO_BALL_BACKWARD_KERNEL = _concat_kernels(
+    "paeff_clip_to_ball_backward", ["T dout = alpha * dp + beta * g;", FEATURE_CLIP_BACKWARD_KERNEL],
+    extra_in="T dp, T g, T alpha, T beta", computed=("dout",))
+"""``dg = α·dp + β·g`` (``AXPBY_KERNEL``'s pass), then ``FEATURE_CLIP_BACKWARD_KERNEL`` on it."""
+
+
+def _clip_to_ball_forward_cupy(h, cfg):
+    """``feature_clip_forward`` then ``to_ball_forward`` on CuPy: three calls; their caches."""
+    c, riemannian = cfg.curvature, cfg.riemannian_grad
+    hnorm = row_norm(h)
+    clip_factor, clip_active, n, a, t, s, norm_active, tanh_active, pn, outside, factor, scale = _call(
+        CLIP_TO_BALL_ROWS_KERNEL, hnorm=hnorm, radius=cfg.clip_radius, clip_eps=CLIP_EPS, sqrt_c=c ** 0.5, c=c,
+        r=ball_radius(c), min_norm=MIN_NORM, tanh_max=TANH_ARG_MAX, riemannian=bool(riemannian))
+    q, p, g = _call(CLIP_TO_BALL_APPLY_KERNEL, h=h, clip_factor=clip_factor, s=s, factor=factor)
+    ball = ToBallCache(Expmap0Cache(g, n, a, t, s, norm_active, tanh_active, c ** 0.5),
+                       ProjectCache(q, pn, outside, ball_radius(c)), scale if riemannian else None)
+    return p, FeatureClipCache(h, hnorm, clip_factor, clip_active), ball
+
+
+def _clip_to_ball_backward_cupy(dp, clip, ball):
+    """``to_ball_backward`` then ``feature_clip_backward`` on CuPy: one row dot, two kernels."""
+    ex, proj = ball.expmap0, ball.project
+    alpha, beta, hd = _call(
+        CLIP_TO_BALL_BACKWARD_ROWS_KERNEL, hdp=row_dot(clip.h, dp), clip_factor=clip.factor, hnorm=clip.norm,
+        n=ex.n, a=ex.a, t=ex.t, s=ex.s, norm_active=ex.norm_active, tanh_active=ex.tanh_active, pn=proj.n,
+        outside=proj.outside, r=proj.r, scale=1.0 if ball.scale is None else ball.scale, sqrt_c=ex.sqrt_c)
+    return _call(CLIP_TO_BALL_BACKWARD_KERNEL, dp=dp, g=ex.u, alpha=alpha, beta=beta, h=clip.h, hd=hd,
+                 hnorm=clip.norm, clip_factor=clip.factor, clip_active=clip.active, clip_eps=CLIP_EPS)
+
+
 def alignment_forward(h_f, h_v, e_f, e_v, cfg):
     """The alignment loss L_A, 0-d; ``h_f``, ``h_v``: B × D, the branches'
     outputs, ``e_f``, ``e_v``: B × D, their normalised rows. By ``cfg.alignment``:
@@ -327,6 +479,10 @@ def alignment_forward(h_f, h_v, e_f, e_v, cfg):
     clip_f = clip_v = ball_f = ball_v = cache_loss = None
     if cfg.alignment == "none":
         loss = get_array_module(h_f).zeros((), dtype=h_f.dtype)
+    elif cfg.alignment == "poincare" and get_array_module(h_f) is not np:   # CuPy: the kernels above
+        p_f, clip_f, ball_f = _clip_to_ball_forward_cupy(h_f, cfg)
+        p_v, clip_v, ball_v = _clip_to_ball_forward_cupy(h_v, cfg)
+        loss, cache_loss = poincare_alignment_forward(p_f, p_v, cfg.curvature, cfg.temperature)
     elif cfg.alignment == "poincare":   # from h, not e: S_ij = −d_c(p_f,i, p_v,j)/τ
         g_f, clip_f = feature_clip_forward(h_f, cfg.clip_radius)
         g_v, clip_v = feature_clip_forward(h_v, cfg.clip_radius)
@@ -350,23 +506,91 @@ def alignment_backward(dloss, cache):
     Derivation: docs/math.md §14, §10, §8.3, §17.8.
     """
     zeros = lambda: get_array_module(cache.h_f).zeros_like(cache.h_f)
+    return tuple(zeros() if g is None else g for g in _alignment_grads(dloss, cache))
+
+
+def _alignment_grads(dloss, cache):
+    """``alignment_backward`` with None in place of its zeros (``backward`` adds no zeros)."""
     if cache.alignment == "none":
-        return zeros(), zeros(), zeros(), zeros()
+        return None, None, None, None
+    if cache.alignment == "poincare" and get_array_module(cache.h_f) is not np:   # CuPy: the kernels above
+        dp_f, dp_v = poincare_alignment_backward(dloss, cache.loss)
+        return (_clip_to_ball_backward_cupy(dp_f, cache.clip_f, cache.ball_f),
+                _clip_to_ball_backward_cupy(dp_v, cache.clip_v, cache.ball_v), None, None)
     if cache.alignment == "poincare":
         dp_f, dp_v = poincare_alignment_backward(dloss, cache.loss)
         dg_f = to_ball_backward(dp_f, cache.ball_f)
         dg_v = to_ball_backward(dp_v, cache.ball_v)
         dh_f = feature_clip_backward(dg_f, cache.clip_f)
         dh_v = feature_clip_backward(dg_v, cache.clip_v)
-        return dh_f, dh_v, zeros(), zeros()
+        return dh_f, dh_v, None, None
     dp_f, dp_v = symmetric_cross_entropy_backward(dloss, cache.loss)
     if cache.alignment == "hyperbolic":
         dp_f = to_ball_backward(dp_f, cache.ball_f)
         dp_v = to_ball_backward(dp_v, cache.ball_v)
-    return zeros(), zeros(), dp_f, dp_v
+    return None, None, dp_f, dp_v
 
 
 # --- the whole network and its loss ---
+
+# The glue of forward/backward on CuPy: each of these kernels joins what the NumPy
+# line beside it does in two or more passes (tests/test_kernels.py compares them).
+HEAD_TANH_KERNEL = dict(kind="elementwise", in_params="T r, T b", out_params="T z",
+                        body="z = tanh(r + b);", name="paeff_head_tanh")
+"""``z = tanh(r + b)``: the res_mix bias (``linear_forward``) and ``tanh_forward``."""
+HEAD_TANH_BACKWARD_KERNEL = dict(kind="elementwise", in_params="T dz1, T dz2, T z", out_params="T dr",
+                                 body="dr = (dz1 + dz2) * (1 - z * z);", name="paeff_head_tanh_backward")
+"""``dr = (dz_OPL + dz_logits) ⊙ (1 − z²)``: the sum of z's two gradients and ``tanh_backward``."""
+LOSS_SUM_KERNEL = dict(kind="elementwise", in_params="T l1, T l2, T l3, T a1, T a2, T a3", out_params="T loss",
+                       body="loss = a1 * l1 + a2 * l2 + a3 * l3;", name="paeff_loss_sum")
+"""``L = α₁L_A + α₂L_OP + α₃L_CE`` on the three 0-d terms."""
+NORMALIZE_BACKWARD_SUM_KERNEL = dict(
+    kind="elementwise", in_params="T de1, T de2, T e, T radial, bool active, T denom, T dh",
+    out_params="T dx", body="dx = ((de1 + de2) - e * (radial * active)) / denom + dh;",
+    name="paeff_normalize_backward_sum")
+"""``l2_normalize_backward(de₁ + de₂) + dh`` after its row dot ``radial = ⟨e, de₁ + de₂⟩``
+(``SUM_DOT_KERNEL``): e's gradients from the fusion and the alignment, h's from the alignment."""
+SUM_DOT_KERNEL = dict(kind="reduction", in_params="T e, T x, T y", out_params="T z", map_expr="e * (x + y)",
+                      reduce_expr="a + b", post_map_expr="z = a", identity="0", name="paeff_sum_dot")
+"""``⟨e, x + y⟩`` along the reduced axis."""
+
+
+def _head_forward(m, W, b):
+    """``z = tanh(m Wᵀ + b)``: ``linear_forward`` then ``tanh_forward`` (CuPy: the product
+    and one kernel). Returns ``z``, the linear's cache and the tanh's."""
+    if get_array_module(m) is not np:
+        z = kernel(HEAD_TANH_KERNEL)(m @ W.T, b)
+        return z, LinearCache(m, W), z
+    r, cache_res = linear_forward(m, W, b)
+    z, cache_tanh = tanh_forward(r)
+    return z, cache_res, cache_tanh
+
+
+def _head_tanh_backward(dz1, dz2, z):
+    """``tanh_backward(dz1 + dz2, z)`` (CuPy: one kernel)."""
+    if get_array_module(z) is not np:
+        return kernel(HEAD_TANH_BACKWARD_KERNEL)(dz1, dz2, z)
+    return tanh_backward(dz1 + dz2, z)
+
+
+def _weighted_loss(weights, terms):
+    """``α₁L_A + α₂L_OP + α₃L_CE`` (CuPy: one kernel)."""
+    (a1, a2, a3), (l1, l2, l3) = weights, terms
+    if get_array_module(l1) is not np:
+        return kernel(LOSS_SUM_KERNEL)(l1, l2, l3, a1, a2, a3)
+    return a1 * l1 + a2 * l2 + a3 * l3
+
+
+def _normalize_backward(de, de_align, dh_align, cache):
+    """``l2_normalize_backward(de + de_align, cache) + dh_align``, None meaning a zero
+    gradient (CuPy: one row dot and one kernel, ``NORMALIZE_BACKWARD_SUM_KERNEL``)."""
+    if get_array_module(de) is not np:
+        de2 = 0.0 if de_align is None else de_align
+        radial = kernel(SUM_DOT_KERNEL)(cache.e, de, de2, axis=1)[:, None]
+        return kernel(NORMALIZE_BACKWARD_SUM_KERNEL)(de, de2, cache.e, radial, cache.active, cache.denom,
+                                                     0.0 if dh_align is None else dh_align)
+    dx = l2_normalize_backward(de if de_align is None else de + de_align, cache)
+    return dx if dh_align is None else dx + dh_align
 
 class LossOutput(NamedTuple):
     loss: Any                   # 0-d, the total loss (the differentiable output)
@@ -412,14 +636,12 @@ def forward(params, buffers, face, voice, labels, cfg, train=True, rng=None):
     # fusion
     fused, buf_fusion, cache_fusion = fusion_forward(params, buffers, e_f, e_v, cfg, train)
     # head
-    r, cache_res = linear_forward(fused.m, params["res_mix.weight"], params["res_mix.bias"])
-    z, cache_tanh = tanh_forward(r)
+    z, cache_res, cache_tanh = _head_forward(fused.m, params["res_mix.weight"], params["res_mix.bias"])
     s, cache_logits = linear_forward(z, params["logits_layer.weight"], params["logits_layer.bias"])
     # losses
     loss_opl, cache_opl = orthogonal_projection_forward(z, labels, cfg.opl_gamma)
     loss_ce, cache_ce = softmax_cross_entropy_forward(s, labels)
-    a1, a2, a3 = cfg.loss_weights
-    loss = a1 * loss_align + a2 * loss_opl + a3 * loss_ce
+    loss = _weighted_loss(cfg.loss_weights, (loss_align, loss_opl, loss_ce))
     terms = {"align": loss_align, "opl": loss_opl, "ce": loss_ce}
     new_buffers = {**buffers, **buf_f, **buf_v, **buf_fusion}
     cache = ModelCache(cfg=cfg, face=cache_face, voice=cache_voice,
@@ -442,16 +664,16 @@ def backward(dloss, cache):
     dz = orthogonal_projection_backward(dloss * a2, cache.opl)
     # head
     dz_logits, grads["logits_layer.weight"], grads["logits_layer.bias"] = linear_backward(ds, cache.logits)
-    dr = tanh_backward(dz + dz_logits, cache.tanh)
+    dr = _head_tanh_backward(dz, dz_logits, cache.tanh)
     dm, grads["res_mix.weight"], grads["res_mix.bias"] = linear_backward(dr, cache.res)
     # fusion
     de_f, de_v, grads_fusion = fusion_backward(dm, cache.fusion)
     grads.update(grads_fusion)
     # alignment of the two modalities
-    dh_align_f, dh_align_v, de_align_f, de_align_v = alignment_backward(dloss * a1, cache.align)
+    dh_align_f, dh_align_v, de_align_f, de_align_v = _alignment_grads(dloss * a1, cache.align)
     # normalisation: h reaches the loss through e (fusion, alignment) and, for poincare, directly
-    dh_f = l2_normalize_backward(de_f + de_align_f, cache.norm_f) + dh_align_f
-    dh_v = l2_normalize_backward(de_v + de_align_v, cache.norm_v) + dh_align_v
+    dh_f = _normalize_backward(de_f, de_align_f, dh_align_f, cache.norm_f)
+    dh_v = _normalize_backward(de_v, de_align_v, dh_align_v, cache.norm_v)
     # branches
     grads.update(branch_backward(dh_v, cache.voice))
     grads.update(branch_backward(dh_f, cache.face))

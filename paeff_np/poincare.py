@@ -15,7 +15,9 @@ derives every formula and every backward pass.
 """
 from typing import Any, NamedTuple
 
-from .backend import get_array_module
+import numpy as np
+
+from .backend import get_array_module, kernel
 from .layers import row_dot, row_norm
 from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
                      symmetric_cross_entropy_from_logits_forward)
@@ -35,6 +37,27 @@ class FeatureClipCache(NamedTuple):
     active: Any        # B × 1 bool, r/(‖h‖ + CLIP_EPS) < 1: the row is shrunk
 
 
+# CuPy kernels (built by backend.kernel) beside the NumPy code they fuse, which stays the
+# reference; tests/test_kernels.py compiles their C bodies on the CPU and compares.
+FEATURE_CLIP_ROWS_KERNEL = dict(
+    kind="elementwise", in_params="T hnorm, T radius, T clip_eps", out_params="T clip_factor, bool clip_active",
+    body="""
+    T ratio = radius / (hnorm + clip_eps);
+    clip_active = ratio < 1;
+    clip_factor = clip_active ? ratio : 1;
+    """, name="paeff_feature_clip_rows")
+"""``factor = min(1, r/(‖h‖ + ε))`` and its flag, per row: ``feature_clip_forward``'s numbers."""
+FEATURE_CLIP_BACKWARD_KERNEL = dict(
+    kind="elementwise",
+    in_params="T dout, T h, T hd, T hnorm, T clip_factor, bool clip_active, T clip_eps", out_params="T dh",
+    body="""
+    T safe_norm = hnorm > 0 ? hnorm : 1;
+    T radial = hd / (safe_norm * (hnorm + clip_eps));
+    dh = clip_active ? clip_factor * (dout - radial * h) : dout;
+    """, name="paeff_feature_clip_backward")
+"""``feature_clip_backward`` after its row dot ``hd = ⟨h, dout⟩``."""
+
+
 def feature_clip_forward(h, radius):
     """Feature clipping (Guo et al. 2022; hyptorch's ``ToPoincare(clip_r)``), row by row:
 
@@ -47,6 +70,9 @@ def feature_clip_forward(h, radius):
     """
     xp = get_array_module(h)
     norm = row_norm(h)
+    if xp is not np:                    # CuPy: the row norm, one per-row kernel, one product
+        factor, active = kernel(FEATURE_CLIP_ROWS_KERNEL)(norm, radius, CLIP_EPS)
+        return h * factor, FeatureClipCache(h, norm, factor, active)
     ratio = radius / (norm + CLIP_EPS)
     active = ratio < 1.0
     factor = xp.where(active, ratio, 1.0)
@@ -64,12 +90,85 @@ def feature_clip_backward(dout, cache):
     """
     h, norm = cache.h, cache.norm
     xp = get_array_module(h)
+    if xp is not np:                    # CuPy: the row dot, then one kernel
+        return kernel(FEATURE_CLIP_BACKWARD_KERNEL)(dout, h, row_dot(h, dout), norm, cache.factor, cache.active,
+                                                     CLIP_EPS)
     safe_norm = xp.where(norm > 0, norm, 1.0)
     radial = row_dot(h, dout) / (safe_norm * (norm + CLIP_EPS))
     return xp.where(cache.active, cache.factor * (dout - radial * h), dout)
 
 
 # --- the geodesic distance matrix ---------------------------------------------
+
+DISTANCE_KERNEL = dict(
+    kind="elementwise",
+    in_params="T gram, T sq_x, T sq_y, T c, T m2c, T c2, T one_eps, T min_num_sq, T sqrt_c, T lo, T hi, "
+              "T two_over_sqrt_c, T scale",
+    out_params="T coef_a, T den, T num_norm, bool num_active, T artanh_arg, bool artanh_active, T dist",
+    body="""
+    T coef_b = 1 - c * sq_x;
+    T minus_2cg = gram * m2c;
+    den = c2 * sq_x * sq_y + minus_2cg + one_eps;
+    coef_a = minus_2cg + (1 + c * sq_y);
+    T num_sq = (coef_a * sq_x - (2 * coef_b) * gram) * coef_a + (coef_b * coef_b) * sq_y;
+    num_active = num_sq > min_num_sq;
+    num_norm = sqrt(num_sq < min_num_sq ? min_num_sq : num_sq);
+    T scaled = num_norm * sqrt_c / den;
+    artanh_active = scaled <= hi;
+    artanh_arg = scaled < lo ? lo : (scaled > hi ? hi : scaled);
+    dist = atanh(artanh_arg) * two_over_sqrt_c * scale;
+    """, name="paeff_distance")
+"""``distance_matrix_forward``'s B × B work after G and the squared norms, entry by entry
+(``B' = 1 − c‖x_i‖²`` formed in place; the clamps as ``np.maximum``/``np.clip``: NaN stays
+NaN), the distance times ``scale`` (1, or −1/τ for the logits)."""
+DISTANCE_BACKWARD_KERNEL = dict(
+    kind="elementwise",
+    in_params="T dS, T dscale, T artanh_arg, bool artanh_active, T den, bool num_active, T num_norm, "
+              "T coef_a, T gram, T sq_x, T sq_y, T c, T m2_over_sqrt_c, T m2c, T c2, T two_c",
+    out_params="T dgram, T row, T col",
+    body="""
+    T dD = dS * dscale;
+    T half_dmob_over_den = dD / (1 - artanh_arg * artanh_arg) * artanh_active / den;
+    T dden = half_dmob_over_den * artanh_arg * m2_over_sqrt_c;
+    T ds = half_dmob_over_den * num_active / num_norm;
+    T coef_b = 1 - c * sq_x;
+    T da = (coef_a * sq_x - coef_b * gram) * ds * 2;
+    dgram = (da + dden) * m2c - coef_a * coef_b * ds * 2;
+    row = (coef_a * (1 + c * sq_y) - (two_c * coef_b) * sq_y) * ds + c2 * (dden * sq_y);
+    col = ds * (coef_b * coef_b) + c * da + c2 * (dden * sq_x);
+    """, name="paeff_distance_backward")
+"""``distance_matrix_backward``'s B × B work, entry by entry, from ``dS`` (``dD = dS·dscale``):
+``dG`` and the summands of ``d‖x_i‖²`` (``row``, summed over j) and ``d‖y_j‖²`` (``col``, over i)."""
+DISTANCE_GRAD_KERNEL = dict(kind="elementwise", in_params="T g, T dsq, T x", out_params="T dx",
+                            body="dx = g + 2 * dsq * x;", name="paeff_distance_grad")
+"""``dx = dG y + 2 d‖x‖² ⊙ x`` after the product (and ``dy`` alike)."""
+
+
+def _distance_matrix_forward_cupy(x, y, c, scale):
+    """``distance_matrix_forward`` on CuPy, the distances times ``scale``: two row dots, G,
+    one kernel. The cache's ``coef_b`` is None: the kernels form it from ``sq_x``."""
+    sqrt_c = c ** 0.5
+    sq_x, sq_y = row_dot(x, x), row_dot(y, y).T
+    gram = x @ y.T
+    coef_a, den, num_norm, num_active, artanh_arg, artanh_active, dist = kernel(DISTANCE_KERNEL)(
+        gram, sq_x, sq_y, c, -2.0 * c, c * c, 1.0 + MOBIUS_EPS, MIN_NUM_SQ, sqrt_c, -1.0 + ARTANH_EPS,
+        1.0 - ARTANH_EPS, 2.0 / sqrt_c, scale)
+    return dist, DistanceMatrixCache(x, y, sq_x, sq_y, gram, coef_a, None, num_norm, num_active, den,
+                                     artanh_arg, artanh_active, c)
+
+
+def _distance_matrix_backward_cupy(dS, cache, dscale):
+    """``distance_matrix_backward`` of ``dD = dS·dscale`` on CuPy: one kernel, two sums, the
+    two products and one kernel each for ``dx``, ``dy``."""
+    c = cache.c
+    dgram, row, col = kernel(DISTANCE_BACKWARD_KERNEL)(
+        dS, dscale, cache.artanh_arg, cache.artanh_active, cache.den, cache.num_active, cache.num_norm,
+        cache.coef_a, cache.gram, cache.sq_x, cache.sq_y, c, -2.0 / c ** 0.5, -2.0 * c, c * c, 2.0 * c)
+    dsq_x, dsq_y = row.sum(axis=1, keepdims=True), col.sum(axis=0)[:, None]
+    dx = kernel(DISTANCE_GRAD_KERNEL)(dgram @ cache.y, dsq_x, cache.x)
+    dy = kernel(DISTANCE_GRAD_KERNEL)(dgram.T @ cache.x, dsq_y, cache.y)
+    return dx, dy
+
 
 class DistanceMatrixCache(NamedTuple):
     x: Any                 # B × D, points in the ball (faces)
@@ -78,7 +177,7 @@ class DistanceMatrixCache(NamedTuple):
     sq_y: Any              # 1 × B, ‖y_j‖²
     gram: Any              # B × B, G_ij = ⟨x_i, y_j⟩
     coef_a: Any            # B × B, A = 1 − 2cG + c‖y_j‖²
-    coef_b: Any            # B × 1, B' = 1 − c‖x_i‖²
+    coef_b: Any            # B × 1, B' = 1 − c‖x_i‖² (None on CuPy: its kernels form it)
     num_norm: Any          # B × B, ‖num‖ = √max(‖num‖², MIN_NUM_SQ)
     num_active: Any        # B × B bool, ‖num‖² > MIN_NUM_SQ
     den: Any               # B × B, 1 − 2cG + c²‖x_i‖²‖y_j‖² + MOBIUS_EPS
@@ -107,6 +206,8 @@ def distance_matrix_forward(x, y, c):
     Derivation: docs/math.md §17.3–§17.4, §17.6 (the guards).
     """
     xp = get_array_module(x, y)
+    if xp is not np:                  # CuPy: the kernels above
+        return _distance_matrix_forward_cupy(x, y, c, 1.0)
     sqrt_c = c ** 0.5
     sq_x = row_dot(x, x)              # B × 1
     sq_y = row_dot(y, y).T            # 1 × B′
@@ -156,6 +257,8 @@ def distance_matrix_backward(dD, cache):
     x, y, c, artanh_arg = cache.x, cache.y, cache.c, cache.artanh_arg
     sq_x, sq_y, gram, coef_a, coef_b = cache.sq_x, cache.sq_y, cache.gram, cache.coef_a, cache.coef_b
     xp = get_array_module(x, y)
+    if xp is not np:                  # CuPy: the kernels above
+        return _distance_matrix_backward_cupy(dD, cache, 1.0)
     sqrt_c = c ** 0.5
     # B × B work in place, one pass per line. dmob = √c dz = 2 dD/(1 − a²)·[clamp off];
     # first dmob/(2 den), from which dden and ds both follow
@@ -207,6 +310,9 @@ def distance_logits_forward(x, y, c, temperature):
 
     Derivation: docs/math.md §17.7.
     """
+    if get_array_module(x, y) is not np:      # CuPy: S from the distance kernel itself
+        S, cache = _distance_matrix_forward_cupy(x, y, c, -1.0 / temperature)
+        return S, DistanceLogitsCache(cache, temperature)
     dist, cache = distance_matrix_forward(x, y, c)
     dist *= -1.0 / temperature                  # in place: S
     return dist, DistanceLogitsCache(cache, temperature)
@@ -217,6 +323,8 @@ def distance_logits_backward(dS, cache):
 
     Derivation: docs/math.md §17.7.
     """
+    if get_array_module(dS) is not np:        # CuPy: dD = −dS/τ inside the kernel
+        return _distance_matrix_backward_cupy(dS, cache.dist, -1.0 / cache.temperature)
     return distance_matrix_backward(dS * (-1.0 / cache.temperature), cache.dist)
 
 

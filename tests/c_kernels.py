@@ -86,11 +86,21 @@ def _load(source):
     return ctypes.CDLL(so)
 
 
+CPU_PRELUDE = (
+    "#include <cmath>\nusing namespace std;\n"
+    # CUDA's normcdf(x) (float and double overloads; at most 5 ulp in float32, 5 in
+    # float64, CUDA C Programming Guide, Mathematical Functions): on the CPU, erfc in
+    # double, the argument x/sqrt(2) rounded once in double, then rounded to the type
+    "static inline double normcdf(double x) { return 0.5 * erfc(-x * 0.70710678118654752440); }\n"
+    "static inline float normcdf(float x) { return (float)normcdf((double)x); }\n")
+"""What the CPU build adds before a kernel: the C++ math library and stand-ins for
+CUDA's device functions that it lacks (the NVRTC compile leaves it out)."""
+
+
 def _header(t_dtype, placeholders=None):
     """``placeholders``: ``{name: integer dtype}`` of the placeholders other than T."""
     typedefs = "".join(f"typedef {_INTEGER_C[np.dtype(d)]} {n};\n" for n, d in (placeholders or {}).items())
-    return ("#include <cmath>\nusing namespace std;\n"
-            f"typedef {'float' if np.dtype(t_dtype) == np.float32 else 'double'} T;\n" + typedefs)
+    return (CPU_PRELUDE + f"typedef {'float' if np.dtype(t_dtype) == np.float32 else 'double'} T;\n" + typedefs)
 
 
 def elementwise_source(in_params, out_params, body, t_dtype, placeholders=None):
@@ -197,7 +207,7 @@ class CElementwiseKernel:
 
 
 class CReductionKernel:
-    """``cupy.ReductionKernel``'s interface (one int ``axis`` or None), compiled for the CPU."""
+    """``cupy.ReductionKernel``'s interface (``axis``: an int, a tuple or None), compiled for the CPU."""
 
     def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,
                  name="reduce_kernel"):
@@ -211,7 +221,8 @@ class CReductionKernel:
         ph = _placeholders(params, inputs, self.name)
         shape = np.broadcast_shapes(*(np.shape(a) for a in inputs if isinstance(a, np.ndarray)))
         ndim = len(shape)
-        axis_ = tuple(range(ndim)) if axis is None else (axis % ndim,)
+        axis_ = (tuple(range(ndim)) if axis is None else
+                 tuple(sorted(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,)))))
         kept = [d for d in range(ndim) if d not in axis_]
         out_shape = tuple(shape[d] for d in kept)
 

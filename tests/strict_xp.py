@@ -25,10 +25,12 @@ With ``counting()`` active it also COUNTS what each call would cost CuPy
 with their source lines, host → device copies.
 
 ``ElementwiseKernel`` interprets the kernel's CUDA C body (statements
-``name = expression;`` of arithmetic, comparisons, ``sqrt`` and the like,
-``c ? a : b`` with each branch evaluated on its own lanes as C does, the loop
-index ``i`` and ``raw`` arrays read by a flat C-order index) with NumPy, so
-the library's kernel source is what runs, not a copy of its formula.
+``name = expression;`` of arithmetic, comparisons, CUDA's math functions
+``sqrt``, ``exp``, ``atanh``, ``normcdf`` and the like, ``c ? a : b`` with each
+branch evaluated on its own lanes as C does (inside parentheses: both, then a
+``where``), the loop index ``i`` and ``raw`` arrays read by a flat C-order index)
+with NumPy, so the library's kernel source is what runs, not a copy of its
+formula; ``fmax``/``fmin`` keep C's rule (a NaN operand gives the other one).
 """
 import re
 import sys
@@ -235,8 +237,55 @@ random = types.SimpleNamespace(default_rng=_Generator)
 
 # --- kernels: the CUDA C body interpreted with NumPy -------------------------------
 
+def _normcdf(x):
+    import scipy.special
+    return scipy.special.ndtr(x)
+
+
 _C_FUNCTIONS = {"sqrt": np.sqrt, "exp": np.exp, "log": np.log, "tanh": np.tanh, "fabs": np.abs,
-                "fmax": np.maximum, "fmin": np.minimum}
+                "fmax": np.fmax, "fmin": np.fmin, "atanh": np.arctanh, "normcdf": _normcdf,
+                "_select": np.where}
+
+
+def _matching(text, start):
+    """The index of the ``)`` that closes the ``(`` at ``text[start]``."""
+    depth = 0
+    for k in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[k], 0)
+        if depth == 0:
+            return k
+    raise ValueError(f"unbalanced parentheses in {text!r}")
+
+
+def _python_expression(text):
+    """A C expression of the kernels' subset as Python: ``c ? a : b`` (the conditional
+    operator, lowest precedence, nested or in parentheses) becomes ``_select(c, a, b)``,
+    elementwise; the rest (arithmetic, comparisons, function calls) reads the same."""
+    out, k = [], 0
+    while k < len(text):                         # parenthesised groups first, inside out
+        if text[k] == "(":
+            end = _matching(text, k)
+            out.append("(" + _python_expression(text[k + 1:end]) + ")")
+            k = end + 1
+        else:
+            out.append(text[k])
+            k += 1
+    flat = "".join(out)
+    depth, question = 0, None
+    for k, ch in enumerate(flat):                # the first top-level '?' and its ':'
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and ch == "?" and question is None:
+            question, nested = k, 0
+        elif depth == 0 and question is not None and ch == "?":
+            nested += 1
+        elif depth == 0 and question is not None and ch == ":":
+            if nested == 0:
+                return (f"_select({flat[:question].strip()}, {flat[question + 1:k].strip()}, "
+                        f"{_python_expression(flat[k + 1:].strip())})")
+            nested -= 1
+    return flat
+
+
 
 
 def _params(text):
@@ -257,7 +306,8 @@ _TYPES = {"float32": np.float32, "float64": np.float64, "bool": np.bool_, **_INT
 def _statements(body, name):
     """``[T ]name = expression;`` statements of a kernel body, compiled as Python: the
     subset of CUDA C that the library's kernels are written in (arithmetic,
-    comparisons, sqrt/exp/log/tanh/fabs/fmax/fmin), which reads the same in both."""
+    comparisons, the conditional operator ``c ? a : b``, sqrt/exp/log/tanh/atanh/fabs/
+    fmax/fmin/normcdf), which reads the same in both."""
     pattern = re.compile(r"^\s*(?:(?:const\s+)?(?:T|float|double|bool|int)\s+)?([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
     out = []
     for line in filter(str.strip, body.replace("\n", ";").split(";")):
@@ -278,8 +328,8 @@ def _ternary(expression, name):
         if depth == 0 and ch == "?":
             question = k
             break
-    if question is None:
-        return compile(expression.strip(), name, "eval")
+    if question is None:                      # conditionals inside parentheses: where()
+        return compile(_python_expression(expression.strip()), name, "eval")
     depth, nested = 0, 0
     for k in range(question + 1, len(expression)):
         ch = expression[k]
@@ -659,7 +709,9 @@ cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 
 
 def ndtr(x):
+    """``cupyx.scipy.special.ndtr``: a ufunc, one elementwise kernel."""
     import scipy.special
+    _count("elementwise")
     return _wrap(scipy.special.ndtr(_unwrap(x)))
 
 

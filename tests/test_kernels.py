@@ -20,7 +20,7 @@ import pytest
 
 import c_kernels
 import strict_xp
-from paeff_np import backend, layers, losses, optim
+from paeff_np import backend, fusion, hyperbolic, layers, losses, model, optim, poincare
 from paeff_np.flat import FlatLayout, flatten
 from paeff_np.layers import (BatchNormState, batchnorm_backward, batchnorm_forward, l2_normalize_backward,
                              l2_normalize_forward, row_dot, row_norm)
@@ -33,10 +33,14 @@ DTYPES = (np.float32, np.float64)
 def library_kernels():
     """``{name: spec}`` of every kernel the library defines (the ``*_KERNEL`` dicts)."""
     specs = {}
-    for module in (layers, losses, optim):
+    for module in (layers, losses, optim, hyperbolic, fusion, model, poincare):
         for attr, value in vars(module).items():
             if attr.endswith("_KERNEL") and isinstance(value, dict):
                 specs[value["name"]] = value
+            elif attr.endswith("_KERNELS") and isinstance(value, dict):     # {variant: (spec, ...)}
+                for group in value.values():
+                    for spec in (group if isinstance(group, tuple) else (group,)):
+                        specs[spec["name"]] = spec
     # generated per layout: AdamW reading each gradient where it lies (here: a small layout)
     specs["paeff_adamw_gather"] = optim._adamw_gather_kernel(FlatLayout(gather_arrays(np.float32)))
     return specs
@@ -97,7 +101,10 @@ def test_every_kernel_body_compiles(dtype):
             "paeff_batchnorm_apply", "paeff_batchnorm_backward", "paeff_l2_normalize_backward",
             "paeff_exp_sum", "paeff_scaled_sum", "paeff_label_log_softmax", "paeff_softmax_ce_backward",
             "paeff_symmetric_ce_loss", "paeff_symmetric_ce_backward", "paeff_same_label_count", "paeff_opl_loss",
-            "paeff_opl_backward", "paeff_adamw_gather"} <= set(specs)
+            "paeff_opl_backward", "paeff_adamw_gather", "paeff_to_ball_rows", "paeff_relu", "paeff_sigmoid",
+            "paeff_gelu_forward", "paeff_mix", "paeff_egff_product_activated", "paeff_egff_concat_raw_backward",
+            "paeff_branch_apply", "paeff_normalize_backward_sum", "paeff_loss_sum", "paeff_distance",
+            "paeff_distance_backward", "paeff_feature_clip_rows", "paeff_clip_to_ball_rows"} <= set(specs)
     for spec in specs.values():
         c_kernels._load(source_of(spec, dtype))
 
@@ -234,7 +241,7 @@ def test_every_kernel_compiles_for_sm_90_with_nvrtc():
     for spec in library_kernels().values():
         for dtype in DTYPES:
             cpu = source_of(spec, dtype)
-            cuda = (cpu.replace("#include <cmath>\nusing namespace std;\n", "")
+            cuda = (cpu.replace(c_kernels.CPU_PRELUDE, "")
                     .replace('extern "C" void run(', 'extern "C" __global__ void run('))
             prog = nvrtc.createProgram(cuda, spec["name"] + ".cu", [], [])
             try:
@@ -267,6 +274,15 @@ def test_to_ball_kernels_match_the_numpy_path(cupy, dtype, riemannian):
     du_d = to_ball_backward(cupy.asarray(dp), cache_d)
     assert np.array_equal(cache_d.project.outside.get(), cache.project.outside)
     assert cache.project.outside is not None and cache.project.outside.any()
+    # a NaN coordinate: the row's clamps keep the NaN (as np.maximum/np.clip), its p and du NaN
+    u_nan = u.copy()
+    u_nan[9, 2] = np.nan
+    with np.errstate(all="ignore"):
+        p_n, cache_n = to_ball_forward(u_nan, c, riemannian)
+        p_nd, cache_nd = to_ball_forward(cupy.asarray(u_nan), c, riemannian)
+        for a, b in ((p_nd.get(), p_n), (to_ball_backward(cupy.asarray(dp), cache_nd).get(),
+                                         to_ball_backward(dp, cache_n))):
+            assert np.array_equal(np.isnan(a), np.isnan(b)) and np.isnan(b[9]).all()
     # forward: the row norm (D terms) and about 10 roundings, tanh within CUDA's 2 ulp
     close(p_d.get(), p, dtype, D + 16, np.abs(p))
     # backward: du = α dp + β u, α and β from ⟨u, dp⟩ (D terms) through about 20 roundings;
@@ -442,3 +458,431 @@ def test_orthogonal_projection_kernels_match_the_numpy_path(cupy, dtype):
     # dz: dG ẑ (B terms), 2·dloss on dG instead of on dz, then the normalisation's backward
     dzhat = np.abs(ref) @ np.abs(cache.zhat) * scale
     close(dz_d.get(), dz, dtype, 2 * B + 2 * D + 16, (dzhat + np.abs(cache.zhat) * dzhat.max()) / cache.normalize.denom)
+
+
+# --- the second round: the ops' remaining chains, EGFF, the branch and the model's glue ---
+#
+# Tolerances as above; besides the correctly rounded + − × / √, CUDA's documented
+# maximum errors: expf 2 ulp, exp 1 ulp, tanhf 2 ulp, tanh 1 ulp, normcdff 5 ulp,
+# normcdf 5 ulp. A result is allowed (its roundings + those ulps)·eps·(|result| +
+# the magnitudes its terms and their own errors reach it with).
+
+def cdf_tail(x):
+    """SciPy's ndtr (Cephes) forms exp(−z²), z = x/√2, from a rounded z² in its left tail:
+    a relative error up to z²·eps = x²/2 ulp of its own there (float64; float32 rounds it
+    away), on top of CUDA normcdf's 5 ulp. The ulps it adds, elementwise."""
+    return np.where(x < 0, np.nan_to_num(x.astype(np.float64) ** 2 / 2, posinf=0.0), 0.0)
+
+
+def edges(dtype, seed=0, B=37, D=19):
+    """``rows`` and the edges of the elementwise ops: ±0, ±1, large and tiny magnitudes,
+    ±inf-making ones, NaN."""
+    x = rows(dtype, seed, B, D)
+    x[5, :8] = [0.0, -0.0, 1.0, -1.0, 40.0, -40.0, 1e-8, -1e-8]
+    x[6] *= -1e20
+    return x
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_relu_sigmoid_and_gelu_kernels_match_the_numpy_path(cupy, dtype):
+    from paeff_np.layers import (gelu_forward, relu_forward, sigmoid_backward, sigmoid_forward)
+    x, dy = edges(dtype), edges(dtype, seed=3)
+    with np.errstate(all="ignore"):
+        y, mask = relu_forward(x)
+        y_d, mask_d = relu_forward(cupy.asarray(x))
+        s = sigmoid_forward(x)[0]
+        s_d = sigmoid_forward(cupy.asarray(x))[0]
+        ds, ds_d = sigmoid_backward(dy, s), sigmoid_backward(cupy.asarray(dy), cupy.asarray(s))
+        g, gc = gelu_forward(x)
+        g_d, gc_d = gelu_forward(cupy.asarray(x))
+    assert np.array_equal(mask_d.get(), mask) and mask_d.dtype == np.bool_
+    np.testing.assert_array_equal(y_d.get(), y)                   # exact: x·1 or x·0
+    close(s_d.get(), s, dtype, 4)                                 # exp (≤ 2 ulp), +, /
+    close(ds_d.get(), ds, dtype, 3)                               # three products
+    with np.errstate(all="ignore"):
+        tail = cdf_tail(x) * np.abs(gc.cdf)
+    close(gc_d.cdf.get(), gc.cdf, dtype, 6, tail)                 # normcdf (≤ 5 ulp) against SciPy's
+    close(g_d.get(), g, dtype, 7, np.abs(x) * tail)              # and one product
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_l2_normalize_rows_kernel_matches_the_numpy_path(cupy, dtype):
+    """max(‖x‖, eps) and its flag at the clamp's edges: ‖x‖ = 0, < eps, = eps, > eps, NaN, inf."""
+    from paeff_np.layers import NORMALIZE_EPS, l2_normalize_forward
+    x = edges(dtype)
+    x[7], x[8] = 0.0, 0.0
+    x[7, 0] = np.asarray(NORMALIZE_EPS, dtype)                   # ‖x‖ = eps exactly: the clamp holds
+    x[8, 0] = np.nextafter(np.asarray(NORMALIZE_EPS, dtype), dtype(1))   # just above it
+    with np.errstate(all="ignore"):
+        e, cache = l2_normalize_forward(x)
+        e_d, cache_d = l2_normalize_forward(cupy.asarray(x))
+    assert np.array_equal(cache_d.active.get(), cache.active)
+    assert cache.active[8, 0] and not cache.active[7, 0] and not cache.active[3, 0]
+    D = x.shape[1]
+    close(cache_d.denom.get(), cache.denom, dtype, D + 1)        # the row norm (test above); the clamp exact
+    close(e_d.get(), e, dtype, D + 2)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_mix_kernels_match_the_numpy_path(cupy, dtype):
+    from paeff_np.fusion import _mix_backward, _mix_forward
+    rng = np.random.default_rng(4)
+    g = rng.random((37, 19)).astype(dtype)
+    g[0, :3] = [0.0, 1.0, np.nan]
+    a, b, dm = edges(dtype, 1), edges(dtype, 2), edges(dtype, 3)
+    dev = cupy.asarray
+    with np.errstate(all="ignore"):
+        m, m_d = _mix_forward(g, a, b), _mix_forward(dev(g), dev(a), dev(b))
+        grads, grads_d = _mix_backward(dm, g, a, b), _mix_backward(dev(dm), dev(g), dev(a), dev(b))
+        close(m_d.get(), m, dtype, 4, np.abs(g * a) + np.abs((1 - g) * b))
+        for d, h, scale in zip(grads_d, grads, (np.abs(dm) * (np.abs(a) + np.abs(b)), 0, np.abs(dm))):
+            close(d.get(), h, dtype, 2, scale)
+
+
+@needs_cc
+@pytest.mark.parametrize("gate", fusion.EGFF_GATES)
+@pytest.mark.parametrize("mix", fusion.EGFF_MIXES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_egff_width1_kernels_match_the_numpy_path(cupy, dtype, gate, mix):
+    """EGFF at k = 1, forward and backward: one kernel against GELU, gate, conv, sigmoid and
+    mix (and their backward) one by one; unit rows (the model's), then the edges."""
+    from paeff_np.fusion import egff_backward, egff_forward
+    rng = np.random.default_rng(11)
+    B, D = 37, 19
+    e_f, e_v = rng.standard_normal((B, D)), rng.standard_normal((B, D))
+    e_f /= np.linalg.norm(e_f, axis=1, keepdims=True)
+    e_v /= np.linalg.norm(e_v, axis=1, keepdims=True)
+    e_f[:8], e_v[:8] = edges(np.float64)[:8] * 4, edges(np.float64, 5)[:8] * 4     # large, tiny, NaN
+    e_f, e_v = e_f.astype(dtype), e_v.astype(dtype)
+    c = 2 if gate == "concat" else 1
+    w = rng.uniform(-1, 1, (1, c, 1)).astype(dtype)
+    b = rng.uniform(-1, 1, (1,)).astype(dtype)
+    dm = rng.standard_normal((B, D)).astype(dtype)
+    dev = cupy.asarray
+    with np.errstate(all="ignore"):
+        out, cache = egff_forward(e_f, e_v, w, b, gate, mix)
+        grads = egff_backward(dm, cache)
+        out_d, cache_d = egff_forward(dev(e_f), dev(e_v), dev(w), dev(b), gate, mix)
+        grads_d = egff_backward(dev(dm), cache_d)
+        fh, vh, g = cache.f_hat, cache.v_hat, cache.g
+        # 0·∞ in a magnitude below is a saturated factor (σ' = 0, Φ' = 0) times an overflowed
+        # term, which then does not reach the result: it counts 0
+        mag = lambda a: np.nan_to_num(a, nan=0.0, posinf=np.inf)
+        close(out_d.emb_f.get(), fh, dtype, 7, cdf_tail(e_f) * np.abs(fh))    # GELU: normcdf and a product
+        close(out_d.emb_v.get(), vh, dtype, 7, cdf_tail(e_v) * np.abs(vh))
+        # g = σ(u), u = w·a + b: u within 9 ulp of |w a| + |b| (f̂, v̂ at 7, a product, a sum),
+        # σ' ≤ 1/4 takes that to g, and σ's own 4 ulp
+        u_terms = np.abs(cache.conv.xpad * w).sum(axis=1) + np.abs(b)
+        close(cache_d.g.get(), g, dtype, 13, mag(g * (1 - g) * u_terms))
+        mf, mv = cache.mix_f, cache.mix_v
+        close(out_d.m.get(), out.m, dtype, 20, mag(np.abs(g * mf) + np.abs((1 - g) * mv)
+                                                   + g * (1 - g) * u_terms * np.abs(mf - mv)))
+        # backward: every term carries the forward's errors (≤ 20 ulp) through a few products
+        # and the GELU's derivative (exp ≤ 2 ulp); the terms' magnitudes
+        gelu_d = lambda x, cdf: np.abs(np.exp(-0.5 * x * x) * layers.INV_SQRT_2PI * x) + np.abs(cdf)
+        du = np.abs(dm * (mf - mv)) * g * (1 - g)
+        wa = np.abs(w).sum()
+        term_f = gelu_d(e_f, cache.gelu_f.cdf) * (wa * du * (np.abs(vh) + 1) + np.abs(dm)) + np.abs(dm)
+        term_v = gelu_d(e_v, cache.gelu_v.cdf) * (wa * du * (np.abs(fh) + 1) + np.abs(dm)) + np.abs(dm)
+        scale_du = np.abs(dm) * (np.abs(mf) + np.abs(mv)) * (1 + u_terms)
+        close(grads_d[0].get(), grads[0], dtype, 40, mag(term_f * (1 + u_terms) + wa * scale_du))
+        close(grads_d[1].get(), grads[1], dtype, 40, mag(term_v * (1 + u_terms) + wa * scale_du))
+        n = B * D
+        finite = np.isfinite(du).all()
+        assert grads_d[2].shape == w.shape and grads_d[3].shape == (1,)
+        if finite:                                                    # the sums: n terms each
+            xpad = np.abs(cache.conv.xpad)
+            scale = (scale_du[:, None, :] * xpad).sum(axis=(0, 2)).reshape(w.shape)
+            close(grads_d[2].get(), grads[2], dtype, n + 40, scale)
+            close(grads_d[3].get(), grads[3], dtype, n + 40, scale_du.sum())
+        else:
+            assert np.array_equal(np.isnan(grads_d[2].get()), np.isnan(grads[2]))
+
+
+@needs_cc
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_branch_kernels_match_the_numpy_path(cupy, dtype, dropout):
+    """The branch in train mode: b₀ left to the BatchNorm's stats kernel, BatchNorm's apply,
+    ReLU and dropout in one kernel (the same uniforms: both generators seeded alike), their
+    backward after the two masked column sums; against model.branch_forward/backward on NumPy."""
+    from paeff_np.model import BRANCHES, Config, branch_backward, branch_forward, init_params
+    cfg = Config(face_dim=24, voice_dim=12, embed_dim=16, n_classes=5, dropout=dropout)
+    params, buffers = init_params(cfg, seed=3, dtype=dtype)
+    rng = np.random.default_rng(5)
+    B = 64
+    params[BRANCHES[0] + "0.bias"] = (rng.standard_normal(16) * 3).astype(dtype)   # b₀ ≠ 0.01
+    x = rng.standard_normal((B, 24)).astype(dtype)
+    x[:, 0] *= 1e3
+    dh4 = rng.standard_normal((B, 16)).astype(dtype)
+    h4, buf, cache = branch_forward(params, buffers, BRANCHES[0], x, True, dropout, np.random.default_rng(9))
+    grads = branch_backward(dh4, cache)
+    dev = lambda d: {k: cupy.asarray(v) for k, v in d.items()}
+    h4_d, buf_d, cache_d = branch_forward(dev(params), dev(buffers), BRANCHES[0], cupy.asarray(x), True,
+                                          dropout, cupy.random.default_rng(9))
+    grads_d = branch_backward(cupy.asarray(dh4), cache_d)
+    assert np.array_equal(cache_d.relu.get(), cache.relu)
+    if dropout:
+        np.testing.assert_array_equal(cache_d.drop.get(), cache.drop)
+    else:
+        assert cache_d.drop is None
+    # x W₀ᵀ (+ b₀ on NumPy) and the BatchNorm: as the BatchNorm test, over 24 + B terms;
+    # x̂ errs by that relative to |x W₀ᵀ| + |b₀|, and the layers after by a few roundings more
+    h0 = np.abs(x) @ np.abs(params[BRANCHES[0] + "0.weight"]).T + np.abs(params[BRANCHES[0] + "0.bias"])
+    inv_std = cache.bn.inv_std
+    k = 2 * B + 24 + 8
+    close(cache_d.bn.xhat.get(), cache.bn.xhat, dtype, k, h0 * inv_std)
+    W4 = np.abs(params[BRANCHES[0] + "4.weight"])
+    h3 = np.abs(cache.bn.gamma) * h0 * inv_std + np.abs(params[BRANCHES[0] + "1.bias"])
+    drop = 1.0 if cache.drop is None else cache.drop
+    close(h4_d.get(), h4, dtype, k + 16, (h3 * drop) @ W4.T + np.abs(params[BRANCHES[0] + "4.bias"]))
+    for key in ("running_mean", "running_var"):
+        full = BRANCHES[0] + "1." + key
+        close(buf_d[full].get(), buf[full], dtype, k, np.abs(buffers[full]) + h0.max(axis=0) ** 2)
+    # backward: dh₃ = dh₄ W₄ (16 terms), then the BatchNorm's sums over B rows
+    dh3 = (np.abs(dh4) @ W4) * drop
+    term = dh3 + np.abs(cache.bn.xhat) * (dh3 * np.abs(cache.bn.xhat)).sum(axis=0) / B + dh3.sum(axis=0) / B
+    dx_scale = np.abs(cache.bn.gamma) * inv_std * term
+    for key, scale in (("1.weight", (dh3 * np.abs(cache.bn.xhat)).sum(axis=0)), ("1.bias", dh3.sum(axis=0)),
+                       ("0.bias", dx_scale.sum(axis=0)), ("0.weight", dx_scale.T @ np.abs(x))):
+        close(grads_d[BRANCHES[0] + key].get(), grads[BRANCHES[0] + key], dtype, 2 * B + 16 + k, scale)
+    for key in ("4.weight", "4.bias"):
+        np.testing.assert_allclose(grads_d[BRANCHES[0] + key].get(), grads[BRANCHES[0] + key],
+                                   rtol=0, atol=(B + 4) * np.finfo(dtype).eps * float(
+                                       np.abs(dh4).sum(axis=0).max() * (h3.max() * drop.max() if dropout else h3.max())
+                                       * 4))
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_model_glue_kernels_match_the_numpy_path(cupy, dtype):
+    """forward/backward's glue on CuPy: tanh(m Wᵀ + b) after the product, (dz₁ + dz₂)(1 − z²),
+    α₁L_A + α₂L_OP + α₃L_CE, and l2_normalize_backward(de₁ + de₂) + dh."""
+    from paeff_np.layers import l2_normalize_forward
+    from paeff_np.model import _head_forward, _head_tanh_backward, _normalize_backward, _weighted_loss
+    rng = np.random.default_rng(8)
+    m, W, b = edges(dtype)[:, :16], rng.standard_normal((16, 16)).astype(dtype), rng.standard_normal(16).astype(dtype)
+    dev = cupy.asarray
+    with np.errstate(all="ignore"):
+        z, _, _ = _head_forward(m, W, b)
+        z_d, cache_d, t_d = _head_forward(dev(m), dev(W), dev(b))
+    assert t_d is z_d and cache_d.W.shape == W.shape          # the tanh's cache is its output
+    scale = np.abs(m) @ np.abs(W).T + np.abs(b)
+    with np.errstate(all="ignore"):
+        close(z_d.get(), z, dtype, 16 + 2, (1 - z * z) * scale)      # 16-term product, +, tanh (≤ 2 ulp)
+    z = np.nan_to_num(z)
+    dz1, dz2 = edges(dtype, 1)[:, :16], edges(dtype, 2)[:, :16]
+    with np.errstate(all="ignore"):
+        dr, dr_d = _head_tanh_backward(dz1, dz2, z), _head_tanh_backward(dev(dz1), dev(dz2), dev(z))
+        close(dr_d.get(), dr, dtype, 4, (np.abs(dz1) + np.abs(dz2)) * (1 + z * z))
+    terms = [np.asarray(v, dtype) for v in (0.7, 2.5, 1e-3)]
+    loss = _weighted_loss((0.3, 0.35, 0.35), terms)
+    loss_d = _weighted_loss((0.3, 0.35, 0.35), [dev(t) for t in terms])
+    close(loss_d.get(), loss, dtype, 5, 0.3 * 0.7 + 0.35 * 2.5 + 0.35e-3)
+    x = edges(dtype, 4)
+    x[2] /= 1e20                        # the norm of a finite row; the clamp at eps: rows 0 and 1
+    de1, de2, dh = edges(dtype, 5), edges(dtype, 6), edges(dtype, 7)
+    for arr in (de1, de2, dh):
+        arr[2] /= 1e20
+        arr[6] /= 1e20
+    e, cache = l2_normalize_forward(x)
+    _, cache_d = l2_normalize_forward(dev(x))
+    D = x.shape[1]
+    for a2, a3 in ((de2, dh), (None, dh), (de2, None), (None, None)):
+        with np.errstate(all="ignore"):
+            ref = _normalize_backward(de1, a2, a3, cache)
+            got = _normalize_backward(dev(de1), None if a2 is None else dev(a2), None if a3 is None else dev(a3),
+                                      cache_d)
+            de = np.abs(de1) + (0 if a2 is None else np.abs(a2))
+            radial = (np.abs(e) * de).sum(axis=1, keepdims=True)
+            close(got.get(), ref, dtype, 2 * D + 6, (de + np.abs(e) * radial) / cache.denom
+                  + (0 if a3 is None else np.abs(a3)))
+
+
+# --- the Poincaré alignment (poincare.py) --------------------------------------------
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_feature_clip_kernels_match_the_numpy_path(cupy, dtype):
+    """h̃ = h·min(1, r/(‖h‖ + ε)) and its backward, with rows at the clamp's edges: ‖h‖ = 0
+    (the safe norm), just inside and just outside r, far outside, tiny, huge, NaN."""
+    from paeff_np.poincare import CLIP_EPS, feature_clip_backward, feature_clip_forward
+    r = 2.3
+    rng = np.random.default_rng(21)
+    B, D = 30, 11
+    h = rng.standard_normal((B, D))
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    radii = np.concatenate([[0.0, 1e-7, r - 2e-5, r + 1e-4, r * 1.001, 40.0, 1e15], rng.uniform(0.1, 6.0, B - 7)])
+    h *= radii[:, None]
+    h[7, 3] = np.nan
+    h = h.astype(dtype)
+    dout = edges(dtype, 22, B, D)
+    dout[2] /= 1e20
+    dev = cupy.asarray
+    with np.errstate(all="ignore"):
+        out, cache = feature_clip_forward(h, r)
+        dh = feature_clip_backward(dout, cache)
+        out_d, cache_d = feature_clip_forward(dev(h), r)
+        dh_d = feature_clip_backward(dev(dout), cache_d)
+    assert np.array_equal(cache_d.active.get(), cache.active)
+    assert not cache.active[0, 0] and not cache.active[2, 0] and cache.active[3, 0] and not cache.active[7, 0]
+    # the norm (D terms, halved by √) and r/(‖h‖ + ε): D + 3 roundings, one more for h·f
+    close(cache_d.factor.get(), cache.factor, dtype, D + 3)
+    close(out_d.get(), out, dtype, D + 4)
+    with np.errstate(all="ignore"):
+        hd = np.abs(h * dout).sum(axis=1, keepdims=True)
+        safe = np.where(cache.norm > 0, cache.norm, 1.0)
+        scale = cache.factor * (np.abs(dout) + hd / (safe * (cache.norm + CLIP_EPS)) * np.abs(h))
+        # a NaN row is not shrunk (its flag is off): dh = dout exactly, whatever its magnitudes
+        close(dh_d.get(), dh, dtype, 2 * D + 8, np.where(cache.active, scale, 0.0))
+
+
+def _distance_budget(x, y, c, dS=None, tau=None):
+    """First-order error magnitudes of the closed-form distances, from the float64 NumPy
+    path on the same inputs: each B × B entry's terms, weighted by its conditioning
+    (‖num‖² as a difference of larger terms, 1/(1 − a²), den), for the forward and, given
+    dS, for dx and dy. Returns ``(dist_scale, dx_scale, dy_scale)``."""
+    from paeff_np.poincare import MIN_NUM_SQ, distance_matrix_forward
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    _, k = distance_matrix_forward(x, y, c)
+    sq_x, sq_y, G, A, Bp = k.sq_x, k.sq_y, np.abs(k.gram), np.abs(k.coef_a), np.abs(k.coef_b)
+    t_num = A * A * sq_x + 2 * A * Bp * G + Bp * Bp * sq_y
+    t_den = c * c * sq_x * sq_y + 2 * c * G + 1
+    num_sq = np.maximum(k.num_norm ** 2, MIN_NUM_SQ)
+    a = k.artanh_arg
+    # where the guard acts ‖num‖ is the constant 1e-10, exact: no conditioning from ‖num‖²
+    num_cond = np.where(k.num_active, t_num / num_sq, 0.0)
+    cond = 1 + num_cond + t_den / k.den + 2 * a * a / (1 - a * a) * (1 + num_cond)
+    # the sums of squares and G: D terms each; their relative error enters every term once
+    dist = 2 / np.sqrt(c) * a / (1 - a * a) * cond * k.artanh_active
+    if dS is None:
+        return dist, None, None
+    dD = np.abs(dS) / (1.0 if tau is None else tau)
+    h = dD / (1 - a * a) * k.artanh_active / k.den
+    dden = h * a * 2 / np.sqrt(c)
+    ds = h * k.num_active / k.num_norm
+    da = 2 * ds * (A * sq_x + Bp * G)
+    dgram = 2 * c * (da + dden) + 2 * A * Bp * ds
+    row = (A * (1 + c * sq_y) + 2 * c * Bp * sq_y) * ds + c * c * dden * sq_y
+    col = Bp * Bp * ds + c * da + c * c * dden * sq_x
+    dx = (dgram * cond) @ np.abs(y) + 2 * (row * cond).sum(axis=1, keepdims=True) * np.abs(x)
+    dy = (dgram * cond).T @ np.abs(x) + 2 * (col * cond).sum(axis=0)[:, None] * np.abs(y)
+    return dist, dx, dy
+
+
+def _ball_points(dtype, c, B=12, D=7, seed=31, antipodal=False):
+    """Points of the ball (√c‖x‖ in [0.05, 0.7]); x₀ = y₀ = 0 and an exactly coincident
+    dyadic pair at c = 1 (‖num‖² = 0: the MIN_NUM_SQ guard acts); with ``antipodal``, an
+    antipodal pair at the projection's radius (the artanh clamp acts; near the boundary d is
+    ill-conditioned, 1/(1 − a²) ~ 1e5, so that row is checked apart)."""
+    from paeff_np.hyperbolic import ball_radius
+    rng = np.random.default_rng(seed)
+    def points(n, seed):
+        p = np.random.default_rng(seed).standard_normal((n, D))
+        return p * (rng.uniform(0.05, 0.7, (n, 1)) / (np.sqrt(c) * np.linalg.norm(p, axis=1, keepdims=True)))
+    x, y = points(B, seed + 1), points(B, seed + 2)
+    x[0] = y[0] = 0.0
+    if c == 1.0:        # dyadic: ‖x‖², G, A and B' exact, ‖num‖² = 0 on both paths (not rounding noise
+        x[1] = y[1] = np.array([0.25, 0.125, 0.0, -0.125, 0.0, 0.0625, 0.0])[:D] * 0.5   # on either side of 1e-20)
+    if antipodal:
+        u = points(1, seed + 3)[0]
+        x[2] = u / np.linalg.norm(u) * ball_radius(c)
+        y[2] = -x[2]
+    return x.astype(dtype), y.astype(dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("c", [1.0, 0.05])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_distance_kernels_match_the_numpy_path(cupy, dtype, c):
+    """The distance matrix and the logits S = −D/τ, forward and backward: one B × B kernel
+    each way (then two sums, the products, one kernel each for dx and dy) against
+    distance_matrix_forward/backward and distance_logits_forward/backward on NumPy."""
+    from paeff_np.poincare import (distance_logits_backward, distance_logits_forward, distance_matrix_backward,
+                                   distance_matrix_forward)
+    x, y = _ball_points(dtype, c)
+    B, D = x.shape
+    dS = np.random.default_rng(33).standard_normal((B, B)).astype(dtype)
+    dev = cupy.asarray
+    tau = 0.07
+    with np.errstate(all="ignore"):
+        dist, cache = distance_matrix_forward(x, y, c)
+        dx, dy = distance_matrix_backward(dS, cache)
+        dist_d, cache_d = distance_matrix_forward(dev(x), dev(y), c)
+        dx_d, dy_d = distance_matrix_backward(dev(dS), cache_d)
+        S, lcache = distance_logits_forward(x, y, c, tau)
+        lx, ly = distance_logits_backward(dS, lcache)
+        S_d, lcache_d = distance_logits_forward(dev(x), dev(y), c, tau)
+        lx_d, ly_d = distance_logits_backward(dev(dS), lcache_d)
+        for name in ("num_active", "artanh_active"):
+            assert np.array_equal(getattr(cache_d, name).get(), getattr(cache, name)), name
+        assert not cache.num_active[0, 0] and cache.num_active[1, 1] == (c != 1.0)
+        k = D + 24          # the sums of squares and G (D terms), then about 20 roundings and atanh (3 ulp)
+        dist_scale, dx_scale, dy_scale = _distance_budget(x, y, c, dS)
+        close(dist_d.get(), dist, dtype, k, dist_scale)
+        close(S_d.get(), S, dtype, k + 1, dist_scale / tau)
+        # backward: B terms in each sum and product on top
+        close(dx_d.get(), dx, dtype, k + B + 8, dx_scale)
+        close(dy_d.get(), dy, dtype, k + B + 8, dy_scale)
+        _, lx_scale, ly_scale = _distance_budget(x, y, c, dS, tau)
+        close(lx_d.get(), lx, dtype, k + B + 9, lx_scale)
+        close(ly_d.get(), ly, dtype, k + B + 9, ly_scale)
+        # the artanh clamp: the antipodal pair's entry clamped on both paths, and it passes
+        # exactly no gradient
+        x, y = _ball_points(dtype, c, antipodal=True)
+        dist, cache = distance_matrix_forward(x, y, c)
+        dist_d, cache_d = distance_matrix_forward(dev(x), dev(y), c)
+        assert np.array_equal(cache_d.artanh_active.get(), cache.artanh_active) and not cache.artanh_active[2, 2]
+        close(dist_d.get()[2, 2], dist[2, 2], dtype, 5)          # the clamp's value: atanh (3 ulp), 2 products
+        only = np.zeros_like(dS)
+        only[2, 2] = 1.0
+        for g in distance_matrix_backward(dev(only), cache_d) + distance_matrix_backward(only, cache):
+            assert not np.any(backend.to_host(g))
+        # a NaN coordinate: row i of D and of dx NaN, and through dGᵀx every row of dy, on both paths
+        x[-1, 0] = np.nan
+        dist, cache = distance_matrix_forward(x, y, c)
+        dist_d, cache_d = distance_matrix_forward(dev(x), dev(y), c)
+        for a, b in zip((dist_d,) + distance_matrix_backward(dev(dS), cache_d),
+                        (dist,) + distance_matrix_backward(dS, cache)):
+            assert np.array_equal(np.isnan(a.get()), np.isnan(b)) and np.isnan(b).any()
+
+
+@needs_cc
+@pytest.mark.parametrize("riemannian", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_clip_to_ball_kernels_match_the_numpy_path(cupy, dtype, riemannian):
+    """The Poincaré alignment's P(expmap0(clip(h))) on CuPy (model.py: the clip's and the
+    map's kernels joined, forward and backward) against feature_clip and to_ball one after
+    the other on NumPy; rows with ‖h‖ = 0, below MIN_NORM, unclipped, clipped, far out."""
+    from paeff_np.model import Config, _clip_to_ball_backward_cupy, _clip_to_ball_forward_cupy
+    from paeff_np.hyperbolic import to_ball_backward, to_ball_forward
+    from paeff_np.poincare import feature_clip_backward, feature_clip_forward
+    cfg = Config(alignment="poincare", riemannian_grad=riemannian, clip_radius=2.3, curvature=0.05)
+    rng = np.random.default_rng(41)
+    B, D = 30, 13
+    h = rng.standard_normal((B, D))
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    h *= np.concatenate([[0.0, 1e-7, 2.0, 2.3 + 1e-3, 40.0, 1e6], rng.uniform(0.1, 6.0, B - 6)])[:, None]
+    h = h.astype(dtype)
+    dp = rng.standard_normal((B, D)).astype(dtype)
+    g, clip = feature_clip_forward(h, cfg.clip_radius)
+    p, ball = to_ball_forward(g, cfg.curvature, riemannian)
+    dh = feature_clip_backward(to_ball_backward(dp, ball), clip)
+    p_d, clip_d, ball_d = _clip_to_ball_forward_cupy(cupy.asarray(h), cfg)
+    dh_d = _clip_to_ball_backward_cupy(cupy.asarray(dp), clip_d, ball_d)
+    assert np.array_equal(clip_d.active.get(), clip.active)
+    assert clip.active.sum() > 3 and not clip.active[:3].any()
+    # forward: ‖h‖ (D terms), then the clip's and the map's roundings (about 20, tanh 2 ulp);
+    # ‖clip(h)‖ = f‖h‖ here against the NumPy path's second row norm: D more
+    close(p_d.get(), p, dtype, 2 * D + 24, np.abs(p))
+    # backward: ⟨h, dp⟩ (D terms) through the map's and the clip's per-row numbers (≈ 30 roundings)
+    ex = ball.expmap0
+    hdp = np.abs(h * dp).sum(axis=1, keepdims=True)
+    ds_dn = np.abs(ex.sqrt_c * (1 - ex.t * ex.t) / ex.a) + np.abs(ex.t / (ex.a * ex.n))
+    dg = ex.s * np.abs(dp) + (clip.factor * hdp * ds_dn / ex.n + ex.s * ex.s / ball.project.n ** 2 * hdp) * np.abs(g)
+    safe = np.where(clip.norm > 0, clip.norm, 1.0)
+    terms = clip.factor * (dg + (np.abs(h) * dg).sum(axis=1, keepdims=True) / (safe * (clip.norm + 1e-5)) * np.abs(h))
+    close(dh_d.get(), dh, dtype, 3 * D + 40, terms)

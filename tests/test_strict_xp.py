@@ -72,6 +72,19 @@ def test_adamw_kernel_source_is_the_formula(cupy):
     assert list(backend._kernel_memo) == [tuple(ADAMW_KERNEL.values())]
 
 
+def test_the_double_reads_cs_conditional_operator_and_fmax(cupy):
+    """``c ? a : b`` (nested, in parentheses) runs elementwise as in CUDA C; fmax/fmin keep
+    C's rule that a NaN operand yields the other one."""
+    assert strict_xp._python_expression("x < 0 ? -x : (y > 1 ? y : 2) * x") == \
+        "_select(x < 0, -x, (_select(y > 1, y, 2)) * x)"
+    k = cupy.ElementwiseKernel("T x, T y", "T z, T w",
+                               "z = x < 0 ? -x : (y > 1 ? y : 2) * x; w = fmax(x, y);", "t")
+    x, y = cupy.asarray(np.array([-3.0, 2.0, 2.0, np.nan])), cupy.asarray(np.array([0.0, 5.0, 0.5, 1.0]))
+    z, w = k(x, y)
+    np.testing.assert_array_equal(z.get(), [3.0, 10.0, 4.0, np.nan])
+    np.testing.assert_array_equal(w.get(), [0.0, 5.0, 2.0, 1.0])
+
+
 # --- the trainer, checkpoints, eval through the double -----------------------------
 
 def test_trainer_resume_and_evaluate_through_the_double_match_the_cpu(cupy, tiny_run):
