@@ -7,12 +7,15 @@ ones GitHub finds (``docs/mathspans.py``), rendered by KaTeX; the rest of the
 markdown is rendered by ``marked``. Writes ``DIR/math.html`` (one page) and,
 unless ``--no-screenshot``, one HTML file and one PNG per top-level section
 (``DIR/section-NN.png``, 1000 px wide), for a look with any image viewer.
+With Chromium it also lists every formula wider than the page's 940 px
+column (GitHub's is about as wide), which would be cut off or scroll.
 
 Tools (none of them is a dependency of the library or of the tests):
 ``npm install --prefix .venv/node katex marked`` and Debian's ``chromium``
 (``apt-get install chromium``).
 """
 import argparse
+import html
 import json
 import os
 import re
@@ -51,6 +54,38 @@ img {{ max-width: 100%; }}
 {body}
 </body></html>
 """
+# Run in the page: the rendered formulas that reach past the text column, one per line.
+WIDTH_CHECK = """<script>window.addEventListener("load", () => {
+  const body = document.body.getBoundingClientRect(), right = body.right - 20, out = [];
+  document.querySelectorAll(".katex-html").forEach(e => {
+    let far = 0;
+    e.querySelectorAll("span").forEach(s => { const r = s.getBoundingClientRect();
+                                             if (r.width > 0 && r.right > far) far = r.right; });
+    if (far > right + 1) {
+      const tex = e.parentElement.querySelector("annotation");
+      out.push(Math.round(far - right) + " px too wide: " +
+               (tex ? tex.textContent : "?").replace(/\\s+/g, " ").slice(0, 100));
+    }
+  });
+  const pre = document.createElement("pre"); pre.id = "too-wide";
+  pre.textContent = "TOO-WIDE\\n" + out.join("\\n"); document.body.appendChild(pre);
+});</script>"""
+
+
+def too_wide(browser, out):
+    """The formulas of ``out/math.html`` wider than the text column, as Chromium lays them out."""
+    with open(os.path.join(out, "math.html"), encoding="utf-8") as f:
+        page = f.read().replace("</body>", WIDTH_CHECK + "</body>")
+    path = os.path.join(os.path.abspath(out), "math-width-check.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,2000",
+                          "--virtual-time-budget=30000", "--dump-dom", "file://" + path],
+                         capture_output=True, text=True, timeout=300)
+    found = re.search(r'<pre id="too-wide">TOO-WIDE\n(.*?)</pre>', run.stdout, flags=re.S)
+    if found is None:
+        return None
+    return [html.unescape(line) for line in found.group(1).split("\n") if line]
 
 
 def with_placeholders(markdown):
@@ -109,6 +144,7 @@ def main(argv=None):
     css = os.path.join(modules, "katex", "dist", "katex.min.css")
     sections = re.split(r"\n(?=## )", markdown)
     pages = [("math", markdown)] + [(f"section-{k:02d}", part) for k, part in enumerate(sections)]
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
     for name, part in pages:
         text, spans = with_placeholders(part)
         job = json.dumps({"markdown": text, "spans": [s._asdict() for s in spans]})
@@ -119,7 +155,6 @@ def main(argv=None):
             f.write(PAGE.format(css=css, body=run.stdout))
         if name == "math" or args.no_screenshot:
             continue
-        browser = shutil.which("chromium") or shutil.which("chromium-browser")
         if browser is None:
             print("render_math: no chromium for the screenshots (apt-get install chromium)",
                   file=sys.stderr)
@@ -131,6 +166,14 @@ def main(argv=None):
                         "file://" + os.path.join(os.path.abspath(args.out), name + ".html")],
                        capture_output=True, check=True, timeout=120)
     print(f"render_math: {len(pages) - 1} sections written to {args.out}")
+    if browser is not None:
+        wide = too_wide(browser, args.out)
+        if wide is None:
+            print("render_math: the width check did not run (no result from chromium)", file=sys.stderr)
+        else:
+            print(f"render_math: {len(wide)} formulas wider than the text column")
+            for line in wide:
+                print(f"  {line}")
     return 0
 
 
