@@ -179,6 +179,26 @@ def test_stop_after_counts_both_runs_and_resume_finishes_the_refit(straight, dat
                 ckpt.load(os.path.join(straight_out, "best.npz")).params)
 
 
+def test_a_second_writer_during_the_refit_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    """While the refit trains, the run folder and the refit folder are both locked: a
+    second train.py into either is one line, and the refit goes on to its end."""
+    out = str(tmp_path / "run")
+    tried, real_train = [], Trainer.train
+
+    def train_refit(self, *args, **kwargs):
+        if self.refit_of is not None and not tried:
+            capsys.readouterr()
+            for target in (out, os.path.join(out, "refit")):
+                tried.append(train("--resume", target))
+                one_line_error(capsys, "in use by process")
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train_refit)
+    assert train("--data-dir", data_dir, *TINY_RUN, "--out", out) == 0
+    assert tried == [2, 2]
+    assert ckpt.load(os.path.join(out, "best.npz")).config.get("refit_of") is not None
+
+
 def test_the_refit_folder_is_resumed_through_its_run_and_keeps_its_schedule(straight, tmp_path, capsys):
     import shutil
     out = str(tmp_path / "copy")
