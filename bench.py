@@ -33,6 +33,7 @@ both unset:
 The environment (BLAS, CPU load, and on a GPU the CuPy, driver and runtime
 versions, the device and CUPY_TF32) is printed first and kept in the JSON.
 """
+import paeff_np  # noqa: F401  first: a Ctrl-C while the rest is imported is one line
 import argparse
 import os
 import statistics

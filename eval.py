@@ -14,15 +14,17 @@ either file. ``--curves PNG`` draws the run's training curves from its
     python eval.py --checkpoint fame/English --faces F.csv --voices V.csv --trials L.txt --scores S.txt
     python eval.py --checkpoint runs/x --curves curves.png
 """
+import paeff_np  # noqa: F401  first: a Ctrl-C while the rest is imported is one line
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 from paeff_np.run import checkpoint as ckpt
 from paeff_np.backend import array_module, to_device
-from paeff_np.run.atomic import write_atomically
+from paeff_np.run.atomic import lock_holder, write_atomically
 from paeff_np.run.cli import check_can_create_in, check_widths, device_flag, load_data, run
 from paeff_np.usage import ArgumentParser, UsageError
 from paeff_np.data import DataError
@@ -140,6 +142,27 @@ def open_checkpoint(path):
                                    f"which this file does not hold")
     why = "the last epoch" if rule == "last" or epoch is None else f"selected by rule {rule}"
     return run_state, f"evaluating {run_state.path}: epoch {run_state.epoch}, {why}{unfinished}"
+
+
+def open_consistent(path, pause_s=0.5):
+    """``open_checkpoint(path)``; when a folder's files do not agree while a live process
+    holds its lock (a run still training: it may commit checkpoint.npz and best.npz
+    between two reads), read them once more after ``pause_s``; still at odds, say that
+    the run is being written, in one line."""
+    try:
+        return open_checkpoint(path)
+    except ckpt.CheckpointError as first:
+        holder = lock_holder(path) if os.path.isdir(path) else None
+        if holder is None:
+            raise                             # nobody writes the folder: the files are at odds
+        time.sleep(pause_s)
+        try:
+            return open_checkpoint(path)
+        except ckpt.CheckpointError:
+            raise ckpt.CheckpointError(
+                f"{path}: the run is still being written ({holder} holds its lock) and its files "
+                f"changed while read ({first}); evaluate it when the run has ended, or name a file "
+                f"(--checkpoint {os.path.join(path, ckpt.CHECKPOINT_NAME)})") from None
 
 
 def refit_state(run_dir, epoch):
@@ -351,7 +374,7 @@ def main(argv=None):
     if args.plot:
         check_plot_folder(args.plot)
     check_scores_flags(args)
-    checkpoint, which_file = open_checkpoint(args.checkpoint)
+    checkpoint, which_file = open_consistent(args.checkpoint)
     params = {k: to_device(v, device) for k, v in checkpoint.params.items()}
     buffers = {k: to_device(v, device) for k, v in checkpoint.buffers.items()}
     if args.faces is not None:

@@ -13,6 +13,7 @@ refit, default when the data has seen-heard lists) the same schedule is trained
 again on every training row, in RUN/refit/, and its epoch-e* model is kept in
 best.npz. The test lists are evaluated once, on it.
 """
+import paeff_np  # noqa: F401  first: a Ctrl-C while the rest is imported is one line
 import argparse
 import contextlib
 import json

@@ -13,6 +13,7 @@ without it.
 """
 import ctypes
 import functools
+import os
 import sys
 
 import numpy as np
@@ -148,6 +149,22 @@ def is_cupy(x):
 def to_host(x):
     """A NumPy array (a copy from the device if ``x`` lives there)."""
     return x.get() if is_cupy(x) else np.asarray(x)
+
+
+def physical_memory_bytes():
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def device_free_bytes(xp):
+    """The free memory of ``xp``'s device in bytes (CuPy: ``cudaMemGetInfo``'s free
+    figure); None for NumPy, whose limit is ``physical_memory_bytes``."""
+    if xp is np:
+        return None
+    return int(xp.cuda.runtime.memGetInfo()[0])
 
 
 UPLOAD_CHUNK_BYTES = 64 << 20

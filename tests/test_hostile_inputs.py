@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -226,3 +227,107 @@ def test_a_rerun_of_plot_removes_what_a_killed_plot_left(run_dir, tmp_path, caps
     assert evaluate("--checkpoint", run_dir, "--plot", plots) == 0
     assert sorted(os.listdir(plots)) == sorted(eval_cli.PLOT_FILES)
     assert "removed 1 temporary file(s)" in capsys.readouterr().err
+
+
+# --- Ctrl-C while a command is still importing: one line -----------------------------------
+
+@pytest.mark.parametrize("command", [["train.py"], ["eval.py", "--checkpoint", "x"], ["bench.py"],
+                                     ["-m", "paeff_np.data", "synth", "--out", "x"],
+                                     ["-m", "paeff_np.fame", "--synthetic", "--out", "x"],
+                                     ["-m", "paeff_np.gradcheck", "--list"]],
+                         ids=lambda c: " ".join(c[:3]))
+def test_ctrl_c_during_the_imports_of_any_command_is_one_line(tmp_path, command):
+    """The Ctrl-C arrives while NumPy is imported (a stand-in numpy raises it there): the
+    command says ``<prog>: interrupted`` on one line and dies of the SIGINT, as Python does."""
+    import subprocess
+    fake = tmp_path / "numpy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    argv = [os.path.join(ROOT, command[0]), *command[1:]] if command[0].endswith(".py") else command
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=60)
+    prog = command[0] if command[0].endswith(".py") else f"python -m {command[1]}"
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stderr.strip() == f"{prog}: interrupted", proc.stderr
+
+
+def test_importing_the_library_leaves_ctrl_c_alone():
+    from paeff_np.startup import command_name
+    assert command_name() is None                 # pytest is no paeff_np command
+    assert not getattr(sys.excepthook, "one_line_interrupts", False)
+
+
+# --- eval.py on a folder that is still training ---------------------------------------------
+
+@pytest.fixture
+def two_epochs(data_dir, tmp_path, monkeypatch):
+    """A run whose epoch-0 checkpoint was kept aside (``stale``): the pair a reader meets when
+    the trainer commits epoch 1's checkpoint.npz and best.npz between its two reads."""
+    from paeff_np.run import training
+    out, stale = tmp_path / "run", tmp_path / "stale.npz"
+    real = training.RunFolder.save
+
+    def save(self, run):
+        real(self, run)
+        if run.epoch == 0:
+            shutil.copy(os.path.join(self.out_dir, "checkpoint.npz"), stale)
+    monkeypatch.setattr(training.RunFolder, "save", save)
+    assert train("--data-dir", data_dir, "--epochs", "1", "--batch-size", "32", "--embed-dim", "8",
+                 "--no-refit", "--out", out) == 0
+    monkeypatch.setattr(training.RunFolder, "save", real)
+    return str(out), str(stale)
+
+
+@pytest.fixture
+def live_holder(tmp_path):
+    """A live process written into a folder's lock file, as a training train.py holds it."""
+    import subprocess
+    from paeff_np.run.atomic import _HOST, LOCK_NAME
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+    def hold(folder):
+        with open(os.path.join(folder, LOCK_NAME), "w") as f:
+            f.write(f"{_HOST}-{proc.pid}\n")
+        return proc.pid
+    yield hold
+    proc.kill()
+    proc.wait()
+
+
+def test_eval_on_a_live_folder_reads_a_consistent_pair_on_its_second_try(two_epochs, live_holder, monkeypatch,
+                                                                        capsys):
+    """First read: checkpoint.npz of epoch 0 (the trainer had not committed epoch 1 yet),
+    best.npz of epoch 1. The pair disagrees; the second read finds both at epoch 1."""
+    from paeff_np.run import checkpoint as ckpt
+    out, stale = two_epochs
+    live_holder(out)
+    real, reads = ckpt.load, []
+
+    def load(path):
+        reads.append(path)
+        return real(stale if reads == [out] else path)   # the first read of checkpoint.npz: epoch 0
+    monkeypatch.setattr(ckpt, "load", load)
+    capsys.readouterr()
+    assert evaluate("--checkpoint", out) == 0
+    assert reads.count(out) == 2                          # the pair at odds, then read again
+    assert "epoch 1" in capsys.readouterr().err
+
+
+def test_eval_says_a_live_run_is_still_being_written(two_epochs, live_holder, capsys):
+    out, stale = two_epochs
+    shutil.copy(stale, os.path.join(out, "checkpoint.npz"))     # still at odds on the second read
+    pid = live_holder(out)
+    capsys.readouterr()
+    assert evaluate("--checkpoint", out) == 2
+    one_line_error(capsys, f"{out}: the run is still being written (process {pid} of this machine holds its lock)",
+                   "when the run has ended")
+
+
+def test_the_same_pair_without_a_live_writer_is_the_plain_refusal(two_epochs, capsys):
+    out, stale = two_epochs
+    shutil.copy(stale, os.path.join(out, "checkpoint.npz"))
+    capsys.readouterr()
+    assert evaluate("--checkpoint", out) == 2
+    line = one_line_error(capsys, "not from the run")
+    assert "still being written" not in line

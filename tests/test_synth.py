@@ -18,6 +18,7 @@ from paeff_np.data.synth import (
     identity_labels,
     make_synthetic,
     make_world,
+    save_dir,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +229,64 @@ def test_cli_refuses_to_overwrite_an_existing_world(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "already exists" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was written
+
+
+@pytest.mark.parametrize("flags", [["--identities", "100000000"], ["--test-rows", "2000000000"]])
+def test_cli_refuses_absurd_sizes_in_one_line_before_generating(tmp_path, flags):
+    result = run_cli("synth", "--out", str(tmp_path / "world"), *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "GiB while generated, more than this machine's" in result.stderr
+    assert not (tmp_path / "world").exists()
+
+
+def test_world_bytes_bounds_what_make_world_holds():
+    """The estimate the refusal reads is an upper bound of the arrays the world keeps."""
+    from paeff_np.data.synth import world_bytes
+    made = make_synthetic(40, seed=0, face_dim=256, voice_dim=64, test_rows=200)
+    kept = made.train.face.nbytes + made.train.voice.nbytes + sum(t.face.nbytes + t.voice.nbytes
+                                                                   for t in made.tests.values())
+    assert kept <= world_bytes(40, 256, 64, test_rows=200) <= 4 * kept
+
+
+def test_ctrl_c_while_writing_leaves_nothing_and_a_rerun_proceeds(tmp_path):
+    """SIGINT in the middle of the files (after the third, inside the fourth's write, or just
+    after a rename): one line, exit 130, no file and no folder left; the same command again
+    writes the whole world."""
+    import signal
+    import time
+    out = tmp_path / "world"
+    args = ["synth", "--out", str(out), "--identities", "30", "--test-rows", "400"]
+    for after_lines in (1, 3, 6):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "paeff_np.data", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        for _ in range(after_lines):
+            assert proc.stdout.readline().startswith("wrote ")
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:                  # it finished first: nothing to undo
+            continue
+        assert proc.returncode == 130, err
+        assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err, err
+        assert not out.exists(), list(out.iterdir())
+        time.sleep(0.1)
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.iterdir())) == 22
+
+
+def test_save_dir_undoes_its_files_when_a_write_is_interrupted(tmp_path, monkeypatch):
+    """Inside save_dir: a KeyboardInterrupt just after the fifth file's rename removes all
+    five (none existed before), and the folder it made."""
+    from paeff_np.data import synth
+    real, calls = synth._write_csv, []
+
+    def write(path, matrix, labels=None):
+        real(path, matrix, labels)
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(synth, "_write_csv", write)
+    with pytest.raises(KeyboardInterrupt):
+        save_dir(make_synthetic(9, seed=0, face_dim=8, voice_dim=4, test_rows=4), tmp_path / "w")
+    assert not (tmp_path / "w").exists()

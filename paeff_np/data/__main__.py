@@ -9,12 +9,13 @@ are never overwritten: if DIR holds any of them, nothing is written.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from ..usage import ArgumentParser
 from .dataset import test_file_names, train_file_names
-from .synth import make_world, save_dir
+from .synth import csv_bytes, make_world, save_dir
 
 
 def _file_names(dataset):
@@ -56,6 +57,9 @@ def main(argv=None):
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted before any file was written", file=sys.stderr)
+        return 130
     dataset = world.dataset
     for name in _file_names(dataset):       # never overwrite: refused before writing anything
         if (Path(args.out) / name).exists():
@@ -65,8 +69,20 @@ def main(argv=None):
     def report(path):
         print(f"wrote {path}", flush=True)
 
+    folder = Path(args.out)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    needed, free = csv_bytes(dataset), shutil.disk_usage(folder).free if folder.is_dir() else None
+    if free is not None and needed > free:
+        print(f"{PROG}: error: the files need about {needed / 2**30:,.1f} GiB, more than the "
+              f"{free / 2**30:,.1f} GiB free in {folder}: choose fewer identities or test rows", file=sys.stderr)
+        return 2
     try:
         paths = save_dir(dataset, args.out, report=report)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; the files it had written are removed, so the same "
+              f"command can run again", file=sys.stderr)
+        return 130
     except FileExistsError as error:
         print(f"{PROG}: error: {error.filename} already exists; choose another --out (nothing was written)",
               file=sys.stderr)

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import physical_memory_bytes
 from ..run.atomic import write_atomically
 from .dataset import KINDS, SPLITS, Dataset, TestList, TrainSet, test_file_names, train_file_names
 
@@ -185,6 +186,13 @@ def make_world(
         raise ValueError(f"test_rows must be a positive even number, got {test_rows}")
     if min(face_dim, voice_dim, latent_dim, nuisance_dim, pairs_per_video) < 1:
         raise ValueError("face_dim, voice_dim, latent_dim, nuisance_dim and pairs_per_video must be >= 1")
+    needed, memory = world_bytes(n_identities, face_dim, voice_dim, unseen_fraction=unseen_fraction,
+                                 videos_per_identity=(lo, hi), heldout_videos=heldout_videos,
+                                 pairs_per_video=pairs_per_video, test_rows=test_rows), physical_memory_bytes()
+    if memory is not None and needed > memory:
+        raise ValueError(f"{n_identities:,} identities with lists of {test_rows:,} rows need about "
+                         f"{needed / 2**30:,.1f} GiB while generated, more than this machine's "
+                         f"{memory / 2**30:,.1f} GiB: choose fewer identities or test rows")
 
     # The four phases draw from one generator, in this order: the order is part of the world.
     rng = np.random.default_rng(seed)
@@ -201,6 +209,32 @@ def make_world(
         train_identities=np.arange(n_train, dtype=np.int64),
         unseen_identities=np.arange(n_train, n_identities, dtype=np.int64),
     )
+
+
+def world_bytes(n_identities, face_dim=4096, voice_dim=512, *, unseen_fraction=1 / 3, videos_per_identity=(4, 8),
+                heldout_videos=1, pairs_per_video=12, test_rows=1000):
+    """An upper bound of the bytes `make_world` holds at its peak: the float32 features of
+    the training pairs and of the ten test lists, plus the larger of a feature block's two
+    temporaries (its projection and noise) and the (P, P) attribute matches of a list's
+    pool (`_pair_identities`: a bool per shared attribute and an int64 count per pair,
+    then up to P int64 partners per probe)."""
+    n_unseen = int(round(n_identities * unseen_fraction))
+    n_train = n_identities - n_unseen
+    train_rows = n_train * (videos_per_identity[1] - heldout_videos) * pairs_per_video
+    test_lists = len(SPLITS) * len(KINDS)
+    width = face_dim + voice_dim
+    kept = 4 * width * (train_rows + test_lists * test_rows)
+    block = 2 * 4 * max(face_dim, voice_dim) * max(train_rows, test_rows)
+    pool = max(n_train, n_unseen)
+    return kept + max(block, (3 + 8 + 8) * pool * pool)
+
+
+def csv_bytes(dataset):
+    """About the bytes `save_dir` writes for `dataset`: at most 16 characters per value
+    (``%.9g`` and a comma), and a label per training row."""
+    rows = [(len(dataset.train), dataset.train.face_dim + dataset.train.voice_dim)] if dataset.train else []
+    rows += [(len(test), test.face.shape[1] + test.voice.shape[1]) for test in dataset.tests.values()]
+    return sum(16 * n * width for n, width in rows)
 
 
 def _draw_identities(rng, n_identities, latent_dim, attribute_scale, shared_scale, specific_scale):
@@ -378,7 +412,9 @@ def save_dir(dataset, out_dir, *, report=None):
     significant digits, so float32 features read back exactly. Every file is written
     to a temporary file in `out_dir` and renamed into place. `report(path)` is called
     after each file. Nothing is overwritten: if any of the files exists already,
-    FileExistsError names it before anything is written.
+    FileExistsError names it before anything is written. A write that fails or is
+    interrupted (Ctrl-C) removes the files this call wrote, and `out_dir` when it made
+    it: nothing is left half-written, and the same call can run again.
     """
     out_dir = Path(out_dir)
     files = []  # (name, matrix, labels or None)
@@ -395,13 +431,24 @@ def save_dir(dataset, out_dir, *, report=None):
         if (out_dir / name).exists():
             raise FileExistsError(errno.EEXIST, "already exists", str(out_dir / name))
 
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, matrix, labels in files:
-        _write_csv(out_dir / name, matrix, labels)
-        written.append(out_dir / name)
-        if report is not None:
-            report(out_dir / name)
+    try:
+        for name, matrix, labels in files:
+            written.append(out_dir / name)        # before the rename: a Ctrl-C just after it is undone too
+            _write_csv(out_dir / name, matrix, labels)
+            if report is not None:
+                report(out_dir / name)
+    except BaseException:
+        for path in written:                       # none existed before this call (checked above)
+            path.unlink(missing_ok=True)
+        if created:
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+        raise
     return written
 
 

@@ -187,12 +187,28 @@ def _read_holder(fd):
     return None, None
 
 
-def _in_use_message(folder, holder):
-    host, pid = holder
+def lock_holder(folder):
+    """Who holds ``folder``'s lock, as the refusal names it (``"process N of this machine"``),
+    or None when nobody does (no lock file, or its writer has died). Read from the lock
+    file's text: no lock is taken, so a trainer starting meanwhile is not refused."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        host, pid = _read_holder(fd)
+    finally:
+        os.close(fd)
+    if pid is None or (host == _HOST and not _is_running(pid)):
+        return None
+    return _holder_name(host, pid)
+
+
+def _holder_name(host, pid):
     if host is None:
-        who = "another process"
-    elif host == _HOST:
-        who = f"process {pid} of this machine"
-    else:
-        who = f"process {pid} of another machine"
-    return f"{folder} is in use by {who} (another train.py?); wait for it to end"
+        return "another process"
+    return f"process {pid} of {'this' if host == _HOST else 'another'} machine"
+
+
+def _in_use_message(folder, holder):
+    return f"{folder} is in use by {_holder_name(*holder)} (another train.py?); wait for it to end"

@@ -17,6 +17,7 @@ is read (``data.split``), still before training.
 """
 import os
 
+from ..backend import physical_memory_bytes
 from ..domains import FieldError, check_fields, named
 from ..model import Config
 from ..usage import UsageError
@@ -31,14 +32,6 @@ def flag_name(field):
 
 
 AS_FLAGS = named(flag_name, sep=" ")   # a FieldError's fields as flags: "--lr 0"
-
-
-def physical_memory_bytes():
-    """This machine's RAM in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def check_settings(given, defaults=None):
