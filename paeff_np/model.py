@@ -157,6 +157,17 @@ def _bn_buffers(buffers, prefix, new_state, train):
             count_key: buffers[count_key] + (1 if train else 0)}
 
 
+def parameter_count(cfg):
+    """How many numbers ``init_params(cfg)`` makes, from the shapes alone (nothing allocated)."""
+    D, widths = cfg.embed_dim, (cfg.face_dim, cfg.voice_dim)
+    count = sum(D * w + D + 2 * D + D * D + D for w in widths)        # the branches: linear, BN, linear
+    if cfg.fusion == "egff":
+        count += (2 if cfg.egff_gate == "concat" else 1) * cfg.egff_kernel + 1
+    else:
+        count += GATED_HIDDEN * 2 * D + GATED_HIDDEN + 2 * GATED_HIDDEN + D * GATED_HIDDEN + D
+    return count + D * D + D + cfg.n_classes * D + cfg.n_classes     # res_mix, logits
+
+
 def batchnorm_prefixes(cfg):
     """Key prefixes of every BatchNorm1d in the model.
 

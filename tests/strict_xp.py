@@ -704,7 +704,9 @@ _runtime = types.SimpleNamespace(
     getDeviceCount=lambda: 1,
     getDeviceProperties=lambda device_id: {"name": b"strict CuPy test double (NumPy)"},
     runtimeGetVersion=lambda: 0,
-    driverGetVersion=lambda: 0)
+    driverGetVersion=lambda: 0,
+    memGetInfo=lambda: (FREE_BYTES[0], 80 << 30))
+FREE_BYTES = [80 << 30]     # what memGetInfo says is free; a test may set it
 cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
 
 

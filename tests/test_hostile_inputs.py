@@ -331,3 +331,60 @@ def test_the_same_pair_without_a_live_writer_is_the_plain_refusal(two_epochs, ca
     assert evaluate("--checkpoint", out) == 2
     line = one_line_error(capsys, "not from the run")
     assert "still being written" not in line
+
+
+# --- memory: the size settings against what the run allocates, CPU and GPU -----------------
+
+@pytest.mark.parametrize("fusion", ["egff", "gated"])
+def test_parameter_count_is_what_init_params_makes(fusion):
+    from paeff_np.model import init_params, parameter_count
+    for gate in ("product", "concat"):
+        cfg = Config(face_dim=40, voice_dim=12, embed_dim=16, n_classes=7, fusion=fusion, egff_gate=gate,
+                     egff_kernel=5)
+        assert parameter_count(cfg) == sum(v.size for v in init_params(cfg)[0].values())
+
+
+@pytest.mark.parametrize("widths,D,B,alignment", [((512, 64), 64, 256, "hyperbolic"), ((256, 64), 256, 128, "poincare"),
+                                                  ((64, 32), 32, 512, "euclidean")])
+def test_run_bytes_bounds_what_an_epoch_allocates(tmp_path, widths, D, B, alignment):
+    import tracemalloc
+    from paeff_np.data.synth import make_synthetic
+    from paeff_np.run.training import NO_SELECTION, Trainer, TrainSettings, run_bytes
+    dataset = make_synthetic(40, seed=0, face_dim=widths[0], voice_dim=widths[1], test_rows=20)
+    cfg = Config(face_dim=widths[0], voice_dim=widths[1], embed_dim=D, n_classes=dataset.train.n_classes,
+                 alignment=alignment)
+    settings = TrainSettings(epochs=1, lr=1e-3, batch_size=B, **NO_SELECTION)
+    tracemalloc.start()
+    try:
+        Trainer(dataset, cfg, settings, str(tmp_path), {}, log=lambda line: None).train()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= run_bytes(cfg, settings, len(dataset.train)) <= 5 * peak
+
+
+def test_sizes_beyond_the_machines_memory_are_refused_with_the_feature_widths(data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    from paeff_np.run import training
+    monkeypatch.setattr(training, "physical_memory_bytes", lambda: 1 << 20)     # a 1 MiB machine
+    assert train("--data-dir", data_dir, "--epochs", "1", "--embed-dim", "8", "--out", tmp_path / "r") == 2
+    line = one_line_error(capsys, "--embed-dim 8 and --batch-size 256 with features 32/16 wide",
+                          "GiB of this machine's RAM")
+    assert "Traceback" not in line and not (tmp_path / "r").exists()
+
+
+def test_on_the_gpu_the_free_device_memory_decides(tmp_path, monkeypatch):
+    import strict_xp
+    from paeff_np.data.synth import make_synthetic
+    from paeff_np.domains import FieldError
+    from paeff_np.run.training import NO_SELECTION, Trainer, TrainSettings, run_bytes
+    strict_xp.install(monkeypatch)
+    dataset = make_synthetic(40, seed=0, face_dim=64, voice_dim=16, test_rows=20)
+    cfg = Config(face_dim=64, voice_dim=16, embed_dim=16, n_classes=dataset.train.n_classes)
+    settings = TrainSettings(epochs=1, lr=1e-3, batch_size=64, device="cuda", **NO_SELECTION)
+    needed = run_bytes(cfg, settings, len(dataset.train))
+    monkeypatch.setattr(strict_xp, "FREE_BYTES", [needed - 1])
+    with pytest.raises(FieldError, match="GiB free on the GPU"):
+        Trainer(dataset, cfg, settings, str(tmp_path), {}, log=lambda line: None)
+    monkeypatch.setattr(strict_xp, "FREE_BYTES", [needed])
+    Trainer(dataset, cfg, settings, str(tmp_path), {}, log=lambda line: None)

@@ -63,13 +63,13 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
-from ..backend import array_module, default_rng, to_device, upload
+from ..backend import array_module, default_rng, device_free_bytes, physical_memory_bytes, to_device, upload
 from ..domains import (FRACTION, NON_NEGATIVE, NO_VALUE, POSITIVE, STRING, BOOLEAN, Domain, FieldError,
                        JointRule, check_fields, check_known, integer, one_of)
 from .evaluation import embed_rows, list_name, validation_figures
 from ..flat import flatten
 from ..metrics import pair_distances, verification
-from ..model import Config, check_labels, init_params, loss_and_grads
+from ..model import Config, check_labels, init_params, loss_and_grads, parameter_count
 from ..optim import AdamW, cosine_lr
 
 METRICS_LOG = "metrics.jsonl"
@@ -175,6 +175,32 @@ def _epoch_batches(n, batch_size, seed, epoch):
     order = np.random.default_rng([seed, epoch, 0]).permutation(n)
     n_full = n // batch_size
     return order[: n_full * batch_size].reshape(n_full, batch_size)
+
+
+def run_bytes(cfg, settings, n_rows):
+    """An upper bound of the bytes a run holds on its device: the model 8 times over
+    (parameters, gradients, AdamW's two moments, their flat copies), the ``n_rows``
+    feature rows of the training set and validation lists, as wide as the features, and
+    one step's activations and gradients (per batch row: the gathered features 4 times,
+    64 D-wide rows, 8 class rows, 16 rows of the B × B matrices). Measured against
+    tracemalloc's peak in tests/test_hostile_inputs.py."""
+    s, B = np.dtype(settings.dtype).itemsize, settings.batch_size
+    width = cfg.face_dim + cfg.voice_dim
+    step = B * (4 * width + 64 * cfg.embed_dim + 8 * cfg.n_classes + 16 * B)
+    return s * (8 * parameter_count(cfg) + n_rows * width + step)
+
+
+def check_fits(cfg, settings, n_rows, xp):
+    """Refuse (``FieldError`` naming the size settings) a run whose ``run_bytes`` exceed
+    the memory it would run in: the GPU's free memory on CuPy, the machine's RAM on NumPy."""
+    free = device_free_bytes(xp)
+    limit, where = (free, "free on the GPU") if free is not None else (physical_memory_bytes(), "of this machine's RAM")
+    needed = run_bytes(cfg, settings, n_rows)
+    if limit is not None and needed > limit:
+        raise FieldError(f"{{embed_dim}} and {{batch_size}} with features {cfg.face_dim}/{cfg.voice_dim} wide, "
+                         f"{n_rows:,} rows and {cfg.n_classes:,} identities: the run needs about "
+                         f"{needed / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB {where}",
+                         {"embed_dim": cfg.embed_dim, "batch_size": settings.batch_size})
 
 
 class RunFolder:
@@ -293,6 +319,7 @@ class Trainer:
             raise FieldError(f"{{select}} selects on the test list {settings.monitor}, "
                              f"which the data does not have", {"select": settings.select})
         dtype = np.dtype(settings.dtype)
+        check_fits(cfg, settings, len(train) + sum(len(lst.face) for lst in lists.values()), self.xp)
         # the whole training set lives on the device; batches are gathered there
         self.face = upload(train.face, self.xp, dtype)        # in chunks: no 2.5 GB left pinned
         self.voice = upload(train.voice, self.xp, dtype)
