@@ -158,7 +158,10 @@ def _bn_buffers(buffers, prefix, new_state, train):
 
 
 def parameter_count(cfg):
-    """How many numbers ``init_params(cfg)`` makes, from the shapes alone (nothing allocated)."""
+    """How many numbers ``init_params(cfg)`` makes, from the shapes alone (nothing allocated).
+
+    See docs/math.md §0.3 (the parameters at initialisation).
+    """
     D, widths = cfg.embed_dim, (cfg.face_dim, cfg.voice_dim)
     count = sum(D * w + D + 2 * D + D * D + D for w in widths)        # the branches: linear, BN, linear
     if cfg.fusion == "egff":
