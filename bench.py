@@ -51,7 +51,7 @@ from paeff_np.run import envinfo                             # noqa: E402
 from paeff_np.run.atomic import write_json                   # noqa: E402
 from paeff_np.run.cli import check_can_write_file, describe_error, run  # noqa: E402
 from paeff_np.usage import ArgumentParser, UsageError  # noqa: E402
-from paeff_np.backend import default_rng, keep_freed_memory, probe_gpu  # noqa: E402
+from paeff_np.backend import CounterDropout, default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
 from paeff_np.run.training import NO_SELECTION, PAPER_RECIPE               # noqa: E402
@@ -165,6 +165,8 @@ def make_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic",
         dev.sync()
         t1 = time.perf_counter()
         opt.step(params, grads)
+        if isinstance(rng, CounterDropout):     # CuPy's counter-based dropout: the next step's numbers
+            rng.advance()
         dev.sync()
         parts.append((t1 - t0, time.perf_counter() - t1))
     return cfg, step, parts

@@ -206,15 +206,61 @@ def ndtr(x):
 
 
 def default_rng(seed, xp=np):
-    """A random Generator of the array module ``xp`` (NumPy's or CuPy's).
+    """The dropout's random numbers for the array module ``xp``.
 
-    ``seed`` may be a list of ints (e.g. ``[seed, epoch]``); CuPy's generator
-    takes one int, derived here through NumPy's SeedSequence.
+    NumPy: ``np.random.default_rng(seed)``, a Generator. CuPy: a
+    ``CounterDropout``: no generator object at all; the dropout kernels hash
+    (key, step, draw, element index) into their uniforms (``COUNTER_UNIFORM``).
+    ``seed`` may be a list of ints (e.g. ``[seed, epoch, 1]``); CuPy's key is
+    derived from it through NumPy's SeedSequence.
     """
     if xp is np:
         return np.random.default_rng(seed)
-    return xp.random.default_rng(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    return CounterDropout(seed, xp)
 
+
+COUNTER_UNIFORM = (
+    "unsigned long long hz = i; "
+    "hz = key + ((step * 16 + draw) * 4294967296 + hz) * 0x9E3779B97F4A7C15; "
+    "hz = (hz ^ (hz >> 30)) * 0xBF58476D1CE4E5B9; "
+    "hz = (hz ^ (hz >> 27)) * 0x94D049BB133111EB; "
+    "hz = hz ^ (hz >> 31); "
+    "T u = (hz >> 40) * 5.9604644775390625e-08; ")
+"""The C statements that give a kernel with parameters ``uint64 key, uint64 step,
+uint64 draw`` its uniform ``u`` in [0, 1) at element ``i``: splitmix64 (Steele,
+Lea, Flood 2014, the finaliser of Java's SplittableRandom) at counter
+``n = (16·step + draw)·2³² + i`` of the Weyl sequence ``key + n·γ``, γ =
+0x9E3779B97F4A7C15 (mod 2⁶⁴); ``u`` is its top 24 bits times 2⁻²⁴, exact in
+float32 and float64. Distinct (step, draw < 16, i < 2³²) are distinct counters,
+so the numbers of a run depend only on (key, step, draw, i): a resumed epoch
+draws what the straight run drew. The integer literals need no suffix: a hex
+literal that does not fit in ``long`` is ``unsigned long`` (64 bits under
+NVRTC and gcc on Linux). The CuPy path only; NumPy's dropout draws from its
+Generator as before."""
+
+
+class CounterDropout:
+    """CuPy's dropout randomness of one epoch: ``key`` (a host number, from the
+    seed), ``step`` (a device uint64 scalar, so a replayed CUDA graph that
+    advances it in-graph stays correct) and the host's count of draws in the
+    step. ``args()`` gives the next draw's kernel arguments; ``advance()`` (one
+    elementwise kernel) moves to the next step."""
+
+    def __init__(self, seed, xp):
+        self.key = np.uint64(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        self.step = xp.zeros((), dtype=xp.uint64)
+        self.draw = 0
+
+    def args(self):
+        """``(key, step, draw)`` of the next draw of this step."""
+        if self.draw >= 16:
+            raise ValueError("more than 16 dropout draws in one step: COUNTER_UNIFORM's counter would overlap")
+        self.draw += 1
+        return self.key, self.step, np.uint64(self.draw - 1)
+
+    def advance(self):
+        self.step += 1
+        self.draw = 0
 
 
 # --- host memory ----------------------------------------------------------------------

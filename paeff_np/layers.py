@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, kernel, ndtr
+from .backend import COUNTER_UNIFORM, get_array_module, kernel, ndtr
 
 NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
 BATCHNORM_EPS = 1e-5
@@ -254,15 +254,18 @@ def relu_backward(dy, mask):
     return dy * mask
 
 
-DROPOUT_KERNEL = dict(kind="elementwise", in_params="T x, T u, T p, T keep", out_params="T y, T mask",
-                      body="mask = (u >= p) / keep; y = x * mask;", name="paeff_dropout")
-"""``mask = [u ≥ p]/(1 − p)``, ``y = x ⊙ mask`` (``keep`` = 1 − p): ``dropout_forward`` after its draw."""
+DROPOUT_KERNEL = dict(kind="elementwise", in_params="T x, uint64 key, uint64 step, uint64 draw, T p, T keep",
+                      out_params="T y, T mask",
+                      body=COUNTER_UNIFORM + "mask = (u >= p) / keep; y = x * mask;", name="paeff_dropout")
+"""``mask = [u ≥ p]/(1 − p)``, ``y = x ⊙ mask`` (``keep`` = 1 − p), u from ``backend.COUNTER_UNIFORM``:
+``dropout_forward`` with its draw fused."""
 
 
 def dropout_forward(x, p, rng=None):
     """Inverted dropout: ``y = x ⊙ mask`` with ``mask = [u ≥ p]/(1−p)``, u ~ U[0,1).
 
-    ``x``: any shape; ``rng``: a NumPy or CuPy ``Generator``. With ``p == 0``
+    ``x``: any shape; ``rng``: ``backend.default_rng``'s (a NumPy Generator, or
+    on CuPy a ``CounterDropout`` whose uniforms the kernel computes). With ``p == 0``
     it may be None and the layer is the identity (cache None). The cache is
     the mask.
 
@@ -272,8 +275,8 @@ def dropout_forward(x, p, rng=None):
         return x, None
     if rng is None:
         raise ValueError("dropout > 0 in train mode needs an rng")
-    if get_array_module(x) is not np:       # CuPy: the draw, then one kernel
-        return kernel(DROPOUT_KERNEL)(x, rng.random(x.shape, dtype=x.dtype), p, 1.0 - p)
+    if get_array_module(x) is not np:       # CuPy: the draw and the mask in one kernel
+        return kernel(DROPOUT_KERNEL)(x, *rng.args(), p, 1.0 - p)
     mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
     mask /= 1.0 - p
     return x * mask, mask

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, kernel
+from .backend import COUNTER_UNIFORM, get_array_module, kernel
 from .domains import (BOOLEAN, FRACTION, NON_NEGATIVE, ODD_INTEGER, POSITIVE, JointRule, check_fields,
                       check_known, integer, numbers_of, one_of)
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
@@ -253,11 +253,11 @@ _BRANCH_APPLY = """
     relu = bn > 0;
     """
 BRANCH_APPLY_KERNEL = dict(
-    kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta, T u, T p, T keep",
+    kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta, uint64 key, uint64 step, uint64 draw, T p, T keep",
     out_params="T xhat, bool relu, T drop, T y",
-    body=_BRANCH_APPLY + "drop = (u >= p) / keep; y = bn * relu * drop;", name="paeff_branch_apply")
+    body=_BRANCH_APPLY + COUNTER_UNIFORM + "drop = (u >= p) / keep; y = bn * relu * drop;", name="paeff_branch_apply")
 """``x̂ = (x − μ)·inv_std``, ``BN = γx̂ + β``, the ReLU's mask ``[BN > 0]``, the dropout's
-``[u ≥ p]/(1 − p)`` and ``y = BN ⊙ relu ⊙ drop``: batchnorm_forward's apply, relu_forward, dropout_forward."""
+``[u ≥ p]/(1 − p)`` (u from ``backend.COUNTER_UNIFORM``) and ``y = BN ⊙ relu ⊙ drop``: batchnorm_forward's apply, relu_forward, dropout_forward."""
 BRANCH_APPLY_NO_DROPOUT_KERNEL = dict(
     kind="elementwise", in_params="T x, T mean, T inv_std, T gamma, T beta",
     out_params="T xhat, bool relu, T y",
@@ -291,7 +291,7 @@ def _branch_train_forward_cupy(params, buffers, prefix, x, dropout, rng):
     gamma = P("1.weight")
     if dropout > 0:
         xhat, relu, drop, h3 = kernel(BRANCH_APPLY_KERNEL)(
-            h0, mean, inv_std, gamma, P("1.bias"), rng.random(h0.shape, dtype=h0.dtype), dropout, 1.0 - dropout)
+            h0, mean, inv_std, gamma, P("1.bias"), *rng.args(), dropout, 1.0 - dropout)
     else:
         xhat, relu, h3 = kernel(BRANCH_APPLY_NO_DROPOUT_KERNEL)(h0, mean, inv_std, gamma, P("1.bias"))
         drop = None

@@ -3,7 +3,7 @@ NumPy arrays, under the semantics of CuPy's ``ElementwiseKernel`` and
 ``ReductionKernel`` (a test harness; it replaces no GPU run):
 
 * typed parameters: ``T x`` (T: the dtype of the call's T arrays, float or
-  double), ``bool m``, ``float32``/``float64``/``int32``/``int64``, and any
+  double), ``bool m``, ``float32``/``float64``/``int32``/``int64``/``uint64``, and any
   other type name a placeholder of its own (``I y``: the dtype of its array);
   a Python number for a non-array parameter is cast to its type, as CuPy does;
 * ``raw`` parameters (elementwise): the whole array, C-contiguous, indexed by
@@ -39,7 +39,8 @@ import strict_xp
 COMPILER = shutil.which("gcc") or "/usr/bin/gcc"
 CACHE = os.path.join(tempfile.gettempdir(), f"paeff-c-kernels-{os.getuid()}")
 _C_TYPES = {"float32": ("float", np.float32), "float64": ("double", np.float64),
-            "bool": ("bool", np.bool_), "int32": ("int", np.int32), "int64": ("long long", np.int64)}
+            "bool": ("bool", np.bool_), "int32": ("int", np.int32), "int64": ("long long", np.int64),
+            "uint64": ("unsigned long long", np.uint64)}
 _INTEGER_C = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
 
 

@@ -299,22 +299,23 @@ def _raw(text):
     return {p.split()[-1] for p in text.split(",") if p.split()[0] == "raw"}
 
 
-_INTEGER_TYPES = {"int32": np.int32, "int64": np.int64}
+_INTEGER_TYPES = {"int32": np.int32, "int64": np.int64, "uint64": np.uint64}
 _TYPES = {"float32": np.float32, "float64": np.float64, "bool": np.bool_, **_INTEGER_TYPES}
 
 
 def _statements(body, name):
     """``[T ]name = expression;`` statements of a kernel body, compiled as Python: the
     subset of CUDA C that the library's kernels are written in (arithmetic,
-    comparisons, the conditional operator ``c ? a : b``, sqrt/exp/log/tanh/atanh/fabs/
+    comparisons, the conditional operator ``c ? a : b``, uint64 locals with ``^``/``>>``, sqrt/exp/log/tanh/atanh/fabs/
     fmax/fmin/normcdf), which reads the same in both."""
-    pattern = re.compile(r"^\s*(?:(?:const\s+)?(?:T|float|double|bool|int)\s+)?([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
+    pattern = re.compile(r"^\s*(?:(?:const\s+)?(T|float|double|bool|int|unsigned long long)\s+)?"
+                         r"([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
     out = []
     for line in filter(str.strip, body.replace("\n", ";").split(";")):
         match = pattern.match(line)
         if match is None:
             raise ValueError(f"{name}: the test double reads only '[T ]name = expression;', got {line!r}")
-        out.append((match.group(1), _ternary(match.group(2), name)))
+        out.append((match.group(2), _ternary(match.group(3), name), match.group(1)))
     return out
 
 
@@ -423,7 +424,9 @@ class ElementwiseKernel:
         if self.uses_i:             # the loop index: C order over the output's shape
             env["i"] = np.arange(int(np.prod(shape))).reshape(shape)
         types_ = {n: (np.bool_ if kind == "bool" else dtype) for kind, n in self.out_params}
-        for target, expression in self.statements:
+        # locals declared unsigned long long stay uint64 (wrapping mod 2⁶⁴ as C); others are T
+        types_.update({n: np.uint64 for n, _, decl in self.statements if decl == "unsigned long long"})
+        for target, expression, _ in self.statements:
             env[target] = np.asarray(_evaluate(expression, env, shape), dtype=types_.get(target, dtype))
         for n, o in zip(self.out_names, outs):
             o._a[...] = env[n]
@@ -454,7 +457,7 @@ class ReductionKernel:
         _count("reduction", size=int(np.prod(shape)) if axis is None else 0)
         mapped = np.broadcast_to(np.asarray(_evaluate(self.map_expr, env, shape), dtype=dtype), shape)
         env["a"] = self.reducer.reduce(mapped, axis=axis, keepdims=keepdims)
-        for target, expression in self.post_map:
+        for target, expression, _ in self.post_map:
             env[target] = np.asarray(_evaluate(expression, env, np.shape(env["a"])), dtype=dtype)
         return ndarray(np.asarray(env[self.out_params[0][1]]))
 

@@ -17,11 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_generator_from_a_list_seed_is_reproducible(xp):
-    a = default_rng([7, 3, 1], xp).random(5)
-    b = default_rng([7, 3, 1], xp).random(5)
-    c = default_rng([7, 4, 1], xp).random(5)
-    np.testing.assert_array_equal(to_host(a), to_host(b))
-    assert not np.array_equal(to_host(a), to_host(c))
+    """The dropout's numbers depend on the seed only (NumPy: its Generator; CuPy: the
+    counter-based hash, whose key, step and draw all change the mask)."""
+    from paeff_np.layers import dropout_forward
+    mask = lambda rng: to_host(dropout_forward(xp.ones(200), 0.5, rng)[1])
+    a, b, c = (mask(default_rng(s, xp)) for s in ([7, 3, 1], [7, 3, 1], [7, 4, 1]))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rng = default_rng([7, 3, 1], xp)
+    first, second = mask(rng), mask(rng)
+    np.testing.assert_array_equal(first, a)
+    assert not np.array_equal(first, second)              # the next draw of the step
+    if xp is not np:
+        rng.advance()                                      # the next step
+        assert not np.array_equal(mask(rng), a)
 
 
 def test_array_module_and_moves(xp):

@@ -298,12 +298,12 @@ def test_to_ball_kernels_match_the_numpy_path(cupy, dtype, riemannian):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_dropout_tanh_and_gelu_kernels_match_the_numpy_path(cupy, dtype):
     """Dropout (a comparison, one division, one product: correctly rounded on CUDA, so
-    the same bits, from the same draws), tanh's and GELU's backward at 0, at large
+    the same bits, from the same uniforms: the kernel's hash, the reference's on NumPy), tanh's and GELU's backward at 0, at large
     |x| (φ underflows, tanh saturates), and NaN."""
     from paeff_np.layers import dropout_forward, gelu_backward, gelu_forward, tanh_backward
     x = rows(dtype, seed=8)
-    y, mask = dropout_forward(x, 0.4, np.random.default_rng(5))
-    y_d, mask_d = dropout_forward(cupy.asarray(x), 0.4, cupy.random.default_rng(5))
+    y, mask = dropout_forward(x, 0.4, ReferenceDraws(5))
+    y_d, mask_d = dropout_forward(cupy.asarray(x), 0.4, backend.default_rng(5, cupy))
     np.testing.assert_array_equal(mask_d.get(), mask)
     np.testing.assert_array_equal(y_d.get(), y)
     t = np.tanh(rows(dtype, seed=9))
@@ -321,6 +321,91 @@ def test_dropout_tanh_and_gelu_kernels_match_the_numpy_path(cupy, dtype):
         phi = np.exp(-0.5 * g.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
         # exp within CUDA's 2 ulp, about 6 roundings; Φ from CUDA's normcdf within 5 ulp
         close(dx_d.get(), dx, dtype, 16, np.abs(dy) * (np.abs(phi * g) + np.abs(cache.cdf)))
+
+
+# --- the CuPy dropout's counter-based uniforms (backend.COUNTER_UNIFORM) ---------------
+
+GAMMA = 0x9E3779B97F4A7C15
+
+
+def splitmix64(x):
+    """splitmix64's finaliser on uint64 ``x`` (Steele, Lea, Flood 2014), mod 2⁶⁴ in NumPy."""
+    x = np.asarray(x, np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniform(key, step, draw, n):
+    """The reference of COUNTER_UNIFORM in uint64 arithmetic: element i of draw
+    ``draw`` in step ``step`` is splitmix64(key + ((16·step + draw)·2³² + i)·γ) >> 40, · 2⁻²⁴."""
+    i = np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        counter = (np.uint64(step) * np.uint64(16) + np.uint64(draw)) * np.uint64(1 << 32) + i
+        z = splitmix64(np.uint64(key) + counter * np.uint64(GAMMA))
+    return (z >> np.uint64(40)).astype(np.float64) * 2.0 ** -24
+
+
+class ReferenceDraws:
+    """A NumPy Generator's ``random`` that returns what ``backend.default_rng(seed, cupy)``'s
+    draws 0, 1, ... of step ``step`` hash to, for the NumPy reference functions."""
+
+    def __init__(self, seed, step=0):
+        self.key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        self.step, self.draw = step, 0
+
+    def random(self, shape, dtype=np.float64):
+        u = counter_uniform(self.key, self.step, self.draw, int(np.prod(shape))).reshape(shape)
+        self.draw += 1
+        return u.astype(dtype)
+
+
+def test_splitmix64_reference_gives_the_published_sequence():
+    """splitmix64 seeded 0 (Vigna's splitmix64.c: x += γ, then the finaliser) begins
+    0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4: counter n = 1, 2 of the Weyl sequence, key 0."""
+    with np.errstate(over="ignore"):
+        z = splitmix64(np.arange(1, 3, dtype=np.uint64) * np.uint64(GAMMA))
+    assert [int(v) for v in z] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+
+
+UNIFORM_PROBE = dict(kind="elementwise", in_params="T x, uint64 key, uint64 step, uint64 draw", out_params="T y",
+                     body=backend.COUNTER_UNIFORM + "y = u;", name="paeff_uniform_probe")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["gcc", "double"])
+def test_counter_uniform_c_body_is_the_reference_bit_for_bit(monkeypatch, dtype, compiled):
+    """COUNTER_UNIFORM compiled by gcc (c_kernels) and interpreted by the test double, against
+    the uint64 NumPy reference: the same numbers exactly (integer hash, then an exact scaling),
+    for large keys, steps and every draw index."""
+    if compiled and REASON is not None:
+        pytest.skip(REASON)
+    cp = c_kernels.cpu_cupy(monkeypatch) if compiled else strict_xp.install(monkeypatch)
+    x = cp.asarray(np.zeros((37, 29), dtype))
+    for key, step, draw in ((0, 0, 0), (2 ** 64 - 1, 1, 15), (0x0123456789ABCDEF, 123456, 7)):
+        got = backend.kernel(UNIFORM_PROBE)(x, np.uint64(key), cp.asarray(np.uint64(step)), np.uint64(draw))
+        np.testing.assert_array_equal(got.get(), counter_uniform(key, step, draw, x.size).reshape(x.shape)
+                                      .astype(dtype))
+
+
+def test_counter_uniform_statistics():
+    """The reference's numbers: in [0, 1), mean 1/2 and variance 1/12 within 5 standard errors,
+    no correlation between neighbouring elements, steps or draws (|r| < 5/√n), and a χ² of 64
+    bins within its 5σ band; a different key, step or draw gives other numbers."""
+    n, key = 1 << 18, 0x5DEECE66D
+    u = counter_uniform(key, 3, 1, n)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
+    assert abs(u.var() - 1 / 12) < 5 * np.sqrt(1 / 180 / n)
+    bound = 5 / np.sqrt(n)
+    corr = lambda a, b: abs(np.corrcoef(a, b)[0, 1])
+    assert corr(u[:-1], u[1:]) < bound
+    for other in (counter_uniform(key, 4, 1, n), counter_uniform(key, 3, 0, n), counter_uniform(key + 1, 3, 1, n)):
+        assert corr(u, other) < bound and not np.array_equal(u, other)
+    counts = np.bincount((u * 64).astype(int), minlength=64)
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+    assert abs(chi2 - 63) < 5 * np.sqrt(2 * 63)
 
 
 # --- losses.py ----------------------------------------------------------------------
@@ -607,7 +692,7 @@ def test_egff_width1_kernels_match_the_numpy_path(cupy, dtype, gate, mix):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_branch_kernels_match_the_numpy_path(cupy, dtype, dropout):
     """The branch in train mode: b₀ left to the BatchNorm's stats kernel, BatchNorm's apply,
-    ReLU and dropout in one kernel (the same uniforms: both generators seeded alike), their
+    ReLU and dropout in one kernel (the same uniforms: the kernel's hash, the reference's on NumPy), their
     backward after the two masked column sums; against model.branch_forward/backward on NumPy."""
     from paeff_np.model import BRANCHES, Config, branch_backward, branch_forward, init_params
     cfg = Config(face_dim=24, voice_dim=12, embed_dim=16, n_classes=5, dropout=dropout)
@@ -618,11 +703,11 @@ def test_branch_kernels_match_the_numpy_path(cupy, dtype, dropout):
     x = rng.standard_normal((B, 24)).astype(dtype)
     x[:, 0] *= 1e3
     dh4 = rng.standard_normal((B, 16)).astype(dtype)
-    h4, buf, cache = branch_forward(params, buffers, BRANCHES[0], x, True, dropout, np.random.default_rng(9))
+    h4, buf, cache = branch_forward(params, buffers, BRANCHES[0], x, True, dropout, ReferenceDraws(9))
     grads = branch_backward(dh4, cache)
     dev = lambda d: {k: cupy.asarray(v) for k, v in d.items()}
     h4_d, buf_d, cache_d = branch_forward(dev(params), dev(buffers), BRANCHES[0], cupy.asarray(x), True,
-                                          dropout, cupy.random.default_rng(9))
+                                          dropout, backend.default_rng(9, cupy))
     grads_d = branch_backward(cupy.asarray(dh4), cache_d)
     assert np.array_equal(cache_d.relu.get(), cache.relu)
     if dropout:

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TOL
 from paeff_np import check_layer
-from paeff_np.backend import to_host
+from paeff_np.backend import default_rng, to_host
 from paeff_np.layers import (NORMAL_CDF_SERIES, BatchNormState, batchnorm_backward, batchnorm_forward, conv1d_backward,
                              conv1d_forward, dropout_backward, dropout_forward,
                              gelu_backward, gelu_forward, l2_normalize_backward,
@@ -67,9 +67,9 @@ def test_relu(rand):
 def test_dropout(rand, xp):
     x = rand(50, 40)
     # the same seed at every call: the same mask, so the check is deterministic
-    fwd = lambda x: dropout_forward(x, 0.4, xp.random.default_rng(7))
+    fwd = lambda x: dropout_forward(x, 0.4, default_rng(7, xp))
     check_layer(fwd, dropout_backward, [x[:4, :5]])
-    y, mask = dropout_forward(x, 0.4, xp.random.default_rng(7))
+    y, mask = dropout_forward(x, 0.4, default_rng(7, xp))
     kept = to_host(mask) > 0
     assert 0.5 < kept.mean() < 0.7                                       # about 1 − p kept
     np.testing.assert_allclose(to_host(y)[kept], to_host(x)[kept] / 0.6)  # inverted scaling

@@ -8,6 +8,7 @@ import pytest
 
 import paeff_np as pn
 from conftest import SMALL, TOL, pre_batchnorm_biases, small_batch, to_xp
+from paeff_np.backend import default_rng
 from paeff_np.gradcheck import relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch-reference")   # made by fixtures/make_fixtures.py
@@ -35,7 +36,7 @@ def test_whole_loss_gradient(xp, variant, dropout):
     params, buffers = pn.init_params(cfg, seed=1, dtype=np.float64)
     params, buffers = to_xp(params, xp), to_xp(buffers, xp)
     face, voice, labels = small_batch(xp)
-    rng = lambda: xp.random.default_rng(3) if dropout else None
+    rng = lambda: default_rng(3, xp) if dropout else None
 
     def loss():
         return pn.loss_and_grads(params, buffers, face, voice, labels, cfg, rng=rng())[0]

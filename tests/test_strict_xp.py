@@ -51,8 +51,8 @@ def test_double_treated_as_cupy_by_the_backend(cupy):
     view = backend.to_device(np.zeros(10), "cuda")[2:8].reshape(2, 3)
     assert isinstance(view.base, cupy.ndarray)                    # views know their base (flat.py)
     np.testing.assert_allclose(layers.normal_cdf(cupy.asarray([0.0, 1.0])).get(), [0.5, 0.8413447460685429])
-    draws = backend.default_rng([1, 2], cupy).random(3)
-    assert isinstance(draws, cupy.ndarray)
+    y, mask = layers.dropout_forward(cupy.asarray(np.ones(8)), 0.5, backend.default_rng([1, 2], cupy))
+    assert isinstance(y, cupy.ndarray) and isinstance(mask, cupy.ndarray)
 
 
 def test_adamw_kernel_source_is_the_formula(cupy):

@@ -2,7 +2,8 @@
 checkpoints every epoch, resume, model selection and the refit.
 
 Randomness is a pure function of ``(seed, epoch)``: the shuffle of epoch e
-uses ``default_rng([seed, e, 0])`` and its dropout ``[seed, e, 1]``. A run
+uses ``default_rng([seed, e, 0])`` and its dropout ``[seed, e, 1]`` (on CuPy a
+counter-based hash of that key, the step and the element: backend.COUNTER_UNIFORM). A run
 resumed from the checkpoint of epoch e therefore continues exactly as the
 uninterrupted run would: bit for bit on the CPU.
 
@@ -63,7 +64,8 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import write_atomically
-from ..backend import array_module, default_rng, device_free_bytes, physical_memory_bytes, to_device, upload
+from ..backend import (CounterDropout, array_module, default_rng, device_free_bytes, physical_memory_bytes,
+                       to_device, upload)
 from ..domains import (FRACTION, NON_NEGATIVE, NO_VALUE, POSITIVE, STRING, BOOLEAN, Domain, FieldError,
                        JointRule, check_fields, check_known, integer, one_of)
 from .evaluation import embed_rows, list_name, validation_figures
@@ -403,6 +405,7 @@ class Trainer:
         batches = xp.asarray(_epoch_batches(len(self.dataset.train), settings.batch_size,
                                             settings.seed, epoch))
         rng = default_rng([settings.seed, epoch, 1], xp) if self.cfg.dropout > 0 else None
+        advance = rng.advance if isinstance(rng, CounterDropout) else None   # CuPy: the next step's numbers
         sums = {k: xp.zeros((), dtype=xp.float64) for k in ("loss", "align", "opl", "ce")}
         start = time.perf_counter()
         with np.errstate(all="ignore"):     # a diverging run is caught below, once per epoch
@@ -411,6 +414,8 @@ class Trainer:
                     self.params, self.buffers, self.face[idx], self.voice[idx], self.labels[idx],
                     self.cfg, rng=rng)
                 self.opt.step(self.params, grads, lr=lr)
+                if advance is not None:
+                    advance()
                 sums["loss"] += loss
                 for k, v in terms.items():
                     sums[k] += v
