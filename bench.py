@@ -54,7 +54,7 @@ from paeff_np.usage import ArgumentParser, UsageError  # noqa: E402
 from paeff_np.backend import CounterDropout, default_rng, keep_freed_memory, probe_gpu  # noqa: E402
 from paeff_np.flat import flatten                        # noqa: E402
 from paeff_np.model import step_flops, step_matmuls      # noqa: E402
-from paeff_np.run.training import NO_SELECTION, PAPER_RECIPE               # noqa: E402
+from paeff_np.run.training import NO_SELECTION, PAPER_RECIPE, GraphedStep  # noqa: E402
 
 MAIN = dict(batch=1024, embed_dim=256, face_dim=4096, voice_dim=512, n_classes=901)
 SCALING_B = (256, 1024, 4096)
@@ -236,47 +236,78 @@ def strict_double():
     return strict_xp
 
 
-def count_step(cupy, B, D, face_dim, voice_dim, K, **config):
+def make_graph_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic", **config):
+    """The step of ``make_step`` through CUDA graphs (``training.GraphedStep``, what
+    ``train.py --cuda-graphs`` runs): ``step()`` trains on all B rows; the first call
+    runs eagerly, the second records, the rest replay."""
+    xp = dev.xp
+    cfg = pn.Config(face_dim=face_dim, voice_dim=voice_dim, embed_dim=D, n_classes=K,
+                    alignment=alignment, **config)
+    params, buffers = pn.init_params(cfg, seed=seed, dtype=np.float32)
+    _, params = flatten({k: xp.asarray(v) for k, v in params.items()})
+    buffers = {k: xp.asarray(v) for k, v in buffers.items()}
+    host = np.random.default_rng(seed)
+    face = xp.asarray(np.abs(host.standard_normal((B, face_dim), dtype=np.float32)))
+    voice = xp.asarray(host.standard_normal((B, voice_dim), dtype=np.float32))
+    labels = xp.asarray(host.integers(0, K, B))
+    graphed = GraphedStep(xp, params, buffers, pn.AdamW(lr=PAPER_RECIPE["lr"]), cfg, face, voice, labels, B,
+                          rng=default_rng(seed, xp))
+    rows = xp.arange(B)
+    return cfg, lambda: graphed(rows, PAPER_RECIPE["lr"])
+
+
+def count_step(cupy, B, D, face_dim, voice_dim, K, cuda_graphs=False, **config):
     """The cost in CuPy calls of one training step (``loss_and_grads`` + AdamW on
-    the flat buffer, as ``make_step`` runs it), after one warm-up step, counted by
-    the double ``cupy`` (``strict_xp.installed()``): a ``LaunchCount``."""
+    the flat buffer, as ``make_step`` runs it; ``cuda_graphs``: a replay of
+    ``make_graph_step``), after the warm-up (and recording) calls, counted by the
+    double ``cupy`` (``strict_xp.installed()``): a ``LaunchCount``."""
     double = sys.modules[type(cupy.asarray(np.zeros(1))).__module__]
     dev = types.SimpleNamespace(xp=cupy, sync=lambda: None)
-    _, step, _ = make_step(dev, B, D, face_dim, voice_dim, K, **config)
-    step()
+    if cuda_graphs:
+        _, step = make_graph_step(dev, B, D, face_dim, voice_dim, K, **config)
+        step(), step()
+    else:
+        _, step, _ = make_step(dev, B, D, face_dim, voice_dim, K, **config)
+        step()
     with double.counting() as count:
         step()
     return count
 
 
 def count_launches(log):
-    """``--count-launches``: the PAEFF and the Poincaré step at the main sizes."""
+    """``--count-launches``: the PAEFF and the Poincaré step at the main sizes, eager
+    and through CUDA graphs (``--cuda-graphs``)."""
     double = strict_double()
     sizes = (MAIN["batch"], MAIN["embed_dim"], MAIN["face_dim"], MAIN["voice_dim"], MAIN["n_classes"])
     results = {}
     with double.installed() as cupy, np.errstate(all="ignore"):
         for name, alignment in (("paeff", "hyperbolic"), ("poincare", "poincare")):
             results[name] = count_step(cupy, *sizes, alignment=alignment).summary()
+            results[name + "_graphs"] = count_step(cupy, *sizes, cuda_graphs=True, alignment=alignment).summary()
     log(f"CuPy calls of one training step, counted through the test double (tests/strict_xp.py), "
         f"B={sizes[0]}, D={sizes[1]}, face {sizes[2]} / voice {sizes[3]}, K={sizes[4]}:")
+    columns = (("paeff", "PAEFF"), ("poincare", "Poincaré"))
     kinds = sorted({k for r in results.values() for k in r["by_kind"]})
     modules = sorted({m for r in results.values() for m in r["by_module"]})
-    log(f"  {'':<22} {'PAEFF':>8} {'Poincaré':>9}")
+    log(f"  {'':<22} {'PAEFF':>8} {'Poincaré':>9}   with --cuda-graphs: {'PAEFF':>6} {'Poincaré':>9}")
     rows = [("host calls", "host_calls"), ("kernels", "kernels"), ("host syncs", "syncs"),
             ("host → device copies", "h2d")]
+
+    def line(label, get):
+        eager = "".join(f" {get(results[n]):>{w}}" for (n, _), w in zip(columns, (8, 9)))
+        graphs = "".join(f" {get(results[n + '_graphs']):>{w}}" for (n, _), w in zip(columns, (6, 9)))
+        log(f"  {label:<22}{eager}   {'':<19}{graphs}")
     for label, key in rows:
-        log(f"  {label:<22} {results['paeff'][key]:>8} {results['poincare'][key]:>9}")
+        line(label, lambda r: r[key])
     log("  host calls by kind:")
     for kind in kinds:
-        log(f"    {kind:<20} {results['paeff']['by_kind'].get(kind, 0):>8} "
-            f"{results['poincare']['by_kind'].get(kind, 0):>9}")
+        line(f"  {kind}", lambda r: r["by_kind"].get(kind, 0))
     log("  host calls by module:")
     for module in modules:
-        log(f"    {module:<20} {results['paeff']['by_module'].get(module, 0):>8} "
-            f"{results['poincare']['by_module'].get(module, 0):>9}")
+        line(f"  {module}", lambda r: r["by_module"].get(module, 0))
     for name, r in results.items():
-        for line in r["sync_lines"]:
-            log(f"  sync ({name}): {line}")
+        for sync_line in r["sync_lines"]:
+            log(f"  sync ({name}): {sync_line}")
     return results
 
 

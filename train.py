@@ -82,6 +82,9 @@ def make_parser():
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     device_flag(p)
+    p.add_argument("--cuda-graphs", action="store_true", help="with --device cuda: replay each step as "
+                   "CUDA graphs of the segments between matrix products (the same bits, fewer host calls; "
+                   "prepared, not yet measured on a GPU: README \"GPU\")")
     p.add_argument("--out", help="folder of a new run (default runs/<timestamp>); a resumed "
                    "run stays in its own folder")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (folder or "
@@ -176,9 +179,9 @@ def check_fresh(out):
                              f"choose another --out")
 
 
-def make_trainer(dataset, cfg, settings, out, data_meta, validation=None):
+def make_trainer(dataset, cfg, settings, out, data_meta, validation=None, cuda_graphs=False):
     try:
-        return Trainer(dataset, cfg, settings, out, data_meta, validation=validation)
+        return Trainer(dataset, cfg, settings, out, data_meta, validation=validation, cuda_graphs=cuda_graphs)
     except FieldError as exc:            # settings the data cannot take
         raise UsageError(exc.describe(AS_FLAGS)) from None
     except ValueError as exc:
@@ -326,7 +329,7 @@ def start_run(args, hold):
                             f"those {checkpoint.path} was trained on (their fingerprint changed): "
                             f"a resumed run must see the same data")
         out = run_dir
-        trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split)
+        trainer = make_trainer(dataset, checkpoint.cfg, settings, out, data_meta, split, args.cuda_graphs)
         trainer.restore(checkpoint)
         old_epochs = checkpoint.config["train"]["epochs"]
         if settings.epochs != old_epochs and os.path.exists(os.path.join(out, REFIT_DIR, ckpt.CHECKPOINT_NAME)):
@@ -361,7 +364,7 @@ def new_trainer(args, dataset, data_meta, out, split=None):
     settings = replace(settings, refit=refit_default(args, full, split))
     overrides = {"embed_dim": preset["embed_dim"], **config_overrides(args)}
     cfg = make_config(dataset.train, overrides)
-    return make_trainer(dataset, cfg, settings, out, data_meta, split)
+    return make_trainer(dataset, cfg, settings, out, data_meta, split, args.cuda_graphs)
 
 
 def describe(trainer):
@@ -598,6 +601,8 @@ def format_ablation(tables, rule="val", refit=False):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     validate_hyperparameters(args, defaults=PRESETS[args.preset])
+    if args.cuda_graphs and args.resume is None and args.device != "cuda":
+        raise UsageError("--cuda-graphs runs the step as CUDA graphs: it needs --device cuda")
     array_module(args.device or "cpu")     # the GPU probe, before any data is parsed or folder made
     with contextlib.ExitStack() as locks:    # the run folder's lock, held to the end
         (train_ablation if args.ablation else train_one)(args, locks.enter_context)

@@ -263,6 +263,33 @@ class CounterDropout:
         self.draw = 0
 
 
+# --- the calls a CUDA-graph capture cannot hold ---------------------------------------
+
+_recorders = []     # the active graphs.StepGraphs recording, if any (innermost last)
+
+
+def matmul(a, b):
+    """``a @ b``: every matrix product of the library goes through here.
+
+    CuPy refuses cuBLAS calls while a stream is captured into a CUDA graph
+    (CuPy issue 6290), so a recording ``graphs.StepGraphs`` cuts the step at
+    each product: the product runs eagerly and is replayed as one call.
+    Otherwise, and always on NumPy, it is just ``a @ b``.
+    """
+    if _recorders:
+        return _recorders[-1].cut(lambda out=None: get_array_module(a).matmul(a, b, out=out))
+    return a @ b
+
+
+def uniform(rng, shape, dtype):
+    """``rng.random(shape, dtype=dtype)``, numbers uniform on [0, 1) from the
+    Generator ``rng``; a cut point of a graph recording, like ``matmul`` (CuPy
+    refuses cuRAND calls during capture)."""
+    if _recorders:
+        return _recorders[-1].cut(lambda out=None: rng.random(shape, dtype=dtype, out=out))
+    return rng.random(shape, dtype=dtype)
+
+
 # --- host memory ----------------------------------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from .backend import COUNTER_UNIFORM, get_array_module, kernel, ndtr
+from .backend import COUNTER_UNIFORM, get_array_module, kernel, matmul, ndtr
 
 NORMALIZE_EPS = 1e-12   # F.normalize: e = h / max(‖h‖, 1e-12)
 BATCHNORM_EPS = 1e-5
@@ -91,7 +91,7 @@ def linear_forward(x, W, b):
 
     Derivation: docs/math.md §1.
     """
-    y = x @ W.T
+    y = matmul(x, W.T)
     y += b                  # in place: no second B × out array
     return y, LinearCache(x, W)
 
@@ -104,8 +104,8 @@ def linear_backward(dy, cache, need_dx=True):
 
     Derivation: docs/math.md §1.
     """
-    dx = dy @ cache.W if need_dx else None
-    return dx, dy.T @ cache.x, dy.sum(axis=0)
+    dx = matmul(dy, cache.W) if need_dx else None
+    return dx, matmul(dy.T, cache.x), dy.sum(axis=0)
 
 
 # --- BatchNorm1d ---

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, kernel, to_host
+from .backend import get_array_module, kernel, matmul, to_host
 from .layers import L2NormalizeCache, l2_normalize_backward, l2_normalize_forward
 
 OPL_EPS = 1e-6    # pos = Σ M⁺⊙G / (Σ M⁺ + 1e-6): a batch without pairs gives 0, not 0/0
@@ -251,7 +251,7 @@ def symmetric_cross_entropy_forward(a, b, temperature):
 
     Derivation: docs/math.md §10 (worked by hand: §0.2).
     """
-    S = (a / temperature) @ b.T         # 1/τ on a B × D factor, not on the B × B product
+    S = matmul(a / temperature, b.T)        # 1/τ on a B × D factor, not on the B × B product
     loss, cache_logits = symmetric_cross_entropy_from_logits_forward(S)
     return loss, SymmetricCrossEntropyCache(a, b, temperature, cache_logits)
 
@@ -265,7 +265,7 @@ def symmetric_cross_entropy_backward(dloss, cache):
     """
     dS_over_tau = symmetric_cross_entropy_from_logits_backward(dloss / cache.temperature,
                                                                 cache.logits)
-    return dS_over_tau @ cache.b, dS_over_tau.T @ cache.a
+    return matmul(dS_over_tau, cache.b), matmul(dS_over_tau.T, cache.a)
 
 
 # --- orthogonal projection loss (OPL) ---
@@ -381,7 +381,7 @@ def _orthogonal_projection_forward_cupy(z, y, gamma):
     G, the row numbers, ΣM⁺ and the loss (the kernels above), no mask stored."""
     xp = get_array_module(z)
     zhat, cache_norm = l2_normalize_forward(z)
-    G = zhat @ zhat.T
+    G = matmul(zhat, zhat.T)
     n = len(y)
     rows = xp.arange(n, dtype=y.dtype)
     masks = (G, y[:, None], y[None, :], rows[:, None], rows[None, :])
@@ -408,7 +408,7 @@ def orthogonal_projection_forward(z, y, gamma):
     if xp is not np:
         return _orthogonal_projection_forward_cupy(z, y, gamma)
     zhat, cache_norm = l2_normalize_forward(z)
-    G = zhat @ zhat.T
+    G = matmul(zhat, zhat.T)
     n = len(y)
     i, j = same_label_pairs(y)
     n_pos = xp.asarray(len(i), dtype=G.dtype)
@@ -438,12 +438,12 @@ def orthogonal_projection_backward(dloss, cache):
         n = cache.G.shape[0]
         dG = kernel(OPL_BACKWARD_KERNEL)(cache.G, cache.y[:, None], cache.y[None, :], cache.n_pos, n * n - n,
                                          cache.gamma, OPL_EPS, 2.0 * dloss, n + 1)
-        return l2_normalize_backward(dG @ cache.zhat, cache.normalize)
+        return l2_normalize_backward(matmul(dG, cache.zhat), cache.normalize)
     xp = get_array_module(cache.zhat)
     i, j = cache.pairs
     dG = xp.sign(cache.G)
     dG *= cache.gamma * cache.w_neg
     dG[i, j] = -cache.w_pos
     xp.fill_diagonal(dG, 0.0)
-    dzhat = 2.0 * (dG @ cache.zhat)
+    dzhat = 2.0 * matmul(dG, cache.zhat)
     return dloss * l2_normalize_backward(dzhat, cache.normalize)

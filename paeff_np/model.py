@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import COUNTER_UNIFORM, get_array_module, kernel
+from .backend import COUNTER_UNIFORM, get_array_module, kernel, matmul
 from .domains import (BOOLEAN, FRACTION, NON_NEGATIVE, ODD_INTEGER, POSITIVE, JointRule, check_fields,
                       check_known, integer, numbers_of, one_of)
 from .fusion import (EGFF_GATES, EGFF_MIXES, egff_backward, egff_forward, gated_fusion_backward,
@@ -280,7 +280,7 @@ BRANCH_BN_BACKWARD_KERNEL = dict(
 def _branch_train_forward_cupy(params, buffers, prefix, x, dropout, rng):
     """``branch_forward`` in train mode on CuPy: the same outputs and cache."""
     P = lambda name: params[prefix + name]
-    h0 = x @ P("0.weight").T                              # + b₀: cancelled by the BatchNorm
+    h0 = matmul(x, P("0.weight").T)                       # + b₀: cancelled by the BatchNorm
     n = h0.shape[0]
     state = _bn_state(buffers, prefix + "1.")
     mean = h0.mean(axis=0)
@@ -573,7 +573,7 @@ def _head_forward(m, W, b):
     """``z = tanh(m Wᵀ + b)``: ``linear_forward`` then ``tanh_forward`` (CuPy: the product
     and one kernel). Returns ``z``, the linear's cache and the tanh's."""
     if get_array_module(m) is not np:
-        z = kernel(HEAD_TANH_KERNEL)(m @ W.T, b)
+        z = kernel(HEAD_TANH_KERNEL)(matmul(m, W.T), b)
         return z, LinearCache(m, W), z
     r, cache_res = linear_forward(m, W, b)
     z, cache_tanh = tanh_forward(r)

@@ -35,12 +35,23 @@ def _adamw_gather_kernel(layout):
                 name="paeff_adamw_gather")
 
 
-def _adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
-    """The scalar arguments of ADAMW_KERNEL after ``g``, in its order."""
+ADAMW_SCALARS = ("decay", "beta1", "c1", "beta2", "c2", "step_size", "sqrt_bias2", "eps")
+"""The numbers ``ADAMW_KERNEL`` takes after ``g``, in its order (``adamw_scalars``)."""
+
+
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
+    """The numbers ``ADAMW_KERNEL`` takes after ``g`` (``ADAMW_SCALARS``), in its order:
+    ``(1 − lr·wd, β₁, 1 − β₁, β₂, 1 − β₂, lr/bias1, sqrt_bias2, ε)``."""
     return (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / bias1, sqrt_bias2, eps)
 
 
-def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
+def _kernel_scalars(hyper, scalars):
+    """The numbers the kernels take after the gradient: from the host (``hyper``), or,
+    when ``scalars`` (a device array of ``adamw_scalars``) is given, read there."""
+    return adamw_scalars(**hyper) if scalars is None else [scalars[i] for i in range(len(scalars))]
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2, scalars=None):
     """One AdamW step on ``p``, ``m``, ``v`` in place (arrays of one shape)::
 
         p ← p·(1 − lr·wd)
@@ -51,14 +62,18 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bi
     with ``bias1 = 1 − β₁ᵗ``, ``sqrt_bias2 = √(1 − β₂ᵗ)``. The one implementation
     of the formula, used per key and on a whole flat buffer alike. On CuPy it
     is one fused elementwise kernel (``ADAMW_KERNEL``, compiled once by
-    ``backend.elementwise_kernel``), the same formula.
+    ``backend.elementwise_kernel``), the same formula; ``scalars``, if given,
+    is a device array holding ``adamw_scalars(...)`` of this step, which the
+    kernel reads there instead of taking the numbers from the host (a replayed
+    CUDA graph, ``paeff_np.graphs``, reads new numbers each step that way).
 
     Derivation: docs/math.md §15.
     """
     xp = get_array_module(p)
     if xp is not np:
-        elementwise_kernel(**ADAMW_KERNEL)(
-            g, *_adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2), p, m, v)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias1=bias1,
+                     sqrt_bias2=sqrt_bias2)
+        elementwise_kernel(**ADAMW_KERNEL)(g, *_kernel_scalars(hyper, scalars), p, m, v)
         return
     p *= 1.0 - lr * weight_decay
     m *= beta1
@@ -116,15 +131,25 @@ class AdamW:
 
         Derivation: docs/math.md §15.
         """
+        self.apply(params, grads, self.advance(lr))
+
+    def advance(self, lr=None):
+        """``t ← t + 1``; the numbers of that step: ``lr``, the betas, ε, the weight
+        decay and the bias corrections (``bias1``, ``sqrt_bias2``), for ``apply``."""
         lr = self.lr if lr is None else lr
         beta1, beta2 = self.betas
         self.t += 1
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=self.eps,
-                     weight_decay=self.weight_decay, bias1=1.0 - beta1 ** self.t,
-                     sqrt_bias2=math.sqrt(1.0 - beta2 ** self.t))
+        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay,
+                    bias1=1.0 - beta1 ** self.t, sqrt_bias2=math.sqrt(1.0 - beta2 ** self.t))
+
+    def apply(self, params, grads, hyper, scalars=None):
+        """The update of one step whose numbers are ``hyper`` (from ``advance``);
+        ``scalars``: see ``adamw_update`` (flat parameters on CuPy only)."""
         if isinstance(params, FlatViews) and params.is_intact():
-            self._step_flat(params, grads, hyper)
+            self._step_flat(params, grads, hyper, scalars)
             return
+        if scalars is not None:
+            raise ValueError("AdamW.apply: device scalars need flat parameters (paeff_np.flat.flatten)")
         for key, p in params.items():
             if key not in self.m:
                 xp = get_array_module(p)
@@ -132,7 +157,7 @@ class AdamW:
                 self.v[key] = xp.zeros_like(p)
             adamw_update(p, grads[key], self.m[key], self.v[key], **hyper)
 
-    def _step_flat(self, params, grads, hyper):
+    def _step_flat(self, params, grads, hyper, scalars=None):
         layout = params.layout
         self.m, self.v = (self._flat_state(s, params) for s in (self.m, self.v))
         if not _is_flat_views_of(grads, layout):
@@ -146,10 +171,10 @@ class AdamW:
             # CuPy: one kernel reads each gradient where it lies and updates the buffers
             if self._gather is None or self._gather[0] is not layout:
                 self._gather = (layout, _adamw_gather_kernel(layout))
-            elementwise_kernel(**self._gather[1])(*(grads[k] for k in layout.keys), *_adamw_scalars(**hyper),
+            elementwise_kernel(**self._gather[1])(*(grads[k] for k in layout.keys), *_kernel_scalars(hyper, scalars),
                                                   params.flat, self.m.flat, self.v.flat)
             return
-        adamw_update(params.flat, grads.flat, self.m.flat, self.v.flat, **hyper)
+        adamw_update(params.flat, grads.flat, self.m.flat, self.v.flat, **hyper, scalars=scalars)
 
     @staticmethod
     def _flat_state(state, params):

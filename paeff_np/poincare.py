@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, kernel
+from .backend import get_array_module, kernel, matmul
 from .layers import row_dot, row_norm
 from .losses import (SymmetricCrossEntropyFromLogitsCache, symmetric_cross_entropy_from_logits_backward,
                      symmetric_cross_entropy_from_logits_forward)
@@ -149,7 +149,7 @@ def _distance_matrix_forward_cupy(x, y, c, scale):
     one kernel. The cache's ``coef_b`` is None: the kernels form it from ``sq_x``."""
     sqrt_c = c ** 0.5
     sq_x, sq_y = row_dot(x, x), row_dot(y, y).T
-    gram = x @ y.T
+    gram = matmul(x, y.T)
     coef_a, den, num_norm, num_active, artanh_arg, artanh_active, dist = kernel(DISTANCE_KERNEL)(
         gram, sq_x, sq_y, c, -2.0 * c, c * c, 1.0 + MOBIUS_EPS, MIN_NUM_SQ, sqrt_c, -1.0 + ARTANH_EPS,
         1.0 - ARTANH_EPS, 2.0 / sqrt_c, scale)
@@ -165,8 +165,8 @@ def _distance_matrix_backward_cupy(dS, cache, dscale):
         dS, dscale, cache.artanh_arg, cache.artanh_active, cache.den, cache.num_active, cache.num_norm,
         cache.coef_a, cache.gram, cache.sq_x, cache.sq_y, c, -2.0 / c ** 0.5, -2.0 * c, c * c, 2.0 * c)
     dsq_x, dsq_y = row.sum(axis=1, keepdims=True), col.sum(axis=0)[:, None]
-    dx = kernel(DISTANCE_GRAD_KERNEL)(dgram @ cache.y, dsq_x, cache.x)
-    dy = kernel(DISTANCE_GRAD_KERNEL)(dgram.T @ cache.x, dsq_y, cache.y)
+    dx = kernel(DISTANCE_GRAD_KERNEL)(matmul(dgram, cache.y), dsq_x, cache.x)
+    dy = kernel(DISTANCE_GRAD_KERNEL)(matmul(dgram.T, cache.x), dsq_y, cache.y)
     return dx, dy
 
 
@@ -211,7 +211,7 @@ def distance_matrix_forward(x, y, c):
     sqrt_c = c ** 0.5
     sq_x = row_dot(x, x)              # B × 1
     sq_y = row_dot(y, y).T            # 1 × B′
-    gram = x @ y.T
+    gram = matmul(x, y.T)
     coef_b = 1.0 - c * sq_x
     # B × B work in place, one pass per line (the B × 1 and 1 × B terms broadcast)
     minus_2cg = gram * (-2.0 * c)
@@ -289,11 +289,11 @@ def distance_matrix_backward(dD, cache):
     row_terms = xp.multiply(coef_a, 1.0 + c * sq_y, out=ab_ds)
     row_terms -= (2.0 * c * coef_b) * sq_y
     row_terms *= ds
-    dsq_x = row_terms.sum(axis=1, keepdims=True) + (c * c) * (dden @ sq_y.T)
-    dsq_y = (ds.T @ (coef_b * coef_b) + c * da.sum(axis=0)[:, None]
-             + (c * c) * (dden.T @ sq_x))
-    dx = dgram @ y + 2.0 * dsq_x * x
-    dy = dgram.T @ x + 2.0 * dsq_y * y
+    dsq_x = row_terms.sum(axis=1, keepdims=True) + (c * c) * matmul(dden, sq_y.T)
+    dsq_y = (matmul(ds.T, coef_b * coef_b) + c * da.sum(axis=0)[:, None]
+             + (c * c) * matmul(dden.T, sq_x))
+    dx = matmul(dgram, y) + 2.0 * dsq_x * x
+    dy = matmul(dgram.T, x) + 2.0 * dsq_y * y
     return dx, dy
 
 

@@ -111,8 +111,9 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
                "reduction" if method in ("reduce", "accumulate") else "elementwise",
                size=_size_of(inputs[0]) if method == "reduce" and kwargs.get("axis", 0) is None else 0)
         out = kwargs.get("out")
-        kwargs = _unwrap(kwargs)
-        result = getattr(ufunc, method)(*_unwrap(inputs), **kwargs)
+        np_inputs, np_kwargs = _unwrap(inputs), _unwrap(kwargs)
+        result = _device_op(lambda: getattr(ufunc, method)(*np_inputs, **np_kwargs),
+                            in_place=out is not None, inputs=np_inputs)
         if out is not None:
             return out[0] if len(out) == 1 else out
         return _wrap(result, inputs)
@@ -141,6 +142,13 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         _count_sync("tolist()")
         return self._a.tolist()
 
+    def set(self, arr, stream=None):
+        """``a.set(host_array)``: the explicit copy of host data into this array (one h2d)."""
+        if not isinstance(arr, np.ndarray) or arr.shape != self.shape:
+            raise ValueError(f"set: a NumPy array of shape {self.shape} is needed (strict CuPy test double)")
+        _count("h2d")
+        self._a[...] = arr
+
     # shape and views
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
@@ -158,11 +166,13 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
 
     def __getitem__(self, index):
         _count_indexing(index, None)
-        return _wrap(self._a[_unwrap(index)], (self,))
+        a, np_index = self._a, _unwrap(index)
+        return _wrap(_device_op(lambda: a[np_index], inputs=(a,)), (self,))
 
     def __setitem__(self, index, value):
         _count_indexing(index, value)
-        self._a[_unwrap(index)] = _unwrap(value)
+        a, np_index, np_value = self._a, _unwrap(index), _unwrap(value)
+        _device_op(lambda: a.__setitem__(np_index, np_value), in_place=True)
 
     def __getattr__(self, name):            # methods: sum, reshape, astype, copy, ...
         if name.startswith("__"):           # no __array_interface__ etc.: no implicit path to NumPy
@@ -172,8 +182,12 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
             return _wrap(attr, (self,))
 
         def method(*args, **kwargs):
-            result = attr(*_unwrap(args), **_unwrap(kwargs))
+            np_args, np_kwargs = _unwrap(args), _unwrap(kwargs)
+            in_place = name in _IN_PLACE_METHODS or "out" in kwargs
+            result = _device_op(lambda: attr(*np_args, **np_kwargs), in_place=in_place, inputs=(self._a,))
             _count_method(name, self, result, args, kwargs)
+            if result is None and "out" in kwargs:     # recorded, not run (a capture): CuPy returns out
+                return kwargs["out"]
             return _wrap(result, (self,))
         return method
 
@@ -186,8 +200,13 @@ def _function(np_func):
     name = getattr(np_func, "__name__", "?")
 
     def device_function(*args, **kwargs):
-        result = np_func(*_unwrap(args), **_unwrap(kwargs))
+        np_args, np_kwargs = _unwrap(args), _unwrap(kwargs)
+        in_place = name in _IN_PLACE_FUNCTIONS or "out" in kwargs
+        result = _device_op(lambda: np_func(*np_args, **np_kwargs), in_place=in_place,
+                            inputs=[a for a in np_args if isinstance(a, np.ndarray)])
         _count_function(name, np_func, args, kwargs, result)
+        if result is None and "out" in kwargs:         # recorded, not run (a capture): CuPy returns out
+            return kwargs["out"]
         return _wrap(result, args)
     return device_function
 
@@ -196,7 +215,8 @@ def _transfer(np_func):
     """``xp.asarray(x)``: the explicit copy of host data to the device."""
     def to_device(obj, *args, **kwargs):
         if isinstance(obj, ndarray):
-            result = np_func(obj._a, *args, **kwargs)
+            a = obj._a
+            result = _device_op(lambda: np_func(a, *args, **kwargs), inputs=(a,))
             if result is not obj._a and not np.shares_memory(result, obj._a):
                 _count("elementwise")             # a dtype conversion or a copy on the device
             return _wrap(result, (obj,))
@@ -420,7 +440,14 @@ class ElementwiseKernel:
         else:
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
             outs = [ndarray(np.empty(shape, np.bool_ if kind == "bool" else dtype)) for kind, _ in self.out_params]
-        env.update({n: o._a.copy() for n, o in zip(self.out_names, outs)})
+            _allocated([o._a for o in outs])
+        np_outs = [o._a for o in outs]
+        _device_op(lambda: self._run(env, dtype, shape, np_outs), in_place=True)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _run(self, inputs_env, dtype, shape, np_outs):
+        env = dict(inputs_env)
+        env.update({n: o.copy() for n, o in zip(self.out_names, np_outs)})
         if self.uses_i:             # the loop index: C order over the output's shape
             env["i"] = np.arange(int(np.prod(shape))).reshape(shape)
         types_ = {n: (np.bool_ if kind == "bool" else dtype) for kind, n in self.out_params}
@@ -428,9 +455,8 @@ class ElementwiseKernel:
         types_.update({n: np.uint64 for n, _, decl in self.statements if decl == "unsigned long long"})
         for target, expression, _ in self.statements:
             env[target] = np.asarray(_evaluate(expression, env, shape), dtype=types_.get(target, dtype))
-        for n, o in zip(self.out_names, outs):
-            o._a[...] = env[n]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        for n, o in zip(self.out_names, np_outs):
+            o[...] = env[n]
 
 
 class ReductionKernel:
@@ -455,11 +481,15 @@ class ReductionKernel:
         inputs, dtype, env = _kernel_inputs(self.in_params, args, self.name)
         shape = np.broadcast_shapes(*(a.shape for a in inputs if isinstance(a, np.ndarray)))
         _count("reduction", size=int(np.prod(shape)) if axis is None else 0)
+        return ndarray(_device_op(lambda: self._run(env, dtype, shape, axis, keepdims), inputs=inputs))
+
+    def _run(self, inputs_env, dtype, shape, axis, keepdims):
+        env = dict(inputs_env)
         mapped = np.broadcast_to(np.asarray(_evaluate(self.map_expr, env, shape), dtype=dtype), shape)
         env["a"] = self.reducer.reduce(mapped, axis=axis, keepdims=keepdims)
         for target, expression, _ in self.post_map:
             env[target] = np.asarray(_evaluate(expression, env, np.shape(env["a"])), dtype=dtype)
-        return ndarray(np.asarray(env[self.out_params[0][1]]))
+        return np.array(env[self.out_params[0][1]])
 
 
 # --- launch counting: what each call would cost CuPy -------------------------------
@@ -507,7 +537,7 @@ class ReductionKernel:
 # The counts are this model's, exact for the code as it runs; what a launch
 # costs in host time is not modelled (bench.py on a GPU measures that).
 
-KERNEL_KINDS = ("elementwise", "reduction", "cublas", "fancy-index", "copy", "memset", "random")
+KERNEL_KINDS = ("elementwise", "reduction", "cublas", "fancy-index", "copy", "memset", "random", "graph")
 CUB_MIN_SIZE = 128          # a whole-array reduction at least this big takes CUB's two passes
 _FREE = {"empty", "empty_like", "broadcast_to", "reshape", "diagonal", "transpose", "ravel",
          "expand_dims", "squeeze", "result_type", "shape", "ndim", "isscalar", "broadcast_shapes",
@@ -520,6 +550,8 @@ _REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "any", "all", "prod"
 _CUBLAS = {"matmul", "dot", "tensordot", "einsum", "inner", "vdot"}
 _COPIES = {"copy", "concatenate", "stack", "ascontiguousarray", "hstack", "vstack", "take", "tile"}
 _MEMSET = {"zeros", "zeros_like"}
+_IN_PLACE_FUNCTIONS = {"copyto", "fill_diagonal", "put", "place", "putmask"}
+_IN_PLACE_METHODS = {"fill", "sort", "partition", "put", "itemset"}
 _SYNCING = {"nonzero", "flatnonzero", "argwhere", "unique", "repeat", "bincount", "searchsorted"}
 _METHOD_REDUCTIONS = {"sum", "mean", "max", "min", "any", "all", "prod", "argmax", "argmin", "var",
                       "std", "cumsum", "sort", "argsort"}
@@ -581,6 +613,7 @@ class counting:
 
 
 _HERE = __file__
+_PASS_THROUGH = {"matmul", "uniform", "ndtr", "<lambda>"}   # backend's cut points: the call is their caller's
 
 
 def _caller():
@@ -589,7 +622,8 @@ def _caller():
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
-        if path != _HERE and "/numpy/" not in path:
+        if (path != _HERE and "/numpy/" not in path
+                and not (path.endswith("backend.py") and frame.f_code.co_name in _PASS_THROUGH)):
             break
         frame = frame.f_back
     if frame is None:
@@ -602,15 +636,21 @@ def _caller():
 
 
 def _count(kind, size=0, kernels=None):
-    if not _counter:
-        return
     if kernels is None:
         kernels = 2 if kind == "reduction" and size >= CUB_MIN_SIZE else 1
+    if _capture:
+        _capture[-1].add_kernels(kind, kernels)      # a node of the graph, not a host call
+        return
+    if not _counter:
+        return
     module, line = _caller()
     _counter[-1].events.append((kind, kernels, module, line))
 
 
 def _count_sync(what):
+    if _capture:
+        raise RuntimeError(f"{what} while a stream is capturing: a capture cannot wait for the device "
+                           f"(strict CuPy test double; CUDA: operation not permitted when stream is capturing)")
     if _counter:
         module, line = _caller()
         _counter[-1].events.append(("sync", 0, module, f"{line} {what}"))
@@ -625,7 +665,7 @@ def _is_full(kwargs):
 
 
 def _count_function(name, np_func, args, kwargs, result):
-    if not _counter:
+    if not _counter and not _capture:
         return
     first = args[0] if args else None
     if name in _FREE:
@@ -652,7 +692,7 @@ def _count_function(name, np_func, args, kwargs, result):
 
 
 def _count_method(name, self, result, args, kwargs):
-    if not _counter:
+    if not _counter and not _capture:
         return
     if name in _METHOD_REDUCTIONS:
         _count("reduction", size=self.size if _is_full(kwargs) and not args else 0)
@@ -674,7 +714,7 @@ def _count_method(name, self, result, args, kwargs):
 
 def _count_indexing(index, value):
     """``a[index]`` (value None) or ``a[index] = value``, by CuPy's indexing rules above."""
-    if not _counter:
+    if not _counter and not _capture:
         return
     parts = index if isinstance(index, tuple) else (index,)
     arrays = [p for p in parts if isinstance(p, (ndarray, np.ndarray, list))]
@@ -690,6 +730,173 @@ def _count_indexing(index, value):
             _count("fancy-index")
     elif value is not None:                 # basic indexing: a fill or a copy into the view
         _count("copy" if isinstance(value, ndarray) else "elementwise")
+
+
+# --- stream capture and CUDA graphs ----------------------------------------------
+#
+# CuPy: ``s = cupy.cuda.Stream(non_blocking=True)``; ``with s: s.begin_capture();
+# ...; g = s.end_capture()``; ``g.launch(s)``. While a stream captures, no
+# kernel runs: each is a node of the graph, run when the graph is launched
+# (every launch runs them all again, on the same memory). The double keeps that
+# meaning with NumPy:
+#
+# * an operation that writes into existing memory (``out=``, ``a[i] = v``, a
+#   kernel's given outputs, ``fill``, ``copyto``) is recorded and NOT run;
+# * an operation that makes a new array runs (for its shape and dtype), is
+#   recorded to recompute into that same array, and the array is POISONED
+#   (NaN, or a value no index takes) when the capture ends: code that reads
+#   a captured result before launching the graph reads garbage, as on a GPU;
+# * what CuPy refuses during capture raises RuntimeError: cuBLAS and cuRAND
+#   calls (CuPy disables them, CuPy issue 6290), host → device copies of host
+#   data, and any sync;
+# * ``Graph.launch()`` is one host call running all the graph's kernels
+#   (counted as kind "graph", with the kernels of its nodes).
+#
+# ``MemoryPool`` and ``using_allocator`` exist and do nothing: the double's
+# "addresses" are its NumPy arrays, which every node keeps alive.
+
+_REFUSED_IN_CAPTURE = {"cublas": "a cuBLAS call", "random": "a cuRAND draw",
+                       "h2d": "a host -> device copy of host data"}
+_capture = []               # the active capture (one stream captures at a time)
+
+
+class _Capture:
+    def __init__(self, stream):
+        self.stream, self.nodes, self.fresh, self.kernels = stream, [], [], 0
+
+    def add_kernels(self, kind, kernels):
+        if kind in _REFUSED_IN_CAPTURE:
+            raise RuntimeError(f"{_REFUSED_IN_CAPTURE[kind]} while a stream is capturing: CuPy refuses it "
+                               f"(strict CuPy test double; CuPy issue 6290)")
+        self.kernels += kernels
+
+
+def _arrays_of(result):
+    if isinstance(result, np.ndarray):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [a for r in result for a in _arrays_of(r)]
+    return []
+
+
+def _as_arrays(result):
+    if isinstance(result, np.generic):
+        return np.asarray(result)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_as_arrays(r) for r in result)
+    return result
+
+
+def _copy_into(targets, values):
+    for target, value in zip(targets, values):
+        np.copyto(target, value)
+
+
+def _allocated(arrays):
+    """Arrays a kernel call allocates for its outputs: poisoned when the capture ends."""
+    if _capture:
+        _capture[-1].fresh.extend(arrays)
+
+
+def _device_op(compute, in_place=False, inputs=()):
+    """Run ``compute()`` (a NumPy computation on device payloads), or, while a stream
+    captures, record it as a graph node (rules above)."""
+    if not _capture:
+        return compute()
+    capture = _capture[-1]
+    if in_place:
+        capture.nodes.append(compute)
+        return None
+    result = _as_arrays(compute())          # a NumPy scalar: CuPy's 0-d array, recomputed too
+    inputs = [a for a in inputs if isinstance(a, np.ndarray)]
+    new = [i for i, r in enumerate(_arrays_of(result)) if not any(np.shares_memory(r, a) for a in inputs)]
+    if new:
+        targets = [_arrays_of(result)[i] for i in new]
+        capture.nodes.append(lambda: _copy_into(targets, [_arrays_of(_as_arrays(compute()))[i] for i in new]))
+        capture.fresh.extend(targets)
+    return result
+
+
+def _poison(a):
+    if a.dtype.kind in "fc":
+        a[...] = np.nan
+    elif a.dtype.kind in "iu":
+        a[...] = np.iinfo(a.dtype).max
+    elif a.dtype == np.bool_:
+        np.logical_not(a, out=a)
+
+
+class Graph:
+    """A captured graph: ``launch(stream=None)`` runs its nodes in order."""
+
+    def __init__(self, nodes, kernels):
+        self._nodes, self.kernels = nodes, kernels
+
+    def launch(self, stream=None):
+        if _capture:
+            raise RuntimeError("a graph launched while a stream is capturing (strict CuPy test double)")
+        _count("graph", kernels=self.kernels)
+        for node in self._nodes:
+            node()
+
+
+class Stream:
+    """``cupy.cuda.Stream``: a context (the current stream) that can capture."""
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+        self.non_blocking = non_blocking and not null
+        self.ptr = 0 if null else id(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        if not self.non_blocking:
+            raise RuntimeError("stream capture needs a non-blocking stream (strict CuPy test double; CUDA "
+                               "refuses capture on a stream that synchronises with the legacy default stream)")
+        if _capture:
+            raise RuntimeError("a stream is already capturing (strict CuPy test double)")
+        _capture.append(_Capture(self))
+
+    def is_capturing(self):
+        return bool(_capture) and _capture[-1].stream is self
+
+    def end_capture(self):
+        if not self.is_capturing():
+            raise RuntimeError("end_capture on a stream that is not capturing (strict CuPy test double)")
+        capture = _capture.pop()
+        for a in capture.fresh:
+            _poison(a)
+        return Graph(capture.nodes, capture.kernels)
+
+    def synchronize(self):
+        _count_sync("Stream.synchronize()")
+
+
+class MemoryPool:
+    """``cupy.cuda.MemoryPool``: the double's memory is its NumPy arrays."""
+
+    def malloc(self, size):
+        raise NotImplementedError("the strict CuPy test double allocates no raw memory")
+
+    def free_all_blocks(self):
+        pass
+
+
+class using_allocator:
+    """``cupy.cuda.using_allocator(malloc)``: a context that changes nothing here."""
+
+    def __init__(self, allocator=None):
+        self.allocator = allocator
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 # --- the device ----------------------------------------------------------------
@@ -708,16 +915,19 @@ _runtime = types.SimpleNamespace(
     getDeviceProperties=lambda device_id: {"name": b"strict CuPy test double (NumPy)"},
     runtimeGetVersion=lambda: 0,
     driverGetVersion=lambda: 0,
-    memGetInfo=lambda: (FREE_BYTES[0], 80 << 30))
+    memGetInfo=lambda: (FREE_BYTES[0], 80 << 30),
+    streamCaptureModeRelaxed=2)
 FREE_BYTES = [80 << 30]     # what memGetInfo says is free; a test may set it
-cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device)
+cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device, Stream=Stream, MemoryPool=MemoryPool,
+                             using_allocator=using_allocator)
 
 
 def ndtr(x):
     """``cupyx.scipy.special.ndtr``: a ufunc, one elementwise kernel."""
     import scipy.special
     _count("elementwise")
-    return _wrap(scipy.special.ndtr(_unwrap(x)))
+    a = _unwrap(x)
+    return _wrap(_device_op(lambda: scipy.special.ndtr(a), inputs=(a,)))
 
 
 class _Patches:

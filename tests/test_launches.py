@@ -22,6 +22,10 @@ MAIN = (bench.MAIN["batch"], bench.MAIN["embed_dim"], bench.MAIN["face_dim"], be
 # host calls of one step at the main sizes, by the counter: lower them here when the code
 # gets cheaper, never raise them (the issue's targets: <= 120 PAEFF, <= 150 Poincaré)
 CEILINGS = {"hyperbolic": 98, "poincare": 105}
+# the same through CUDA graphs (train.py --cuda-graphs: a replay of bench.make_graph_step):
+# one call per graph segment, matrix product and random draw, plus the batch's indices
+# and AdamW's numbers set before the replay
+GRAPH_CEILINGS = {"hyperbolic": 49, "poincare": 55}
 # every Config variant a step can take: fusion, alignment, EGFF's gate/mix/kernel, the
 # Riemannian scaling, dropout on and off
 VARIANTS = ([dict(fusion=f, alignment=a) for f in ("egff", "gated")
@@ -75,6 +79,21 @@ def test_a_training_step_costs_no_more_calls_than_recorded(cupy, alignment):
     assert not [k for k in count.by_kind() if k.startswith("unmodelled")], count.by_kind()
     assert count.host_calls() <= CEILINGS[alignment], count.summary()
     assert count.syncs() == [] and count.h2d() == 0, count.summary()
+
+
+@pytest.mark.parametrize("alignment", sorted(GRAPH_CEILINGS))
+def test_a_replayed_step_costs_no_more_calls_than_recorded(cupy, alignment):
+    """The step through CUDA graphs: at or under the recorded figure; no sync, one upload
+    (AdamW's numbers). Each matrix product and draw is one call, the rest is graphs."""
+    with np.errstate(all="ignore"):
+        count = bench.count_step(cupy, *MAIN, cuda_graphs=True, alignment=alignment)
+        eager = bench.count_step(cupy, *MAIN, alignment=alignment)
+    kinds = count.by_kind()
+    assert count.host_calls() <= GRAPH_CEILINGS[alignment], count.summary()
+    assert count.syncs() == [] and count.h2d() == 1, count.summary()
+    assert kinds["cublas"] == eager.by_kind()["cublas"] and kinds["random"] == eager.by_kind()["random"]
+    assert set(kinds) == {"graph", "cublas", "random", "copy", "h2d"}, kinds
+    assert kinds["graph"] == kinds["cublas"] + kinds["random"] + 1      # one segment around each cut
 
 
 @pytest.mark.parametrize("config", VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))

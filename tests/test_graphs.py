@@ -1,0 +1,186 @@
+"""CUDA graphs (paeff_np/graphs.py, ``train.py --cuda-graphs``), tested on the CPU
+through the CuPy test double, which simulates capture and replay (tests/strict_xp.py:
+a captured kernel does not run until its graph is launched, its new arrays read as
+garbage until then, cuBLAS and cuRAND calls are refused while capturing).
+
+A replayed step must give the eager step's bits; what it costs is counted in
+tests/test_launches.py. No GPU has run this: these tests prove the logic, not CuPy's
+graphs or their speed.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import strict_xp
+import paeff_np as pn
+from paeff_np.backend import default_rng
+from paeff_np.data.synth import make_synthetic
+from paeff_np.domains import FieldError
+from paeff_np.flat import flatten
+from paeff_np.graphs import StepGraphs
+from paeff_np.run.training import NO_SELECTION, GraphedStep, Trainer, TrainSettings
+
+from test_launches import VARIANTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    return strict_xp.install(monkeypatch)
+
+
+# --- the double's capture, as CuPy's --------------------------------------------------
+
+def test_a_captured_kernel_runs_only_when_its_graph_is_launched(cupy):
+    a = cupy.asarray(np.ones(4))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        a += 1.0                      # a node: not run yet
+        b = a * 2.0                   # a new array: garbage until the launch
+        graph = stream.end_capture()
+    assert np.array_equal(a.get(), np.ones(4))
+    assert np.isnan(b.get()).all()
+    graph.launch(stream)
+    assert np.array_equal(a.get(), np.full(4, 2.0)) and np.array_equal(b.get(), np.full(4, 4.0))
+    graph.launch(stream)              # every launch runs it all again, on the same memory
+    assert np.array_equal(a.get(), np.full(4, 3.0)) and np.array_equal(b.get(), np.full(4, 6.0))
+
+
+@pytest.mark.parametrize("call", ["matmul", "random", "sync", "upload"])
+def test_the_double_refuses_during_capture_what_cupy_refuses(cupy, call):
+    a = cupy.asarray(np.ones((3, 3)))
+    rng = default_rng(0, cupy)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    do = {"matmul": lambda: a @ a, "random": lambda: rng.random((3,)), "sync": lambda: float(a[0, 0]),
+          "upload": lambda: cupy.asarray(np.ones(3))}[call]
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="capturing"):
+            do()
+        stream.end_capture()
+
+
+def test_capture_needs_a_non_blocking_stream(cupy):
+    with pytest.raises(RuntimeError, match="non-blocking"):
+        cupy.cuda.Stream().begin_capture()
+
+
+def test_step_graphs_cut_at_each_matrix_product_and_draw(cupy):
+    """The tape: graphs between the calls capture cannot hold, those calls eager;
+    the first call eager, the second recorded, the rest replayed; each gives a's
+    next value as an eager loop does."""
+    rng = default_rng(1, cupy)
+    w = cupy.asarray(np.random.default_rng(0).standard_normal((4, 4)) / 4)
+    x = cupy.asarray(np.ones((2, 4)))
+    seen = []
+
+    def step():
+        y = pn.backend.matmul(x, w) + 1.0
+        x[...] = y * pn.backend.uniform(rng, y.shape, y.dtype)
+
+    graphs = StepGraphs(cupy)
+    for _ in range(4):
+        graphs(step)
+        seen.append(x.get())
+    rng2, x2 = default_rng(1, cupy), cupy.asarray(np.ones((2, 4)))
+    for got in seen:
+        x2[...] = (x2 @ w + 1.0) * rng2.random(x2.shape, dtype=x2.dtype)
+        assert np.array_equal(got, x2.get())
+    assert len(graphs.tape) == 5        # graph, matmul, graph, draw, graph
+
+
+def test_an_error_while_recording_leaves_the_stream_usable(cupy):
+    graphs = StepGraphs(cupy)
+
+    def bad():
+        raise ValueError("boom")
+    graphs(lambda: None)
+    with pytest.raises(ValueError, match="boom"):
+        graphs(bad)
+    assert graphs.tape is None and not graphs.stream.is_capturing()
+    graphs(lambda: None)                # records again
+    assert graphs.tape is not None
+
+
+# --- the training step ------------------------------------------------------------
+
+def small_step_inputs(cupy, cfg, seed=0):
+    params, buffers = pn.init_params(cfg, seed=seed, dtype=np.float32)
+    _, params = flatten({k: cupy.asarray(v) for k, v in params.items()})
+    buffers = {k: cupy.asarray(v) for k, v in buffers.items()}
+    host = np.random.default_rng(seed)
+    n = 24
+    face = cupy.asarray(host.standard_normal((n, cfg.face_dim), dtype=np.float32))
+    voice = cupy.asarray(host.standard_normal((n, cfg.voice_dim), dtype=np.float32))
+    labels = cupy.asarray(host.integers(0, cfg.n_classes, n))
+    return params, buffers, face, voice, labels
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v[k]}" for k in v))
+def test_a_replayed_step_gives_the_eager_steps_bits(cupy, variant):
+    """Every Config variant: four steps (eager, recorded, two replays) on changing
+    batches and learning rates, against four eager steps: the same parameters, AdamW
+    moments and BatchNorm buffers, bit for bit."""
+    cfg = pn.Config(face_dim=12, voice_dim=10, embed_dim=8, n_classes=5, **variant)
+    batches = [cupy.asarray(np.random.default_rng(i).permutation(24)[:16]) for i in range(4)]
+    lrs = [1e-3, 9e-4, 8e-4, 7e-4]
+    with np.errstate(all="ignore"):
+        params, buffers, face, voice, labels = small_step_inputs(cupy, cfg)
+        opt, rng = pn.AdamW(lr=1e-3), default_rng(3, cupy)
+        for idx, lr in zip(batches, lrs):
+            _, _, grads, buffers = pn.loss_and_grads(params, buffers, face[idx], voice[idx], labels[idx],
+                                                     cfg, rng=rng)
+            opt.step(params, grads, lr=lr)
+        g_params, g_buffers, face, voice, labels = small_step_inputs(cupy, cfg)
+        g_opt = pn.AdamW(lr=1e-3)
+        step = GraphedStep(cupy, g_params, g_buffers, g_opt, cfg, face, voice, labels, 16, rng=default_rng(3, cupy))
+        for idx, lr in zip(batches, lrs):
+            step(idx, lr)
+    assert step.graphs.tape is not None
+    for key in params:
+        assert np.array_equal(params[key].get(), g_params[key].get()), key
+        assert np.array_equal(opt.m[key].get(), g_opt.m[key].get()), key
+    for key in buffers:
+        assert np.array_equal(buffers[key].get(), g_buffers[key].get()), key
+
+
+@pytest.mark.parametrize("alignment", ["hyperbolic", "poincare"])
+def test_a_run_with_cuda_graphs_is_the_eager_run_bit_for_bit(cupy, tmp_path, alignment):
+    """Trainer(cuda_graphs=True): two epochs with dropout (a new recording each epoch),
+    the same parameters, buffers and history as without."""
+    data = make_synthetic(n_identities=40, seed=0, face_dim=64, voice_dim=32)
+    cfg = pn.Config(face_dim=data.train.face_dim, voice_dim=data.train.voice_dim, embed_dim=16,
+                    n_classes=data.train.n_classes, dropout=0.1, alignment=alignment)
+    runs = {}
+    for graphs in (False, True):
+        settings = TrainSettings(epochs=2, lr=1e-3, batch_size=32, device="cuda", **NO_SELECTION)
+        trainer = Trainer(data, cfg, settings, str(tmp_path / str(graphs)), log=lambda line: None,
+                          cuda_graphs=graphs)
+        trainer.train()
+        runs[graphs] = trainer
+    assert len(runs[True].history) == 2 and len(data.train) // 32 >= 4     # replays in each epoch
+    eager, graphed = runs[False], runs[True]
+    for key in eager.params:
+        assert np.array_equal(eager.params[key].get(), graphed.params[key].get()), key
+    for key in eager.buffers:
+        assert np.array_equal(eager.buffers[key].get(), graphed.buffers[key].get()), key
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in h]
+    assert strip(eager.history) == strip(graphed.history)
+
+
+def test_cuda_graphs_on_the_cpu_are_refused(tmp_path):
+    data = make_synthetic(n_identities=40, seed=0, face_dim=64, voice_dim=32)
+    cfg = pn.Config(face_dim=data.train.face_dim, voice_dim=data.train.voice_dim, embed_dim=16,
+                    n_classes=data.train.n_classes)
+    with pytest.raises(FieldError, match="CUDA graphs need the GPU"):
+        Trainer(data, cfg, TrainSettings(epochs=1, **NO_SELECTION), str(tmp_path), cuda_graphs=True)
+    run = subprocess.run([sys.executable, "train.py", "--cuda-graphs", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "train.py: error: --cuda-graphs runs the step as CUDA graphs: it needs --device cuda"]
+    assert not (tmp_path / "r").exists()
