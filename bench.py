@@ -239,7 +239,8 @@ def strict_double():
 def make_graph_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperbolic", **config):
     """The step of ``make_step`` through CUDA graphs (``training.GraphedStep``, what
     ``train.py --cuda-graphs`` runs): ``step()`` trains on all B rows; the first call
-    runs eagerly, the second records, the rest replay."""
+    runs eagerly, the second records, the rest replay, on the graphs' own stream (the
+    caller synchronizes before reading anything on the default stream)."""
     xp = dev.xp
     cfg = pn.Config(face_dim=face_dim, voice_dim=voice_dim, embed_dim=D, n_classes=K,
                     alignment=alignment, **config)
@@ -253,6 +254,7 @@ def make_graph_step(dev, B, D, face_dim, voice_dim, K, seed=0, alignment="hyperb
     graphed = GraphedStep(xp, params, buffers, pn.AdamW(lr=PAPER_RECIPE["lr"]), cfg, face, voice, labels, B,
                           rng=default_rng(seed, xp))
     rows = xp.arange(B)
+    dev.xp.cuda.Device().synchronize()      # the graphs' stream does not wait for the default one
     return cfg, lambda: graphed(rows, PAPER_RECIPE["lr"])
 
 
@@ -271,6 +273,8 @@ def count_step(cupy, B, D, face_dim, voice_dim, K, cuda_graphs=False, **config):
         step()
     with double.counting() as count:
         step()
+    if cuda_graphs:
+        cupy.cuda.Device().synchronize()    # the replays ran on the graphs' own stream
     return count
 
 

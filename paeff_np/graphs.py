@@ -2,9 +2,9 @@
 
 On a GPU a step is launch-bound: each CuPy call costs host time, and the
 matrix products need far less. A CUDA graph replays a whole recorded
-sequence of kernels as one host call. CuPy refuses cuBLAS and cuRAND calls
-while a stream is being captured (CuPy issue 6290), so the step cannot be one
-graph. ``StepGraphs`` records it as a *tape*::
+sequence of kernels as one host call. CuPy refuses cuBLAS calls while a
+stream is being captured (NotImplementedError; CuPy issue 6290), so the step
+cannot be one graph. ``StepGraphs`` records it as a *tape*::
 
     graph 0, matmul, graph 1, matmul, ..., random draw, graph k, ...
 
@@ -12,7 +12,11 @@ the elementwise segments between the calls that cannot be captured as graphs,
 and those calls (``backend.matmul`` and ``backend.uniform``, the library's
 only matrix products and random draws) as eager calls into the same output
 arrays. A replay walks the tape: host calls per step fall to about the
-number of matrix products plus the number of segments.
+number of matrix products plus the number of segments. (CuPy refuses
+cuRAND's host API too, its legacy ``cupy.random`` functions; the
+``Generator``'s draws the library makes are kernels on device state, which
+CuPy does not refuse and a graph might hold, one cut fewer each: unverified,
+so they stay cut points.)
 
 What a replay needs, and the caller must give (``Trainer`` does, behind
 ``--cuda-graphs``):
@@ -25,6 +29,12 @@ What a replay needs, and the caller must give (``Trainer`` does, behind
   device array uploaded before each replay). Everything the recording
   allocates comes from this object's own memory pool, which nothing else
   allocates from, so no other array can take that memory later.
+* **order with the default stream.** The tape runs on its own non-blocking
+  stream, which CUDA does not order with the default (legacy) stream that the
+  rest of the library uses: the caller waits for the default stream's work
+  before the first call (``Device().synchronize()``) and for this stream's
+  before reading what the steps wrote (``synchronize()``; ``release()`` waits
+  too).
 * **no host work inside the step.** A replay runs no Python of the step:
   anything the step function does on the host (a counter, a Python float) is
   done once, at recording. The step makes no host sync (held by the tests at
@@ -73,8 +83,11 @@ class StepGraphs:
             try:
                 step()
             except BaseException:
-                if self.stream.is_capturing():
-                    self.stream.end_capture()       # dropped: the stream must not stay capturing
+                if self.stream.is_capturing():      # dropped: the stream must not stay capturing
+                    try:
+                        self.stream.end_capture()
+                    except Exception:               # an invalidated capture (a sync) raises: the
+                        pass                        # step's own error is the one to report
                 self._recording = None
                 raise
             finally:
@@ -103,6 +116,8 @@ class StepGraphs:
         self.stream.synchronize()
 
     def release(self):
-        """Drop the tape and give the pool's memory back."""
+        """Wait for the stream's work, drop the tape and give the pool's memory back
+        (after the wait: a replay still running may write it)."""
+        self.stream.synchronize()
         self.tape = None
         self.pool.free_all_blocks()

@@ -35,6 +35,7 @@ formula; ``fmax``/``fmin`` keep C's rule (a NaN operand gives the other one).
 import re
 import sys
 import types
+import weakref
 
 import numpy as np
 import numpy.lib.mixins
@@ -95,6 +96,8 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
     def __init__(self, a):
         self._a = a
         self._base = None
+        if _capture and id(a) in _capture[-1].fresh_ids:
+            _capture[-1].track(self)
 
     # the explicit copy to the host, and what CuPy refuses
     def get(self):
@@ -143,10 +146,15 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         return self._a.tolist()
 
     def set(self, arr, stream=None):
-        """``a.set(host_array)``: the explicit copy of host data into this array (one h2d)."""
-        if not isinstance(arr, np.ndarray) or arr.shape != self.shape:
-            raise ValueError(f"set: a NumPy array of shape {self.shape} is needed (strict CuPy test double)")
-        _count("h2d")
+        """``a.set(host_array, stream=None)``: the explicit copy of host data into this
+        array (one h2d) on ``stream`` (default: the current one), with CuPy's checks."""
+        if not isinstance(arr, np.ndarray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray (strict CuPy test double)")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array (strict CuPy test double)")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        _count("h2d", stream=stream)
         self._a[...] = arr
 
     # shape and views
@@ -440,7 +448,7 @@ class ElementwiseKernel:
         else:
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
             outs = [ndarray(np.empty(shape, np.bool_ if kind == "bool" else dtype)) for kind, _ in self.out_params]
-            _allocated([o._a for o in outs])
+            _allocated(outs)
         np_outs = [o._a for o in outs]
         _device_op(lambda: self._run(env, dtype, shape, np_outs), in_place=True)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -635,22 +643,34 @@ def _caller():
     return path.rsplit("/", 1)[-1], f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
 
 
-def _count(kind, size=0, kernels=None):
+def _count(kind, size=0, kernels=None, stream=None):
     if kernels is None:
         kernels = 2 if kind == "reduction" and size >= CUB_MIN_SIZE else 1
     if _capture:
         _capture[-1].add_kernels(kind, kernels)      # a node of the graph, not a host call
         return
+    _issue(stream)
     if not _counter:
         return
     module, line = _caller()
     _counter[-1].events.append((kind, kernels, module, line))
 
 
-def _count_sync(what):
+def _count_sync(what, waits_for=None, reads=True):
+    """A host sync; ``waits_for``: the streams it waits for (default: the current one,
+    as CuPy's ``get()``, ``float()``: a copy on the current stream, then its sync);
+    ``reads``: it reads device memory, which another stream's work in flight may
+    still write (see "Streams" below)."""
     if _capture:
+        _capture[-1].invalidated = True
         raise RuntimeError(f"{what} while a stream is capturing: a capture cannot wait for the device "
                            f"(strict CuPy test double; CUDA: operation not permitted when stream is capturing)")
+    for s in (list(_pending.values()) if waits_for == "all" else [waits_for or _current()]):
+        _pending.pop(id(s), None)
+    if waits_for == "all" or (waits_for or _current()) is None:
+        _default_busy.clear()
+    if _pending and reads:
+        _unordered(what)
     if _counter:
         module, line = _caller()
         _counter[-1].events.append(("sync", 0, module, f"{line} {what}"))
@@ -665,7 +685,7 @@ def _is_full(kwargs):
 
 
 def _count_function(name, np_func, args, kwargs, result):
-    if not _counter and not _capture:
+    if not (_counter or _capture or _watch):
         return
     first = args[0] if args else None
     if name in _FREE:
@@ -692,7 +712,7 @@ def _count_function(name, np_func, args, kwargs, result):
 
 
 def _count_method(name, self, result, args, kwargs):
-    if not _counter and not _capture:
+    if not (_counter or _capture or _watch):
         return
     if name in _METHOD_REDUCTIONS:
         _count("reduction", size=self.size if _is_full(kwargs) and not args else 0)
@@ -714,7 +734,7 @@ def _count_method(name, self, result, args, kwargs):
 
 def _count_indexing(index, value):
     """``a[index]`` (value None) or ``a[index] = value``, by CuPy's indexing rules above."""
-    if not _counter and not _capture:
+    if not (_counter or _capture or _watch):
         return
     parts = index if isinstance(index, tuple) else (index,)
     arrays = [p for p in parts if isinstance(p, (ndarray, np.ndarray, list))]
@@ -746,29 +766,117 @@ def _count_indexing(index, value):
 #   recorded to recompute into that same array, and the array is POISONED
 #   (NaN, or a value no index takes) when the capture ends: code that reads
 #   a captured result before launching the graph reads garbage, as on a GPU;
-# * what CuPy refuses during capture raises RuntimeError: cuBLAS and cuRAND
-#   calls (CuPy disables them, CuPy issue 6290), host → device copies of host
-#   data, and any sync;
+# * what CuPy refuses during capture raises: cuBLAS calls NotImplementedError
+#   as CuPy does (its tests/cupy_tests/cuda_tests/test_graph.py), and so do the
+#   Generator's draws (CuPy refuses cuRAND's host API, the legacy
+#   ``cupy.random.random``; its ``Generator`` draws are kernels on device
+#   state that CuPy does not refuse, but the library cuts at them anyway, and
+#   the double holds it to that); host → device copies of host data and any
+#   sync raise RuntimeError, and a sync leaves the capture invalidated:
+#   ``end_capture`` then raises (cudaErrorStreamCaptureInvalidated), as CUDA;
 # * ``Graph.launch()`` is one host call running all the graph's kernels
 #   (counted as kind "graph", with the kernels of its nodes).
 #
-# ``MemoryPool`` and ``using_allocator`` exist and do nothing: the double's
-# "addresses" are its NumPy arrays, which every node keeps alive.
+# Streams, as CUDA orders them (tracked once a non-blocking stream exists).
+# ``with stream:`` makes ``stream`` current (else the legacy default stream).
+# Work issued on a stream is "in flight" until that stream
+# (``Stream.synchronize()``), the device (``Device().synchronize()``) or a
+# read on that stream (``get()``, ``float()``) waits for it. CUDA does not
+# order a non-blocking stream with the default one, so work or a read on the
+# default stream while a non-blocking stream has work in flight raises
+# RuntimeError, and so does work on a non-blocking stream while the default
+# stream has work in flight (the step would read inputs not yet written).
+#
+# Memory, as CuPy's pools hand it out. The double's "addresses" are its NumPy
+# arrays, which every node keeps alive; on a GPU a graph holds addresses
+# only. So an array made during a capture is tracked: when its last device
+# array is dropped, CuPy gives its memory back to the allocator it came
+# from. The default pool (no ``using_allocator``) or raw cudaMalloc hands it
+# to the next array anyone makes: the graph then writes memory it no longer
+# owns, and ``launch()`` raises. A private ``MemoryPool`` (``with
+# using_allocator(pool.malloc)``) keeps it for its own allocations, until
+# ``pool.free_all_blocks()`` gives it to the device: a graph launched after
+# that raises too.
 
 _REFUSED_IN_CAPTURE = {"cublas": "a cuBLAS call", "random": "a cuRAND draw",
                        "h2d": "a host -> device copy of host data"}
 _capture = []               # the active capture (one stream captures at a time)
+_streams = []               # the streams entered (``with stream:``), innermost last
+_pending = {}               # id(stream) -> non-blocking stream with work in flight
+_default_busy = []          # non-empty: the default stream has work in flight (tracked once _watch)
+_watch = []                 # non-empty once a non-blocking stream exists: streams are tracked
+_allocators = []            # the allocators of ``using_allocator``, innermost last
+
+
+class _Memory:
+    """What a graph's memory has become: ``lost`` says why it no longer owns some."""
+
+    def __init__(self):
+        self.lost = None
 
 
 class _Capture:
     def __init__(self, stream):
         self.stream, self.nodes, self.fresh, self.kernels = stream, [], [], 0
+        self.fresh_ids, self.live, self.invalidated = set(), {}, False
+        self.memory = _Memory()
 
     def add_kernels(self, kind, kernels):
         if kind in _REFUSED_IN_CAPTURE:
-            raise RuntimeError(f"{_REFUSED_IN_CAPTURE[kind]} while a stream is capturing: CuPy refuses it "
-                               f"(strict CuPy test double; CuPy issue 6290)")
+            error = NotImplementedError if kind in ("cublas", "random") else RuntimeError
+            raise error(f"{_REFUSED_IN_CAPTURE[kind]} while a stream is capturing: CuPy refuses it "
+                        f"(strict CuPy test double; CuPy issue 6290)")
         self.kernels += kernels
+
+    def add_fresh(self, arrays):
+        self.fresh.extend(arrays)
+        self.fresh_ids.update(id(a) for a in arrays)
+
+    def track(self, device_array):
+        """A device array of memory made during this capture: when the last one of a
+        payload goes, CuPy frees the memory into the allocator active at the capture."""
+        key = id(device_array._a)
+        self.live[key] = self.live.get(key, 0) + 1
+        pool = getattr(_allocators[-1] if _allocators else None, "__self__", None)
+        memory = self.memory
+
+        def freed(live=self.live):
+            live[key] -= 1
+            if live[key] == 0 and memory.lost is None:
+                if isinstance(pool, MemoryPool):
+                    pool._graphs.append(memory)
+                else:
+                    memory.lost = ("an array made during the capture was freed into the default memory "
+                                   "pool, which gives it to the next array made (record under "
+                                   "cupy.cuda.using_allocator(pool.malloc) of a private MemoryPool)")
+        weakref.finalize(device_array, freed)
+
+
+def _current():
+    return _streams[-1] if _streams else None
+
+
+def _unordered(what):
+    names = ", ".join(repr(s) for s in _pending.values())
+    raise RuntimeError(f"{what} on the default stream while {names} has work in flight: CUDA does not "
+                       f"order them; synchronize that stream first (strict CuPy test double)")
+
+
+def _issue(stream=None):
+    """Device work issued (not captured) on ``stream`` (default: the current one)."""
+    if not _watch:
+        return
+    stream = stream or _current()
+    if stream is not None and stream.non_blocking:
+        if _default_busy:
+            raise RuntimeError(f"device work on {stream!r} while the default stream has work in flight: "
+                               f"CUDA does not order them; Device().synchronize() first (strict CuPy "
+                               f"test double)")
+        _pending[id(stream)] = stream
+    else:
+        if _pending:
+            _unordered("device work")
+        _default_busy[:] = [True]
 
 
 def _arrays_of(result):
@@ -792,10 +900,12 @@ def _copy_into(targets, values):
         np.copyto(target, value)
 
 
-def _allocated(arrays):
-    """Arrays a kernel call allocates for its outputs: poisoned when the capture ends."""
+def _allocated(outs):
+    """Device arrays a kernel call allocates for its outputs: poisoned when the capture ends."""
     if _capture:
-        _capture[-1].fresh.extend(arrays)
+        _capture[-1].add_fresh([o._a for o in outs])
+        for o in outs:
+            _capture[-1].track(o)
 
 
 def _device_op(compute, in_place=False, inputs=()):
@@ -813,7 +923,7 @@ def _device_op(compute, in_place=False, inputs=()):
     if new:
         targets = [_arrays_of(result)[i] for i in new]
         capture.nodes.append(lambda: _copy_into(targets, [_arrays_of(_as_arrays(compute()))[i] for i in new]))
-        capture.fresh.extend(targets)
+        capture.add_fresh(targets)
     return result
 
 
@@ -827,15 +937,19 @@ def _poison(a):
 
 
 class Graph:
-    """A captured graph: ``launch(stream=None)`` runs its nodes in order."""
+    """A captured graph: ``launch(stream=None)`` runs its nodes in order, on ``stream``
+    (default: the current one)."""
 
-    def __init__(self, nodes, kernels):
-        self._nodes, self.kernels = nodes, kernels
+    def __init__(self, nodes, kernels, memory):
+        self._nodes, self.kernels, self._memory = nodes, kernels, memory
 
     def launch(self, stream=None):
         if _capture:
             raise RuntimeError("a graph launched while a stream is capturing (strict CuPy test double)")
-        _count("graph", kernels=self.kernels)
+        if self._memory.lost:
+            raise RuntimeError(f"a graph launched on memory it no longer owns: {self._memory.lost} "
+                               f"(strict CuPy test double)")
+        _count("graph", kernels=self.kernels, stream=stream)
         for node in self._nodes:
             node()
 
@@ -846,11 +960,19 @@ class Stream:
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         self.non_blocking = non_blocking and not null
         self.ptr = 0 if null else id(self)
+        if self.non_blocking and not _watch:
+            _watch[:] = [True]      # from now on the double tracks which stream has work in flight,
+            _default_busy[:] = [True]   # and what ran before on the default stream may still run
+
+    def __repr__(self):
+        return f"<Stream {self.ptr:#x}{' (non-blocking)' if self.non_blocking else ''}>"
 
     def __enter__(self):
+        _streams.append(self)
         return self
 
     def __exit__(self, *exc):
+        _streams.pop()
         return False
 
     def begin_capture(self, mode=None):
@@ -870,32 +992,46 @@ class Stream:
         capture = _capture.pop()
         for a in capture.fresh:
             _poison(a)
-        return Graph(capture.nodes, capture.kernels)
+        if capture.invalidated:
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated: the capture was invalidated by an "
+                               "operation it cannot hold (strict CuPy test double)")
+        return Graph(capture.nodes, capture.kernels, capture.memory)
 
     def synchronize(self):
-        _count_sync("Stream.synchronize()")
+        _count_sync("Stream.synchronize()", waits_for=self, reads=False)
 
 
 class MemoryPool:
-    """``cupy.cuda.MemoryPool``: the double's memory is its NumPy arrays."""
+    """``cupy.cuda.MemoryPool``: the double's memory is its NumPy arrays; the pool
+    keeps what a capture's arrays gave back to it until ``free_all_blocks``."""
+
+    def __init__(self, allocator=None):
+        self._graphs = []           # the _Memory of graphs whose arrays were freed into this pool
 
     def malloc(self, size):
         raise NotImplementedError("the strict CuPy test double allocates no raw memory")
 
-    def free_all_blocks(self):
-        pass
+    def free_all_blocks(self, stream=None):
+        for memory in self._graphs:
+            if memory.lost is None:
+                memory.lost = ("its private pool's free blocks were given back to the device "
+                               "(MemoryPool.free_all_blocks)")
+        self._graphs = []
 
 
 class using_allocator:
-    """``cupy.cuda.using_allocator(malloc)``: a context that changes nothing here."""
+    """``cupy.cuda.using_allocator(malloc)``: the allocator of the arrays made inside
+    (here: where a capture's freed arrays go, see above)."""
 
     def __init__(self, allocator=None):
         self.allocator = allocator
 
     def __enter__(self):
+        _allocators.append(self.allocator)
         return self
 
     def __exit__(self, *exc):
+        _allocators.pop()
         return False
 
 
@@ -907,7 +1043,7 @@ class _Device:
         self.compute_capability = "00"
 
     def synchronize(self):
-        _count_sync("Device.synchronize()")
+        _count_sync("Device.synchronize()", waits_for="all", reads=False)
 
 
 _runtime = types.SimpleNamespace(
@@ -974,4 +1110,7 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(backend, "_probe_memo", [])
     monkeypatch.setattr(backend, "_kernel_memo", {})
+    for name, empty in (("_capture", []), ("_streams", []), ("_pending", {}), ("_allocators", []),
+                        ("_default_busy", []), ("_watch", [])):
+        monkeypatch.setattr(this, name, empty)      # no stream state left over from another test
     return this

@@ -499,7 +499,9 @@ class Trainer:
         self.xp.cuda.Device().synchronize()   # the default stream's work (uploads, restore) is done
         for batch in batches:
             step(batch, lr)
-        step.graphs.release()
+        # the steps ran on the graphs' non-blocking stream, which the default stream does not
+        # wait for: the epoch's record, validation and save read their results there
+        step.graphs.release()                 # waits for that stream, then frees the recording
 
     def monitor_eer(self):
         """The exact EER of the test list ``settings.monitor`` (rule ``test`` only)."""
