@@ -450,7 +450,10 @@ class ElementwiseKernel:
             outs = [ndarray(np.empty(shape, np.bool_ if kind == "bool" else dtype)) for kind, _ in self.out_params]
             _allocated(outs)
         np_outs = [o._a for o in outs]
-        _device_op(lambda: self._run(env, dtype, shape, np_outs), in_place=True)
+        # the inputs are cast (and raw ones flattened) when the kernel runs: a captured node
+        # reads them at its launch, as the kernel would, not as they were at the capture
+        inputs_now = lambda: _kernel_inputs(self.in_params, args[:n_in], self.name, self.raw)[2]
+        _device_op(lambda: self._run(inputs_now(), dtype, shape, np_outs), in_place=True)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run(self, inputs_env, dtype, shape, np_outs):
@@ -489,7 +492,8 @@ class ReductionKernel:
         inputs, dtype, env = _kernel_inputs(self.in_params, args, self.name)
         shape = np.broadcast_shapes(*(a.shape for a in inputs if isinstance(a, np.ndarray)))
         _count("reduction", size=int(np.prod(shape)) if axis is None else 0)
-        return ndarray(_device_op(lambda: self._run(env, dtype, shape, axis, keepdims), inputs=inputs))
+        inputs_now = lambda: _kernel_inputs(self.in_params, args, self.name)[2]     # at the launch
+        return ndarray(_device_op(lambda: self._run(inputs_now(), dtype, shape, axis, keepdims), inputs=inputs))
 
     def _run(self, inputs_env, dtype, shape, axis, keepdims):
         env = dict(inputs_env)

@@ -168,6 +168,29 @@ def test_a_graph_must_own_the_memory_it_writes(cupy, pool):
                 graph.launch(stream)
 
 
+def test_a_captured_kernel_reads_its_inputs_at_the_launch(cupy):
+    """A kernel input cast to its parameter's type, or a raw input read flat (in NumPy
+    both copy a strided or other-typed array), is read when the graph runs, not as it
+    was at the capture."""
+    cast = cupy.ElementwiseKernel("T x, float64 w", "T y", "y = x + w;", "add_cast")
+    flat = cupy.ElementwiseKernel("raw T x", "T y", "y = x[i];", "read_flat")
+    x, w32 = cupy.asarray(np.zeros(3)), cupy.asarray(np.ones(3, dtype=np.float32))
+    grid = cupy.asarray(np.ones((3, 3)))
+    y, z = cupy.empty(3), cupy.empty((3, 3))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()
+    with stream:
+        stream.begin_capture()
+        cast(x, w32, y)
+        flat(grid.T, z)
+        graph = stream.end_capture()
+        w32 += 1.0
+        grid[0] = 5.0
+        graph.launch(stream)
+        assert np.array_equal(y.get(), np.full(3, 2.0))
+        assert np.array_equal(z.get(), grid.T.get())
+
+
 def test_set_takes_cupys_checks(cupy):
     a = cupy.asarray(np.zeros(3, dtype=np.float32))
     with pytest.raises(TypeError, match="float64 array cannot be set to float32"):
