@@ -48,7 +48,7 @@ TAKEN = ("epochs", "lr", "batch_size", "embed_dim", "seed", "alignment", "fusion
 REFUSED = ("--data-dir", "--preset", "--resume", "--stop-after", "--ablation", "--val-identities",
            "--val-rows", "--select", "--patience", "--refit", "--no-refit", "--val-dir",
            "--egff-kernel", "--egff-gate", "--egff-mix", "--curvature", "--no-riemannian-grad",
-           "--temperature", "--clip-radius", "--dropout", "--opl-gamma", "--loss-weights")
+           "--temperature", "--clip-radius", "--dropout", "--opl-gamma", "--loss-weights", "--cuda-graphs")
 _flag = lambda name: "--" + name.replace("_", "-")
 _refused_dest = lambda flag: "refused" + flag.replace("-", "_")
 
