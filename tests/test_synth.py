@@ -1,6 +1,7 @@
 """Tests of the synthetic face-voice world (paeff_np.data.synth) and its command line."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,7 @@ def test_ctrl_c_while_writing_leaves_nothing_and_a_rerun_proceeds(tmp_path):
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=120)
         if proc.returncode == 0:                  # it finished first: nothing to undo
+            shutil.rmtree(out)                    # (the next round needs the folder gone)
             continue
         assert proc.returncode == 130, err
         assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err, err
