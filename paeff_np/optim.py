@@ -41,7 +41,10 @@ ADAMW_SCALARS = ("decay", "beta1", "c1", "beta2", "c2", "step_size", "sqrt_bias2
 
 def adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias1, sqrt_bias2):
     """The numbers ``ADAMW_KERNEL`` takes after ``g`` (``ADAMW_SCALARS``), in its order:
-    ``(1 − lr·wd, β₁, 1 − β₁, β₂, 1 − β₂, lr/bias1, sqrt_bias2, ε)``."""
+    ``(1 − lr·wd, β₁, 1 − β₁, β₂, 1 − β₂, lr/bias1, sqrt_bias2, ε)``.
+
+    Derivation: docs/math.md §15.
+    """
     return (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / bias1, sqrt_bias2, eps)
 
 
