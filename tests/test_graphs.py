@@ -58,7 +58,7 @@ def test_a_captured_kernel_runs_only_when_its_graph_is_launched(cupy):
 @pytest.mark.parametrize("call", ["matmul", "random", "sync", "upload"])
 def test_the_double_refuses_during_capture_what_cupy_refuses(cupy, call):
     a = cupy.asarray(np.ones((3, 3)))
-    rng = default_rng(0, cupy)
+    rng = cupy.random.default_rng(0)     # a Generator (the library's dropout draws none)
     stream = cupy.cuda.Stream(non_blocking=True)
     do = {"matmul": lambda: a @ a, "random": lambda: rng.random((3,)), "sync": lambda: float(a[0, 0]),
           "upload": lambda: cupy.asarray(np.ones(3))}[call]
@@ -84,7 +84,7 @@ def test_step_graphs_cut_at_each_matrix_product_and_draw(cupy):
     """The tape: graphs between the calls capture cannot hold, those calls eager;
     the first call eager, the second recorded, the rest replayed; each gives a's
     next value as an eager loop does."""
-    rng = default_rng(1, cupy)
+    rng = cupy.random.default_rng(1)
     w = cupy.asarray(np.random.default_rng(0).standard_normal((4, 4)) / 4)
     x = cupy.asarray(np.ones((2, 4)))
     seen = []
@@ -99,7 +99,7 @@ def test_step_graphs_cut_at_each_matrix_product_and_draw(cupy):
         graphs(step)
         graphs.synchronize()
         seen.append(x.get())
-    rng2, x2 = default_rng(1, cupy), cupy.asarray(np.ones((2, 4)))
+    rng2, x2 = cupy.random.default_rng(1), cupy.asarray(np.ones((2, 4)))
     for got in seen:
         x2[...] = (x2 @ w + 1.0) * rng2.random(x2.shape, dtype=x2.dtype)
         assert np.array_equal(got, x2.get())
@@ -242,6 +242,7 @@ def test_a_replayed_step_gives_the_eager_steps_bits(cupy, variant):
             _, _, grads, buffers = pn.loss_and_grads(params, buffers, face[idx], voice[idx], labels[idx],
                                                      cfg, rng=rng)
             opt.step(params, grads, lr=lr)
+            rng.advance()                    # CuPy's dropout: the next step's numbers (run_epoch does it)
         g_params, g_buffers, face, voice, labels = small_step_inputs(cupy, cfg)
         g_opt = pn.AdamW(lr=1e-3)
         step = GraphedStep(cupy, g_params, g_buffers, g_opt, cfg, face, voice, labels, 16, rng=default_rng(3, cupy))

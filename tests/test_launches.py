@@ -25,7 +25,7 @@ CEILINGS = {"hyperbolic": 98, "poincare": 105}
 # the same through CUDA graphs (train.py --cuda-graphs: a replay of bench.make_graph_step):
 # one call per graph segment, matrix product and random draw, plus the batch's indices
 # and AdamW's numbers set before the replay
-GRAPH_CEILINGS = {"hyperbolic": 49, "poincare": 49}
+GRAPH_CEILINGS = {"hyperbolic": 45, "poincare": 45}
 # every Config variant a step can take: fusion, alignment, EGFF's gate/mix/kernel, the
 # Riemannian scaling, dropout on and off
 VARIANTS = ([dict(fusion=f, alignment=a) for f in ("egff", "gated")
@@ -91,9 +91,9 @@ def test_a_replayed_step_costs_no_more_calls_than_recorded(cupy, alignment):
     kinds = count.by_kind()
     assert count.host_calls() <= GRAPH_CEILINGS[alignment], count.summary()
     assert count.syncs() == [] and count.h2d() == 1, count.summary()
-    assert kinds["cublas"] == eager.by_kind()["cublas"] and kinds["random"] == eager.by_kind()["random"]
-    assert set(kinds) == {"graph", "cublas", "random", "copy", "h2d"}, kinds
-    assert kinds["graph"] == kinds["cublas"] + kinds["random"] + 1      # one segment around each cut
+    assert kinds["cublas"] == eager.by_kind()["cublas"] and "random" not in eager.by_kind()
+    assert set(kinds) == {"graph", "cublas", "copy", "h2d"}, kinds
+    assert kinds["graph"] == kinds["cublas"] + 1      # one segment around each cut
 
 
 @pytest.mark.parametrize("config", VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
