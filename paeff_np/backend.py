@@ -281,17 +281,6 @@ def matmul(a, b):
     return a @ b
 
 
-def uniform(rng, shape, dtype):
-    """``rng.random(shape, dtype=dtype)``, numbers uniform on [0, 1) from the
-    Generator ``rng``; a cut point of a graph recording, like ``matmul`` (CuPy
-    refuses cuRAND's host API during capture; the Generator's draw is a kernel
-    on device state that it does not refuse, but its capture is unverified:
-    ``paeff_np.graphs``)."""
-    if _recorders:
-        return _recorders[-1].cut(lambda out=None: rng.random(shape, dtype=dtype, out=out))
-    return rng.random(shape, dtype=dtype)
-
-
 # --- host memory ----------------------------------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)

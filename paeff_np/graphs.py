@@ -6,17 +6,14 @@ sequence of kernels as one host call. CuPy refuses cuBLAS calls while a
 stream is being captured (NotImplementedError; CuPy issue 6290), so the step
 cannot be one graph. ``StepGraphs`` records it as a *tape*::
 
-    graph 0, matmul, graph 1, matmul, ..., random draw, graph k, ...
+    graph 0, matmul, graph 1, matmul, ..., graph k
 
-the elementwise segments between the calls that cannot be captured as graphs,
-and those calls (``backend.matmul`` and ``backend.uniform``, the library's
-only matrix products and random draws) as eager calls into the same output
-arrays. A replay walks the tape: host calls per step fall to about the
-number of matrix products plus the number of segments. (CuPy refuses
-cuRAND's host API too, its legacy ``cupy.random`` functions; the
-``Generator``'s draws the library makes are kernels on device state, which
-CuPy does not refuse and a graph might hold, one cut fewer each: unverified,
-so they stay cut points.)
+the elementwise segments between the matrix products as graphs, and the
+products (``backend.matmul``, the library's only cuBLAS call) as eager calls
+into the same output arrays. A replay walks the tape: host calls per step
+fall to about twice the number of matrix products. (The step draws no random
+numbers: on CuPy dropout hashes a step counter that lives on the device,
+``backend.CounterDropout``, which the captured step advances.)
 
 What a replay needs, and the caller must give (``Trainer`` does, behind
 ``--cuda-graphs``):
@@ -39,8 +36,9 @@ What a replay needs, and the caller must give (``Trainer`` does, behind
   anything the step function does on the host (a counter, a Python float) is
   done once, at recording. The step makes no host sync (held by the tests at
   0 for every Config variant).
-* **a fresh tape when a recorded Python object changes**: the dropout
-  Generator is one per epoch, so ``Trainer`` records once per epoch.
+* **a fresh tape when a number baked into it changes**: the dropout key
+  (``backend.CounterDropout``, a kernel argument) is one per epoch, so
+  ``Trainer`` records once per epoch.
 
 The first call runs eagerly (kernels compile then, not during capture), the
 second records, the rest replay. The test double (tests/strict_xp.py)

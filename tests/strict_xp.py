@@ -625,7 +625,7 @@ class counting:
 
 
 _HERE = __file__
-_PASS_THROUGH = {"matmul", "uniform", "ndtr", "<lambda>"}   # backend's cut points: the call is their caller's
+_PASS_THROUGH = {"matmul", "ndtr", "<lambda>"}   # backend's pass-throughs: the call is their caller's
 
 
 def _caller():

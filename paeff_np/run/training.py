@@ -493,7 +493,7 @@ class Trainer:
 
     def graph_steps(self, batches, lr, rng, sums):
         """The epoch's steps of ``run_epoch`` as CUDA graphs (``GraphedStep``): the same
-        bits. One recording per epoch (the dropout Generator is the epoch's)."""
+        bits. One recording per epoch (the dropout key is the epoch's)."""
         step = GraphedStep(self.xp, self.params, self.buffers, self.opt, self.cfg, self.face, self.voice,
                            self.labels, batches.shape[1], rng, sums)
         self.xp.cuda.Device().synchronize()   # the default stream's work (uploads, restore) is done
