@@ -216,6 +216,7 @@ def test_an_egff_kernel_wider_than_2d_minus_1_is_refused_with_its_reason(data_di
 # --- eval.py --plot after a kill: the killed writer's .partial files are removed ------------
 
 def test_a_rerun_of_plot_removes_what_a_killed_plot_left(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")             # --plot draws: CI installs no matplotlib
     import subprocess
     from paeff_np.run.atomic import _HOST, TEMPORARY_SUFFIX
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
